@@ -33,6 +33,7 @@ class ModelCard(BaseModel):
     vae_scale_factor: int = Field(8, description="Pixels per latent pixel.")
     max_width: int = Field(16384, description="Largest output width in pixels this deployment accepts.")
     max_height: int = Field(16384, description="Largest output height in pixels.")
+    default_steps: int | None = Field(None, description="Sampling steps when a request names none.")
     conditioning: list[Literal["mask", "subtype", "embedding"]] = Field(default_factory=lambda: ["mask"])
     embedding_encoder: str | None = Field(None, description="Encoder id accepted for embeddings.")
     embedding_dim: int | None = None
@@ -40,6 +41,13 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="Command, device, duration, steps.")
     files: dict[str, str] = Field(default_factory=dict, description="Weight file name → sha256.")
     config: dict[str, Any] = Field(default_factory=dict, description="Engine-specific network configuration.")
+
+    @property
+    def steps_default(self) -> int:
+        """The card's default steps, else the paper's: 250 (DiffInfinite) or 50 (∞-Brush)."""
+        if self.default_steps:
+            return self.default_steps
+        return 250 if self.engine == "diffinfinite" else 50
 
     @classmethod
     def load(cls, folder: str | Path) -> "ModelCard":

@@ -1,0 +1,1 @@
+"""The HTTP front end: FastAPI routes, request schemas, dependencies and upload checks."""

@@ -1,0 +1,100 @@
+"""The FastAPI application factory."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from models.registry import ModelRegistry
+from service.deps import Services
+from service.routes import generate, jobs, system
+from service.schemas import GenerateRequest, MultipartGenerate
+from slidesynth import __version__
+from slidesynth.jobs import open_store
+from slidesynth.settings import Settings, get_settings
+from worker.celery_app import make_celery
+
+REQUESTS = Counter("slidesynth_http_requests_total", "HTTP requests", ["method", "status"])
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes (413) by Content-Length and by counting what arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        status_holder = {}
+
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, recording_send)
+        except _TooLarge:
+            if "status" not in status_holder:
+                await self._refuse(send)
+        finally:
+            REQUESTS.labels(scope.get("method", ""), str(status_holder.get("status", 413))).inc()
+
+    async def _refuse(self, send: Send) -> None:
+        body = b'{"detail":"request body too large"}'
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="slidesynth",
+        version=__version__,
+        description="Gigapixel whole-slide histopathology synthesis: submit conditioning, poll the job, "
+        "download a pyramidal TIFF that opens in QuPath, OpenSlide-based tools and OpenSeadragon.",
+    )
+    app.state.services = Services(settings=settings, store=open_store(settings),
+                                  registry=ModelRegistry(settings.models_dir), celery=make_celery(settings))
+    app.include_router(generate.router)
+    app.include_router(jobs.router)
+    app.include_router(system.router)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (GenerateRequest, MultipartGenerate):
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in model_schema.pop("$defs", {}).items():
+                    components.setdefault(name, sub)
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,40 @@
+"""FastAPI dependencies: settings, job store, model registry, Celery producer, caller identity."""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+from models.registry import ModelRegistry
+from slidesynth.jobs import JobStore
+from slidesynth.settings import Settings
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="Needed when the service sets SLIDESYNTH_API_KEYS.")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    registry: ModelRegistry
+    celery: Celery
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_tenant(key: str | None = Security(api_key_header), services: Services = Depends(get_services)) -> str:
+    """The caller's tenant; ``public`` when the service has no API keys."""
+    keys = services.settings.tenants_by_key
+    if not keys:
+        return "public"
+    if key:
+        for known, tenant in keys.items():
+            if hmac.compare_digest(known.encode(), key.encode()):
+                return tenant
+    raise HTTPException(status_code=401, detail="missing or invalid X-API-Key", headers={"WWW-Authenticate": "APIKey"})

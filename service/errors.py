@@ -1,0 +1,23 @@
+"""One error shape for every 4xx: FastAPI's ``{"detail": [{"loc", "msg", "type"}]}`` for 422s."""
+from __future__ import annotations
+
+from fastapi import HTTPException
+from pydantic import ValidationError
+
+from service.validation import FieldError
+
+
+def unprocessable(loc: tuple, msg: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+def from_field_error(err: FieldError, prefix: tuple = ()) -> HTTPException:
+    return unprocessable(prefix + tuple(err.loc), err.msg)
+
+
+def from_validation_error(err: ValidationError, prefix: tuple = ()) -> HTTPException:
+    detail = [
+        {"loc": ["body", *prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in err.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    return HTTPException(status_code=422, detail=detail)

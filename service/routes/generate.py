@@ -1,0 +1,118 @@
+"""``POST /generate``: validate, store the job, enqueue it, answer 202."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.deps import Services, get_services, get_tenant
+from service.errors import from_field_error, from_validation_error, unprocessable
+from service.masks import MaskError, decode_mask, encode_png, inspect_mask
+from service.schemas import GenerateParams, GenerateRequest, JobCreated
+from service.validation import FieldError, build_spec, check_labels, resolve_model
+from slidesynth.jobs import JobRecord, JobStatus, new_job_id
+from worker.celery_app import enqueue
+
+router = APIRouter(tags=["jobs"])
+
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/MultipartGenerate"}},
+    },
+}
+
+
+def _prefix_params(err: FieldError) -> FieldError:
+    if err.loc and err.loc[0] in ("mask", "params"):
+        return err
+    return FieldError(("params", *err.loc), err.msg)
+
+
+def _check_mask(data: bytes, params: GenerateParams, services: Services):
+    """Header checks, then decode and class check (runs in a thread: decoding is CPU work)."""
+    settings = services.settings
+    card = resolve_model(params.model, services.registry.cards(), settings)
+    try:
+        info = inspect_mask(data, settings.max_mask_pixels)
+    except MaskError as exc:
+        raise FieldError(("mask",), str(exc)) from exc
+    spec = build_spec(params, card, settings, mask=info)
+    try:
+        labels = decode_mask(data, info)
+    except MaskError as exc:
+        raise FieldError(("mask",), str(exc)) from exc
+    check_labels(labels, card)
+    return spec, encode_png(labels)
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobCreated,
+    summary="Submit a slide synthesis job",
+    description="`multipart/form-data` with a `mask` file and a `params` JSON part, or `application/json` "
+    "with `conditioning` (subtype or embedding). Answers 202 with the job id; poll `Location`.",
+    openapi_extra={"requestBody": REQUEST_BODY},
+    responses={415: {"description": "Neither JSON nor multipart"}, 503: {"description": "Queue unavailable"}},
+)
+async def generate(request: Request, response: Response, tenant: str = Depends(get_tenant),
+                   services: Services = Depends(get_services)) -> JobCreated:
+    settings = services.settings
+    ctype = request.headers.get("content-type", "")
+    mask_png: bytes | None = None
+    try:
+        if ctype.startswith("application/json"):
+            try:
+                body = GenerateRequest.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise from_validation_error(exc) from None
+            card = resolve_model(body.model, services.registry.cards(), settings)
+            spec = build_spec(body, card, settings, conditioning=body.conditioning)
+        elif ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
+            upload = form.get("mask")
+            if not isinstance(upload, UploadFile):
+                raise unprocessable(("mask",), "a mask file part is required")
+            raw_params = form.get("params") or "{}"
+            if isinstance(raw_params, UploadFile):
+                raw_params = (await raw_params.read()).decode("utf-8", "replace")
+            try:
+                params = GenerateParams.model_validate(json.loads(raw_params))
+            except json.JSONDecodeError as exc:
+                raise unprocessable(("params",), f"is not valid JSON ({exc.msg})") from None
+            except ValidationError as exc:
+                raise from_validation_error(exc, ("params",)) from None
+            data = await upload.read()
+            try:
+                spec, mask_png = await run_in_threadpool(_check_mask, data, params, services)
+            except FieldError as exc:
+                raise from_field_error(_prefix_params(exc)) from None
+        else:
+            raise HTTPException(415, detail="send application/json or multipart/form-data")
+    except FieldError as exc:
+        raise from_field_error(exc) from None
+
+    job_id = new_job_id()
+    store = services.store
+    job_dir = store.job_dir(job_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if mask_png is not None:
+        (job_dir / "mask.png").write_bytes(mask_png)
+    card = services.registry.card(spec.model)
+    store.create(JobRecord(id=job_id, tenant=tenant, spec=spec, untrained=not card.trained, created_at=time.time()))
+    try:
+        enqueue(services.celery, job_id, settings.queue)
+    except Exception as exc:  # broker down: nothing must be left half-created
+        store.delete(job_id)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "30"}) from None
+    location = f"/jobs/{job_id}"
+    response.headers["Location"] = location
+    return JobCreated(id=job_id, status=JobStatus.queued.value, status_url=location, untrained=not card.trained)

@@ -1,0 +1,111 @@
+"""Job status, listing, cancel/delete and downloads."""
+from __future__ import annotations
+
+import shutil
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi.responses import FileResponse
+
+from service.deps import Services, get_services, get_tenant
+from service.schemas import Job, JobList
+from service.views import job_view
+from slidesynth.jobs import JobRecord, JobStatus
+from worker.pipeline import OUTPUT_FILES
+
+router = APIRouter(tags=["jobs"])
+
+NOT_FOUND = {404: {"description": "No such job (for this caller)"}}
+NOT_READY = {409: {"description": "The job has not succeeded (yet)"}}
+
+
+def _own_job(job_id: str, tenant: str, services: Services) -> JobRecord:
+    job = services.store.get(job_id) if job_id.isalnum() else None
+    if job is None or job.tenant != tenant:  # other tenants' jobs are 404, not 403
+        raise HTTPException(404, detail=f"job {job_id} not found")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses=NOT_FOUND, summary="Job status")
+def get_job(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)) -> Job:
+    return job_view(_own_job(job_id, tenant, services))
+
+
+@router.get("/jobs", response_model=JobList, summary="The caller's jobs, newest first")
+def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=100), tenant: str = Depends(get_tenant),
+              services: Services = Depends(get_services)) -> JobList:
+    jobs, total = services.store.list(tenant, offset, limit)
+    return JobList(items=[job_view(j) for j in jobs], total=total, offset=offset, limit=limit)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    responses={
+        200: {"model": Job, "description": "Queued job canceled: it never starts"},
+        202: {"model": Job, "description": "Running job: cancel requested; it stops within one sampling step"},
+        204: {"description": "Finished job and its files deleted"},
+        **NOT_FOUND,
+    },
+    summary="Cancel a queued or running job, or delete a finished one",
+)
+def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant),
+               services: Services = Depends(get_services)):
+    store = services.store
+    job = _own_job(job_id, tenant, services)
+    if job.status.terminal:
+        store.delete(job_id)
+        shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
+        return Response(status_code=204)
+    store.request_cancel(job_id)
+    # A queued job becomes canceled now; its message stays queued and the worker drops it on delivery
+    # (the record is terminal), which also works with transports that have no broadcast for revoke().
+    if store.transition(job_id, {JobStatus.queued}, status=JobStatus.canceled, finished_at=time.time()):
+        response.status_code = 200
+    else:
+        response.status_code = 202
+    return job_view(store.get(job_id))
+
+
+def _output(job_id: str, kind: str, tenant: str, services: Services):
+    job = _own_job(job_id, tenant, services)
+    if job.status != JobStatus.succeeded:
+        raise HTTPException(409, detail=f"job {job_id} is {job.status.value}; outputs exist once it has succeeded")
+    if kind not in job.outputs:
+        raise HTTPException(404, detail=f"job {job_id} has no {kind} output (requested outputs: {job.spec.outputs})")
+    return services.store.job_dir(job_id) / job.outputs[kind]
+
+
+@router.get("/jobs/{job_id}/slide.tiff", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
+            200: {"content": {"image/tiff": {}}, "description": "Pyramidal BigTIFF; HTTP Range supported"}},
+            summary="Download the pyramidal TIFF")
+def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+    path = _output(job_id, "tiff", tenant, services)
+    return FileResponse(path, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
+
+
+@router.get("/jobs/{job_id}/thumbnail.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
+            200: {"content": {"image/png": {}}, "description": "Thumbnail, longest side ≤ 1024 px"}},
+            summary="Slide thumbnail")
+def download_thumbnail(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+    return FileResponse(_output(job_id, "thumbnail", tenant, services), media_type="image/png")
+
+
+@router.get("/jobs/{job_id}/mask.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
+            200: {"content": {"image/png": {}}, "description": "Label mask the slide was generated from"}},
+            summary="Label mask at output resolution")
+def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+    return FileResponse(_output(job_id, "mask", tenant, services), media_type="image/png")
+
+
+@router.get("/jobs/{job_id}/slide.zarr/{path:path}", response_class=FileResponse,
+            responses={**NOT_FOUND, **NOT_READY}, summary="OME-Zarr files (metadata and chunks)")
+def download_zarr(job_id: str, path: str, tenant: str = Depends(get_tenant),
+                  services: Services = Depends(get_services)):
+    root = _output(job_id, "zarr", tenant, services).resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        raise HTTPException(404, detail=f"no file {path!r} in the Zarr output")
+    return FileResponse(target)
+
+
+assert set(OUTPUT_FILES) >= {"tiff", "zarr", "thumbnail", "mask"}

@@ -1,0 +1,40 @@
+"""Models, health and metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import Services, get_services
+from service.schemas import Health, ModelInfo, ModelList
+
+router = APIRouter()
+
+
+@router.get("/models", response_model=ModelList, tags=["models"], summary="Available models and their limits")
+def list_models(services: Services = Depends(get_services)) -> ModelList:
+    settings = services.settings
+    infos = []
+    for card in services.registry.cards().values():
+        infos.append(ModelInfo(
+            name=card.name, engine=card.engine, trained=card.trained, description=card.description,
+            classes=card.classes, subtypes=card.subtypes, conditioning=list(card.conditioning),
+            native_mpp=card.native_mpp, max_width=min(card.max_width, settings.max_width),
+            max_height=min(card.max_height, settings.max_height), default_steps=card.steps_default,
+            embedding_encoder=card.embedding_encoder, embedding_dim=card.embedding_dim,
+            training_data=card.training_data,
+        ))
+    return ModelList(default=settings.default_model, models=infos)
+
+
+@router.get("/healthz", response_model=Health, tags=["system"], summary="Liveness and job-store reachability")
+def healthz(response: Response, services: Services = Depends(get_services)) -> Health:
+    ok = services.store.ping()
+    if not ok:
+        response.status_code = 503
+    return Health(status="ok" if ok else "degraded", store=ok,
+                  mode="embedded" if services.settings.embedded else "redis")
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

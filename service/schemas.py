@@ -1,0 +1,138 @@
+"""Request and response bodies of the HTTP API (pydantic models; the OpenAPI contract is built from them)."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SubtypeConditioning(_Strict):
+    type: Literal["subtype"]
+    subtype: str = Field(description="Cancer subtype, e.g. `LUAD`/`adenocarcinoma` or `LUSC`/`squamous cell carcinoma`.")
+
+
+class EmbeddingConditioning(_Strict):
+    type: Literal["embedding"]
+    vector: list[float] = Field(description="Image embedding (512 numbers for QuiltNet ViT-B/32).")
+    encoder: str = Field("quilt-vit-b-32", description="Id of the encoder that produced the vector.")
+
+
+Conditioning = Annotated[Union[SubtypeConditioning, EmbeddingConditioning], Field(discriminator="type")]
+
+
+class GenerateParams(_Strict):
+    """Parameters common to every request. With a mask, they travel as the `params` JSON part."""
+
+    model: str | None = Field(None, description="Model id from `GET /models`; default: the service's default model.")
+    width: int | None = Field(None, ge=8, description="Output width in pixels (not with a mask: taken from the mask).")
+    height: int | None = Field(None, ge=8, description="Output height in pixels (not with a mask).")
+    mpp: float | None = Field(None, gt=0, le=100, description="Output µm per pixel; default: the model's native µm/px.")
+    mask_mpp: float | None = Field(
+        None, gt=0, le=100, description="µm per pixel of the uploaded mask; default: its TIFF resolution tags, else `mpp`."
+    )
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; default: drawn and recorded in the job.")
+    steps: int | None = Field(None, ge=1, description="Sampling steps; default: the model's default.")
+    guidance: float = Field(3.0, ge=0, le=20, description="Classifier-free guidance weight ω.")
+    eta: float = Field(1.0, ge=0, le=1, description="DDIM η (1 = stochastic as in DiffInfinite, 0 = deterministic).")
+    sampler: Literal["random", "tiled"] = Field(
+        "tiled",
+        description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
+        "non-overlapping tiling per step (about a third of the cost).",
+    )
+    outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
+    compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality.")
+    zarr_version: Literal["0.4", "0.5"] = Field("0.4", description="OME-NGFF version of the Zarr output.")
+
+
+class GenerateRequest(GenerateParams):
+    """`application/json` body of `POST /generate`: conditioning without a mask."""
+
+    conditioning: Conditioning
+
+
+class MultipartGenerate(BaseModel):
+    """`multipart/form-data` body of `POST /generate`: a label mask and its parameters."""
+
+    mask: bytes = Field(
+        json_schema_extra={"format": "binary"},
+        description="PNG or TIFF, one channel; pixel value = class index of the model (0 = unknown).",
+    )
+    params: str = Field("{}", description="JSON object with the fields of GenerateParams.")
+
+
+class JobLinks(BaseModel):
+    self: str
+    slide: str | None = None
+    thumbnail: str | None = None
+    zarr: str | None = None
+    mask: str | None = None
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    status_url: str
+    untrained: bool
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    stage: Literal["mask", "sampling", "decoding", "writing"] | None
+    progress: float = Field(description="Fraction done, 0 to 1.")
+    eta_seconds: float | None = Field(description="Estimated seconds left, once known.")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    model: str
+    untrained: bool = Field(description="True when the model has random weights: the slide is not tissue.")
+    cancel_requested: bool
+    width: int
+    height: int
+    mpp: float
+    seed: int
+    steps: int
+    step: int | None = Field(description="Sampling steps done.")
+    metrics: dict[str, float]
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    items: list[Job]
+    total: int
+    offset: int
+    limit: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    engine: str
+    trained: bool
+    description: str
+    classes: dict[int, str]
+    subtypes: dict[int, str]
+    conditioning: list[str]
+    native_mpp: float
+    max_width: int
+    max_height: int
+    default_steps: int
+    embedding_encoder: str | None
+    embedding_dim: int | None
+    training_data: str
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    store: bool
+    mode: Literal["embedded", "redis"]

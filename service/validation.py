@@ -1,0 +1,145 @@
+"""Turn a request (parameters, conditioning, optional mask) into a validated :class:`JobSpec`.
+
+Every refusal is a :class:`FieldError` naming the request field, so the API answers 422 with a
+``loc`` the client can act on, and the CLI prints the same message.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+
+import numpy as np
+
+from models.cards import ModelCard
+from service.masks import MaskInfo
+from service.schemas import EmbeddingConditioning, GenerateParams, SubtypeConditioning
+from slidesynth.jobs import JobSpec
+from slidesynth.settings import Settings
+
+# Common names of the DiffInfinite mask model's two subtypes (TCGA codes and short forms).
+SUBTYPE_ALIASES = {
+    "luad": "adenocarcinoma",
+    "lung adenocarcinoma": "adenocarcinoma",
+    "adeno": "adenocarcinoma",
+    "lusc": "squamous cell carcinoma",
+    "squamous": "squamous cell carcinoma",
+    "lung squamous cell carcinoma": "squamous cell carcinoma",
+}
+
+
+class FieldError(ValueError):
+    """A request field that cannot be accepted."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str):
+        super().__init__(f"{'.'.join(map(str, loc))}: {msg}")
+        self.loc = loc
+        self.msg = msg
+
+
+def resolve_model(name: str | None, cards: dict[str, ModelCard], settings: Settings) -> ModelCard:
+    name = name or settings.default_model
+    if name not in cards:
+        raise FieldError(("model",), f"unknown model {name!r}; available: {', '.join(sorted(cards))}")
+    return cards[name]
+
+
+def _check_size(width: int, height: int, card: ModelCard, settings: Settings, loc_prefix: tuple = ()) -> None:
+    max_w = min(settings.max_width, card.max_width)
+    max_h = min(settings.max_height, card.max_height)
+    if width > max_w:
+        raise FieldError(loc_prefix + ("width",), f"{width} px is over the maximum of {max_w} px for {card.name}")
+    if height > max_h:
+        raise FieldError(loc_prefix + ("height",), f"{height} px is over the maximum of {max_h} px for {card.name}")
+    if width % 8 or height % 8:
+        raise FieldError(loc_prefix + ("width" if width % 8 else "height",), "must be a multiple of 8")
+
+
+def resolve_subtype(name: str, card: ModelCard) -> tuple[str, int]:
+    if "subtype" not in card.conditioning or not card.subtypes:
+        raise FieldError(("conditioning", "type"), f"model {card.name} does not take subtype conditioning")
+    wanted = name.strip().lower()
+    wanted = SUBTYPE_ALIASES.get(wanted, wanted)
+    for idx, sub in card.subtypes.items():
+        if sub.lower() == wanted:
+            return sub, int(idx)
+    known = ", ".join(card.subtypes.values())
+    raise FieldError(("conditioning", "subtype"), f"unknown subtype {name!r} for {card.name}; known: {known}")
+
+
+def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]:
+    if "embedding" not in card.conditioning:
+        raise FieldError(("conditioning", "type"), f"model {card.name} does not take embedding conditioning")
+    if card.embedding_encoder and cond.encoder != card.embedding_encoder:
+        raise FieldError(
+            ("conditioning", "encoder"),
+            f"{card.name} expects embeddings from {card.embedding_encoder!r} "
+            f"({card.embedding_dim} numbers), not {cond.encoder!r}",
+        )
+    if card.embedding_dim and len(cond.vector) != card.embedding_dim:
+        raise FieldError(
+            ("conditioning", "vector"),
+            f"{card.name} expects {card.embedding_dim} numbers from {card.embedding_encoder!r}, got {len(cond.vector)}",
+        )
+    if not all(math.isfinite(v) for v in cond.vector):
+        raise FieldError(("conditioning", "vector"), "contains non-finite values (NaN or infinity)")
+    return list(map(float, cond.vector))
+
+
+def check_labels(labels: np.ndarray, card: ModelCard) -> None:
+    present = {int(v) for v in np.unique(labels)}
+    unknown = sorted(present - {int(k) for k in card.classes})
+    if unknown:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(card.classes.items()))
+        raise FieldError(("mask",), f"class values {unknown} are not classes of {card.name} ({names})")
+
+
+def build_spec(
+    params: GenerateParams,
+    card: ModelCard,
+    settings: Settings,
+    *,
+    conditioning: SubtypeConditioning | EmbeddingConditioning | None = None,
+    mask: MaskInfo | None = None,
+) -> JobSpec:
+    """Validate everything but the mask's pixel values (see :func:`check_labels`)."""
+    mpp = params.mpp or card.native_mpp
+    steps = params.steps or card.steps_default
+    if steps > settings.max_steps:
+        raise FieldError(("steps",), f"{steps} is over the maximum of {settings.max_steps}")
+    extra: dict = {}
+    if mask is not None:
+        if "mask" not in card.conditioning:
+            raise FieldError(("mask",), f"model {card.name} does not take a mask")
+        mask_mpp = params.mask_mpp or mask.mpp or mpp
+        scale = mask_mpp / mpp
+        width = max(8, int(round(mask.width * scale / 8)) * 8)
+        height = max(8, int(round(mask.height * scale / 8)) * 8)
+        for name, given, derived in (("width", params.width, width), ("height", params.height, height)):
+            if given is not None and given != derived:
+                raise FieldError(
+                    ("params", name),
+                    f"{given} disagrees with the mask: {mask.width}×{mask.height} px at {mask_mpp} µm/px "
+                    f"gives {width}×{height} px at {mpp} µm/px (omit width/height with a mask)",
+                )
+        _check_size(width, height, card, settings, ("params",))
+        extra = dict(conditioning="mask", mask_file="mask.png", mask_width=mask.width, mask_height=mask.height,
+                     mask_mpp=mask_mpp)
+    else:
+        if conditioning is None:
+            raise FieldError(("conditioning",), "required without a mask")
+        if params.width is None or params.height is None:
+            raise FieldError(("width" if params.width is None else "height",), "required without a mask")
+        width, height = params.width, params.height
+        _check_size(width, height, card, settings)
+        if isinstance(conditioning, SubtypeConditioning):
+            name, idx = resolve_subtype(conditioning.subtype, card)
+            extra = dict(conditioning="subtype", subtype=name, subtype_id=idx)
+        else:
+            extra = dict(conditioning="embedding", embedding=check_embedding(conditioning, card),
+                         encoder=conditioning.encoder)
+    seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+    return JobSpec(
+        model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
+        guidance=params.guidance, eta=params.eta, sampler=params.sampler, outputs=list(dict.fromkeys(params.outputs)),
+        compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
+    )

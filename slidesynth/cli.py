@@ -1,0 +1,198 @@
+"""The ``slidesynth`` command: serve, worker, generate, train, convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from slidesynth.settings import get_settings
+
+    settings = get_settings()
+    worker = None
+    start_worker = settings.embedded if args.worker is None else args.worker
+    if start_worker:
+        # The worker runs in its own process (CUDA must not be initialised in the API process).
+        worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker"], env=os.environ.copy())
+    try:
+        mode = "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
+        print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}", flush=True)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from slidesynth.settings import get_settings
+    from worker.celery_app import app
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["worker", f"--loglevel={args.log_level}", "-Q", settings.queue, "-c", str(settings.worker_concurrency),
+            "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
+            f"--statedb={settings.data_dir / 'worker-state'}"]
+    app.worker_main(argv)
+    return 0
+
+
+def _generate_params(args: argparse.Namespace):
+    from service.schemas import GenerateParams
+
+    fields = dict(model=args.model, mpp=args.mpp, mask_mpp=args.mask_mpp, seed=args.seed, steps=args.steps,
+                  guidance=args.guidance, eta=args.eta, sampler=args.sampler, compression=args.compression,
+                  quality=args.quality, outputs=["tiff"] + (["zarr"] if args.zarr else []))
+    if not args.mask:
+        fields.update(width=args.width, height=args.height)
+    return GenerateParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One job in-process, no server: validation, pipeline and writers are the service's own."""
+    from tqdm import tqdm
+
+    from models.registry import ModelRegistry
+    from models.runtime import pick_device
+    from service.masks import MaskError, decode_mask, encode_png, inspect_mask
+    from service.schemas import SubtypeConditioning
+    from service.validation import FieldError, build_spec, check_labels, resolve_model
+    from slidesynth.settings import get_settings
+    from worker.pipeline import generate_slide
+
+    settings = get_settings()
+    registry = ModelRegistry(settings.models_dir)
+    if bool(args.mask) == bool(args.subtype):
+        print("error: give exactly one of --mask or --subtype", file=sys.stderr)
+        return 2
+    try:
+        params = _generate_params(args)
+        card = resolve_model(params.model, registry.cards(), settings)
+        mask_png = None
+        if args.mask:
+            data = Path(args.mask).read_bytes()
+            try:
+                info = inspect_mask(data, settings.max_mask_pixels)
+                labels = decode_mask(data, info)
+            except MaskError as exc:
+                raise FieldError(("mask",), str(exc)) from exc
+            spec = build_spec(params, card, settings, mask=info)
+            check_labels(labels, card)
+            mask_png = encode_png(labels)
+        else:
+            spec = build_spec(params, card, settings, conditioning=SubtypeConditioning(type="subtype",
+                                                                                      subtype=args.subtype))
+    except (FieldError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device or settings.device)
+    models = registry.load(spec.model, device)
+    if not models.card.trained:
+        print(f"note: model {spec.model} is UNTRAINED (random weights): the slide will not look like tissue",
+              file=sys.stderr)
+    out = Path(args.out).resolve()
+    with tempfile.TemporaryDirectory(prefix="slidesynth-", dir=out.parent) as tmp:
+        job_dir = Path(tmp)
+        if mask_png is not None:
+            (job_dir / "mask.png").write_bytes(mask_png)
+        bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}")
+
+        def report(stage, fraction, step):
+            from worker.pipeline import overall_fraction
+
+            has_mask = spec.conditioning == "subtype" and spec.engine == "diffinfinite"
+            bar.n = 100 * overall_fraction(stage, fraction, has_mask)
+            bar.set_postfix_str(stage.value + (f" step {step}/{spec.steps}" if step is not None else ""))
+
+        result = generate_slide(spec, models, job_dir, device=device, report=report, cancel=lambda: False)
+        bar.close()
+        shutil.move(str(job_dir / result.outputs["tiff"]), out)
+        if args.zarr:
+            shutil.rmtree(args.zarr, ignore_errors=True)
+            shutil.move(str(job_dir / result.outputs["zarr"]), args.zarr)
+    print(json.dumps({"tiff": str(out), "width": spec.width, "height": spec.height, "mpp": spec.mpp,
+                      "seed": spec.seed, "model": spec.model, **result.metrics}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slidesynth", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP API (and, in embedded mode, a worker)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--worker", action=argparse.BooleanOptionalAction, default=None,
+                   help="also start a worker (default: only in embedded mode)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker for the job queue")
+    p.add_argument("--name", default="gpu")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("generate", help="generate one slide in-process (no server)")
+    p.add_argument("--mask", help="label mask PNG/TIFF (pixel value = class index)")
+    p.add_argument("--subtype", help="cancer subtype for mask-then-image generation (e.g. LUAD, LUSC)")
+    p.add_argument("--out", required=True, help="output pyramidal TIFF path")
+    p.add_argument("--zarr", help="also write an OME-Zarr at this path")
+    p.add_argument("--model")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--mpp", type=float)
+    p.add_argument("--mask-mpp", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--eta", type=float)
+    p.add_argument("--sampler", choices=["random", "tiled"])
+    p.add_argument("--compression", choices=["jpeg", "deflate", "zstd"])
+    p.add_argument("--quality", type=int)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="model_kind", required=True)
+    convert = sub.add_parser("convert", help="convert third-party checkpoints").add_subparsers(
+        dest="source", required=True)
+    _add_engine_commands(train, convert)
+    return parser
+
+
+def _add_engine_commands(train, convert) -> None:
+    try:
+        from models.diffinfinite.cli import add_convert_parsers, add_train_parsers
+
+        add_train_parsers(train)
+        add_convert_parsers(convert)
+    except ImportError:
+        pass
+    try:
+        from models.infbrush.cli import add_train_parsers as add_infbrush_train
+
+        add_infbrush_train(train)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

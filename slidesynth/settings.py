@@ -1,0 +1,80 @@
+"""All settings, read from ``SLIDESYNTH_*`` environment variables through one pydantic-settings class."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Every field maps to ``SLIDESYNTH_<FIELD NAME IN CAPITALS>``; the README lists them all."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIDESYNTH_", extra="ignore")
+
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker. Unset: embedded mode (filesystem transport under the data dir, "
+        "file job store, `serve` also starts a worker). `redis://…`: Redis broker and Redis job store.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for job records; defaults to the broker URL when that is Redis."
+    )
+    data_dir: Path = Field(Path("data"), description="Where jobs, uploads and outputs live.")
+    models_dir: Path = Field(REPO_ROOT / "weights", description="Model folders (weights + model_card.json).")
+    default_model: str = Field("diffinfinite-untrained", description="Model used when a request names none.")
+    queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
+    device: str = Field("auto", description="Worker torch device: auto, cpu, cuda, cuda:N.")
+    key_prefix: str = Field("slidesynth", description="Prefix of the service's own Redis keys.")
+
+    max_width: int = Field(16384, ge=8, description="Largest output width in pixels.")
+    max_height: int = Field(16384, ge=8, description="Largest output height in pixels.")
+    max_mask_pixels: int = Field(64_000_000, ge=1, description="Largest mask (from its header) accepted.")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_steps: int = Field(1000, ge=1, description="Largest number of sampling steps accepted.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated `tenant:key` pairs. Empty: no authentication, every caller is `public`.",
+    )
+
+    task_time_limit: int = Field(24 * 3600, ge=60, description="Hard time limit of one job, seconds.")
+    checkpoint_every: int = Field(10, ge=0, description="Save the sampler state every N steps (0: never).")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed.")
+    worker_concurrency: int = Field(1, ge=1, description="Worker processes (one per GPU).")
+
+    @field_validator("data_dir", "models_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: filesystem transport and file job store."""
+        return not self.broker_url
+
+    @property
+    def job_store_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return None
+
+    @property
+    def tenants_by_key(self) -> dict[str, str]:
+        pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]
+        out: dict[str, str] = {}
+        for pair in pairs:
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError("SLIDESYNTH_API_KEYS must be comma-separated tenant:key pairs")
+            out[key] = tenant
+        return out
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

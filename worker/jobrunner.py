@@ -1,0 +1,151 @@
+"""Job bookkeeping around the pure pipeline: claim, progress, cancel, checkpoints, result, cleanup.
+
+Called by the Celery task with a job id. Redelivered jobs (worker lost mid-run) resume from the last
+sampler checkpoint; after ``max_attempts`` deliveries a job is failed rather than looped forever.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.registry import ModelRegistry
+from models.runtime import Canceled, pick_device
+from slidesynth.jobs import JobStatus, JobStore, Stage, open_store
+from slidesynth.settings import Settings, get_settings
+from worker.pipeline import OUTPUT_FILES, generate_slide, overall_fraction
+
+log = logging.getLogger("slidesynth.worker")
+
+STATE_FILE = "sampler_state.pt"
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    store: JobStore
+    registry: ModelRegistry
+    hostname: str = "worker"
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, hostname: str = "worker") -> "WorkerContext":
+        settings = settings or get_settings()
+        return cls(settings, open_store(settings), ModelRegistry(settings.models_dir), hostname)
+
+
+class ProgressRecorder:
+    """Writes stage, progress fraction, step and ETA to the job store (every call: once per step)."""
+
+    def __init__(self, store: JobStore, job_id: str, has_mask_stage: bool, total_steps: int):
+        self.store, self.job_id, self.has_mask_stage = store, job_id, has_mask_stage
+        self.total_steps = total_steps
+        self.t0 = time.monotonic()
+        self._last_eta: float | None = None
+
+    def __call__(self, stage: Stage, fraction: float, step: int | None) -> None:
+        overall = overall_fraction(stage, fraction, self.has_mask_stage)
+        elapsed = time.monotonic() - self.t0
+        eta = None
+        if overall > 0.02 and elapsed > 0.5:
+            raw = elapsed * (1 - overall) / overall
+            # Exponential smoothing keeps the estimate from jumping between stages.
+            eta = raw if self._last_eta is None else 0.7 * self._last_eta + 0.3 * raw
+            self._last_eta = eta
+        fields: dict[str, Any] = dict(stage=stage, progress=round(overall, 4),
+                                      eta_seconds=None if eta is None else round(eta, 1))
+        if step is not None:
+            fields["step"] = step
+        self.store.update(self.job_id, **fields)
+
+
+def remove_outputs(job_dir: Path) -> None:
+    """Delete everything a run produced (inputs stay)."""
+    for name in list(OUTPUT_FILES.values()) + [STATE_FILE, "metadata.json"]:
+        path = job_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for part in job_dir.glob("*.part*"):
+        shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+
+
+def _load_state(path: Path):
+    if not path.exists():
+        return None
+    try:
+        from models.diffinfinite.sampler import SamplerState
+
+        return SamplerState.load(path)
+    except Exception:  # a torn or stale checkpoint: start over rather than fail
+        log.warning("ignoring unreadable sampler checkpoint %s", path)
+        return None
+
+
+def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
+    store, settings = ctx.store, ctx.settings
+    job = store.get(job_id)
+    if job is None:
+        log.error("job %s not found; dropping the message", job_id)
+        return None
+    if job.status.terminal:
+        return job.status  # e.g. canceled while queued, or a duplicate delivery of a finished job
+    job_dir = store.job_dir(job_id)
+    if store.cancel_requested(job_id):
+        store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.canceled,
+                         finished_at=time.time())
+        remove_outputs(job_dir)
+        return JobStatus.canceled
+    attempts = job.attempts + 1
+    if attempts > settings.max_attempts:
+        store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.failed,
+                         finished_at=time.time(), error=f"gave up after {job.attempts} attempts (worker lost)")
+        remove_outputs(job_dir)
+        return JobStatus.failed
+    if not store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.running,
+                            started_at=job.started_at or time.time(), attempts=attempts, worker=ctx.hostname,
+                            total_steps=job.spec.steps):
+        return store.get(job_id).status
+
+    spec = job.spec
+    state_path = job_dir / STATE_FILE
+    resume = _load_state(state_path) if attempts > 1 else None
+
+    def checkpoint(state) -> None:
+        every = settings.checkpoint_every
+        if every and state.step % every == 0 and state.step > 0:
+            tmp = state_path.with_name(state_path.name + ".part")
+            state.save(tmp)
+            tmp.replace(state_path)
+
+    report = ProgressRecorder(store, job_id, spec.conditioning == "subtype" and spec.engine == "diffinfinite",
+                              spec.steps)
+    try:
+        device = pick_device(settings.device)
+        models = ctx.registry.load(spec.model, device)
+        store.update(job_id, untrained=not models.card.trained)
+        result = generate_slide(spec, models, job_dir, device=device, report=report,
+                                cancel=lambda: store.cancel_requested(job_id), resume_state=resume,
+                                on_checkpoint=checkpoint if spec.engine == "diffinfinite" else None)
+    except Canceled:
+        remove_outputs(job_dir)
+        store.transition(job_id, {JobStatus.running}, status=JobStatus.canceled, finished_at=time.time(),
+                         eta_seconds=None)
+        log.info("job %s canceled", job_id)
+        return JobStatus.canceled
+    except Exception as exc:  # the job fails; the worker lives on
+        log.error("job %s failed: %s\n%s", job_id, exc, traceback.format_exc())
+        remove_outputs(job_dir)
+        message = str(exc) or exc.__class__.__name__
+        store.transition(job_id, {JobStatus.running}, status=JobStatus.failed, finished_at=time.time(),
+                         error=f"{exc.__class__.__name__}: {message}", eta_seconds=None)
+        return JobStatus.failed
+    state_path.unlink(missing_ok=True)
+    store.transition(job_id, {JobStatus.running}, status=JobStatus.succeeded, finished_at=time.time(),
+                     progress=1.0, eta_seconds=0.0, stage=Stage.writing, outputs=result.outputs,
+                     metrics=result.metrics)
+    return JobStatus.succeeded
