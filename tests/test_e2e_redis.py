@@ -1,0 +1,150 @@
+"""End to end on the Redis path: real Redis, a real Celery worker process, the API served by uvicorn,
+HTTP requests, and OpenSlide reading the TIFF that comes back. No eager mode."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, free_port, make_mask, png_bytes
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def service(redis_url, key_prefix, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
+    env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
+               SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
+               SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_CHECKPOINT_EVERY="0",
+               PYTHONUNBUFFERED="1")
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--log-level", "INFO"], cwd=REPO,
+                              env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
+                            "--log-level", "warning"], cwd=REPO, env=env, stdout=open(logs / "api.log", "w"),
+                           stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def healthy():
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait(healthy, 60, "the API to answer /healthz")
+        client.logs = logs
+        yield client
+    finally:
+        client.close()
+        for proc in (api, worker):
+            proc.terminate()
+        for proc in (api, worker):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        import redis
+
+        r = redis.Redis.from_url(redis_url)
+        for key in r.scan_iter(f"{key_prefix}*"):
+            r.delete(key)
+
+
+def _job(client, job_id):
+    return client.get(f"/jobs/{job_id}").json()
+
+
+def test_mask_to_pyramidal_tiff_through_redis_and_celery(service, tmp_path):
+    import openslide
+
+    # 256² mask at 2 µm/px → 1024² output at 0.5 µm/px: large enough for two pyramid levels.
+    labels = make_mask(256, 256, classes=(0, 1, 2, 3, 4))
+    resp = service.post("/generate", files={"mask": ("mask.png", png_bytes(labels), "image/png")},
+                        data={"params": json.dumps({"mask_mpp": 2.0, "seed": 11, "steps": 3, "guidance": 1.0})})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    assert resp.headers["location"] == f"/jobs/{job_id}"
+
+    seen = set()
+
+    def finished():
+        job = _job(service, job_id)
+        seen.add((job["status"], job["stage"]))
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+    try:
+        job = _wait(finished, 400, "the job to finish", interval=0.1)
+    except AssertionError:
+        print((service.logs / "worker.log").read_text()[-5000:])
+        raise
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"] == 1.0 and job["untrained"] and job["step"] == 3
+    assert job["width"] == job["height"] == 1024 and job["mpp"] == 0.5
+    assert any(status == "running" for status, _ in seen) or job["started_at"]
+
+    resp = service.get(job["links"]["slide"])
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/tiff"
+    path = tmp_path / "slide.tiff"
+    path.write_bytes(resp.content)
+    slide = openslide.OpenSlide(str(path))
+    assert slide.level_count > 1
+    assert slide.dimensions == (1024, 1024)
+    assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
+    assert float(slide.properties[openslide.PROPERTY_NAME_MPP_Y]) == pytest.approx(0.5)
+    assert "SYNTHETIC" in slide.properties["tiff.ImageDescription"]
+    assert "untrained" in slide.properties["tiff.ImageDescription"].lower()
+    region = np.asarray(slide.read_region((0, 0), slide.level_count - 1, slide.level_dimensions[-1]))
+    assert region.shape[2] == 4 and region[..., 3].min() == 255
+
+    # HTTP Range on the TIFF.
+    part = service.get(job["links"]["slide"], headers={"Range": "bytes=0-15"})
+    assert part.status_code == 206 and part.content == resp.content[:16]
+    assert service.get(job["links"]["thumbnail"]).headers["content-type"] == "image/png"
+    listing = service.get("/jobs").json()
+    assert listing["items"][0]["id"] == job_id
+
+
+def test_cancel_queued_and_running_jobs(service):
+    def submit(steps):
+        resp = service.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"},
+                                               "width": 512, "height": 512, "steps": steps, "seed": 1})
+        assert resp.status_code == 202, resp.text
+        return resp.json()["id"]
+
+    long_job = submit(400)
+    queued_job = submit(3)
+    _wait(lambda: _job(service, long_job)["status"] == "running" and (_job(service, long_job)["step"] or 0) >= 1,
+          120, "the first job to start sampling")
+    # The second job waits behind it (one worker process, prefetch 1): cancel it while queued.
+    assert _job(service, queued_job)["status"] == "queued"
+    resp = service.delete(f"/jobs/{queued_job}")
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled"
+    # Cancel the running one: it stops within a sampling step.
+    step_at_cancel = _job(service, long_job)["step"]
+    resp = service.delete(f"/jobs/{long_job}")
+    assert resp.status_code == 202 and resp.json()["cancel_requested"]
+    job = _wait(lambda: (j := _job(service, long_job))["status"] == "canceled" and j, 60, "the running job to stop")
+    assert job["step"] < 400 and job["step"] <= step_at_cancel + 5
+    assert service.get(f"/jobs/{long_job}/slide.tiff").status_code == 409
+    time.sleep(2)  # the worker picks up the canceled queued job and must drop it
+    assert _job(service, queued_job)["started_at"] is None

@@ -1,0 +1,214 @@
+"""HTTP API against the embedded configuration: real app, real file job store, real filesystem broker."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import make_mask, png_bytes
+
+
+@pytest.fixture
+def client(embedded_settings):
+    from service.app import create_app
+
+    app = create_app(embedded_settings)
+    with TestClient(app) as c:
+        c.settings = embedded_settings
+        c.store = app.state.services.store
+        yield c
+
+
+def post_mask(client, data: bytes, params: dict | None = None, filename="mask.png"):
+    return client.post("/generate", files={"mask": (filename, data, "application/octet-stream")},
+                       data={"params": json.dumps(params or {})})
+
+
+def assert_nothing_created(client):
+    jobs, total = client.store.list("public", 0, 100)
+    assert total == 0 and jobs == []
+    jobs_dir = client.settings.data_dir / "jobs"
+    assert not jobs_dir.exists() or not any(jobs_dir.iterdir())
+
+
+def error_locs(resp) -> list[list]:
+    return [d["loc"] for d in resp.json()["detail"]]
+
+
+def test_submit_mask_poll_list_cancel_delete(client):
+    resp = post_mask(client, png_bytes(make_mask(64, 96)), {"seed": 7, "steps": 3, "mask_mpp": 1.0})
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert resp.headers["Location"] == f"/jobs/{body['id']}" == body["status_url"]
+    assert body["untrained"] is True
+
+    job = client.get(body["status_url"]).json()
+    assert job["status"] == "queued" and job["progress"] == 0.0 and job["seed"] == 7
+    # 64×96 mask at 1 µm/px → output at the model's native 0.5 µm/px is twice as large.
+    assert (job["width"], job["height"], job["mpp"]) == (192, 128, 0.5)
+    assert job["links"]["slide"] is None
+
+    second = post_mask(client, png_bytes(make_mask(32, 32)), {"seed": 8}).json()
+    listing = client.get("/jobs", params={"limit": 1}).json()
+    assert listing["total"] == 2 and [j["id"] for j in listing["items"]] == [second["id"]]
+    assert client.get("/jobs", params={"offset": 1}).json()["items"][0]["id"] == body["id"]
+
+    # Outputs of an unfinished job: 409.
+    assert client.get(f"/jobs/{body['id']}/slide.tiff").status_code == 409
+    assert client.get(f"/jobs/{body['id']}/thumbnail.png").status_code == 409
+
+    # Cancel while queued: the job is canceled at once and will never start.
+    resp = client.delete(f"/jobs/{body['id']}")
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled"
+    # Deleting a finished (canceled) job removes it.
+    assert client.delete(f"/jobs/{body['id']}").status_code == 204
+    assert client.get(f"/jobs/{body['id']}").status_code == 404
+
+
+def test_json_subtype_job(client):
+    resp = client.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUSC"},
+                                          "width": 256, "height": 128, "seed": 1})
+    assert resp.status_code == 202, resp.text
+    job = client.get(resp.json()["status_url"]).json()
+    assert (job["width"], job["height"]) == (256, 128)
+    record = client.store.get(job["id"])
+    assert record.spec.subtype == "squamous cell carcinoma" and record.spec.subtype_id == 1
+
+
+def test_models_and_health(client):
+    models = client.get("/models").json()
+    names = {m["name"]: m for m in models["models"]}
+    assert models["default"] == "diffinfinite-untrained"
+    card = names["diffinfinite-untrained"]
+    assert card["trained"] is False and card["native_mpp"] == 0.5
+    assert set(map(int, card["classes"])) == {0, 1, 2, 3, 4}
+    assert card["max_width"] == 4096
+    assert client.get("/healthz").json() == {"status": "ok", "store": True, "mode": "embedded"}
+
+
+@pytest.mark.parametrize(
+    "data, filename, fragment",
+    [
+        (b"GIF89a" + b"\0" * 64, "mask.gif", "PNG or TIFF"),
+        (b"\xff\xd8\xff\xe0" + b"\0" * 64, "mask.jpg", "PNG or TIFF"),
+    ],
+)
+def test_mask_not_png_or_tiff(client, data, filename, fragment):
+    resp = post_mask(client, data, filename=filename)
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "mask"]]
+    assert fragment in resp.text
+    assert_nothing_created(client)
+
+
+def test_multichannel_masks(client):
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    resp = post_mask(client, png_bytes(rgb))
+    assert resp.status_code == 422 and "one channel" in resp.text and error_locs(resp) == [["body", "mask"]]
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgb, photometric="rgb")
+    resp = post_mask(client, buf.getvalue(), filename="mask.tif")
+    assert resp.status_code == 422 and "one channel" in resp.text
+    assert_nothing_created(client)
+
+
+def test_unknown_class_values(client):
+    labels = make_mask(32, 32, classes=(0, 1, 7, 9))
+    resp = post_mask(client, png_bytes(labels))
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "mask"]]
+    assert "[7, 9]" in resp.json()["detail"][0]["msg"]
+    assert_nothing_created(client)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    # A tiny IDAT that would inflate to far more than the limit if anyone decoded it.
+    idat = zlib.compress(b"\0" * 1024)
+    chunk += struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def test_decompression_bomb_rejected_from_header(client):
+    resp = post_mask(client, _png_header_only(200_000, 200_000))
+    assert resp.status_code == 422 and "more than the limit" in resp.text
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, shape=(2000, 1000), dtype=np.uint8)  # header declares 2 Mpx > 1 Mpx limit
+    resp = post_mask(client, buf.getvalue(), filename="m.tif")
+    assert resp.status_code == 422 and "more than the limit" in resp.text
+    assert_nothing_created(client)
+
+
+def test_size_over_maximum(client):
+    resp = client.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"},
+                                          "width": 8192, "height": 512})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "width"]]
+    big_mask = np.zeros((512, 600), np.uint8)  # at 4 µm/px → 4800 px wide at 0.5, over 4096
+    resp = post_mask(client, png_bytes(big_mask), {"mask_mpp": 4.0})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", "width"]]
+    assert_nothing_created(client)
+
+
+def test_unknown_subtype_model_and_bad_params(client):
+    resp = client.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "BRCA_IDC"},
+                                          "width": 256, "height": 256})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "conditioning", "subtype"]]
+    resp = client.post("/generate", json={"model": "nope", "conditioning": {"type": "subtype", "subtype": "LUAD"},
+                                          "width": 256, "height": 256})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "model"]] and "nope" in resp.text
+    resp = post_mask(client, png_bytes(make_mask(16, 16)), {"model": "nope"})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", "model"]]
+    resp = post_mask(client, png_bytes(make_mask(16, 16)), {"guidance": 99})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", "guidance"]]
+    resp = client.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256,
+                                          "height": 256, "colour": "blue"})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "colour"]]
+    assert client.post("/generate", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    assert_nothing_created(client)
+
+
+def test_embedding_refused_by_mask_model_and_checked(client):
+    vec = [0.01] * 512
+    resp = client.post("/generate", json={"conditioning": {"type": "embedding", "vector": vec},
+                                          "width": 256, "height": 256})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "conditioning", "type"]]
+    assert_nothing_created(client)
+
+
+def test_unknown_job_is_404(client):
+    assert client.get("/jobs/0123456789abcdef").status_code == 404
+    assert client.delete("/jobs/0123456789abcdef").status_code == 404
+    assert client.get("/jobs/0123456789abcdef/slide.tiff").status_code == 404
+    assert client.get("/jobs/..%2F..%2Fetc/slide.tiff").status_code == 404
+
+
+def test_body_limit(embedded_settings):
+    from service.app import create_app
+
+    embedded_settings.max_upload_bytes = 4096
+    with TestClient(create_app(embedded_settings)) as c:
+        resp = post_mask(c, b"\x89PNG\r\n\x1a\n" + b"\0" * 10_000)
+        assert resp.status_code == 413
+
+
+def test_api_keys_scope_jobs_to_tenants(embedded_settings):
+    from service.app import create_app
+
+    embedded_settings.api_keys = "lab-a:key-a,lab-b:key-b"
+    with TestClient(create_app(embedded_settings)) as c:
+        assert c.get("/jobs").status_code == 401
+        resp = c.post("/generate", headers={"X-API-Key": "key-a"},
+                      json={"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 64, "height": 64})
+        assert resp.status_code == 202
+        job_url = resp.json()["status_url"]
+        assert c.get(job_url, headers={"X-API-Key": "key-a"}).status_code == 200
+        assert c.get(job_url, headers={"X-API-Key": "key-b"}).status_code == 404
+        assert c.get("/jobs", headers={"X-API-Key": "key-b"}).json()["total"] == 0

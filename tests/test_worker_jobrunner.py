@@ -1,0 +1,126 @@
+"""The job runner without a broker: the real pipeline on the untrained default model, tiny sizes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slidesynth.jobs import FileJobStore, JobRecord, JobSpec, JobStatus
+from tests.conftest import make_mask, png_bytes
+
+
+class RecordingStore(FileJobStore):
+    """The real file store, remembering every sampling step it was told about."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.steps_seen: list[int] = []
+        self.stages_seen: list[str] = []
+
+    def update(self, job_id, **fields):
+        if "step" in fields:
+            self.steps_seen.append(fields["step"])
+        if "stage" in fields:
+            self.stages_seen.append(fields["stage"].value)
+        super().update(job_id, **fields)
+
+
+@pytest.fixture
+def ctx(embedded_settings):
+    from models.registry import ModelRegistry
+    from worker.jobrunner import WorkerContext
+
+    store = RecordingStore(embedded_settings.data_dir)
+    return WorkerContext(embedded_settings, store, ModelRegistry(embedded_settings.models_dir))
+
+
+def submit(ctx, job_id="job1", steps=4, size=64, **spec_fields) -> JobRecord:
+    spec = JobSpec(model="diffinfinite-untrained", engine="diffinfinite", conditioning="mask", width=size,
+                   height=size, mpp=0.5, seed=3, steps=steps, guidance=2.0, mask_file="mask.png", **spec_fields)
+    job_dir = ctx.store.job_dir(job_id)
+    job_dir.mkdir(parents=True)
+    (job_dir / "mask.png").write_bytes(png_bytes(make_mask(size, size, classes=(0, 1, 3))))
+    job = JobRecord(id=job_id, spec=spec)
+    ctx.store.create(job)
+    return job
+
+
+def test_success_records_outputs_and_every_step(ctx):
+    from worker.jobrunner import run_job
+
+    submit(ctx, outputs=["tiff", "zarr"])
+    assert run_job("job1", ctx) == JobStatus.succeeded
+    job = ctx.store.get("job1")
+    assert job.status == JobStatus.succeeded and job.progress == 1.0 and job.untrained
+    assert job.started_at <= job.finished_at and job.error is None
+    assert set(job.outputs) >= {"tiff", "zarr", "thumbnail", "mask"}
+    job_dir = ctx.store.job_dir("job1")
+    for name in job.outputs.values():
+        assert (job_dir / name).exists()
+    assert not list(job_dir.glob("*.part*"))
+    # Progress reached the store at least once per sampling step, in order.
+    assert sorted(set(ctx.store.steps_seen)) == list(range(0, 5))
+    assert ctx.store.stages_seen.index("sampling") < ctx.store.stages_seen.index("decoding")
+
+
+def test_same_seed_same_slide(ctx):
+    import tifffile
+
+    from worker.jobrunner import run_job
+
+    submit(ctx, "a1", outputs=["tiff"], compression="deflate")
+    submit(ctx, "a2", outputs=["tiff"], compression="deflate")
+    run_job("a1", ctx)
+    run_job("a2", ctx)
+    pix = [tifffile.imread(ctx.store.job_dir(j) / "slide.tiff", key=0) for j in ("a1", "a2")]
+    assert pix[0].shape == (64, 64, 3) and np.array_equal(pix[0], pix[1])
+
+
+def test_cancel_mid_sampling_removes_partial_files(ctx, monkeypatch):
+    from worker.jobrunner import run_job
+
+    submit(ctx, steps=20)
+    real = ctx.store.cancel_requested
+    calls = {"n": 0}
+
+    def cancel_after_a_few(job_id):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            ctx.store.request_cancel(job_id)
+        return real(job_id)
+
+    monkeypatch.setattr(ctx.store, "cancel_requested", cancel_after_a_few)
+    assert run_job("job1", ctx) == JobStatus.canceled
+    job = ctx.store.get("job1")
+    assert job.status == JobStatus.canceled and max(ctx.store.steps_seen) < 20
+    remaining = {p.name for p in ctx.store.job_dir("job1").iterdir()}
+    assert remaining <= {"mask.png", "job.json", "job.lock", "cancel"}
+
+
+def test_canceled_while_queued_never_starts(ctx):
+    from worker.jobrunner import run_job
+
+    submit(ctx)
+    ctx.store.request_cancel("job1")
+    ctx.store.transition("job1", {JobStatus.queued}, status=JobStatus.canceled)
+    assert run_job("job1", ctx) == JobStatus.canceled
+    assert ctx.store.get("job1").started_at is None and ctx.store.steps_seen == []
+
+
+def test_failure_is_recorded_with_message(ctx):
+    from worker.jobrunner import run_job
+
+    submit(ctx)
+    (ctx.store.job_dir("job1") / "mask.png").write_bytes(b"not a png")
+    assert run_job("job1", ctx) == JobStatus.failed
+    job = ctx.store.get("job1")
+    assert job.status == JobStatus.failed
+    assert job.error.startswith("UnidentifiedImageError"), job.error
+
+
+def test_redelivery_is_capped(ctx):
+    from worker.jobrunner import run_job
+
+    submit(ctx)
+    ctx.store.update("job1", status=JobStatus.running, attempts=ctx.settings.max_attempts)
+    assert run_job("job1", ctx) == JobStatus.failed
+    assert "attempts" in ctx.store.get("job1").error
