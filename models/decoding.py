@@ -1,0 +1,331 @@
+"""Tiled VAE decoding of latents of any size, streamed as row-major pixel bands.
+
+Modes (``window=``):
+
+* ``"hann"``  — periodic Hann window at exactly 50 % overlap (``overlap == tile / 2``).
+* ``"tukey"`` — flat top with raised-cosine ramps exactly as long as the overlap (any ``0 <= overlap <= tile/2``;
+  ``overlap = 0`` gives hard tiles).  Hann at 50 % is the special case ``overlap == tile / 2``.
+* ``"four-pass"`` — DiffInfinite's paper scheme (serving/diffinfinite reference §10): four decodes of
+  non-overlapping tiles (base grid, half-tile shifts in x, y and both) blended sequentially with a
+  symmetric Hann of the tile length; ``overlap`` is ignored.
+
+Overlap-add windows form an exact partition of unity over the whole canvas (edge-aware: the half of a
+border tile that faces the canvas edge has weight 1), so no weight buffer or division is needed and a
+constant decode reproduces a constant image.  Tiles sit on a uniform stride ``tile - overlap`` except the
+last tile of each axis, which is placed flush with the canvas border (no padded junk is decoded); its
+rising ramp stays where a uniform grid would put it, with zero weight before it.  Latents smaller than one
+tile are edge-replicated up to the tile size and the output is cropped.
+
+Only a ``tile * scale``-row float32 accumulator of the output width exists at a time (for the overlap
+modes); the decoded image never exists whole in memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.kernels.overlap_add import overlap_add
+from models.runtime import CancelFn, ProgressFn, check_cancel
+
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+WINDOWS = ("hann", "tukey", "four-pass")
+
+
+def rising_ramp(length: int) -> np.ndarray:
+    """Raised-cosine rise ``sin²(π j / 2L)``, j = 0 … L−1 (the first half of a periodic Hann of 2L)."""
+    j = np.arange(length, dtype=np.float64)
+    return np.sin(np.pi * j / (2 * length)) ** 2 if length > 0 else np.zeros(0)
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Tile placement along one axis (latent units) and each tile's 1-D pixel window."""
+
+    length: int              # latent length actually tiled (≥ tile; padded when the input was shorter)
+    tile: int
+    overlap: int
+    scale: int
+    starts: tuple[int, ...]  # latent start of every tile
+    windows: np.ndarray      # float32 [n, tile*scale]
+
+    @property
+    def count(self) -> int:
+        return len(self.starts)
+
+    def active(self, k: int) -> tuple[int, int]:
+        """Tile-local pixel range where tile ``k``'s window is non-zero."""
+        nz = np.flatnonzero(self.windows[k])
+        return (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+
+
+def plan_axis(length: int, tile: int, overlap: int, scale: int) -> AxisPlan:
+    """Place tiles over ``length`` latent px (uniform stride, last tile flush) and build their windows.
+
+    The windows sum to exactly one (up to float32 rounding) at every output pixel of the axis.
+    """
+    if length < 1:
+        raise ValueError(f"axis length must be ≥ 1, got {length}")
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be in [0, tile/2] = [0, {tile // 2}], got {overlap}")
+    n_len = max(length, tile)
+    stride = tile - overlap
+    n = 1 if n_len <= tile else math.ceil((n_len - overlap) / stride)
+    starts = [k * stride for k in range(n - 1)] + [n_len - tile]
+    tp, lp = tile * scale, overlap * scale
+    ramp = rising_ramp(lp)
+    windows = np.ones((n, tp), np.float64)
+    for k in range(n):
+        if k < n - 1:  # falling ramp at the end of tile k (where the uniform grid puts it)
+            a = starts[k] * scale + tp - lp  # ramp start, canvas px
+            windows[k, a - starts[k] * scale:] = 1.0 - ramp
+        if k > 0:  # rising ramp matching the previous tile's falling ramp; zero before it
+            a = starts[k - 1] * scale + tp - lp
+            loc = a - starts[k] * scale
+            windows[k, :loc] = 0.0
+            windows[k, loc:loc + lp] = ramp
+    return AxisPlan(n_len, tile, overlap, scale, tuple(starts), windows.astype(np.float32))
+
+
+def paper_hann(length: int) -> np.ndarray:
+    """DiffInfinite's symmetric Hann: ``0.5 (1 − cos(2π i / (L − 1)))``, i = 0 … L−1."""
+    i = np.arange(length, dtype=np.float64)
+    return 0.5 * (1.0 - np.cos(2.0 * np.pi * i / (length - 1)))
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[3, rows, cols] float in [0, 1] → C-contiguous uint8 (rows, cols, 3), round-half-up."""
+    q = (x.clamp(0.0, 1.0) * 255.0 + 0.5).floor_().to(torch.uint8)
+    return np.ascontiguousarray(q.permute(1, 2, 0).cpu().numpy())
+
+
+class TiledDecoder:
+    """Decode a latent [1, C, h, w] tile by tile into row-major bands of the (scale·h) × (scale·w) image.
+
+    ``decode_fn`` maps a batch of latent tiles [B, C, t, t] to images [B, 3, scale·t, scale·t] with values in
+    [0, 1].  ``tile``/``overlap`` are in latent px.  ``batch_size`` tiles go through one ``decode_fn`` call
+    (tiles of one tile row).  ``backend`` selects the overlap-add implementation (``auto``: Triton kernel on
+    CUDA when importable, torch otherwise).
+    """
+
+    def __init__(self, decode_fn: DecodeFn, scale: int = 8, tile: int = 64, overlap: int = 32,
+                 window: str = "hann", batch_size: int = 4, backend: str = "auto", out_channels: int = 3):
+        if window not in WINDOWS:
+            raise ValueError(f"unknown window {window!r}; choose one of {', '.join(WINDOWS)}")
+        if scale < 1 or tile < 1 or batch_size < 1:
+            raise ValueError(f"scale, tile and batch_size must be ≥ 1 (got {scale}, {tile}, {batch_size})")
+        if window == "hann" and 2 * overlap != tile:
+            raise ValueError(f"window 'hann' is a partition of unity only at 50 % overlap: overlap must be "
+                             f"tile/2 = {tile / 2:g}, got {overlap} (use window='tukey' for other overlaps)")
+        if window == "tukey" and not 0 <= overlap <= tile // 2:
+            raise ValueError(f"window 'tukey' needs 0 ≤ overlap ≤ tile/2 = {tile // 2}, got {overlap}")
+        if window == "four-pass" and (tile * scale) % 2:
+            raise ValueError(f"four-pass decoding needs an even pixel tile, got {tile * scale}")
+        if window == "four-pass" and tile % 2:
+            raise ValueError(f"four-pass decoding shifts by tile/2 latent px: tile must be even, got {tile}")
+        self.decode_fn = decode_fn
+        self.scale = scale
+        self.tile = tile
+        self.overlap = tile // 2 if window == "four-pass" else overlap
+        self.window = window
+        self.batch_size = batch_size
+        self.backend = backend
+        self.out_channels = out_channels
+        self.decoder_calls = 0      # tiles decoded by the last run
+        self.decode_fn_calls = 0    # decode_fn invocations by the last run
+        self.backend_used: str | None = None
+
+    # ------------------------------------------------------------------ planning
+    def plans(self, h: int, w: int) -> tuple[AxisPlan, AxisPlan]:
+        """Row and column tile plans for an h × w latent (overlap modes)."""
+        return (plan_axis(h, self.tile, self.overlap, self.scale),
+                plan_axis(w, self.tile, self.overlap, self.scale))
+
+    def count_tiles(self, h: int, w: int) -> int:
+        """Tiles a run over an h × w latent decodes."""
+        if self.window == "four-pass":
+            ny, nx = math.ceil(max(h, self.tile) / self.tile), math.ceil(max(w, self.tile) / self.tile)
+            return (2 * ny - 1) * (2 * nx - 1)
+        py, px = self.plans(h, w)
+        return py.count * px.count
+
+    def overhead(self, h: int, w: int) -> float:
+        """Decoded tiles ÷ non-overlapping tile count ceil(h/t)·ceil(w/t)."""
+        return self.count_tiles(h, w) / (math.ceil(h / self.tile) * math.ceil(w / self.tile))
+
+    # ------------------------------------------------------------------ decoding
+    def _check_latent(self, latent: torch.Tensor) -> None:
+        if not isinstance(latent, torch.Tensor):
+            raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+        if latent.dim() != 4 or latent.shape[0] != 1 or latent.shape[2] < 1 or latent.shape[3] < 1:
+            raise ValueError(f"latent must have shape [1, C, h, w] with h, w ≥ 1, got {tuple(latent.shape)}")
+        if not latent.is_floating_point():
+            raise ValueError(f"latent must be a floating-point tensor, got {latent.dtype}")
+
+    def _decode(self, batch: torch.Tensor, where: list[tuple[int, int]], label: str) -> torch.Tensor:
+        out = self.decode_fn(batch)
+        tp = self.tile * self.scale
+        expected = (batch.shape[0], self.out_channels, tp, tp)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"decode_fn returned {got} for {label} tiles at latent (y, x) {where}; "
+                             f"expected {expected}")
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"decode_fn returned non-finite values for {label} tiles at latent (y, x) {where}")
+        self.decoder_calls += batch.shape[0]
+        self.decode_fn_calls += 1
+        return out
+
+    def iter_bands(self, latent: torch.Tensor, cancel: CancelFn | None = None,
+                   progress: ProgressFn | None = None, output: str = "uint8") -> Iterator[np.ndarray]:
+        """Yield consecutive row-major bands of the decoded image.
+
+        ``output="uint8"``: C-contiguous uint8 (rows, scale·w, 3).  ``output="float32"``: float32 bands of
+        the same shape, unclamped (for tests and measurements).
+        """
+        self._check_latent(latent)
+        if output not in ("uint8", "float32"):
+            raise ValueError(f"output must be 'uint8' or 'float32', got {output!r}")
+        self.decoder_calls = 0
+        self.decode_fn_calls = 0
+        if self.window == "four-pass":
+            yield from self._iter_four_pass(latent, cancel, progress, output)
+        else:
+            yield from self._iter_ola(latent, cancel, progress, output)
+
+    def decode(self, latent: torch.Tensor, **kw) -> np.ndarray:
+        """Whole image at once (small latents only: concatenates :meth:`iter_bands`)."""
+        return np.concatenate(list(self.iter_bands(latent, **kw)), axis=0)
+
+    @staticmethod
+    def _emit(x: torch.Tensor, output: str) -> np.ndarray:
+        if output == "uint8":
+            return to_uint8(x)
+        return np.ascontiguousarray(x.permute(1, 2, 0).to(torch.float32).cpu().numpy())
+
+    def _padded(self, latent: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        h, w = latent.shape[2], latent.shape[3]
+        if (hp, wp) == (h, w):
+            return latent
+        return F.pad(latent, (0, wp - w, 0, hp - h), mode="replicate")
+
+    def _iter_ola(self, latent, cancel, progress, output) -> Iterator[np.ndarray]:
+        s, t = self.scale, self.tile
+        tp = t * s
+        h, w = latent.shape[2], latent.shape[3]
+        py, px = self.plans(h, w)
+        lat = self._padded(latent, py.length, px.length)
+        out_h, out_w, acc_w = h * s, w * s, px.length * s
+        total = py.count * px.count
+        wx_all = torch.from_numpy(px.windows)
+        acc: torch.Tensor | None = None
+        emitted = 0
+        done = 0
+        if progress is not None:
+            progress(0, total)
+        for r, y in enumerate(py.starts):
+            r_lo, r_hi = py.active(r)
+            wy_row = torch.from_numpy(py.windows[r])
+            for c0 in range(0, px.count, self.batch_size):
+                check_cancel(cancel)
+                cols = list(range(c0, min(c0 + self.batch_size, px.count)))
+                batch = torch.stack([lat[0, :, y:y + t, px.starts[c]:px.starts[c] + t] for c in cols])
+                where = [(y, px.starts[c]) for c in cols]
+                tiles = self._decode(batch, where, f"row {r}")
+                if acc is None:
+                    acc = torch.zeros(self.out_channels, tp, acc_w, dtype=torch.float32, device=tiles.device)
+                wy = wy_row.to(acc.device).expand(len(cols), tp)
+                wx = wx_all[cols].to(acc.device)
+                active = [(r_lo, r_hi, *px.active(c)) for c in cols]
+                self.backend_used = overlap_add(acc, tiles, wy, wx, [y * s - emitted] * len(cols),
+                                                [px.starts[c] * s for c in cols], active, backend=self.backend)
+                done += len(cols)
+                if progress is not None:
+                    progress(done, total)
+            next_top = py.starts[r + 1] * s if r + 1 < py.count else py.length * s
+            k = min(next_top, out_h) - emitted
+            if k > 0:
+                yield self._emit(acc[:, :k, :out_w], output)
+            d = next_top - emitted
+            if d < tp:
+                acc[:, :tp - d] = acc[:, d:].clone()
+                acc[:, tp - d:] = 0
+            else:
+                acc.zero_()
+            emitted = next_top
+
+    # ------------------------------------------------------------------ DiffInfinite four-pass
+    def _iter_four_pass(self, latent, cancel, progress, output) -> Iterator[np.ndarray]:
+        s, t = self.scale, self.tile
+        tp, half_t = t * s, t // 2
+        half = tp // 2
+        h, w = latent.shape[2], latent.shape[3]
+        ny, nx = math.ceil(max(h, t) / t), math.ceil(max(w, t) / t)
+        lat = self._padded(latent, ny * t, nx * t)
+        out_h, out_w = h * s, w * s
+        wp = nx * tp
+        total = (2 * ny - 1) * (2 * nx - 1)
+        done = 0
+        if progress is not None:
+            progress(0, total)
+        hann = torch.from_numpy(paper_hann(tp).astype(np.float32))
+
+        def decode_row(y: int, x_starts: list[int], label: str) -> torch.Tensor:
+            nonlocal done
+            parts = []
+            for c0 in range(0, len(x_starts), self.batch_size):
+                check_cancel(cancel)
+                xs = x_starts[c0:c0 + self.batch_size]
+                batch = torch.stack([lat[0, :, y:y + t, x:x + t] for x in xs])
+                out = self._decode(batch, [(y, x) for x in xs], label).to(torch.float32)
+                parts.extend(out.unbind(0))
+                done += len(xs)
+                if progress is not None:
+                    progress(done, total)
+            return torch.cat(parts, dim=2)  # [3, tp, len(xs)*tp]
+
+        a_cols = [j * t for j in range(nx)]
+        v_cols = [j * t + half_t for j in range(nx - 1)]
+        cache: dict[tuple[str, int], torch.Tensor] = {}
+
+        def strip(name: str, row: int) -> torch.Tensor:
+            key = (name, row)
+            if key not in cache:
+                for old in [k for k in cache if k[0] == name]:
+                    del cache[old]
+                y = row * t + (half_t if name in ("H", "X") else 0)
+                cols = v_cols if name in ("V", "X") else a_cols
+                cache[key] = decode_row(y, cols, f"pass {name} row {row}")
+            return cache[key]
+
+        wx = None
+        for k in range(2 * ny):
+            y_top = k * half
+            if y_top >= out_h:
+                break
+            a_row, a_off = divmod(k, 2)
+            img = strip("A", a_row)[:, a_off * half:(a_off + 1) * half].clone()
+            if wx is None:
+                wx = hann.to(img.device).repeat(nx - 1)  # over interior columns [half, wp − half)
+            if nx > 1:
+                v = strip("V", a_row)[:, a_off * half:(a_off + 1) * half]
+                inner = img[:, :, half:wp - half]
+                img[:, :, half:wp - half] = (1 - wx) * inner + wx * v
+            if ny > 1 and 1 <= k <= 2 * ny - 2:
+                h_row, h_off = divmod(k - 1, 2)
+                rows = torch.arange(y_top, y_top + half, device=img.device)
+                wy = hann.to(img.device)[(rows - half) % tp][:, None]
+                hh = strip("H", h_row)[:, h_off * half:(h_off + 1) * half]
+                img = (1 - wy) * img + wy * hh
+                if nx > 1:
+                    xx = strip("X", h_row)[:, h_off * half:(h_off + 1) * half]
+                    wc = wy * wx[None, :]
+                    inner = img[:, :, half:wp - half]
+                    img[:, :, half:wp - half] = (1 - wc) * inner + wc * xx
+            rows_out = min(half, out_h - y_top)
+            yield self._emit(img[:, :rows_out, :out_w], output)
+        self.backend_used = "torch"
