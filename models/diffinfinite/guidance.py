@@ -1,0 +1,174 @@
+"""Classifier-free guidance with one guided prediction per label, combined through the label mask.
+
+DiffInfinite (paper Eq. 2, Fig. 2b; reference notes §5):
+
+* guided noise ε̃ = (1 + ω)·ε(z, c) − ω·ε(z, ∅)  (the API takes ω; ω = 0 → the conditional prediction alone);
+* a crop whose label map holds labels U gets one conditional prediction per label u ∈ U \\ {null}; every pixel
+  of label u takes ε̃_u; pixels of the null label (image model: 0 = "unknown") take the unconditional ε(∅);
+* the unconditional pass is computed once per crop and shared by all its labels (the official code runs a
+  separate null pass per label: 2·L forwards instead of L + 1).
+
+Only the labels of the pixels a crop actually *owns* need a prediction (the random-patch sampler keeps the
+first value computed per pixel, so predictions for pixels owned by an earlier crop would be thrown away);
+:func:`passes_for` takes that label set.
+
+Because the DDIM update is pixel-wise, composing per-label DDIM steps through the mask (official code) equals
+one DDIM step on the per-pixel combined ε̃ with per-pixel noise — which is what the sampler does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NULL", "cfg", "passes_for", "combine", "ConditionalDenoiser", "ImageDenoiser", "MaskDenoiser",
+    "guided_eps",
+]
+
+#: Key of the unconditional prediction in the per-crop prediction dict.
+NULL = None
+
+
+def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor | None, omega: float) -> torch.Tensor:
+    """(1 + ω)·ε(c) − ω·ε(∅); with ω = 0 returns ε(c) (no unconditional pass needed)."""
+    if omega == 0:
+        return eps_cond
+    if eps_uncond is None:
+        raise ValueError("guidance ω ≠ 0 needs the unconditional prediction")
+    return (1.0 + omega) * eps_cond - omega * eps_uncond
+
+
+def passes_for(labels: Iterable[int], omega: float, null_label: int | None) -> list[int | None]:
+    """Forward passes a crop needs for the given (owned) labels: ``None`` = the shared unconditional pass,
+    then one conditional pass per non-null label, ascending."""
+    labels = sorted({int(u) for u in labels})
+    cond = [u for u in labels if u != null_label]
+    need_null = (null_label is not None and null_label in labels) or (omega != 0 and bool(cond))
+    return ([NULL] if need_null else []) + cond
+
+
+def combine(label_window: torch.Tensor, preds: Mapping[int | None, torch.Tensor], omega: float,
+            null_label: int | None) -> torch.Tensor:
+    """Per-pixel guided ε̃ for one crop.
+
+    ``label_window``: (h, w) integer labels; ``preds``: {label or NULL: (C, h, w)}. A pixel of label u takes
+    ``cfg(preds[u], preds[NULL], ω)``; a pixel of ``null_label`` takes ``preds[NULL]``. Pixels whose label has
+    no prediction are NaN (the sampler never keeps them: they belong to another crop).
+    """
+    any_pred = next(iter(preds.values()))
+    out = torch.full_like(any_pred, float("nan"))
+    lw = label_window.to(any_pred.device).long()
+    uncond = preds.get(NULL)
+    if uncond is not None and null_label is not None:
+        out = torch.where(lw == null_label, uncond, out)
+    for u, e in preds.items():
+        if u is NULL or u == null_label:
+            continue
+        out = torch.where(lw == u, cfg(e, uncond, omega), out)
+    return out
+
+
+class ConditionalDenoiser(Protocol):
+    """What the sampler calls: ε for a batch of crops, each with its label window and the label to condition
+    on (``None`` = unconditional)."""
+
+    null_label: int | None
+    out_channels: int
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, label_windows: torch.Tensor,
+                 labels: Sequence[int | None]) -> torch.Tensor:  # pragma: no cover - protocol
+        ...
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ImageDenoiser:
+    """Adapter for the mask-conditioned image UNet ``unet(x, time, mask)``.
+
+    The conditional pass for label u gets ``mask = (labels == u)·u`` (binary mask times the label; the network
+    takes class = max of the mask); the unconditional pass gets an all-zero mask, i.e. label 0, which is both
+    the null condition and "unknown".
+    """
+
+    null_label: int | None = 0
+
+    def __init__(self, unet: nn.Module, *, out_channels: int = 4, autocast_dtype: torch.dtype | None = None):
+        self.unet = unet
+        self.out_channels = out_channels
+        self.autocast_dtype = autocast_dtype
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, label_windows: torch.Tensor,
+                 labels: Sequence[int | None]) -> torch.Tensor:
+        lab = torch.tensor([0 if u is None else int(u) for u in labels], dtype=torch.long, device=x.device)
+        lab = lab.view(-1, 1, 1)
+        mask = (label_windows.to(x.device).long() == lab).long() * lab  # zero everywhere for the null pass
+        with _autocast(x.device, self.autocast_dtype):
+            eps = self.unet(x, t, mask.unsqueeze(1))
+        return eps.float()
+
+
+class MaskDenoiser:
+    """Adapter for the subtype-conditioned mask UNet ``unet(x, time, classes, cond_drop_prob)``.
+
+    The conditional pass forces ``cond_drop_prob = 0`` (the official sampler leaves the training dropout on and
+    loses the subtype for half the samples: bug #2); the unconditional pass uses ``cond_drop_prob = 1`` (the
+    learned null embedding). The mask model has no null *label*: every subtype is a condition.
+    """
+
+    null_label: int | None = None
+
+    def __init__(self, unet: nn.Module, *, out_channels: int = 4, autocast_dtype: torch.dtype | None = None):
+        self.unet = unet
+        self.out_channels = out_channels
+        self.autocast_dtype = autocast_dtype
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, label_windows: torch.Tensor,
+                 labels: Sequence[int | None]) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.out_channels, *x.shape[2:], dtype=torch.float32, device=x.device)
+        cond = [i for i, u in enumerate(labels) if u is not None]
+        null = [i for i, u in enumerate(labels) if u is None]
+        with _autocast(x.device, self.autocast_dtype):
+            if cond:
+                idx = torch.tensor(cond, device=x.device)
+                classes = torch.tensor([int(labels[i]) for i in cond], dtype=torch.long, device=x.device)
+                out[idx] = self.unet(x[idx], t[idx], classes, cond_drop_prob=0.0).float()
+            if null:
+                idx = torch.tensor(null, device=x.device)
+                classes = torch.zeros(len(null), dtype=torch.long, device=x.device)
+                out[idx] = self.unet(x[idx], t[idx], classes, cond_drop_prob=1.0).float()
+        return out
+
+
+def guided_eps(denoiser: ConditionalDenoiser, x: torch.Tensor, t: int | torch.Tensor, label_windows: torch.Tensor,
+               omega: float, owned: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Guided ε̃ for a batch of crops ``x`` (B, C, h, w) with label windows (B, h, w), all passes in one batch.
+
+    ``owned`` (B, h, w) bool restricts which pixels need a prediction (default: all). Returns (ε̃, forwards);
+    pixels outside ``owned`` may be NaN.
+    """
+    b = x.shape[0]
+    jobs: list[tuple[int, int | None]] = []
+    for i in range(b):
+        lw = label_windows[i]
+        labs = torch.unique(lw if owned is None else lw[owned[i]]).tolist()
+        jobs.extend((i, u) for u in passes_for(labs, omega, denoiser.null_label))
+    idx = torch.tensor([i for i, _ in jobs], device=x.device)
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        tt = t.to(x.device).long()
+    else:
+        tt = torch.full((b,), int(t), dtype=torch.long, device=x.device)
+    eps = denoiser(x[idx], tt[idx], label_windows[idx], [u for _, u in jobs])
+    out = []
+    for i in range(b):
+        preds = {u: eps[j] for j, (k, u) in enumerate(jobs) if k == i}
+        out.append(combine(label_windows[i], preds, omega, denoiser.null_label))
+    return torch.stack(out), len(jobs)

@@ -1,0 +1,508 @@
+"""Random-patch large-canvas sampler of DiffInfinite (paper §4.1, §4.3, Algorithm 2), batched.
+
+Two modes, selectable per job:
+
+``"random"`` — paper-exact. Each denoising step draws crops until every latent pixel is covered: each crop is
+centred on a pixel drawn uniformly among the pixels not yet covered at this step, clamped inward to the canvas
+(the official selection rule), and every pixel takes the *first* value computed for it (Eq. 6; no blending).
+The crop list depends only on coverage, never on the latents (the paper's state-independence), so it is drawn
+up front for the whole step and all (crop, label) UNet passes of the step run in batches of ``batch_size``
+(the official code runs one crop at a time). All crops read the same level-k canvas, which is what the
+official per-pixel time tensor plus the replica of the previous level achieve: a pixel already moved to level
+k+1 by an earlier crop is shown to later crops at its level-k value.
+
+``"tiled"`` — faster. Each step is covered by a non-overlapping grid of ``patch``-sized cells whose origin is
+shifted by a random offset per step (offsets per axis cycle through a random permutation of 0…patch-1, so the
+seams move every step and every seam position is used equally often). Border cells narrower than a patch are
+sampled with a full patch clamped inward and keep only their own pixels. Coverage is exactly 1 per step.
+
+In both modes a crop only runs the label passes its *owned* pixels need (others would be discarded), the
+unconditional pass is shared by the crop's labels, and the pixel-wise DDIM update runs once per step on the
+whole canvas with per-pixel noise. All randomness is a pure function of (seed, stream, step, …): the initial
+noise and the DDIM noise come from counter-keyed generators per 128×128 canvas block, the crop draw of a step
+from a generator keyed by the step. Results therefore do not depend on ``batch_size`` (up to the network's own
+batch-size numerics) or on where a run was interrupted, and :class:`SamplerState` (latents, per-pixel time
+state, step, crop cursor, seed) restores a run bit-identically, between steps or in the middle of one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from models.runtime import CancelFn, ProgressFn, check_cancel
+
+from .guidance import ConditionalDenoiser, combine, passes_for
+from .scheduler import DDIMScheduler
+
+__all__ = [
+    "Crop", "SamplerState", "RandomPatchSampler", "plan_random", "plan_tiled", "tile_offset", "keyed_seed",
+    "NOISE_BLOCK", "STATE_VERSION",
+]
+
+Mode = Literal["random", "tiled"]
+NOISE_BLOCK = 128  # canvas block (latent px) of the counter-keyed noise generators
+STATE_VERSION = 1
+
+_TAG_INIT, _TAG_NOISE, _TAG_CROPS, _TAG_TILE = 1, 2, 3, 4
+
+
+def keyed_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integer parts (SeedSequence hashing): independent streams per key."""
+    words = np.random.SeedSequence([int(p) % (1 << 64) for p in parts]).generate_state(2, np.uint32)
+    return (int(words[0]) | (int(words[1]) << 32)) & ((1 << 63) - 1)
+
+
+def _np_rng(*parts: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(p) % (1 << 64) for p in parts])))
+
+
+# ----------------------------------------------------------------------------------------------- crop plans
+@dataclass(frozen=True)
+class Crop:
+    """One UNet window (y0, x0, h, w) of a step and the labels of the pixels it owns (keeps).
+
+    ``cell`` = (y0, x0, h, w) of the owned rectangle (tiled mode); None = first come (random mode): the crop
+    owns the pixels of its window that no earlier crop of the step owns.
+    """
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+    labels: tuple[int, ...]
+    n_owned: int
+    cell: tuple[int, int, int, int] | None = None
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y0 + self.h), slice(self.x0, self.x0 + self.w)
+
+
+def _owned_labels(labels: np.ndarray, own: np.ndarray | None) -> tuple[int, ...]:
+    vals = labels if own is None else labels[own]
+    counts = np.bincount(vals.ravel(), minlength=1)
+    return tuple(int(v) for v in np.flatnonzero(counts))
+
+
+def plan_random(labels: np.ndarray, patch: tuple[int, int], rng: np.random.Generator) -> list[Crop]:
+    """Paper-exact crop list of one step (official selection rule, first-come ownership).
+
+    Repeat until covered: draw a pixel uniformly among the uncovered ones, centre a patch on it, clamp the
+    window inward (a canvas side smaller than the patch gives a window of the canvas side); the crop owns the
+    pixels of its window not covered by an earlier crop.
+    """
+    hh, ww = labels.shape
+    ph, pw = min(patch[0], hh), min(patch[1], ww)
+    covered = np.zeros((hh, ww), dtype=bool)
+    flat = covered.ravel()
+    remaining = hh * ww
+    cand = np.arange(hh * ww, dtype=np.int64)  # a superset of the uncovered pixels
+    crops: list[Crop] = []
+    while remaining > 0:
+        if 4 * remaining < cand.size:  # keep the rejection rate below 3/4
+            cand = np.flatnonzero(~flat)
+        while True:  # uniform over the uncovered pixels: uniform over a superset, rejecting covered ones
+            idx = int(cand[rng.integers(cand.size)])
+            if not flat[idx]:
+                break
+        r, c = divmod(idx, ww)
+        y0 = min(max(r - patch[0] // 2, 0), hh - ph)
+        x0 = min(max(c - patch[1] // 2, 0), ww - pw)
+        win = covered[y0:y0 + ph, x0:x0 + pw]
+        own = ~win
+        n = int(own.sum())
+        crops.append(Crop(y0, x0, ph, pw, _owned_labels(labels[y0:y0 + ph, x0:x0 + pw], own), n))
+        win[...] = True
+        remaining -= n
+    return crops
+
+
+def _axis_cells(size: int, patch: int, offset: int) -> list[tuple[int, int, int]]:
+    """(cell start, cell end, window start) along one axis for grid lines at offset + j·patch."""
+    if size <= patch:
+        return [(0, size, 0)]
+    bounds = [0] + [b for b in range(offset % patch, size, patch) if b > 0] + [size]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mid = (a + b) // 2
+        out.append((a, b, min(max(mid - patch // 2, 0), size - patch)))
+    return out
+
+
+def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, int]) -> list[Crop]:
+    """Non-overlapping grid of cells (grid lines at offset + j·patch); each cell is sampled in a full patch
+    window containing it (border cells: window clamped inward) and owns exactly its cell."""
+    hh, ww = labels.shape
+    ph, pw = min(patch[0], hh), min(patch[1], ww)
+    crops: list[Crop] = []
+    for (ya, yb, wy) in _axis_cells(hh, patch[0], offset[0]):
+        for (xa, xb, wx) in _axis_cells(ww, patch[1], offset[1]):
+            labs = _owned_labels(labels[ya:yb, xa:xb], None)
+            crops.append(Crop(wy, wx, ph, pw, labs, (yb - ya) * (xb - xa), (ya, xa, yb - ya, xb - xa)))
+    return crops
+
+
+def _offset_sequence(seed: int, stream: int, axis: int, patch: int, step: int) -> int:
+    """Offset of ``step`` on one axis: cycles through random permutations of 0…patch-1, never repeating the
+    previous step's offset across a cycle boundary."""
+    if patch <= 1:
+        return 0
+    cycle, pos = divmod(step, patch)
+    prev_last = None
+    perm = None
+    for c in range(cycle + 1):
+        perm = _np_rng(seed, stream, _TAG_TILE, axis, c).permutation(patch)
+        if prev_last is not None and perm[0] == prev_last:
+            perm[[0, 1]] = perm[[1, 0]]
+        prev_last = perm[-1]
+    return int(perm[pos])
+
+
+def tile_offset(seed: int, stream: int, patch: tuple[int, int], step: int) -> tuple[int, int]:
+    return (_offset_sequence(seed, stream, 0, patch[0], step), _offset_sequence(seed, stream, 1, patch[1], step))
+
+
+# ----------------------------------------------------------------------------------------------- state
+@dataclass
+class SamplerState:
+    """Everything a run needs to continue bit-identically.
+
+    ``latents`` (1, C, H, W) float32 is the canvas at level ``step`` (steps completed); ``times`` (H, W) int16
+    is the per-pixel time state: ``step`` for pixels not yet updated in the current step, ``step + 1`` for
+    pixels whose guided ε̃ is already in ``eps`` (only non-None in the middle of a step); ``cursor`` counts the
+    crops of the current step already done. The RNG state is (seed, stream, step, cursor): every random draw
+    is keyed by them. H, W are the sampler's internal (padded) canvas; ``shape`` is the requested one.
+    """
+
+    mode: str
+    seed: int
+    stream: int
+    steps: int
+    stop_at: int
+    patch: tuple[int, int]
+    shape: tuple[int, int]
+    guidance: float
+    eta: float
+    labels_crc: int
+    latents: torch.Tensor
+    times: torch.Tensor
+    step: int = 0
+    cursor: int = 0
+    eps: torch.Tensor | None = None
+    version: int = STATE_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.stop_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (ints, floats, strings, lists, CPU tensors), loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "version": self.version, "mode": self.mode, "seed": int(self.seed), "stream": int(self.stream),
+            "steps": int(self.steps), "stop_at": int(self.stop_at), "patch": list(self.patch),
+            "shape": list(self.shape), "guidance": float(self.guidance), "eta": float(self.eta),
+            "labels_crc": int(self.labels_crc), "step": int(self.step), "cursor": int(self.cursor),
+            "latents": self.latents.detach().to("cpu", copy=True),
+            "times": self.times.detach().to("cpu", copy=True),
+            "eps": None if self.eps is None else self.eps.detach().to("cpu", copy=True),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device | str | None = None) -> "SamplerState":
+        if int(d.get("version", -1)) != STATE_VERSION:
+            raise ValueError(f"sampler state version {d.get('version')} is not {STATE_VERSION}")
+        dev = torch.device(device) if device is not None else d["latents"].device
+        return cls(
+            mode=str(d["mode"]), seed=int(d["seed"]), stream=int(d["stream"]), steps=int(d["steps"]),
+            stop_at=int(d["stop_at"]), patch=(int(d["patch"][0]), int(d["patch"][1])),
+            shape=(int(d["shape"][0]), int(d["shape"][1])), guidance=float(d["guidance"]), eta=float(d["eta"]),
+            labels_crc=int(d["labels_crc"]), step=int(d["step"]), cursor=int(d["cursor"]),
+            latents=d["latents"].to(dev, copy=True), times=d["times"].to(dev, copy=True),
+            eps=None if d.get("eps") is None else d["eps"].to(dev, copy=True),
+            extra=dict(d.get("extra") or {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomic write (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.to_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "SamplerState":
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        return cls.from_dict(d, device=device if device is not None else "cpu")
+
+
+def labels_crc(labels: np.ndarray) -> int:
+    arr = np.ascontiguousarray(labels, dtype=np.uint8)
+    return zlib.crc32(arr.tobytes(), zlib.crc32(np.asarray(arr.shape, dtype=np.int64).tobytes()))
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+@dataclass
+class StepStats:
+    crops: int = 0
+    forwards: int = 0
+    crop_pixels: int = 0
+
+
+class RandomPatchSampler:
+    """Batched random-patch DDIM sampler over a label map (latent resolution, uint8).
+
+    Parameters: ``denoiser`` (see :mod:`.guidance`), ``patch`` (latent side, 64 for the image model, 16 for the
+    mask model), ``mode`` ("random" | "tiled"), ``steps`` (DDIM steps, 250 in the paper), ``eta``, ``guidance``
+    (ω), ``batch_size`` (UNet passes per forward call), ``multiple`` (the UNet's spatial divisor: a canvas side
+    smaller than the patch is padded up to a multiple of it and cropped back), ``official_early_stop`` (stop
+    one pair early like the official code, output x_3 instead of x̂0: bug #3, for comparison only), ``stream``
+    (separates the random streams of different stages sharing a seed).
+    """
+
+    def __init__(self, denoiser: ConditionalDenoiser, *, patch: int | tuple[int, int] = 64, mode: Mode = "random",
+                 steps: int = 250, eta: float = 1.0, guidance: float = 0.0, batch_size: int = 8,
+                 multiple: int = 1, official_early_stop: bool = False, stream: int = 0,
+                 scheduler: DDIMScheduler | None = None, tile_offsets: Literal["random", "fixed"] = "random"):
+        if mode not in ("random", "tiled"):
+            raise ValueError(f"mode must be 'random' or 'tiled', got {mode!r}")
+        ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+        if ph < 1 or pw < 1:
+            raise ValueError(f"patch must be positive, got {patch}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if multiple < 1 or ph % multiple or pw % multiple:
+            raise ValueError(f"patch {ph}×{pw} must be a multiple of the network divisor {multiple}")
+        if tile_offsets not in ("random", "fixed"):
+            raise ValueError(f"tile_offsets must be 'random' or 'fixed', got {tile_offsets!r}")
+        self.denoiser = denoiser
+        self.patch = (ph, pw)
+        self.mode = mode
+        self.eta = float(eta)
+        self.guidance = float(guidance)
+        self.batch_size = int(batch_size)
+        self.multiple = int(multiple)
+        self.stream = int(stream)
+        self.tile_offsets = tile_offsets
+        self.scheduler = scheduler or DDIMScheduler(eta=self.eta)
+        self.scheduler.set_timesteps(int(steps))
+        self.steps = int(steps)
+        self.stop_at = self.steps - 1 if official_early_stop and self.steps > 1 else self.steps
+        self.stats: dict[int, StepStats] = {}  # per step: crops done, UNet passes, crop pixels
+
+    # -------------------------------------------------------------------------- canvas geometry
+    def padded_shape(self, height: int, width: int) -> tuple[int, int]:
+        def pad(s: int, p: int) -> int:
+            if s >= p or s % self.multiple == 0:
+                return s
+            return -(-s // self.multiple) * self.multiple
+        return pad(height, self.patch[0]), pad(width, self.patch[1])
+
+    def _prepare_labels(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
+        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if lab.ndim != 2:
+            raise ValueError(f"label map must be 2-D (H, W), got shape {lab.shape}")
+        if lab.size == 0:
+            raise ValueError("label map is empty")
+        if lab.dtype != np.uint8:
+            if not np.issubdtype(lab.dtype, np.integer):
+                raise ValueError(f"label map must hold integers, got {lab.dtype}")
+            if lab.min() < 0 or lab.max() > 255:
+                raise ValueError(f"labels must be in 0…255, got {int(lab.min())}…{int(lab.max())}")
+            lab = lab.astype(np.uint8)
+        hp, wp = self.padded_shape(*lab.shape)
+        if (hp, wp) != lab.shape:
+            lab = np.pad(lab, ((0, hp - lab.shape[0]), (0, wp - lab.shape[1])), mode="edge")
+        return np.ascontiguousarray(lab)
+
+    # -------------------------------------------------------------------------- randomness
+    def _block_noise(self, seed: int, tag: int, step: int, channels: int, rows: tuple[int, int], width: int,
+                     device: torch.device) -> torch.Tensor:
+        """Noise for canvas rows [r0, r1) (r0 block-aligned), assembled from per-block keyed generators."""
+        r0, r1 = rows
+        bi = r0 // NOISE_BLOCK
+        parts = []
+        for bj, c0 in enumerate(range(0, width, NOISE_BLOCK)):
+            c1 = min(c0 + NOISE_BLOCK, width)
+            g = torch.Generator(device=device)
+            g.manual_seed(keyed_seed(seed, self.stream, tag, step, bi, bj))
+            parts.append(torch.randn((channels, r1 - r0, c1 - c0), generator=g, device=device,
+                                     dtype=torch.float32))
+        return torch.cat(parts, dim=2)
+
+    def plan(self, labels_padded: np.ndarray, seed: int, step: int) -> list[Crop]:
+        """Crop list of one step (a pure function of the label map, seed, stream and step)."""
+        if self.mode == "random":
+            return plan_random(labels_padded, self.patch, _np_rng(seed, self.stream, _TAG_CROPS, step))
+        offset = (0, 0) if self.tile_offsets == "fixed" else tile_offset(seed, self.stream, self.patch, step)
+        return plan_tiled(labels_padded, self.patch, offset)
+
+    def passes(self, crop: Crop) -> list[int | None]:
+        return passes_for(crop.labels, self.guidance, self.denoiser.null_label)
+
+    # -------------------------------------------------------------------------- state
+    def init_state(self, labels: np.ndarray | torch.Tensor, seed: int,
+                   device: torch.device | str = "cpu") -> SamplerState:
+        lab = self._prepare_labels(labels)
+        device = torch.device(device)
+        hp, wp = lab.shape
+        c = int(getattr(self.denoiser, "out_channels", 4))
+        latents = torch.empty((1, c, hp, wp), dtype=torch.float32, device=device)
+        for r0 in range(0, hp, NOISE_BLOCK):
+            r1 = min(r0 + NOISE_BLOCK, hp)
+            latents[0, :, r0:r1] = self._block_noise(seed, _TAG_INIT, 0, c, (r0, r1), wp, device)
+        shape = tuple(int(v) for v in labels.shape)
+        return SamplerState(
+            mode=self.mode, seed=int(seed), stream=self.stream, steps=self.steps, stop_at=self.stop_at,
+            patch=self.patch, shape=(int(shape[0]), int(shape[1])), guidance=self.guidance, eta=self.eta,
+            labels_crc=labels_crc(lab), latents=latents,
+            times=torch.zeros((hp, wp), dtype=torch.int16, device=device),
+        )
+
+    def check_state(self, state: SamplerState, lab: np.ndarray) -> None:
+        expect = {
+            "mode": self.mode, "stream": self.stream, "steps": self.steps, "stop_at": self.stop_at,
+            "patch": self.patch, "guidance": self.guidance, "eta": self.eta, "labels_crc": labels_crc(lab),
+        }
+        got = {
+            "mode": state.mode, "stream": state.stream, "steps": state.steps, "stop_at": state.stop_at,
+            "patch": tuple(state.patch), "guidance": state.guidance, "eta": state.eta,
+            "labels_crc": state.labels_crc,
+        }
+        bad = [f"{k} (state {got[k]!r}, sampler {expect[k]!r})" for k in expect if got[k] != expect[k]]
+        if tuple(state.latents.shape[2:]) != lab.shape:
+            bad.append(f"canvas (state {tuple(state.latents.shape[2:])}, labels {lab.shape})")
+        if bad:
+            raise ValueError("sampler state does not match this job: " + "; ".join(bad))
+
+    # -------------------------------------------------------------------------- run
+    def sample(self, labels: np.ndarray | torch.Tensor, seed: int, device: torch.device | str = "cpu", *,
+               progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+               on_step: Callable[[SamplerState], None] | None = None) -> torch.Tensor:
+        state = self.init_state(labels, seed, device)
+        return self.run(state, labels, progress=progress, cancel=cancel, on_step=on_step)
+
+    def run(self, state: SamplerState, labels: np.ndarray | torch.Tensor, *, progress: ProgressFn | None = None,
+            cancel: CancelFn | None = None, on_step: Callable[[SamplerState], None] | None = None) -> torch.Tensor:
+        """Advance ``state`` (in place) to the end; returns the (1, C, H, W) latents cropped to ``state.shape``.
+
+        ``cancel`` is checked before every step and every UNet batch; on :class:`~models.runtime.Canceled`
+        the state is consistent (ends at the last finished crop) and can be saved and resumed.
+        """
+        lab = self._prepare_labels(labels)
+        self.check_state(state, lab)
+        device = state.latents.device
+        lab_dev = torch.from_numpy(lab).to(device)
+        while not state.done:
+            check_cancel(cancel)
+            k = state.step
+            crops = self.plan(lab, state.seed, k)
+            if state.eps is None:
+                state.eps = torch.zeros_like(state.latents)
+                state.cursor = 0
+            self._eval_crops(state, crops, lab_dev, cancel)
+            if bool((state.times != k + 1).any()):
+                raise RuntimeError(f"step {k}: some latent pixels were not updated (coverage bug)")
+            self._ddim_canvas(state)
+            if progress is not None:
+                progress(state.step, state.stop_at)
+            if on_step is not None:
+                on_step(state)
+        h, w = state.shape
+        return state.latents[:, :, :h, :w]
+
+    def _eval_crops(self, state: SamplerState, crops: Sequence[Crop], lab_dev: torch.Tensor,
+                    cancel: CancelFn | None) -> None:
+        """Run the step's (crop, label) passes in batches of ``batch_size`` and write each crop's ε̃ into the
+        pixels it owns (``times == step``), in crop order.
+
+        The job list of a step is fixed, and batches are cut at fixed multiples of ``batch_size`` in it, also
+        when resuming in the middle of a step (the batch holding the resumed crop's first pass is recomputed
+        whole), so a resumed run feeds the network exactly the same batches as an uninterrupted one.
+        """
+        k = state.step
+        t = self.scheduler.pairs[k][0]
+        null_label = self.denoiser.null_label
+        jobs: list[tuple[int, int | None]] = []
+        first_job: list[int] = []
+        for ci, crop in enumerate(crops):
+            first_job.append(len(jobs))
+            jobs.extend((ci, u) for u in self.passes(crop))
+        needed = [0] * len(crops)
+        for ci, _ in jobs:
+            needed[ci] += 1
+        if state.cursor >= len(crops):
+            return
+        stats = self.stats.setdefault(k, StepStats())
+        pending: dict[int, dict[int | None, torch.Tensor]] = {}
+        bs = self.batch_size
+        for b0 in range((first_job[state.cursor] // bs) * bs, len(jobs), bs):
+            check_cancel(cancel)
+            batch = jobs[b0:b0 + bs]
+            xs_, ls_ = [], []
+            for ci, _ in batch:
+                ys, xs = crops[ci].window
+                xs_.append(state.latents[0, :, ys, xs])
+                ls_.append(lab_dev[ys, xs])
+            x = torch.stack(xs_)
+            tt = torch.full((len(batch),), t, dtype=torch.long, device=x.device)
+            eps = self.denoiser(x, tt, torch.stack(ls_), [u for _, u in batch])
+            stats.forwards += len(batch)
+            for (ci, u), e in zip(batch, eps):
+                if ci < state.cursor:  # finished before an interruption: recomputed only to keep batches aligned
+                    continue
+                pending.setdefault(ci, {})[u] = e
+                if len(pending[ci]) == needed[ci]:
+                    self._finalize(state, crops[ci], pending.pop(ci), lab_dev, null_label)
+                    state.cursor = ci + 1
+                    stats.crops += 1
+                    stats.crop_pixels += crops[ci].h * crops[ci].w
+
+    def _finalize(self, state: SamplerState, crop: Crop, preds: dict[int | None, torch.Tensor],
+                  lab_dev: torch.Tensor, null_label: int | None) -> None:
+        k = state.step
+        ys, xs = crop.window
+        comb = combine(lab_dev[ys, xs], preds, self.guidance, null_label)
+        tw = state.times[ys, xs]
+        own = tw == k  # first come: pixels no earlier crop of this step has updated
+        if crop.cell is not None:  # tiled: exactly the cell
+            cy, cx, ch, cw = crop.cell
+            in_cell = torch.zeros_like(own)
+            in_cell[cy - crop.y0:cy - crop.y0 + ch, cx - crop.x0:cx - crop.x0 + cw] = True
+            own = own & in_cell
+        ew = state.eps[0, :, ys, xs]
+        ew.copy_(torch.where(own, comb, ew))
+        tw.masked_fill_(own, k + 1)
+
+    def _ddim_canvas(self, state: SamplerState) -> None:
+        """Pixel-wise DDIM update of the whole canvas with the step's ε̃, band by band (no cancel inside)."""
+        k = state.step
+        t, t_next = self.scheduler.pairs[k]
+        c, hp, wp = state.latents.shape[1:]
+        sigma = self.scheduler.coefficients(t, t_next, self.eta)[3]
+        for r0 in range(0, hp, NOISE_BLOCK):
+            r1 = min(r0 + NOISE_BLOCK, hp)
+            z = None
+            if sigma > 0:
+                z = self._block_noise(state.seed, _TAG_NOISE, k, c, (r0, r1), wp, state.latents.device)[None]
+            x = state.latents[:, :, r0:r1]
+            out = self.scheduler.step(state.eps[:, :, r0:r1], t, x, prev_timestep=t_next, noise=z, eta=self.eta)
+            x.copy_(out.prev_sample)
+        state.eps = None
+        state.cursor = 0
+        state.step = k + 1
