@@ -1,0 +1,218 @@
+"""Pyramidal BigTIFF writer: what OpenSlide, tiffslide, tifffile and libvips see, exactness, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import imagecodecs
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import tiffslide
+
+from tests.slide_helpers import he_like, iter_tiles, listing, psnr, reference_pyramid
+from writers.pyramid import pad_tile
+from writers.tiff import PyramidTiffWriter
+
+W, H = 5000, 3001  # odd, not a tile multiple; 3 levels: 5000, 2500, 1250, then 625 < 1024
+META = {"model": "diffinfinite-10class", "seed": 1234, "parameters": {"steps": 50, "cfg": 3.0}}
+
+
+@pytest.fixture(scope="module")
+def image():
+    return he_like(H, W, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(image):
+    return reference_pyramid(image)
+
+
+def write(path, img, **kw):
+    with PyramidTiffWriter(path, img.shape[1], img.shape[0], mpp=kw.pop("mpp", 0.5), metadata=META, **kw) as w:
+        for ty, tx, t in iter_tiles(img, w.cascade.tile):
+            w.write_tile(ty, tx, t)
+    return w
+
+
+@pytest.fixture(scope="module")
+def deflate_tiff(tmp_path_factory, image):
+    path = tmp_path_factory.mktemp("deflate") / "slide.tif"
+    w = write(path, image, compression="deflate")
+    return path, w
+
+
+@pytest.fixture(scope="module")
+def jpeg_tiff(tmp_path_factory, image):
+    path = tmp_path_factory.mktemp("jpeg") / "slide.tif"
+    w = write(path, image)  # defaults: JPEG Q90 4:2:0, 512-px tiles
+    return path, w
+
+
+def test_openslide_levels_mpp_and_exact_pixels(deflate_tiff, reference):
+    path, _ = deflate_tiff
+    assert len(reference) == 4 and reference[-1].shape[:2] == (375, 625)
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.properties["openslide.vendor"] == "generic-tiff"
+        assert s.level_count == len(reference)
+        assert s.level_dimensions == tuple((r.shape[1], r.shape[0]) for r in reference)
+        for lvl, ref in enumerate(reference):
+            assert s.level_downsamples[lvl] == pytest.approx((H / ref.shape[0] + W / ref.shape[1]) / 2)
+        assert float(s.properties["openslide.mpp-x"]) == 0.5
+        assert float(s.properties["openslide.mpp-y"]) == 0.5
+        desc = s.properties["tiff.ImageDescription"]
+        assert desc.startswith("SYNTHETIC")
+        meta = json.loads(desc.splitlines()[-1])
+        assert meta["synthetic"] is True and meta["model"] == META["model"] and meta["seed"] == 1234
+        assert meta["parameters"] == META["parameters"]
+        for lvl, ref in enumerate(reference):
+            got = np.asarray(s.read_region((0, 0), lvl, (ref.shape[1], ref.shape[0])).convert("RGB"))
+            assert np.array_equal(got, ref), f"level {lvl} differs"
+        # a region straddling tile borders at a non-aligned spot (level 0: no fractional resampling)
+        got = np.asarray(s.read_region((1001, 2407), 0, (300, 200)).convert("RGB"))
+        assert np.array_equal(got, reference[0][2407:2607, 1001:1301])
+
+
+def test_tiffslide_and_tifffile_see_the_same_pyramid(deflate_tiff, reference):
+    path, w = deflate_tiff
+    with tiffslide.TiffSlide(path) as s:
+        assert s.level_count == len(reference)
+        assert s.level_dimensions == tuple((r.shape[1], r.shape[0]) for r in reference)
+        assert s.properties["tiffslide.mpp-x"] == pytest.approx(0.5)
+        assert s.properties["tiffslide.mpp-y"] == pytest.approx(0.5)
+        for lvl, ref in enumerate(reference):
+            got = np.asarray(s.read_region((0, 0), lvl, (ref.shape[1], ref.shape[0])).convert("RGB"))
+            assert np.array_equal(got, ref), f"tiffslide level {lvl} differs"
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_bigtiff
+        pages = tf.pages
+        assert len(pages) == len(reference) + 1  # levels + stripped thumbnail
+        for lvl in range(len(reference)):
+            p = pages[lvl]
+            assert p.is_tiled and (p.tilewidth, p.tilelength) == (512, 512)
+            assert p.tags["NewSubfileType"].value == (0 if lvl == 0 else 1)
+            assert p.tags["ResolutionUnit"].value == 3  # centimetre
+            num, den = p.tags["XResolution"].value
+            assert num / den == pytest.approx(20000 / 2 ** lvl)
+            assert p.compression == 8 and p.predictor == 2
+        thumb = pages[-1]
+        assert not thumb.is_tiled and thumb.tags["NewSubfileType"].value == 1
+        assert np.array_equal(thumb.asarray(), reference[-1])
+        assert len(tf.series[0].levels) == len(reference)
+    assert np.array_equal(w.thumbnail, reference[-1]) and max(w.thumbnail.shape[:2]) <= 1024
+
+
+def test_jpeg_q90_420_tiles_and_psnr(jpeg_tiff, reference, image):
+    path, _ = jpeg_tiff
+    with tifffile.TiffFile(path) as tf:
+        p0 = tf.pages[0]
+        assert p0.compression == 7 and p0.photometric == 6  # JPEG, YCbCr
+        assert p0.tags["YCbCrSubSampling"].value == (2, 2)
+        # the stored tile is exactly libjpeg-turbo's quality-90 4:2:0 encoding of the (edge-padded) tile
+        fh = tf.filehandle
+        last = len(p0.dataoffsets) - 1  # bottom-right edge tile: padded by edge replication
+        for idx, (ty, tx) in ((0, (0, 0)), (last, (5, 9))):
+            fh.seek(p0.dataoffsets[idx])
+            stored = fh.read(p0.databytecounts[idx])
+            tile = image[ty * 512:(ty + 1) * 512, tx * 512:(tx + 1) * 512]
+            assert stored == imagecodecs.jpeg8_encode(pad_tile(tile, 512), level=90, subsampling="420")
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.level_count == len(reference)
+        assert float(s.properties["openslide.mpp-x"]) == 0.5
+        for lvl, ref in enumerate(reference):
+            got = np.asarray(s.read_region((0, 0), lvl, (ref.shape[1], ref.shape[0])).convert("RGB"))
+            assert psnr(got, ref) > 40.0, f"level {lvl}: PSNR {psnr(got, ref):.1f} dB"
+
+
+def test_libvips_reads_every_level(jpeg_tiff, reference):
+    pyvips = pytest.importorskip("pyvips")
+    path, _ = jpeg_tiff
+    for lvl, ref in enumerate(reference):
+        im = pyvips.Image.new_from_file(str(path), page=lvl)
+        arr = np.ndarray(buffer=im.write_to_memory(), dtype=np.uint8, shape=(im.height, im.width, im.bands))
+        assert arr.shape == ref.shape and psnr(arr, ref) > 40.0
+
+
+def test_zstd_is_lossless_and_other_mpp(tmp_path):
+    img = he_like(1100, 700, seed=3)
+    path = tmp_path / "z.tif"
+    write(path, img, compression="zstd", mpp=0.25, tile=256)
+    ref = reference_pyramid(img)
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.level_count == 2 and float(s.properties["openslide.mpp-x"]) == 0.25
+        for lvl, r in enumerate(ref):
+            got = np.asarray(s.read_region((0, 0), lvl, (r.shape[1], r.shape[0])).convert("RGB"))
+            assert np.array_equal(got, r)
+
+
+def test_single_level_small_slide(tmp_path):
+    img = he_like(300, 1000, seed=4)
+    path = tmp_path / "small.tif"
+    w = write(path, img, compression="deflate")
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.level_count == 1 and s.dimensions == (1000, 300)
+        assert np.array_equal(np.asarray(s.read_region((0, 0), 0, (1000, 300)).convert("RGB")), img)
+    assert np.array_equal(w.thumbnail, img)
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "order", "channels"])
+def test_bad_tile_names_the_tile_and_leaves_nothing(tmp_path, case):
+    img = he_like(1200, 1100, seed=5, grain=0)
+    w = PyramidTiffWriter(tmp_path / "bad.tif", 1100, 1200, mpp=0.5)
+    w.write_tile(0, 0, img[:512, :512])
+    bad = {"shape": (0, 1, img[:500, 512:1024]),
+           "dtype": (0, 1, img[:512, 512:1024].astype(np.float32)),
+           "order": (1, 0, img[512:1024, :512]),
+           "channels": (0, 1, img[:512, 512:1024, :2])}[case]
+    with pytest.raises(ValueError) as err:
+        w.write_tile(*bad)
+    msg = str(err.value)
+    assert f"tile ({bad[0]}, {bad[1]})" in msg
+    assert {"shape": "shape", "dtype": "dtype", "order": "out of order", "channels": "shape"}[case] in msg
+    assert listing(tmp_path) == []
+    with pytest.raises(ValueError, match="closed or aborted"):
+        w.write_tile(0, 1, img[:512, 512:1024])
+
+
+def test_exception_in_block_and_incomplete_slide_leave_nothing(tmp_path):
+    img = he_like(600, 600, seed=6, grain=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with PyramidTiffWriter(tmp_path / "x.tif", 600, 600, mpp=0.5) as w:
+            w.write_tile(0, 0, img[:512, :512])
+            raise RuntimeError("boom")
+    assert listing(tmp_path) == []
+    with pytest.raises(ValueError, match="incomplete"):
+        with PyramidTiffWriter(tmp_path / "y.tif", 600, 600, mpp=0.5) as w:
+            w.write_tile(0, 0, img[:512, :512])
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("codec", ["webp", "jpeg2000"])
+def test_refuses_codecs_openslide_cannot_read(tmp_path, codec):
+    with pytest.raises(ValueError, match="OpenSlide"):
+        PyramidTiffWriter(tmp_path / "w.tif", 100, 100, mpp=0.5, compression=codec)
+    assert listing(tmp_path) == []
+
+
+def test_disk_full_fails_with_the_os_error_and_removes_the_temp_file(tmp_path):
+    """A real write failure from the kernel: the file-size limit (RLIMIT_FSIZE) stops the writer mid-file."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[1])!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG from write() instead of being killed
+        import numpy as np
+        from writers.tiff import PyramidTiffWriter
+        rng = np.random.default_rng(0)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))
+        with PyramidTiffWriter({str(tmp_path / 'full.tif')!r}, 4096, 2048, mpp=0.5, compression="zstd") as w:
+            for ty in range(4):
+                for tx in range(8):
+                    w.write_tile(ty, tx, rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "OSError" in res.stderr and "File too large" in res.stderr, res.stderr[-2000:]
+    assert listing(tmp_path) == []
