@@ -22,7 +22,7 @@ def he_like(height: int, width: int, seed: int = 0, grain: float = 2.0, feature_
     base = np.array([225.0, 160.0, 200.0], np.float32)
     img = base + tex * np.array([0.6, 1.0, 0.7], np.float32)
     if grain:
-        img += rng.normal(0.0, grain, size=(height, width, 1)).astype(np.float32)
+        img += grain * rng.standard_normal(size=(height, width, 1), dtype=np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
