@@ -1,0 +1,283 @@
+"""Loading ∞-Brush models and sampling slides from them (the API the worker calls)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from models.cards import ModelCard
+from models.infbrush.config import DESIGN_NOTES, InfBrushConfig, tiny_config
+from models.infbrush.denoiser import InfBrushDenoiser, token_positions
+from models.infbrush.noise import Mollifier
+from models.infbrush.sampler import Canvas, _expand
+from models.infbrush.schedule import CosineSchedule, ddim_update
+from models.runtime import check_cancel
+
+WEIGHTS_FILE = "denoiser.safetensors"
+MIN_SIDE = 8
+
+
+@dataclass
+class InfBrushModels:
+    card: ModelCard
+    denoiser: InfBrushDenoiser
+    folder: Path | None = None
+
+    @property
+    def config(self) -> InfBrushConfig:
+        return self.denoiser.cfg
+
+
+def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str = "", training: dict | None = None,
+              training_data: str = "", native_mpp: float = 0.5, files: dict | None = None) -> ModelCard:
+    from models.infbrush.prompts import load_prompt_set
+
+    prompts = load_prompt_set()
+    intro = ("∞-Brush (Le et al., ECCV 2024): conditional diffusion in function space with the cross-attention neural "
+             "operator, sampled at any resolution in linear time. Where the paper is silent we follow ∞-Diff; choices: ")
+    return ModelCard(
+        name=name, engine="infinity-brush", trained=trained,
+        description=(description + " " if description else "") + intro + " ".join(DESIGN_NOTES),
+        subtypes={i: code for i, code in enumerate(prompts.codes)},
+        native_mpp=native_mpp, max_width=cfg.max_side, max_height=cfg.max_side,
+        conditioning=["embedding", "subtype"], embedding_encoder=cfg.embedding_encoder,
+        embedding_dim=cfg.embedding_dim, training_data=training_data, training=training or {}, files=files or {},
+        config={"network": cfg.to_dict(), "weights": WEIGHTS_FILE, "prompt_set": prompts.version,
+                "min_side": MIN_SIDE, "default_steps": 50, "sampler": "DDIM (eta 0), trailing timesteps",
+                "memory": "sampling state H×W×3 float32 held across steps (805 MB at 8192²); "
+                          "network working set bounded by chunk_pixels"},
+    )
+
+
+def untrained_infbrush(seed: int = 0, device: str | torch.device = "cpu",
+                       config: InfBrushConfig | None = None) -> InfBrushModels:
+    """The tiny architecture with seeded random weights (outputs are not tissue)."""
+    cfg = config or tiny_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InfBrushDenoiser(cfg)
+    model.to(device).eval()
+    card = make_card(cfg, name="infinity-brush-untrained", trained=False,
+                     description=f"Untrained: seeded random weights (seed {seed}); the output is not tissue.")
+    return InfBrushModels(card=card, denoiser=model)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_infbrush(models: InfBrushModels, folder: str | Path, state_dict: dict | None = None) -> Path:
+    """Write ``denoiser.safetensors`` (+ its sha256 in the card) and ``model_card.json`` atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else models.denoiser.state_dict()
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    card = models.card.model_copy(update={"files": {WEIGHTS_FILE: _sha256(folder / WEIGHTS_FILE)}})
+    models.card = card
+    card_tmp = folder / "model_card.json.tmp"
+    card_tmp.write_text(card.model_dump_json(indent=2) + "\n")
+    os.replace(card_tmp, folder / "model_card.json")
+    return folder
+
+
+def check_state_dict(expected: dict, got: dict, source: str) -> None:
+    """Raise ValueError listing every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(got[k].shape)} vs config {tuple(expected[k].shape)}"
+                    for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" … (+{len(items) - 40} more)" if len(items) > 40 else ""
+                parts.append(f"{label} ({len(items)}): " + ", ".join(items[:40]) + more)
+        raise ValueError(f"checkpoint {source} does not match the model configuration: " + "; ".join(parts))
+
+
+def load_infbrush(folder: str | Path, device: str | torch.device = "cpu") -> InfBrushModels:
+    """Our format: ``model_card.json`` (engine infinity-brush, config.network) + ``denoiser.safetensors``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card = ModelCard.load(folder)
+    if card.engine != "infinity-brush":
+        raise ValueError(f"{folder} holds a {card.engine!r} model, not infinity-brush")
+    net = card.config.get("network")
+    if not isinstance(net, dict):
+        raise ValueError(f"{folder}/model_card.json has no config.network section")
+    cfg = InfBrushConfig.from_dict(net)
+    name = card.config.get("weights", WEIGHTS_FILE)
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"model folder {folder} has no weights file {name}")
+    want = card.files.get(name)
+    if want and _sha256(path) != want:
+        raise ValueError(f"{path} does not match the sha256 recorded in its model card")
+    state = load_file(str(path))
+    model = InfBrushDenoiser(cfg)
+    check_state_dict(model.state_dict(), state, str(path))
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return InfBrushModels(card=card, denoiser=model, folder=folder)
+
+
+class InfBrushPipeline:
+    """Validate requests, turn subtypes into embeddings and stream sampled bands."""
+
+    def __init__(self, models: InfBrushModels, device: str | torch.device = "cpu",
+                 text_encoder_dir: str | Path | None = None):
+        self.models = models
+        self.device = torch.device(device)
+        self.model = models.denoiser.to(self.device).eval()
+        self.cfg = models.config
+        self.schedule = CosineSchedule(self.cfg.timesteps)
+        self.text_encoder_dir = text_encoder_dir
+
+    @property
+    def card(self) -> ModelCard:
+        return self.models.card
+
+    # --- validation -------------------------------------------------------------------------------------------
+    def validate_embedding(self, embedding, encoder: str | None = None) -> torch.Tensor:
+        """A vector (D,) or a grid (gh, gw, D) from the card's encoder → float32 tensor (gh, gw, D)."""
+        want_enc, want_dim = self.card.embedding_encoder or self.cfg.embedding_encoder, self.cfg.embedding_dim
+        expect = f"expected embeddings from {want_enc!r} with dimension {want_dim}"
+        if encoder is not None and encoder != want_enc:
+            raise ValueError(f"embedding encoder {encoder!r} does not match model {self.card.name}: {expect}")
+        try:
+            arr = torch.as_tensor(np.asarray(embedding, dtype=np.float64)).float()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"embedding is not numeric: {exc}; {expect}") from None
+        if arr.dim() == 1:
+            arr = arr[None, None]
+        if arr.dim() != 3 or arr.shape[-1] != want_dim:
+            raise ValueError(f"embedding has shape {tuple(np.shape(embedding))}: {expect}, as a vector ({want_dim},) "
+                             f"or a grid (rows, cols, {want_dim})")
+        if max(arr.shape[0], arr.shape[1]) > self.cfg.max_cond_grid:
+            raise ValueError(f"embedding grid {arr.shape[0]}×{arr.shape[1]} exceeds "
+                             f"{self.cfg.max_cond_grid}×{self.cfg.max_cond_grid}")
+        if not torch.isfinite(arr).all():
+            raise ValueError(f"embedding has non-finite values; {expect}")
+        if (arr.norm(dim=-1) < 1e-8).any():
+            raise ValueError(f"embedding has a zero vector; {expect}")
+        return arr
+
+    def validate_size(self, height: int, width: int) -> None:
+        mh, mw = self.card.max_height, self.card.max_width
+        if not (MIN_SIDE <= height <= mh and MIN_SIDE <= width <= mw):
+            raise ValueError(f"size {width}×{height} is outside this model's limits: width and height must be in "
+                             f"[{MIN_SIDE}, {mw}] × [{MIN_SIDE}, {mh}] (the sampling state is held in memory)")
+
+    # --- subtype prompts --------------------------------------------------------------------------------------
+    def embed_subtype(self, subtype: str) -> torch.Tensor:
+        """Class embedding of a subtype: mean of normalised prompt embeddings (QuiltNet text tower), re-normalised."""
+        from models.infbrush.text import embed_subtype
+
+        emb = embed_subtype(subtype, self.text_encoder_dir)
+        if emb.shape[-1] != self.cfg.embedding_dim:
+            raise ValueError(f"text encoder gives {emb.shape[-1]}-d embeddings; model expects {self.cfg.embedding_dim}")
+        return emb
+
+    # --- sampling ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample_float_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
+                           guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
+                           progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                           encoder: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(row0, row1, x̂₀ band (rows, W, 3) in [−1, 1]) in row order; the last DDIM step streams out."""
+        self.validate_size(height, width)
+        if seed < 0:
+            raise ValueError("seed must be non-negative")
+        H, W, dev, cfg, model = int(height), int(width), self.device, self.cfg, self.model
+        sched = self.schedule
+        ts = sched.ddim_timesteps(int(steps))
+        if embedding is None:
+            B, drop_flags, grid = 1, [True], torch.ones(1, 1, cfg.embedding_dim)
+        else:
+            grid = self.validate_embedding(embedding, encoder)
+            if guidance == 1.0:
+                B, drop_flags = 1, [False]
+            elif guidance == 0.0:
+                B, drop_flags = 1, [True]
+            else:
+                B, drop_flags = 2, [False, True]
+        gh, gw = grid.shape[:2]
+        emb = grid.reshape(1, gh * gw, -1).expand(B, -1, -1).to(dev)
+        pos = token_positions(gh, gw, H, W)[None].expand(B, -1, -1).to(dev)
+        drop = torch.tensor(drop_flags, device=dev)
+
+        canvas = Canvas(model, H, W, chunk_pixels, dev)
+        moll = Mollifier.for_side(max(H, W), cfg.mollify_sigma, cfg.train_resolution)
+        x = torch.empty(H, W, 3, device=dev)
+        for r0, r1 in canvas.bands():
+            x[r0:r1] = moll.noise_window(seed, 0, r0, r1, 0, W, H, W, device=dev)
+        cstats = _expand(canvas.coord_stats(), B)
+        total, done = len(ts) * 2 * canvas.n_tiles, 0
+
+        def tick():
+            nonlocal done
+            check_cancel(cancel)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        for s, t in enumerate(ts):
+            check_cancel(cancel)
+            last = s == len(ts) - 1
+            ab_t, ab_p = sched.ab(t), sched.ab(ts[s + 1] if not last else -1)
+            ctx = model.context(torch.full((B,), t, device=dev, dtype=torch.long), emb, pos, drop)
+            sstats = canvas.sa_stats(x, ctx, B, cstats, tick)
+            grid_out = model.grid_level(canvas.grid_input(x, ctx, B, cstats, sstats), ctx)
+            pending = None
+            for r0, r1, e in canvas.eps_bands(x, ctx, B, cstats, sstats, grid_out, tick):
+                eps = e[0] if B == 1 else e[1] + guidance * (e[0] - e[1])
+                noise = None
+                if eta > 0 and not last:
+                    noise = moll.noise_window(seed, s + 1, r0, r1, 0, W, H, W, device=dev)
+                x_prev, x0 = ddim_update(x[r0:r1], eps, ab_t, ab_p, eta=eta, noise=noise)
+                if last:
+                    yield r0, r1, x0
+                    continue
+                if pending is not None:
+                    x[pending[0]:pending[1]] = pending[2]
+                pending = (r0, r1, x_prev)
+            if pending is not None:
+                x[pending[0]:pending[1]] = pending[2]
+
+    def sample_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
+                     guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
+                     progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                     encoder: str | None = None) -> Iterator[np.ndarray]:
+        """np.uint8 (rows, W, 3) bands in row order covering the canvas."""
+        for _, _, band in self.sample_float_bands(height, width, embedding, seed, steps, guidance, eta, chunk_pixels,
+                                                  progress, cancel, encoder):
+            yield to_uint8(band)
+
+    def sample_array(self, height: int, width: int, **kw) -> np.ndarray:
+        return np.concatenate(list(self.sample_bands(height, width, **kw)), axis=0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["InfBrushModels", "InfBrushPipeline", "load_infbrush", "untrained_infbrush", "save_infbrush", "make_card",
+           "check_state_dict", "to_uint8", "parameter_count"]
