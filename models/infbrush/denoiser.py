@@ -97,14 +97,14 @@ class InfBrushDenoiser(nn.Module):
             skips.append(h)
         return h, skips
 
-    def coord_stats(self, cemb: torch.Tensor, mask: torch.Tensor | None = None):
-        return self.cano_attn.stats(cemb, mask)
+    def coord_stats(self, cemb: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        return self.cano_attn.stats(cemb, mask, dtype)
 
     def sparse_mid(self, h: torch.Tensor, cemb: torch.Tensor, ctx: StepContext, coord_stats) -> torch.Tensor:
         return self.cano(h, cemb, [ctx.time_stats, ctx.cond_stats, coord_stats])
 
-    def sa_stats(self, h: torch.Tensor, mask: torch.Tensor | None = None):
-        return self.sa.source(h, mask)
+    def sa_stats(self, h: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        return self.sa.source(h, mask, dtype)
 
     def sa_apply(self, h: torch.Tensor, stats) -> torch.Tensor:
         return self.sa(h, stats)

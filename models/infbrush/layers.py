@@ -146,13 +146,17 @@ class LinearAttentionNO(nn.Module):
     def keys_values(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.softmax(self._split(self.k(y)), dim=-1), self._split(self.v(y))
 
-    def stats(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, y: torch.Tensor, mask: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Source sums over all tokens of y (B, …, dim): S (B, H, dh, dh), σ (B, H, dh).
 
-        mask: broadcastable to y.shape[:-1] (1 keeps a token, 0 drops it)."""
+        mask: broadcastable to y.shape[:-1] (1 keeps a token, 0 drops it). dtype: accumulate in this precision
+        (the canvas sampler uses float64 so sums over millions of points do not depend on how they are chunked)."""
         k, v = self.keys_values(y)
         if mask is not None:
             k = k * mask[..., None, None]
+        if dtype is not None:
+            k, v = k.to(dtype), v.to(dtype)
         B = y.shape[0]
         k = k.reshape(B, -1, self.heads, self.dh)
         v = v.reshape(B, -1, self.heads, self.dh)
@@ -197,8 +201,8 @@ class SABlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
 
-    def source(self, h: torch.Tensor, mask: torch.Tensor | None = None):
-        return self.attn.stats(self.norm(h), mask)
+    def source(self, h: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        return self.attn.stats(self.norm(h), mask, dtype)
 
     def forward(self, h: torch.Tensor, stats) -> torch.Tensor:
         h = h + self.attn.attend(self.norm(h), [stats])

@@ -87,9 +87,9 @@ class Canvas:
             for r0 in range(0, self.H, rows_per):
                 rows = torch.arange(r0, min(r0 + rows_per, self.H), device=self.device)
                 cemb = self.model.coord_embed(pixel_to_unit(rows[:, None], cols[None, :], self.H, self.W)[None])
-                dS, ds = self.model.coord_stats(cemb)
-                S = dS.double() if S is None else S + dS.double()
-                s = ds.double() if s is None else s + ds.double()
+                dS, ds = self.model.coord_stats(cemb, dtype=torch.float64)
+                S = dS if S is None else S + dS
+                s = ds if s is None else s + ds
             self._coord_stats = (S.float(), s.float())
         return self._coord_stats
 
@@ -104,9 +104,9 @@ class Canvas:
                 h, g = crop_lattice(h, self.hd), geo.crop(self.hd)
                 _, cemb = self._cemb(g, B)
                 h = m.sparse_mid(h, cemb, ctx, cstats)
-                dS, ds = m.sa_stats(h, g.mask[None, ..., 0])
-                S = dS.double() if S is None else S + dS.double()
-                s = ds.double() if s is None else s + ds.double()
+                dS, ds = m.sa_stats(h, g.mask[None, ..., 0], dtype=torch.float64)
+                S = dS if S is None else S + dS
+                s = ds if s is None else s + ds
                 tick()
         return S.float(), s.float()
 
@@ -176,10 +176,10 @@ def evaluate_full(model: InfBrushDenoiser, x: torch.Tensor, ctx: StepContext, B:
     h, skips = model.sparse_down(u, ctx.temb, geo)
     xy = geo.unit_coords().to(x.device)[None]
     cemb = model.coord_embed(xy)
-    cs = _expand(model.coord_stats(cemb), B)
+    cs = _expand(tuple(a.float() for a in model.coord_stats(cemb, dtype=torch.float64)), B)
     xy, cemb = xy.expand(B, *xy.shape[1:]), cemb.expand(B, *cemb.shape[1:])
     h = model.sparse_mid(h, cemb, ctx, cs)
-    h = model.sa_apply(h, model.sa_stats(h))
+    h = model.sa_apply(h, tuple(a.float() for a in model.sa_stats(h, dtype=torch.float64)))
     gp = lattice_grid_pairs(H, W, model.cfg.grid_size, model.cfg.grid_knn)
     f = model.to_grid(h).reshape(B, H * W, -1)
     sel = (gp.pixels[:, 0] * W + gp.pixels[:, 1]).to(x.device)
