@@ -103,8 +103,7 @@ def check_state_dict(expected: dict, got: dict, source: str) -> None:
         parts = []
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
-                more = f" … (+{len(items) - 40} more)" if len(items) > 40 else ""
-                parts.append(f"{label} ({len(items)}): " + ", ".join(items[:40]) + more)
+                parts.append(f"{label} ({len(items)}): " + ", ".join(items))
         raise ValueError(f"checkpoint {source} does not match the model configuration: " + "; ".join(parts))
 
 

@@ -84,7 +84,7 @@ class ImageFolderDataset:
             arr = np.repeat(arr[..., None], 3, axis=-1)
         if arr.ndim != 3 or arr.shape[-1] < 3:
             raise ValueError(f"{p}: expected an RGB image, got shape {arr.shape}")
-        return torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1), self.embeddings[i]
+        return torch.from_numpy(np.array(arr[..., :3], dtype=np.uint8, copy=True)).permute(2, 0, 1), self.embeddings[i]
 
 
 class SyntheticFunctions:
