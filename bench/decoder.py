@@ -1,0 +1,151 @@
+"""Tiled-decoder benchmark: decode overhead and seam ratio on a decoded latent.
+
+    python -m bench.decoder                                   # tukey 32/4 vs hard tiles, latent 256² (2048² px)
+    python -m bench.decoder --modes hard,tukey,hann,four-pass --latent 256 --tile 32 --overlap 4
+
+Decoder: a **fixed random-weight tiny diffusers AutoencoderKL decoder** (4 latent channels, ×8 upsampling,
+block channels 8/8/16/16, GroupNorm with 4 groups, seed 0) — it has the GroupNorm statistics that make real
+VAE tiles disagree, at a size a 2-core CPU can run; output mapped to [0, 1] by a fixed affine calibrated once
+on an untiled decode.  Latent: smooth random field (bicubic-upsampled noise) plus fine noise, seed 0.
+
+Figures per mode: decoder forwards (tiles) ÷ non-overlapping tile count ceil(h/t)·ceil(w/t), and the seam
+ratio (models.metrics.seam_ratio, lines with the same phase mod 8 as the interior) on the tile grid lines
+(tile starts, ramp middles and ramp ends), raw and divided by the same measurement on the **untiled decode**
+of the same latent in the same run (the reference: 1.0 = no seam at all).  Also the planned overhead at
+100k² px (latent 12500²) for several configurations (tile counts only, nothing decoded).
+Goals: overhead ≤ 1.3×, seam ratio ≤ 1.05 for the production mode (tukey).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.decoding import TiledDecoder
+from models.metrics import seam_ratios
+
+SCALE = 8
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=256)
+    return vae.eval()
+
+
+def make_latent(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 4, n // 16 + 3, n // 16 + 3, generator=g)
+    smooth = F.interpolate(coarse, size=(n, n), mode="bicubic", align_corners=True)
+    return smooth + 0.3 * torch.randn(1, 4, n, n, generator=g)
+
+
+def make_decode_fn(vae):
+    with torch.no_grad():
+        probe = vae.decode(make_latent(32, seed=1)).sample
+    mean, std = float(probe.mean()), float(probe.std())
+
+    def decode_fn(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = vae.decode(z).sample
+        return ((x - mean) / (4 * std) + 0.5).clamp(0.0, 1.0)
+    return decode_fn
+
+
+def lines(mode: str, tile: int, overlap: int) -> tuple[int, tuple[int, ...]]:
+    """(period px, offsets px) of the grid lines where a seam could be, per mode."""
+    t, o = tile * SCALE, overlap * SCALE
+    if mode == "hard":
+        return t, (0,)
+    if mode == "tukey":
+        return t - o, tuple(sorted({0, (o // 2) // 8 * 8, o}))
+    if mode == "hann":
+        return t // 2, (0, (t // 4) // 8 * 8)
+    return t // 2, (0,)  # four-pass: base grid and half-shifted grids
+
+
+def decoder_for(mode: str, decode_fn, tile: int, overlap: int, batch: int) -> TiledDecoder:
+    if mode == "hard":
+        return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=0, window="tukey", batch_size=batch)
+    if mode == "tukey":
+        return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=overlap, window="tukey", batch_size=batch)
+    if mode == "hann":
+        return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=tile // 2, window="hann", batch_size=batch)
+    return TiledDecoder(decode_fn, scale=SCALE, tile=tile, window="four-pass", batch_size=batch)
+
+
+def planned_overheads(latent: int = 12500) -> dict[str, float]:
+    ones = lambda z: z  # never called
+    cfgs = {"tukey t64 o8": (64, 8, "tukey"), "tukey t64 o6": (64, 6, "tukey"), "tukey t64 o4": (64, 4, "tukey"),
+            "tukey t96 o8": (96, 8, "tukey"), "hann t64 o32": (64, 32, "hann"), "four-pass t64": (64, 32, "four-pass")}
+    return {k: round(TiledDecoder(ones, tile=t, overlap=o, window=w).overhead(latent, latent), 3)
+            for k, (t, o, w) in cfgs.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latent", type=int, default=256, help="latent side (output = 8× px); default 256")
+    ap.add_argument("--tile", type=int, default=32, help="tile, latent px (default 32 = 256 px)")
+    ap.add_argument("--overlap", type=int, default=4, help="tukey overlap, latent px (default 4 = 12.5 %%)")
+    ap.add_argument("--modes", default="hard,tukey", help="comma list of hard,tukey,hann,four-pass")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy 2-core box)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    vae = tiny_vae()
+    decode_fn = make_decode_fn(vae)
+    latent = make_latent(args.latent)
+    n = args.latent
+
+    t0 = time.perf_counter()
+    truth = TiledDecoder(decode_fn, scale=SCALE, tile=n, overlap=0, window="tukey").decode(latent)
+    t_truth = time.perf_counter() - t0
+
+    rows = []
+    figures: dict = {"decoder": "random-weight tiny diffusers AutoencoderKL (8/8/16/16 ch), CPU",
+                     "latent": n, "tile": args.tile, "overlap": args.overlap, "ours": {}, "reference_untiled": {},
+                     "ratio": {}}
+    for mode in modes:
+        dec = decoder_for(mode, decode_fn, args.tile, args.overlap, args.batch)
+        t0 = time.perf_counter()
+        img = np.concatenate(list(dec.iter_bands(latent)))
+        wall = time.perf_counter() - t0
+        period, offsets = lines(mode, args.tile, args.overlap)
+        ours = seam_ratios(img, period, offsets, match_mod=SCALE)
+        ref = seam_ratios(truth, period, offsets, match_mod=SCALE)
+        raw = max(ours.values())
+        rel = max(ours[k] / ref[k] for k in ours)
+        base = math.ceil(n / args.tile) ** 2
+        overhead = dec.decoder_calls / base
+        rows.append((mode, dec.decoder_calls, base, overhead, raw, max(ref.values()), rel, wall))
+        figures["ours"][mode] = {"decoder_forwards": dec.decoder_calls, "overhead": round(overhead, 3),
+                                 "seam_ratio": round(raw, 4), "wall_s": round(wall, 2)}
+        figures["reference_untiled"][mode] = {"seam_ratio_same_lines": round(max(ref.values()), 4)}
+        figures["ratio"][mode] = {"seam_ratio_ours_over_untiled": round(rel, 4)}
+    figures["planned_overhead_100k"] = planned_overheads()
+
+    print(f"Tiled decoding of a {n}² latent ({n * SCALE}² px), tile {args.tile} latent px "
+          f"({args.tile * SCALE} px), tukey overlap {args.overlap}; decoder: {figures['decoder']}")
+    print(f"untiled reference decode: {t_truth:.1f} s")
+    print(f"{'mode':<10} {'forwards':>9} {'non-ovl':>8} {'overhead':>9} {'seam':>7} {'untiled':>8} "
+          f"{'seam/untiled':>13} {'wall s':>7}")
+    for mode, calls, base, ov, raw, ref, rel, wall in rows:
+        print(f"{mode:<10} {calls:>9} {base:>8} {ov:>9.3f} {raw:>7.3f} {ref:>8.3f} {rel:>13.3f} {wall:>7.1f}")
+    print("planned overhead at 100k² px (latent 12500², counts only): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in figures["planned_overhead_100k"].items()))
+    print("goals: overhead <= 1.3x, seam ratio <= 1.05 (tukey)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
