@@ -439,8 +439,6 @@ def convert_official_checkpoint(
                 raise CheckpointError(f"{out} is a {old['num_classes']}-class model; {checkpoint} has {k} classes")
             card.config["image_unet"] = config.to_dict()
             card.trained = True
-            if name:
-                card.name = name
         if class_names:
             card.classes = {int(i): str(n) for i, n in class_names.items()}
         if k in (5, 10):
@@ -461,6 +459,8 @@ def convert_official_checkpoint(
             card.conditioning = [*card.conditioning, "subtype"]
         card.training.setdefault("mask_unet", {}).update({"source": "official DiffInfinite release", **source})
         card.files[MASK_WEIGHTS] = save_network(net, out / MASK_WEIGHTS)
+    if name:
+        card.name = name
     if vae is not None:
         install_vae(vae_src, out / "vae", link=link_vae)
         for f in sorted((out / "vae").iterdir()):

@@ -42,7 +42,7 @@ class MaskUNetConfig:
 
     @classmethod
     def tiny(cls) -> "MaskUNetConfig":
-        return cls(dim=16, dim_mults=(1, 2, 2), attn_heads=2, attn_dim_head=8)
+        return cls(dim=16, dim_mults=(1, 2, 2), attn_heads=4, attn_dim_head=8)
 
     @property
     def downsample_factor(self) -> int:

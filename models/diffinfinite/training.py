@@ -88,6 +88,10 @@ class EMA:
         self.beta, self.update_every, self.update_after_step = beta, int(update_every), int(update_after_step)
         self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
         self.step = 0
+        src = dict(model.named_parameters())
+        self._params = [(p, src[n]) for n, p in self.ema_model.named_parameters()]
+        src_b = dict(model.named_buffers())
+        self._buffers = [(b, src_b[n]) for n, b in self.ema_model.named_buffers()]
 
     def current_decay(self) -> float:
         epoch = max(self.step - self.update_after_step - 1, 0)
@@ -102,17 +106,15 @@ class EMA:
         self.step += 1
         if step % self.update_every:
             return
-        src = dict(self.model.named_parameters())
         if step <= self.update_after_step:
-            for name, p in self.ema_model.named_parameters():
-                p.copy_(src[name])
+            for p, q in self._params:
+                p.copy_(q)
             return
         decay = self.current_decay()
-        for name, p in self.ema_model.named_parameters():
-            p.lerp_(src[name].to(p.dtype), 1.0 - decay)
-        src_b = dict(self.model.named_buffers())
-        for name, b in self.ema_model.named_buffers():
-            b.copy_(src_b[name])
+        for p, q in self._params:
+            p.lerp_(q.to(p.dtype), 1.0 - decay)
+        for b, c in self._buffers:
+            b.copy_(c)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "ema_model": self.ema_model.state_dict()}
@@ -439,6 +441,7 @@ class _Trainer:
             num_workers=cfg.workers,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # keep the global RNG untouched (resume)
         )
         losses: list[float] = []
         val_losses: list[tuple[int, float]] = []

@@ -71,7 +71,7 @@ class ImageUNetConfig:
     @classmethod
     def tiny(cls, num_classes: int = 5) -> "ImageUNetConfig":
         """Same topology at a few hundred k parameters (tests, the untrained default)."""
-        return cls(dim=16, dim_mults=(1, 2, 2), num_classes=num_classes, attn_heads=2, attn_dim_head=8)
+        return cls(dim=16, dim_mults=(1, 2, 2), num_classes=num_classes, attn_heads=4, attn_dim_head=8)
 
     @property
     def downsample_factor(self) -> int:
