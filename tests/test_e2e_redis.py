@@ -125,16 +125,15 @@ def test_mask_to_pyramidal_tiff_through_redis_and_celery(service, tmp_path):
 
 
 def test_cancel_queued_and_running_jobs(service):
-    def submit(steps):
-        resp = service.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"},
-                                               "width": 512, "height": 512, "steps": steps, "seed": 1})
-        assert resp.status_code == 202, resp.text
-        return resp.json()["id"]
-
-    long_job = submit(400)
-    queued_job = submit(3)
-    _wait(lambda: _job(service, long_job)["status"] == "running" and (_job(service, long_job)["step"] or 0) >= 1,
-          120, "the first job to start sampling")
+    resp = service.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(256, 256)), "image/png")},
+                        data={"params": json.dumps({"steps": 400, "seed": 1})})
+    assert resp.status_code == 202, resp.text
+    long_job = resp.json()["id"]
+    resp = service.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"},
+                                           "width": 256, "height": 256, "steps": 3, "seed": 1})
+    assert resp.status_code == 202, resp.text
+    queued_job = resp.json()["id"]
+    _wait(lambda: (_job(service, long_job)["step"] or 0) >= 1, 120, "the first job to start sampling")
     # The second job waits behind it (one worker process, prefetch 1): cancel it while queued.
     assert _job(service, queued_job)["status"] == "queued"
     resp = service.delete(f"/jobs/{queued_job}")
@@ -146,5 +145,5 @@ def test_cancel_queued_and_running_jobs(service):
     job = _wait(lambda: (j := _job(service, long_job))["status"] == "canceled" and j, 60, "the running job to stop")
     assert job["step"] < 400 and job["step"] <= step_at_cancel + 5
     assert service.get(f"/jobs/{long_job}/slide.tiff").status_code == 409
-    time.sleep(2)  # the worker picks up the canceled queued job and must drop it
+    time.sleep(2)  # the worker receives the canceled queued job next and must drop it unstarted
     assert _job(service, queued_job)["started_at"] is None

@@ -63,7 +63,7 @@ def load_mask_labels(spec: JobSpec, job_dir: Path) -> np.ndarray:
     from service.masks import resize_labels
 
     with Image.open(job_dir / (spec.mask_file or "mask.png")) as im:
-        labels = np.asarray(im.convert("L"))
+        labels = np.array(im.convert("L"))
     return resize_labels(labels, spec.height, spec.width)
 
 
