@@ -187,9 +187,11 @@ def test_sampling_is_deterministic_and_chunking_only_rounds():
     assert torch.equal(a, _sample(pipe, e, 2.0, seed=5, H=30, W=44, steps=3))
     assert float((a - _sample(pipe, e, 2.0, seed=6, H=30, W=44, steps=3)).abs().max()) > 1e-2
     c = _sample(pipe, e, 2.0, seed=5, H=30, W=44, steps=3, chunk=100)
-    # the same function: the network agrees to float rounding (test above); a rounding difference of ~1e-7 in ε̂ can
-    # be amplified by 1/√ᾱ ≈ 2·10⁴ at the first DDIM step, so allow that much (a halo error would be O(1))
-    assert float((a - c).abs().max()) < 2e-2
+    # the same function: the network agrees to float rounding (test above), but a rounding difference of ~1e-7 in ε̂
+    # is amplified by 1/√ᾱ ≈ 2·10⁴ at the first DDIM step (and by the untrained network after it), so a few values
+    # move by up to ~1e-2 while almost all agree to 1e-5 (a halo or ordering error would move whole tile borders)
+    d = (a - c).abs()
+    assert float(d.max()) < 5e-2 and float(d.mean()) < 1e-4 and float((d > 1e-3).float().mean()) < 0.01
 
 
 def test_sample_bands_stream_progress_and_cancel():

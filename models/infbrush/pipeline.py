@@ -192,70 +192,20 @@ class InfBrushPipeline:
         return emb
 
     # --- sampling ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    def run(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50, guidance: float = 1.0,
+            eta: float = 0.0, chunk_pixels: int = 65536, progress: Callable[[int, int], None] | None = None,
+            cancel: Callable[[], bool] | None = None, encoder: str | None = None) -> "SamplingRun":
+        """A validated sampling run (state not yet allocated); see :class:`SamplingRun`."""
+        return SamplingRun(self, height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress, cancel,
+                           encoder)
+
     def sample_float_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
                            guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
                            progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
                            encoder: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(row0, row1, x̂₀ band (rows, W, 3) in [−1, 1]) in row order; the last DDIM step streams out."""
-        self.validate_size(height, width)
-        if seed < 0:
-            raise ValueError("seed must be non-negative")
-        H, W, dev, cfg, model = int(height), int(width), self.device, self.cfg, self.model
-        sched = self.schedule
-        ts = sched.ddim_timesteps(int(steps))
-        if embedding is None:
-            B, drop_flags, grid = 1, [True], torch.ones(1, 1, cfg.embedding_dim)
-        else:
-            grid = self.validate_embedding(embedding, encoder)
-            if guidance == 1.0:
-                B, drop_flags = 1, [False]
-            elif guidance == 0.0:
-                B, drop_flags = 1, [True]
-            else:
-                B, drop_flags = 2, [False, True]
-        gh, gw = grid.shape[:2]
-        emb = grid.reshape(1, gh * gw, -1).expand(B, -1, -1).to(dev)
-        pos = token_positions(gh, gw, H, W)[None].expand(B, -1, -1).to(dev)
-        drop = torch.tensor(drop_flags, device=dev)
-
-        canvas = Canvas(model, H, W, chunk_pixels, dev)
-        moll = Mollifier.for_side(max(H, W), cfg.mollify_sigma, cfg.train_resolution)
-        x = torch.empty(H, W, 3, device=dev)
-        for r0, r1 in canvas.bands():
-            x[r0:r1] = moll.noise_window(seed, 0, r0, r1, 0, W, H, W, device=dev)
-        cstats = _expand(canvas.coord_stats(), B)
-        total, done = len(ts) * 2 * canvas.n_tiles, 0
-
-        def tick():
-            nonlocal done
-            check_cancel(cancel)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-        for s, t in enumerate(ts):
-            check_cancel(cancel)
-            last = s == len(ts) - 1
-            ab_t, ab_p = sched.ab(t), sched.ab(ts[s + 1] if not last else -1)
-            ctx = model.context(torch.full((B,), t, device=dev, dtype=torch.long), emb, pos, drop)
-            sstats = canvas.sa_stats(x, ctx, B, cstats, tick)
-            grid_out = model.grid_level(canvas.grid_input(x, ctx, B, cstats, sstats), ctx)
-            pending = None
-            for r0, r1, e in canvas.eps_bands(x, ctx, B, cstats, sstats, grid_out, tick):
-                eps = e[0] if B == 1 else e[1] + guidance * (e[0] - e[1])
-                noise = None
-                if eta > 0 and not last:
-                    noise = moll.noise_window(seed, s + 1, r0, r1, 0, W, H, W, device=dev)
-                x_prev, x0 = ddim_update(x[r0:r1], eps, ab_t, ab_p, eta=eta, noise=noise)
-                if last:
-                    yield r0, r1, x0
-                    continue
-                if pending is not None:
-                    x[pending[0]:pending[1]] = pending[2]
-                pending = (r0, r1, x_prev)
-            if pending is not None:
-                x[pending[0]:pending[1]] = pending[2]
+        run = self.run(height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress, cancel, encoder)
+        yield from run.bands()
 
     def sample_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
                      guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
@@ -270,6 +220,87 @@ class InfBrushPipeline:
         return np.concatenate(list(self.sample_bands(height, width, **kw)), axis=0)
 
 
+class SamplingRun:
+    """One DDIM sampling of an H×W canvas: the state, the canvas tiling and the per-step passes."""
+
+    def __init__(self, pipe: InfBrushPipeline, height: int, width: int, embedding, seed: int, steps: int,
+                 guidance: float, eta: float, chunk_pixels: int, progress, cancel, encoder):
+        pipe.validate_size(height, width)
+        if seed < 0:
+            raise ValueError("seed must be non-negative")
+        self.pipe, self.H, self.W, self.seed = pipe, int(height), int(width), int(seed)
+        self.guidance, self.eta, self.progress, self.cancel = float(guidance), float(eta), progress, cancel
+        cfg, dev = pipe.cfg, pipe.device
+        self.ts = pipe.schedule.ddim_timesteps(int(steps))
+        if embedding is None:
+            B, drop_flags, grid = 1, [True], torch.ones(1, 1, cfg.embedding_dim)
+        else:
+            grid = pipe.validate_embedding(embedding, encoder)
+            if self.guidance == 1.0:
+                B, drop_flags = 1, [False]
+            elif self.guidance == 0.0:
+                B, drop_flags = 1, [True]
+            else:
+                B, drop_flags = 2, [False, True]
+        gh, gw = grid.shape[:2]
+        self.B = B
+        self.emb = grid.reshape(1, gh * gw, -1).expand(B, -1, -1).to(dev)
+        self.pos = token_positions(gh, gw, self.H, self.W)[None].expand(B, -1, -1).to(dev)
+        self.drop = torch.tensor(drop_flags, device=dev)
+        self.canvas = Canvas(pipe.model, self.H, self.W, chunk_pixels, dev)
+        self.moll = Mollifier.for_side(max(self.H, self.W), cfg.mollify_sigma, cfg.train_resolution)
+        self.total, self.done = len(self.ts) * 2 * self.canvas.n_tiles, 0
+        self.x: torch.Tensor | None = None
+        self.cstats = None
+
+    def _tick(self):
+        check_cancel(self.cancel)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    @torch.inference_mode()
+    def init_state(self) -> None:
+        """x_T = noise_mul · A z over the canvas (band by band) and the canvas's coordinate sums."""
+        dev, H, W = self.pipe.device, self.H, self.W
+        self.x = torch.empty(H, W, 3, device=dev)
+        for r0, r1 in self.canvas.bands():
+            self.x[r0:r1] = self.moll.noise_window(self.seed, 0, r0, r1, 0, W, H, W, device=dev)
+        self.cstats = _expand(self.canvas.coord_stats(), self.B)
+
+    @torch.inference_mode()
+    def step(self, s: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """DDIM step s: updates the state in place; the last step yields x̂₀ bands instead."""
+        model, canvas, x, B, dev = self.pipe.model, self.canvas, self.x, self.B, self.pipe.device
+        sched, ts = self.pipe.schedule, self.ts
+        check_cancel(self.cancel)
+        last = s == len(ts) - 1
+        ab_t, ab_p = sched.ab(ts[s]), sched.ab(ts[s + 1] if not last else -1)
+        ctx = model.context(torch.full((B,), ts[s], device=dev, dtype=torch.long), self.emb, self.pos, self.drop)
+        sstats = canvas.sa_stats(x, ctx, B, self.cstats, self._tick)
+        grid_out = model.grid_level(canvas.grid_input(x, ctx, B, self.cstats, sstats), ctx)
+        pending = None
+        for r0, r1, e in canvas.eps_bands(x, ctx, B, self.cstats, sstats, grid_out, self._tick):
+            eps = e[0] if B == 1 else e[1] + self.guidance * (e[0] - e[1])
+            noise = None
+            if self.eta > 0 and not last:
+                noise = self.moll.noise_window(self.seed, s + 1, r0, r1, 0, self.W, self.H, self.W, device=dev)
+            x_prev, x0 = ddim_update(x[r0:r1], eps, ab_t, ab_p, eta=self.eta, noise=noise)
+            if last:
+                yield r0, r1, x0
+                continue
+            if pending is not None:                       # one-band delay: the next band's halo reads old rows
+                x[pending[0]:pending[1]] = pending[2]
+            pending = (r0, r1, x_prev)
+        if pending is not None:
+            x[pending[0]:pending[1]] = pending[2]
+
+    def bands(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        self.init_state()
+        for s in range(len(self.ts)):
+            yield from self.step(s)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
@@ -278,5 +309,5 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["InfBrushModels", "InfBrushPipeline", "load_infbrush", "untrained_infbrush", "save_infbrush", "make_card",
+__all__ = ["InfBrushModels", "InfBrushPipeline", "SamplingRun", "load_infbrush", "untrained_infbrush", "save_infbrush", "make_card",
            "check_state_dict", "to_uint8", "parameter_count"]
