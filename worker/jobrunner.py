@@ -6,6 +6,7 @@ sampler checkpoint; after ``max_attempts`` deliveries a job is failed rather tha
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -107,7 +108,8 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         remove_outputs(job_dir)
         return JobStatus.failed
     if not store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.running,
-                            started_at=job.started_at or time.time(), attempts=attempts, worker=ctx.hostname,
+                            started_at=job.started_at or time.time(), attempts=attempts,
+                            worker=f"{ctx.hostname}/{os.getpid()}",
                             total_steps=job.spec.steps):
         return store.get(job_id).status
 
@@ -118,9 +120,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     def checkpoint(state) -> None:
         every = settings.checkpoint_every
         if every and state.step % every == 0 and state.step > 0:
-            tmp = state_path.with_name(state_path.name + ".part")
-            state.save(tmp)
-            tmp.replace(state_path)
+            state.save(state_path)  # atomic: temporary file, then rename
 
     report = ProgressRecorder(store, job_id, spec.conditioning == "subtype" and spec.engine == "diffinfinite",
                               spec.steps)
@@ -145,6 +145,8 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
                          error=f"{exc.__class__.__name__}: {message}", eta_seconds=None)
         return JobStatus.failed
     state_path.unlink(missing_ok=True)
+    if resume is not None:
+        result.metrics["resumed_from_step"] = float(resume.step)
     store.transition(job_id, {JobStatus.running}, status=JobStatus.succeeded, finished_at=time.time(),
                      progress=1.0, eta_seconds=0.0, stage=Stage.writing, outputs=result.outputs,
                      metrics=result.metrics)
