@@ -178,3 +178,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="cond_drop_prob"):
         mnet(torch.randn(1, 4, 8, 8), t, torch.tensor([0]), cond_drop_prob=1.5)
     assert downsample_label_mask(torch.arange(16).reshape(1, 4, 4), (2, 2)).tolist() == [[[[0, 2], [8, 10]]]]
+
+
+def test_reduced_precision_contracts():
+    net, mnet = _tiny_image(), _tiny_mask()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 800])
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    mask[0, :, :4] = 2
+    net.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: bf16 autocast, fp32 weights and grads
+        out = net(x, t, mask)
+        mout = mnet(x, t, torch.tensor([0, 1]), cond_drop_prob=0.5)
+    (out.float().square().mean() + mout.float().square().mean()).backward()
+    assert out.shape == x.shape and out.dtype == torch.bfloat16 and mout.dtype == torch.bfloat16
+    assert net.init_conv.weight.grad.dtype == torch.float32 and net.init_conv.weight.grad.abs().sum() > 0
+    net.eval()
+    with torch.no_grad():  # inference with bf16 weights
+        ref = net(x, t, mask)
+        low = net.to(torch.bfloat16)(x.bfloat16(), t, mask)
+        mlow = mnet.to(torch.bfloat16)(x.bfloat16(), t, torch.tensor([0, 1]))
+    assert low.dtype == torch.bfloat16 and mlow.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().mean() < 0.1 * ref.abs().mean()

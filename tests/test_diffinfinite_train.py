@@ -126,7 +126,7 @@ def test_semi_supervised_sampling(data):
     assert {t.group for t in train}.isdisjoint({t.group for t in hold})
 
 
-def test_whole_slide_source(tmp_path):
+def test_whole_slide_source(data, tmp_path):
     tifffile = pytest.importorskip("tifffile")
     rng = np.random.default_rng(1)
     slide = (rng.random((512, 768, 3)) * 80 + 120).astype(np.uint8)
@@ -141,10 +141,16 @@ def test_whole_slide_source(tmp_path):
     Image.fromarray(m).save(folder / "s1_mask.png")
     slides = scan_slides(folder, 5)
     assert slides[0].classes == (3,)
-    ds = PairDataset([], slides, DataSpec(num_classes=5, tile_size=64, p_unc=0.0, seed=0, slide_mpp=0.25))
+    ds = PairDataset([], slides, DataSpec(num_classes=5, tile_size=64, p_unc=0.0, seed=0))  # MPP from the file
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and (item["labels"] == 3).any()
     assert set(item["labels"].unique().tolist()) <= {0, 3}
+    out = tmp_path / "from_slides"
+    args = _train_args(data, out, extra=["--steps", "2"])
+    args[args.index("--tiles") : args.index("--tiles") + 2] = ["--slides", str(folder)]
+    assert _run(args) == 0
+    assert len(_losses(out / "image_loss_log.csv")) == 2
+    assert "1 slides" in json.loads((out / "model_card.json").read_text())["training_data"]
 
 
 def test_convert_official_image_and_mask_into_one_folder(data, tmp_path):

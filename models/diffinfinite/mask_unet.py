@@ -117,6 +117,6 @@ class MaskUNet(UNetSkeleton):
         elif cond_drop_prob > 0.0:
             drop = torch.rand(b, device=x.device) < cond_drop_prob
             emb = torch.where(drop[:, None], self.null_classes_emb.to(emb.dtype).expand_as(emb), emb)
-        t = self.time_mlp(self._time(time, b, x.device))
+        t = self._time_embedding(time, b, x.device)
         cond = torch.cat((t, self.classes_mlp(emb)), dim=-1)
         return self._run(x, cond, lambda feat: ())

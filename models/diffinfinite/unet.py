@@ -185,14 +185,14 @@ class UNetSkeleton(nn.Module):
         if h % factor or w % factor or h == 0 or w == 0:
             raise ValueError(f"latent height and width must be positive multiples of {factor}, got {h}×{w}")
 
-    @staticmethod
-    def _time(time: Tensor | int, batch: int, device: torch.device) -> Tensor:
+    def _time_embedding(self, time: Tensor | int, batch: int, device: torch.device) -> Tensor:
         t = torch.as_tensor(time, device=device)
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"time must be [B]={batch} (or a scalar), got {tuple(t.shape)}")
-        return t
+        emb = self.time_mlp[0](t).to(self.time_mlp[1].weight.dtype)  # float32 sinusoids → weight dtype
+        return self.time_mlp[1:](emb)
 
 
 def downsample_label_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
@@ -283,7 +283,7 @@ class ImageUNet(UNetSkeleton):
         lat = self.latent_mask(mask, (h, w))
         classes = lat.reshape(b, -1).amax(dim=1).long()
         binary = (lat > 0).to(x.dtype)
-        t = self.time_mlp(self._time(time, b, x.device))
+        t = self._time_embedding(time, b, x.device)
         c = self.classes_mlp(self.classes_emb(classes))
         cond = torch.cat((t, c), dim=-1)
         pooled: dict[int, Tensor] = {}
