@@ -62,14 +62,15 @@ def child(args) -> dict:
         t0 = time.perf_counter()
         run.init_state()
         _sync(dev)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         n_steps = len(run.ts) if args.full else 1
         for s in range(len(run.ts) - n_steps, len(run.ts)) if args.full else [0]:
             for _ in run.step(s):
                 pass
         _sync(dev)
-        t2 = time.perf_counter()
-        out.update(init_s=t1 - t0, step_s=(t2 - t1) / n_steps, steps=n_steps, total_s=t2 - t0,
+        t2, c2 = time.perf_counter(), time.process_time()
+        out.update(init_s=t1 - t0, step_s=(t2 - t1) / n_steps, step_cpu_s=(c2 - c1) / n_steps, steps=n_steps,
+                   total_s=t2 - t0,
                    tiles=run.canvas.n_tiles, grid_pixels=int(run.canvas.grid_pixels.shape[0]))
     else:
         from models.infbrush.denoiser import token_positions
@@ -80,11 +81,11 @@ def child(args) -> dict:
             e = torch.as_tensor(emb, dtype=torch.float32, device=dev).reshape(1, 1, -1).expand(B, -1, -1)
             pos = token_positions(1, 1, size, size)[None].expand(B, -1, -1).to(dev)
             ctx = model.context(torch.full((B,), 999, device=dev), e, pos, torch.tensor([False, True][:B], device=dev))
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             evaluate_full(model, x, ctx, B)
             _sync(dev)
-            t2 = time.perf_counter()
-        out.update(step_s=t2 - t1, steps=1)
+            t2, c2 = time.perf_counter(), time.process_time()
+        out.update(step_s=t2 - t1, step_cpu_s=c2 - c1, steps=1)
     if dev.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 - base
     else:
@@ -149,27 +150,30 @@ def main(argv=None) -> int:
     ours, ref = [], []
     print(f"∞-Brush sampling cost — config {args.config}, device {args.device}, chunk {args.chunk_pixels} px, "
           f"guidance {args.guidance}, {args.threads} thread(s)")
-    print(f"{'size':>6} {'pixels':>10} | {'ours s/step':>11} {'ours MB':>8} {'init s':>7} {'tiles':>6} | "
-          f"{'one-shot s':>10} {'one-shot MB':>11} | {'time ratio':>10} {'mem ratio':>9}")
+    print(f"{'size':>6} {'pixels':>10} | {'ours s/step':>11} {'cpu s':>8} {'ours MB':>8} {'init s':>7} {'tiles':>6} | "
+          f"{'one-shot s':>10} {'cpu s':>8} {'one-shot MB':>11} | {'cpu ratio':>9} {'mem ratio':>9}")
     for size in sizes:
         o = measure(args, size, "chunked")
         ours.append(o)
         r = measure(args, size, "oneshot") if size <= args.reference_max and not args.full else None
         if r:
             ref.append(r)
-        rt = f"{o['step_s'] / r['step_s']:10.2f}" if r else f"{'-':>10}"
-        rm = f"{o['peak_mb'] / max(r['peak_mb'], 1e-9):9.2f}" if r else f"{'-':>9}"
-        rs = f"{r['step_s']:10.3f} {r['peak_mb']:11.1f}" if r else f"{'-':>10} {'-':>11}"
-        print(f"{size:>5}² {size * size:>10} | {o['step_s']:11.3f} {o['peak_mb']:8.1f} {o['init_s']:7.2f} "
+        rt = f"{o['step_cpu_s'] / r['step_cpu_s']:9.2f}" if r else f"{'-':>9}"
+        rm = f"{o['peak_mb'] / max(r['peak_mb'], 1.0):9.2f}" if r else f"{'-':>9}"
+        rs = (f"{r['step_s']:10.3f} {r['step_cpu_s']:8.3f} {r['peak_mb']:11.1f}" if r
+              else f"{'-':>10} {'-':>8} {'-':>11}")
+        print(f"{size:>5}² {size * size:>10} | {o['step_s']:11.3f} {o['step_cpu_s']:8.3f} {o['peak_mb']:8.1f} {o['init_s']:7.2f} "
               f"{o['tiles']:>6} | {rs} | {rt} {rm}", flush=True)
 
     px = [o["pixels"] for o in ours]
     summary = {"bench": "infbrush", "config": args.config, "device": args.device, "chunk_pixels": args.chunk_pixels,
                "guidance": args.guidance, "threads": args.threads, "params": ours[0]["params"],
-               "ours": [{k: o[k] for k in ("size", "pixels", "step_s", "peak_mb", "init_s", "tiles")} for o in ours],
-               "reference_oneshot": [{k: r[k] for k in ("size", "pixels", "step_s", "peak_mb")} for r in ref]}
+               "ours": [{k: o[k] for k in ("size", "pixels", "step_s", "step_cpu_s", "peak_mb", "init_s", "tiles")} for o in ours],
+               "reference_oneshot": [{k: r[k] for k in ("size", "pixels", "step_s", "step_cpu_s", "peak_mb")}
+                                     for r in ref]}
     if len(ours) >= 2:
         summary["time_exponent"] = fit_exponent(px, [o["step_s"] for o in ours])
+        summary["cpu_time_exponent"] = fit_exponent(px, [o["step_cpu_s"] for o in ours])
         summary["memory_exponent"] = fit_exponent(px, [o["peak_mb"] for o in ours])
         top = ours[-3:] if len(ours) >= 3 else ours
         summary["time_exponent_top3"] = fit_exponent([o["pixels"] for o in top], [o["step_s"] for o in top])
@@ -178,8 +182,8 @@ def main(argv=None) -> int:
         summary["time_linear_fit"] = {"fixed_s": a, "us_per_pixel": b * 1e6}
         a, b = linear_fit(px, [o["peak_mb"] for o in ours])
         summary["memory_linear_fit"] = {"fixed_mb": a, "bytes_per_pixel": b * 2 ** 20}
-        print(f"fitted exponent (log cost vs log pixels): time {summary['time_exponent']:.3f} "
-              f"(top 3 sizes {summary['time_exponent_top3']:.3f}), peak memory {summary['memory_exponent']:.3f} "
+        print(f"fitted exponent (log cost vs log pixels): wall time {summary['time_exponent']:.3f} "
+              f"(top 3 sizes {summary['time_exponent_top3']:.3f}), CPU time {summary['cpu_time_exponent']:.3f}, peak memory {summary['memory_exponent']:.3f} "
               f"(top 3 {summary['memory_exponent_top3']:.3f})")
         print(f"linear fit: time = {summary['time_linear_fit']['fixed_s']:.3f} s + "
               f"{summary['time_linear_fit']['us_per_pixel']:.3f} µs/px; memory = "
@@ -187,9 +191,12 @@ def main(argv=None) -> int:
     if ref:
         pairs = [(o, r) for o in ours for r in ref if o["size"] == r["size"]]
         summary["ratio_time"] = {str(o["size"]): o["step_s"] / r["step_s"] for o, r in pairs}
+        summary["ratio_cpu_time"] = {str(o["size"]): o["step_cpu_s"] / r["step_cpu_s"] for o, r in pairs}
         summary["ratio_memory"] = {str(o["size"]): o["peak_mb"] / max(r["peak_mb"], 1e-9) for o, r in pairs}
         if len(ref) >= 2:
             summary["reference_time_exponent"] = fit_exponent([r["pixels"] for r in ref], [r["step_s"] for r in ref])
+            summary["reference_cpu_time_exponent"] = fit_exponent([r["pixels"] for r in ref],
+                                                                  [r["step_cpu_s"] for r in ref])
             summary["reference_memory_exponent"] = fit_exponent([r["pixels"] for r in ref], [r["peak_mb"] for r in ref])
     if args.full:
         for o in ours:

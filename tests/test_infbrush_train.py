@@ -104,3 +104,8 @@ def test_image_folder_dataset_and_bad_input(tmp_path):
     (tmp_path / "im1.npy").unlink()
     with pytest.raises(ValueError, match="im1.png"):
         ImageFolderDataset(tmp_path, 512)
+
+
+def test_paper_lambda_weighting_trains(tmp_path):
+    res = train_infbrush(_opts(tmp_path / "lam", steps=3, config=tiny_config(n_points=256, loss_weighting="lambda")))
+    assert len(res["losses"]) == 3 and all(np.isfinite(res["losses"]))

@@ -66,29 +66,102 @@ class PointGeometry:
         return kernel.forward_points(v, self)
 
 
-def knn_points(px: torch.Tensor, k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """k nearest points of every point (itself first) among the same set. px: (B, N, 2) integer pixel coordinates
-    stored as float (differences and squares are exact below 2¹²·…). Returns (idx (B, N, k), squared distance)."""
-    B, N, _ = px.shape
-    if k > N:
-        raise ValueError(f"k-NN needs at least k={k} points, got {N}")
-    chunk = chunk or max(1, (1 << 24) // N)
-    idx = torch.empty(B, N, k, dtype=torch.long, device=px.device)
-    d2 = torch.empty(B, N, k, dtype=px.dtype, device=px.device)
-    for b in range(B):
-        for q0 in range(0, N, chunk):
-            q = px[b, q0:q0 + chunk]
-            dist = ((q[:, None, :] - px[b][None, :, :]) ** 2).sum(-1)
-            vals, ids = dist.topk(k, dim=-1, largest=False, sorted=True)
-            idx[b, q0:q0 + chunk] = ids
-            d2[b, q0:q0 + chunk] = vals
+def knn_brute(queries: torch.Tensor, points: torch.Tensor, k: int, chunk: int | None = None):
+    """Exact k-NN by all pairwise distances (Q·N work): (idx (Q, k), squared distance (Q, k)), nearest first."""
+    N = points.shape[0]
+    chunk = chunk or max(1, (1 << 24) // max(N, 1))
+    idx = torch.empty(queries.shape[0], k, dtype=torch.long, device=points.device)
+    d2 = torch.empty(queries.shape[0], k, dtype=points.dtype, device=points.device)
+    for q0 in range(0, queries.shape[0], chunk):
+        dist = ((queries[q0:q0 + chunk, None, :] - points[None, :, :]) ** 2).sum(-1)
+        d2[q0:q0 + chunk], idx[q0:q0 + chunk] = dist.topk(k, dim=-1, largest=False, sorted=True)
     return idx, d2
 
 
-def point_geometry(px: torch.Tensor, k: int) -> PointGeometry:
+def knn_cells(queries: torch.Tensor, points: torch.Tensor, k: int, height: int, width: int,
+              cell: int | None = None, reach: int | None = None, chunk: int | None = None):
+    """Exact k-NN in O((Q + N)·k) for points on an H×W pixel lattice (training subsets).
+
+    Points are bucketed into square cells of ``cell`` px (≈ 2 points per cell); each query looks at the
+    (2·reach + 1)² cells around its own. Every point outside that window is farther than reach·cell, so the result is
+    exact whenever the k-th candidate lies within reach·cell; the few queries where it does not (sparse spots, queries
+    outside the image) are answered by brute force.
+    """
+    N = points.shape[0]
+    dev = points.device
+    if cell is None:
+        cell = max(1, math.ceil(math.sqrt(2.0 * height * width / max(N, 1))))
+    if reach is None:
+        reach = max(1, math.ceil(1.6 * math.sqrt(k / (2 * math.pi))))
+    ncy, ncx = height // cell + 1, width // cell + 1
+    cy = torch.div(points[:, 0].long(), cell, rounding_mode="floor")
+    cx = torch.div(points[:, 1].long(), cell, rounding_mode="floor")
+    cid = cy * ncx + cx
+    order = torch.argsort(cid, stable=True)
+    counts = torch.bincount(cid, minlength=ncy * ncx)
+    starts = torch.cumsum(counts, 0) - counts
+    P = int(counts.max())
+    off = torch.arange(-reach, reach + 1, device=dev)
+    slots = torch.arange(P, device=dev)
+    per_query = (2 * reach + 1) ** 2 * P
+    chunk = chunk or max(1, (1 << 23) // per_query)
+    idx = torch.empty(queries.shape[0], k, dtype=torch.long, device=dev)
+    d2 = torch.empty(queries.shape[0], k, dtype=points.dtype, device=dev)
+    limit = float((reach * cell) ** 2)
+    redo = []
+    for q0 in range(0, queries.shape[0], chunk):
+        q = queries[q0:q0 + chunk]
+        qcy = torch.floor(q[:, 0] / cell).long()
+        qcx = torch.floor(q[:, 1] / cell).long()
+        yy = qcy[:, None, None] + off[None, :, None]
+        xx = qcx[:, None, None] + off[None, None, :]
+        inside = (yy >= 0) & (yy < ncy) & (xx >= 0) & (xx < ncx)
+        c = torch.where(inside, yy * ncx + xx, torch.zeros_like(yy))
+        cnt = torch.where(inside, counts[c], torch.zeros_like(c))
+        pos = (starts[c][..., None] + slots).reshape(q.shape[0], -1)
+        ok_slot = (slots < cnt[..., None]).reshape(q.shape[0], -1)
+        cand = order[pos.clamp(max=N - 1)]
+        dist = ((points[cand] - q[:, None, :]) ** 2).sum(-1)
+        dist = torch.where(ok_slot, dist, torch.full_like(dist, float("inf")))
+        kk = min(k, dist.shape[1])
+        vals, j = dist.topk(kk, dim=-1, largest=False, sorted=True)
+        if kk < k:
+            redo.append(torch.arange(q0, q0 + q.shape[0], device=dev))
+            continue
+        idx[q0:q0 + chunk] = torch.gather(cand, 1, j)
+        d2[q0:q0 + chunk] = vals
+        bad = ~(vals[:, -1] <= limit)
+        if bad.any():
+            redo.append(torch.nonzero(bad).flatten() + q0)
+    if redo:
+        r = torch.cat(redo)
+        idx[r], d2[r] = knn_brute(queries[r], points, k)
+    return idx, d2
+
+
+def knn_points(px: torch.Tensor, k: int, heights=None, widths=None, method: str = "auto"):
+    """k nearest points of every point (itself first) among the same set, per image. px: (B, N, 2) integer pixel
+    coordinates stored as float (squared differences are exact). Returns (idx (B, N, k), squared distance)."""
+    B, N, _ = px.shape
+    if k > N:
+        raise ValueError(f"k-NN needs at least k={k} points, got {N}")
+    idx = torch.empty(B, N, k, dtype=torch.long, device=px.device)
+    d2 = torch.empty(B, N, k, dtype=px.dtype, device=px.device)
+    for b in range(B):
+        use_cells = method == "cells" or (method == "auto" and N > 4096)
+        if use_cells:
+            H = int(heights[b]) if heights is not None else int(px[b, :, 0].max()) + 1
+            W = int(widths[b]) if widths is not None else int(px[b, :, 1].max()) + 1
+            idx[b], d2[b] = knn_cells(px[b], px[b], k, H, W)
+        else:
+            idx[b], d2[b] = knn_brute(px[b], px[b], k)
+    return idx, d2
+
+
+def point_geometry(px: torch.Tensor, k: int, heights=None, widths=None, method: str = "auto") -> PointGeometry:
     """Neighbourhoods for the density-normalised kernel integral on sampled pixels px (B, N, 2)."""
     px = px.float()
-    idx, d2 = knn_points(px, k)
+    idx, d2 = knn_points(px, k, heights, widths, method)
     rho = d2[..., -1].sqrt().clamp_min(1e-6)                                   # (B, N) distance to k-th neighbour
     B, N, _ = idx.shape
     flat = idx.reshape(B, N * k)
@@ -174,24 +247,25 @@ def node_positions_px(G: int, height: int, width: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(G * G, 2)
 
 
-def points_grid_pairs(px: torch.Tensor, heights, widths, G: int, K: int, chunk: int | None = None) -> GridPairs:
+def points_grid_pairs(px: torch.Tensor, heights, widths, G: int, K: int, method: str = "auto") -> GridPairs:
     """For each image b, each node's K nearest sampled pixels px[b] (B, N, 2). Returns pairs with (B, G²·K) arrays."""
     B, N, _ = px.shape
     if K > N:
         raise ValueError(f"grid k-NN needs at least {K} points")
-    chunk = chunk or max(1, (1 << 24) // N)
     src = torch.empty(B, G * G, K, dtype=torch.long, device=px.device)
     wts = torch.empty(B, G * G, K, dtype=torch.float32, device=px.device)
     for b in range(B):
-        side = max(int(heights[b]), int(widths[b]))
-        nodes = node_positions_px(G, int(heights[b]), int(widths[b])).float().to(px.device)
+        H, W = int(heights[b]), int(widths[b])
+        side = max(H, W)
+        nodes = node_positions_px(G, H, W).float().to(px.device)
         p = px[b].float()
-        for n0 in range(0, G * G, chunk):
-            d2 = ((nodes[n0:n0 + chunk, None, :] - p[None, :, :]) ** 2).sum(-1)
-            vals, ids = d2.topk(K, dim=-1, largest=False, sorted=True)
-            w = 1.0 / (vals * (G / side) ** 2 + GRID_EPS)
-            src[b, n0:n0 + chunk] = ids
-            wts[b, n0:n0 + chunk] = (w / w.sum(-1, keepdim=True)).float()
+        if method == "cells" or (method == "auto" and N > 4096):
+            ids, vals = knn_cells(nodes, p, K, H, W)
+        else:
+            ids, vals = knn_brute(nodes, p, K)
+        w = 1.0 / (vals * (G / side) ** 2 + GRID_EPS)
+        src[b] = ids
+        wts[b] = (w / w.sum(-1, keepdim=True)).float()
     node = torch.arange(G * G, device=px.device).repeat_interleave(K)[None].expand(B, -1)
     return GridPairs(node=node, source=src.reshape(B, -1), weight=wts.reshape(B, -1))
 

@@ -161,9 +161,9 @@ def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Gen
 
 
 def batch_loss(model: InfBrushDenoiser, batch: dict, cfg: InfBrushConfig, lam: torch.Tensor | None = None):
-    geo = point_geometry(batch["px"], cfg.knn_k)
-    pairs = points_grid_pairs(batch["px"], [s[0] for s in batch["sizes"]], [s[1] for s in batch["sizes"]],
-                              cfg.grid_size, cfg.grid_knn)
+    hs, ws = [s[0] for s in batch["sizes"]], [s[1] for s in batch["sizes"]]
+    geo = point_geometry(batch["px"], cfg.knn_k, hs, ws)
+    pairs = points_grid_pairs(batch["px"], hs, ws, cfg.grid_size, cfg.grid_knn)
     ctx = model.context(batch["t"], batch["emb"], batch["pos"], batch["drop"])
     pred = model(batch["u_t"], batch["xy"], ctx, geo, pairs)
     per_item = ((pred.float() - batch["target"]) ** 2).mean(dim=(1, 2))
