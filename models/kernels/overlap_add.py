@@ -49,8 +49,11 @@ def _get_kernel():
     import triton.language as tl
 
     @triton.jit
-    def _ola_kernel(acc_ptr, tile_ptr, wy_ptr, wx_ptr, meta_ptr, TH, TW, AH, AW,
+    def _ola_kernel(acc_ptr, tile_ptr, wy_ptr, wx_ptr, meta_ptr, TH, TW, AW, acc_plane, tile_plane,
                     C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        # acc_plane = AH·AW and tile_plane = TH·TW are passed from Python (64-bit when large); scalar
+        # arguments are only ever multiplied with int64 tensors, never converted (Triton may specialise
+        # a scalar equal to 1 into a constant).
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         bw = tl.program_id(2)
@@ -72,12 +75,11 @@ def _get_kernel():
         mask = rmask[:, None] & cmask[None, :]
         acc_off = (y0 + rows).to(tl.int64)[:, None] * AW + (x0 + cols).to(tl.int64)[None, :]
         tile_off = rows.to(tl.int64)[:, None] * TW + cols.to(tl.int64)[None, :]
-        plane = AH.to(tl.int64) * AW
-        tplane = TH.to(tl.int64) * TW
+        bb = b.to(tl.int64)
         for c in tl.static_range(C):
-            v = tl.load(tile_ptr + (b.to(tl.int64) * C + c) * tplane + tile_off, mask=mask, other=0.0)
-            a = tl.load(acc_ptr + c * plane + acc_off, mask=mask, other=0.0)
-            tl.store(acc_ptr + c * plane + acc_off, a + w * v, mask=mask)
+            v = tl.load(tile_ptr + (bb * C + c) * tile_plane + tile_off, mask=mask, other=0.0)
+            a = tl.load(acc_ptr + c * acc_plane + acc_off, mask=mask, other=0.0)
+            tl.store(acc_ptr + c * acc_plane + acc_off, a + w * v, mask=mask)
 
     _KERNELS[mode] = _ola_kernel
     return _ola_kernel
@@ -173,5 +175,7 @@ def overlap_add(acc: torch.Tensor, tiles: torch.Tensor, wy: torch.Tensor, wx: to
     for phase in order:
         meta = torch.tensor([[i, y0[i], x0[i], *active[i]] for i in phase], dtype=torch.int32).to(acc.device)
         grid = (len(phase), triton.cdiv(th, block_h), triton.cdiv(tw, block_w))
-        kernel[grid](acc, tiles_f, wy_f, wx_f, meta, th, tw, ah, aw, C=c, BLOCK_H=block_h, BLOCK_W=block_w)
+        # no FMA contraction: a + (w·v) rounds like the torch fallback (bit-identical on the same data)
+        kernel[grid](acc, tiles_f, wy_f, wx_f, meta, th, tw, aw, ah * aw, th * tw,
+                     C=c, BLOCK_H=block_h, BLOCK_W=block_w, enable_fp_fusion=False)
     return "triton"
