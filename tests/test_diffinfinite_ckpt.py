@@ -76,12 +76,15 @@ def test_official_checkpoint_loads_strictly(tmp_path, name, kind, config):
     torch.save(ckpt, path)
     with pytest.raises(Exception):
         torch.load(path, weights_only=True)
-    loaded = load_torch_file(path)  # allowlisting fallback: tensors intact, the partial replaced
+    with pytest.warns(UserWarning, match="functools.partial"):
+        loaded = load_torch_file(path)  # allowlisting fallback: tensors intact, the partial replaced
     assert "Opaque" in type(loaded["scheduler"]["anneal_func"]).__name__
 
-    found, state, info = read_checkpoint(path)
+    with pytest.warns(UserWarning, match="allowlisting"):
+        found, state, info = read_checkpoint(path)
     assert found == kind and info["step"] == 250_000 and info["format"] == "official"
-    net = load_network(path)
+    with pytest.warns(UserWarning):
+        net = load_network(path)
     assert net.config == config
     assert sum(p.numel() for p in net.parameters()) == manifest["num_parameters"]
     for k, v in net.state_dict().items():

@@ -161,7 +161,8 @@ def test_convert_official_image_and_mask_into_one_folder(data, tmp_path):
     torch.save(official_layout_checkpoint(image.state_dict(), step=250_000, extra=extra), tmp_path / "image.pt")
     torch.save(official_layout_checkpoint(mask.state_dict(), step=100_000), tmp_path / "mask.pt")
     out = tmp_path / "converted"
-    assert _run(["convert", "diffinfinite-official", str(tmp_path / "image.pt"), str(out), "--vae", str(data / "vae")]) == 0
+    with pytest.warns(UserWarning, match="allowlisting"):
+        assert _run(["convert", "diffinfinite-official", str(tmp_path / "image.pt"), str(out), "--vae", str(data / "vae")]) == 0
     assert _run(["convert", "diffinfinite-official", str(tmp_path / "mask.pt"), str(out), "--name", "di-test"]) == 0
     models = load_diffinfinite(out)
     assert models.card.name == "di-test" and models.codec.num_classes == 10

@@ -33,6 +33,7 @@ import json
 import pickle
 import re
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,7 +157,15 @@ def load_torch_file(path: str | Path) -> Any:
     except pickle.UnpicklingError as exc:
         first = exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_allowlist_pickle)
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_allowlist_pickle)
+        lines = [ln.strip() for ln in str(first).splitlines() if "global" in ln.lower()] or str(first).splitlines()[:1]
+        warnings.warn(
+            f"{path}: weights-only loading refused a non-tensor object ({lines[0][:200]}); "
+            "read it with an allowlisting unpickler instead (only tensors are used; other objects are inert "
+            "placeholders)",
+            stacklevel=2,
+        )
+        return obj
     except Exception as exc:
         raise CheckpointError(
             f"cannot read {path} as a torch checkpoint: weights-only loading failed ({first}) and the "
