@@ -63,11 +63,11 @@ def test_validate_embedding_names_expected_encoder_and_dimension():
 def test_size_limits():
     pipe = InfBrushPipeline(untrained_infbrush(), "cpu")
     with pytest.raises(ValueError, match="8192"):
-        next(pipe.sample_bands(height=8193, width=64, embedding=np.ones(512), steps=1))
+        pipe.sample_bands(height=8193, width=64, embedding=np.ones(512), steps=1)
     with pytest.raises(ValueError, match="outside"):
-        next(pipe.sample_bands(height=4, width=64, embedding=np.ones(512), steps=1))
+        pipe.sample_bands(height=4, width=64, embedding=np.ones(512), steps=1)
     with pytest.raises(ValueError, match="quilt-vit-b-32"):
-        next(pipe.sample_bands(height=16, width=16, embedding=np.ones(100), steps=1))
+        pipe.sample_bands(height=16, width=16, embedding=np.ones(100), steps=1)
 
 
 def test_save_load_roundtrip_and_mismatches(tmp_path):

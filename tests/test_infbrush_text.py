@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from models.infbrush import InfBrushPipeline, untrained_infbrush
 from models.infbrush.prompts import load_prompt_set
-from models.infbrush.text import ClipTextTower, ClipTokenizer, QuiltTextEncoder, default_encoder_dir, embed_subtype
+from models.infbrush.text import ClipTextTower, QuiltTextEncoder, default_encoder_dir, embed_subtype
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -6,7 +6,7 @@ Where the paper is silent we follow ∞-Diff (Bond-Taylor & Willcocks); every su
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 ENCODER_ID = "quilt-vit-b-32"

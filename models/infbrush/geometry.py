@@ -313,14 +313,15 @@ def lattice_grid_pairs(height: int, width: int, G: int, K: int) -> LatticeGridPa
 
 
 def scatter_to_grid(features: torch.Tensor, pairs: GridPairs, G: int) -> torch.Tensor:
-    """features (B, S, C) at the pair sources → (B, C, G, G)."""
+    """features (B, S, C) at the pair sources → (B, C, G, G).
+
+    Pairs are node-major with exactly K per node, so the transfer is a gather and a fixed-order sum over K
+    (no atomic scatter: deterministic on GPUs too)."""
     B, _, C = features.shape
+    K = pairs.weight.shape[-1] // (G * G)
     if pairs.source.dim() == 1:
         vals = features[:, pairs.source] * pairs.weight[None, :, None].to(features.dtype)
-        out = features.new_zeros(B, G * G, C)
-        out.index_add_(1, pairs.node.to(features.device), vals)
     else:
         vals = torch.gather(features, 1, pairs.source[..., None].expand(-1, -1, C)) * pairs.weight[..., None]
-        out = features.new_zeros(B, G * G, C)
-        out.scatter_add_(1, pairs.node[..., None].expand(-1, -1, C), vals)
-    return out.transpose(1, 2).reshape(B, C, G, G)
+    grid = vals.view(B, G * G, K, C).sum(2)
+    return grid.transpose(1, 2).reshape(B, C, G, G)

@@ -203,18 +203,20 @@ class InfBrushPipeline:
                            guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
                            progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
                            encoder: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(row0, row1, x̂₀ band (rows, W, 3) in [−1, 1]) in row order; the last DDIM step streams out."""
+        """(row0, row1, x̂₀ band (rows, W, 3) in [−1, 1]) in row order; the last DDIM step streams out.
+
+        The request is validated now (ValueError before any work); sampling happens as the iterator is consumed."""
         run = self.run(height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress, cancel, encoder)
-        yield from run.bands()
+        return run.bands()
 
     def sample_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
                      guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
                      progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
                      encoder: str | None = None) -> Iterator[np.ndarray]:
-        """np.uint8 (rows, W, 3) bands in row order covering the canvas."""
-        for _, _, band in self.sample_float_bands(height, width, embedding, seed, steps, guidance, eta, chunk_pixels,
-                                                  progress, cancel, encoder):
-            yield to_uint8(band)
+        """np.uint8 (rows, W, 3) bands in row order covering the canvas (validated on call, sampled lazily)."""
+        bands = self.sample_float_bands(height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress,
+                                        cancel, encoder)
+        return (to_uint8(band) for _, _, band in bands)
 
     def sample_array(self, height: int, width: int, **kw) -> np.ndarray:
         return np.concatenate(list(self.sample_bands(height, width, **kw)), axis=0)

@@ -277,7 +277,7 @@ def train_infbrush(opts: TrainOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
 
-    def save(final: bool = False):
+    def save():
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = state_dir / "model.safetensors.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
@@ -325,5 +325,5 @@ def train_infbrush(opts: TrainOptions) -> dict:
         if step % opts.save_every == 0 and step < opts.steps:
             save()
     bar.close()
-    save(final=True)
+    save()
     return {"steps": step, "losses": losses, "out": str(out), "model": model, "ema": ema, "dataset": dataset}
