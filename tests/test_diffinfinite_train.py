@@ -173,6 +173,10 @@ def test_convert_official_image_and_mask_into_one_folder(data, tmp_path):
     with torch.no_grad():
         assert torch.equal(models.image_unet(x, t, lab), image(x, t, lab))
         assert torch.equal(models.mask_unet(x, t, torch.tensor([1])), mask(x, t, torch.tensor([1])))
+    # mask first (K defaults to 5), then a 10-class image model: the pairing is refused, with the fix named
+    _run(["convert", "diffinfinite-official", str(tmp_path / "mask.pt"), str(tmp_path / "o3")])
+    with pytest.raises(ValueError, match="--num-labels 10"), pytest.warns(UserWarning):
+        _run(["convert", "diffinfinite-official", str(tmp_path / "image.pt"), str(tmp_path / "o3")])
     with pytest.raises(SystemExit):
         _parser().parse_args(["convert", "diffinfinite-official", str(tmp_path / "image.pt")])  # OUT_DIR missing
     with pytest.raises(ValueError, match="not an AutoencoderKL"):

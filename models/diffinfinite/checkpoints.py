@@ -421,7 +421,7 @@ def convert_official_checkpoint(
     mask-latent divisors when there is no image model in the folder yet; default 5.
     """
     from models.cards import CARD_FILENAME, ModelCard
-    from models.diffinfinite.loading import make_card
+    from models.diffinfinite.loading import default_class_names, make_card
     from models.vae import official_mask_divisors, resolve_vae_folder
 
     checkpoint, out = Path(checkpoint), Path(out_dir)
@@ -446,7 +446,16 @@ def convert_official_checkpoint(
             old = card.config.get("image_unet")
             if old and int(old.get("num_classes", k)) != k:
                 raise CheckpointError(f"{out} is a {old['num_classes']}-class model; {checkpoint} has {k} classes")
+            labels = int(card.config.get("num_labels", k))
+            if card.config.get("mask_unet") and labels != k:
+                raise CheckpointError(
+                    f"the mask model in {out} was converted for K = {labels} labels but {checkpoint} has {k} classes; "
+                    f"convert the mask checkpoint again with --num-labels {k}"
+                )
+            if labels != k:
+                card.classes = default_class_names(k)
             card.config["image_unet"] = config.to_dict()
+            card.config["num_labels"] = k
             card.trained = True
         if class_names:
             card.classes = {int(i): str(n) for i, n in class_names.items()}
@@ -463,6 +472,10 @@ def convert_official_checkpoint(
                 f"--num-labels {num_labels} disagrees with the {card.config['image_unet']['num_classes']}-class "
                 f"image model already in {out}"
             )
+        elif num_labels and not card.config.get("image_unet"):
+            card.config["num_labels"] = int(num_labels)
+            card.config["mask_divisors"] = list(official_mask_divisors(int(num_labels)))
+            card.classes = class_names or default_class_names(int(num_labels))
         card.config["mask_unet"] = config.to_dict()
         if "subtype" not in card.conditioning:
             card.conditioning = [*card.conditioning, "subtype"]
