@@ -334,5 +334,10 @@ def embed_subtype(subtype: str, folder: str | Path | None = None, version: str |
 
     prompts = load_prompt_set(version or DEFAULT_VERSION)
     texts = prompts.prompts(subtype)                       # ValueError for unknown subtypes before any loading
-    enc = get_encoder(str(Path(folder) if folder else default_encoder_dir()), backend)
-    return enc.embed_prompts(texts)
+    key = (str(Path(folder) if folder else default_encoder_dir()), prompts.resolve(subtype), prompts.version, backend)
+    if key not in _SUBTYPE_CACHE:
+        _SUBTYPE_CACHE[key] = get_encoder(key[0], backend).embed_prompts(texts)
+    return _SUBTYPE_CACHE[key].clone()
+
+
+_SUBTYPE_CACHE: dict[tuple, torch.Tensor] = {}
