@@ -37,7 +37,11 @@ class GenerateParams(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; default: drawn and recorded in the job.")
     steps: int | None = Field(None, ge=1, description="Sampling steps; default: the model's default.")
     guidance: float = Field(3.0, ge=0, le=20, description="Classifier-free guidance weight ω.")
-    eta: float = Field(1.0, ge=0, le=1, description="DDIM η (1 = stochastic as in DiffInfinite, 0 = deterministic).")
+    eta: float | None = Field(
+        None, ge=0, le=1,
+        description="DDIM η (1 = stochastic, 0 = deterministic); default: the engine's paper value "
+        "(1 for DiffInfinite, 0 for ∞-Brush).",
+    )
     sampler: Literal["random", "tiled"] = Field(
         "tiled",
         description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "

@@ -58,10 +58,10 @@ def resolve_subtype(name: str, card: ModelCard) -> tuple[str, int]:
     if "subtype" not in card.conditioning or not card.subtypes:
         raise FieldError(("conditioning", "type"), f"model {card.name} does not take subtype conditioning")
     wanted = name.strip().lower()
-    wanted = SUBTYPE_ALIASES.get(wanted, wanted)
-    for idx, sub in card.subtypes.items():
-        if sub.lower() == wanted:
-            return sub, int(idx)
+    for candidate in (wanted, SUBTYPE_ALIASES.get(wanted)):
+        for idx, sub in card.subtypes.items():
+            if sub.lower() == candidate:
+                return sub, int(idx)
     known = ", ".join(card.subtypes.values())
     raise FieldError(("conditioning", "subtype"), f"unknown subtype {name!r} for {card.name}; known: {known}")
 
@@ -140,6 +140,6 @@ def build_spec(
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
     return JobSpec(
         model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
-        guidance=params.guidance, eta=params.eta, sampler=params.sampler, outputs=list(dict.fromkeys(params.outputs)),
+        guidance=params.guidance, eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0), sampler=params.sampler, outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

@@ -22,6 +22,15 @@ from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
 from models.runtime import Canceled
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread avoids spin-wait overhead on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def image_unet() -> ImageUNet:
     torch.manual_seed(0)
@@ -141,12 +150,14 @@ def test_mask_denoiser_forces_condition_and_uses_null():
 
 
 # ------------------------------------------------------------------------------------------------ plans
-@pytest.mark.parametrize("shape,patch", [((150, 230), (64, 64)), ((40, 100), (64, 64)), ((37, 53), (16, 16))])
-def test_plans_cover_every_pixel_exactly_once(shape, patch):
+@pytest.mark.parametrize("shape,patch,margin", [((150, 230), (64, 64), 0), ((40, 100), (64, 64), 0),
+                                                ((37, 53), (16, 16), 0), ((150, 230), (64, 64), 8)])
+def test_plans_cover_every_pixel_exactly_once(shape, patch, margin):
     lab = _labels(*shape)
+    cells = (patch[0] - 2 * margin, patch[1] - 2 * margin)
     for step in range(3):
         for crops in (plan_random(lab, patch, _np_rng(7, 0, 3, step)),
-                      plan_tiled(lab, patch, tile_offset(7, 0, patch, step))):
+                      plan_tiled(lab, patch, tile_offset(7, 0, cells, step), margin)):
             owner = np.full(shape, -1)
             for i, c in enumerate(crops):
                 assert (c.h, c.w) == (min(patch[0], shape[0]), min(patch[1], shape[1]))
@@ -159,6 +170,9 @@ def test_plans_cover_every_pixel_exactly_once(shape, patch):
                     own = np.zeros_like(win, dtype=bool)
                     own[cy - c.y0:cy - c.y0 + ch, cx - c.x0:cx - c.x0 + cw] = True
                     assert (win[own] == -1).all()  # cells never overlap
+                    assert ch <= cells[0] and cw <= cells[1]
+                    if margin and c.h == patch[0]:  # context on both sides, away from the canvas border
+                        assert cy - c.y0 >= min(margin, cy) and c.y0 + c.h - (cy + ch) >= min(margin, shape[0] - cy - ch)
                 assert own.sum() == c.n_owned >= 1
                 assert set(c.labels) == set(np.unique(lab[c.y0:c.y0 + c.h, c.x0:c.x0 + c.w][own]).tolist())
                 win[own] = i

@@ -193,7 +193,7 @@ def test_unknown_job_is_404(client):
 def test_body_limit(embedded_settings):
     from service.app import create_app
 
-    embedded_settings.max_upload_bytes = 4096
+    embedded_settings.max_upload_bytes = 4096  # noqa: the fixture's settings object is test-local
     with TestClient(create_app(embedded_settings)) as c:
         resp = post_mask(c, b"\x89PNG\r\n\x1a\n" + b"\0" * 10_000)
         assert resp.status_code == 413
@@ -212,3 +212,30 @@ def test_api_keys_scope_jobs_to_tenants(embedded_settings):
         assert c.get(job_url, headers={"X-API-Key": "key-a"}).status_code == 200
         assert c.get(job_url, headers={"X-API-Key": "key-b"}).status_code == 404
         assert c.get("/jobs", headers={"X-API-Key": "key-b"}).json()["total"] == 0
+
+
+def test_infinity_brush_embedding_checks(client):
+    base = {"model": "infinity-brush-untrained", "width": 256, "height": 256}
+    ok = client.post("/generate", json={**base, "conditioning": {"type": "embedding", "vector": [0.04] * 512,
+                                                                 "encoder": "quilt-vit-b-32"}})
+    assert ok.status_code == 202, ok.text
+    assert client.store.get(ok.json()["id"]).spec.embedding == [0.04] * 512
+    client.delete(ok.json()["status_url"])
+    client.delete(ok.json()["status_url"])
+
+    short = client.post("/generate", json={**base, "conditioning": {"type": "embedding", "vector": [0.1] * 100}})
+    assert short.status_code == 422 and error_locs(short) == [["body", "conditioning", "vector"]]
+    assert "512" in short.text and "quilt-vit-b-32" in short.text
+    other = client.post("/generate", json={**base, "conditioning": {"type": "embedding", "vector": [0.1] * 512,
+                                                                    "encoder": "uni-vit-l"}})
+    assert other.status_code == 422 and error_locs(other) == [["body", "conditioning", "encoder"]]
+    assert "quilt-vit-b-32" in other.text and "512" in other.text
+    body = json.dumps({**base, "conditioning": {"type": "embedding", "vector": [0.1] * 511 + [float("nan")]}})
+    nan = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert nan.status_code == 422 and "non-finite" in nan.text
+    huge = client.post("/generate", content=body.replace("NaN", "1e999"), headers={"content-type": "application/json"})
+    assert huge.status_code == 422 and "non-finite" in huge.text
+    big = client.post("/generate", json={**base, "width": 8200, "conditioning": {"type": "subtype", "subtype": "LUAD"}})
+    assert big.status_code == 422 and error_locs(big) == [["body", "width"]]
+    sub = client.post("/generate", json={**base, "conditioning": {"type": "subtype", "subtype": "luad"}})
+    assert sub.status_code == 202 and client.store.get(sub.json()["id"]).spec.subtype == "LUAD"

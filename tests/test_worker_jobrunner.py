@@ -124,3 +124,21 @@ def test_redelivery_is_capped(ctx):
     ctx.store.update("job1", status=JobStatus.running, attempts=ctx.settings.max_attempts)
     assert run_job("job1", ctx) == JobStatus.failed
     assert "attempts" in ctx.store.get("job1").error
+
+
+def test_infinity_brush_embedding_job(ctx):
+    import openslide
+
+    from worker.jobrunner import run_job
+
+    vec = np.random.default_rng(0).normal(size=512)
+    vec = (vec / np.linalg.norm(vec)).tolist()
+    spec = JobSpec(model="infinity-brush-untrained", engine="infinity-brush", conditioning="embedding", width=48,
+                   height=40, mpp=0.5, seed=2, steps=3, guidance=1.5, embedding=vec, encoder="quilt-vit-b-32")
+    ctx.store.create(JobRecord(id="ib1", spec=spec))
+    assert run_job("ib1", ctx) == JobStatus.succeeded, ctx.store.get("ib1").error
+    job = ctx.store.get("ib1")
+    assert "mask" not in job.outputs and job.untrained
+    slide = openslide.OpenSlide(str(ctx.store.job_dir("ib1") / job.outputs["tiff"]))
+    assert slide.dimensions == (48, 40)
+    assert sorted(set(ctx.store.steps_seen)) == [0, 1, 2, 3]

@@ -97,7 +97,9 @@ def generate_slide(
 
     def stage_progress(stage: Stage) -> Callable[[int, int], None]:
         def progress(done: int, total: int) -> None:
-            report(stage, done / max(total, 1), done if stage == Stage.sampling else None)
+            # Engines may count finer units than steps (∞-Brush counts coordinate chunks).
+            step = done * spec.steps // max(total, 1) if stage == Stage.sampling else None
+            report(stage, done / max(total, 1), step)
 
         return progress
 
@@ -133,9 +135,10 @@ def generate_slide(
         pipe = InfBrushPipeline(models, device)
         embedding = spec.embedding if spec.embedding is not None else pipe.embed_subtype(spec.subtype)
         report(Stage.sampling, 0.0, 0)
+        # The API's guidance is ω in (1+ω)·ε(c) − ω·ε(∅) for every engine; ∞-Brush takes the scale s = 1+ω.
         bands = pipe.sample_bands(height=spec.height, width=spec.width, embedding=embedding, seed=spec.seed,
-                                  steps=spec.steps, guidance=spec.guidance, progress=stage_progress(Stage.sampling),
-                                  cancel=cancel)
+                                  steps=spec.steps, guidance=1.0 + spec.guidance, eta=spec.eta,
+                                  progress=stage_progress(Stage.sampling), cancel=cancel)
         t_sampled = None
 
     check_cancel(cancel)

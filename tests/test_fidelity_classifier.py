@@ -1,0 +1,115 @@
+"""Conditioning fidelity: the shipped window classifier, the window/balanced-accuracy rules, streaming scores."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from evaluation.fidelity import (
+    CARD_FILE, CLASSIFIER_DIR, WEIGHTS_FILE, SlideScorer, balanced_accuracy, load_classifier, score_slide,
+    sha256_file, window_labels,
+)
+from procedural.tissue import random_layout, render_tile
+
+UNSEEN_SEED = 4_242_424  # not an item seed of the classifier's training, validation or sanity data
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_classifier()
+
+
+def test_shipped_classifier_is_small_loads_strict_and_matches_its_card(clf):
+    card = json.loads((CLASSIFIER_DIR / CARD_FILE).read_text())
+    weights = CLASSIFIER_DIR / WEIGHTS_FILE
+    assert weights.stat().st_size < 2 * 1024 * 1024
+    assert sha256_file(weights) == card["files"][WEIGHTS_FILE]
+    assert sum(p.numel() for p in clf.net.parameters()) == card["parameters"]
+    assert "python -m evaluation.fidelity train" in card["training"]["command"]
+
+
+def test_tampered_weights_or_keys_are_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "clf"
+    shutil.copytree(CLASSIFIER_DIR, folder)
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_classifier(folder)
+    # a consistent card but a state dict with an extra tensor: strict loading names it
+    state = load_file(str(CLASSIFIER_DIR / WEIGHTS_FILE))
+    state["head.extra"] = torch.zeros(1)
+    save_file(state, str(folder / WEIGHTS_FILE))
+    card = json.loads((folder / CARD_FILE).read_text())
+    card["files"][WEIGHTS_FILE] = sha256_file(folder / WEIGHTS_FILE)
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(RuntimeError, match="head.extra"):
+        load_classifier(folder)
+
+
+def test_directly_rendered_unseen_slide_scores_high(clf):
+    labels = random_layout(512, 512, UNSEEN_SEED, "slide", mpp=1.0, subtype=1)
+    present = set(np.unique(window_labels(labels)).tolist()) - {-1}
+    assert len(present) >= 4
+    res = score_slide(render_tile(labels, UNSEEN_SEED), labels, clf)
+    assert res["balanced_accuracy"] >= 0.9, res
+    assert res["windows_scored"] >= 40
+    # the same slide scored against another slide's mask is far from it: the score can fail
+    other = random_layout(512, 512, UNSEEN_SEED + 1, "slide", mpp=1.0, subtype=0)
+    wrong = score_slide(render_tile(labels, UNSEEN_SEED), other, clf)
+    assert wrong["balanced_accuracy"] < 0.6, wrong
+
+
+def test_streamed_bands_give_the_whole_image_score_and_the_metrics_seam_ratio(clf):
+    from models.metrics import seam_ratio
+
+    labels = random_layout(1100, 1030, UNSEEN_SEED + 2, "slide", mpp=2.0, subtype=0)
+    img = render_tile(labels, 3)
+    img[:, 512:] = np.clip(img[:, 512:].astype(int) + 12, 0, 255).astype(np.uint8)  # a hard vertical seam
+    whole = score_slide(img, labels, clf)
+    scorer = SlideScorer(labels, clf)
+    for r in range(0, 1100, 100):
+        scorer.add_band(img[r:r + 100])
+    streamed = scorer.result()
+    assert streamed == whole
+    assert whole["seam_ratio"] == pytest.approx(seam_ratio(img, 512, (0,), match_mod=8), rel=1e-9)
+    assert whole["seam_ratio"] > 1.2
+    smooth = score_slide(render_tile(labels, 3), labels, clf)["seam_ratio"]
+    assert smooth < 1.05
+
+
+def test_window_labels_skip_mixed_windows():
+    labels = np.zeros((128, 192), np.uint8)
+    labels[:64, :32] = 1  # window (0,0): half carcinoma → skipped
+    labels[:64, 64:64 + 52] = 3  # window (0,1): 52/64 = 81 % stroma → stroma
+    labels[64:, 128:] = 2  # window (1,2): all necrosis
+    ref = window_labels(labels)
+    assert ref.tolist() == [[-1, 3, 0], [0, 0, 2]]
+    assert window_labels(labels, min_share=0.85).tolist() == [[-1, -1, 0], [0, 0, 2]]
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_present_classes():
+    bacc, rec = balanced_accuracy(np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 1, 1, 0, 2]))
+    assert rec == {0: 0.5, 1: pytest.approx(2 / 3), 2: 1.0}
+    assert bacc == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+
+
+def test_bad_input_is_named(clf):
+    labels = np.zeros((128, 128), np.uint8)
+    scorer = SlideScorer(labels, clf)
+    with pytest.raises(ValueError, match="128, 3"):
+        scorer.add_band(np.zeros((64, 100, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        scorer.add_band(np.zeros((64, 128, 3), np.float32))
+    scorer.add_band(np.zeros((64, 128, 3), np.uint8))
+    with pytest.raises(ValueError, match="only 64 of"):
+        scorer.result()
+    with pytest.raises(ValueError, match="no 64-px window"):
+        window_labels(np.zeros((32, 500), np.uint8))
+    with pytest.raises(ValueError, match="outside 0..4"):
+        window_labels(np.full((64, 64), 9, np.uint8))
