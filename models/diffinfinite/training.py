@@ -269,8 +269,9 @@ class _Trainer:
             divisors = default_mask_divisors(cfg.num_classes)
         self.codec = LatentCodec(vae, latent_scale=50.0, mask_divisors=divisors, num_classes=cfg.num_classes)
 
-        net = _build_network(cfg)
-        if self.state is not None:
+        if self.state is None:
+            net = _build_network(cfg)
+        else:
             net_cfg = (ImageUNetConfig if cfg.kind == "image" else MaskUNetConfig).from_dict(self.state["net_config"])
             net = ImageUNet(net_cfg) if cfg.kind == "image" else MaskUNet(net_cfg)
             net.load_state_dict(self.state["net"], strict=True)
