@@ -4,10 +4,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = "diffinfinite-demo"  # the small models trained on procedural tissue, shipped in weights/
+UNTRAINED_MODEL = "diffinfinite-untrained"
 
 
 class Settings(BaseSettings):
@@ -25,7 +27,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("data"), description="Where jobs, uploads and outputs live.")
     models_dir: Path = Field(REPO_ROOT / "weights", description="Model folders (weights + model_card.json).")
-    default_model: str = Field("diffinfinite-untrained", description="Model used when a request names none.")
+    default_model: str = Field(
+        "",
+        description="Model used when a request names none; default: `diffinfinite-demo` when that folder is "
+        "in the models dir, else `diffinfinite-untrained`.",
+    )
     queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
     device: str = Field("auto", description="Worker torch device: auto, cpu, cuda, cuda:N.")
     key_prefix: str = Field("slidesynth", description="Prefix of the service's own Redis keys.")
@@ -49,6 +55,13 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _default_model(self) -> "Settings":
+        if not self.default_model:
+            demo = self.models_dir / DEMO_MODEL / "model_card.json"
+            self.default_model = DEMO_MODEL if demo.is_file() else UNTRAINED_MODEL
+        return self
 
     @property
     def embedded(self) -> bool:
