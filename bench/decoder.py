@@ -61,23 +61,24 @@ def make_decode_fn(vae):
     return decode_fn
 
 
-def lines(mode: str, tile: int, overlap: int) -> tuple[int, tuple[int, ...]]:
+def lines(mode: str, tile: int, overlap: int, margin: int = 0) -> tuple[int, tuple[int, ...]]:
     """(period px, offsets px) of the grid lines where a seam could be, per mode."""
     t, o = tile * SCALE, overlap * SCALE
     if mode == "hard":
         return t, (0,)
-    if mode == "tukey":
-        return t - o, tuple(sorted({0, (o // 2) // 8 * 8, o}))
+    if mode == "tukey":  # tile start/end, ramp start/middle/end (multiples of 8 px)
+        return t - o, tuple(sorted({0, margin // 8 * 8, (o // 2) // 8 * 8, (o - margin) // 8 * 8, o}))
     if mode == "hann":
         return t // 2, (0, (t // 4) // 8 * 8)
     return t // 2, (0,)  # four-pass: base grid and half-shifted grids
 
 
-def decoder_for(mode: str, decode_fn, tile: int, overlap: int, batch: int) -> TiledDecoder:
+def decoder_for(mode: str, decode_fn, tile: int, overlap: int, batch: int, margin: int = 0) -> TiledDecoder:
     if mode == "hard":
         return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=0, window="tukey", batch_size=batch)
     if mode == "tukey":
-        return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=overlap, window="tukey", batch_size=batch)
+        return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=overlap, window="tukey", batch_size=batch,
+                            margin_px=margin)
     if mode == "hann":
         return TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=tile // 2, window="hann", batch_size=batch)
     return TiledDecoder(decode_fn, scale=SCALE, tile=tile, window="four-pass", batch_size=batch)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent", type=int, default=256, help="latent side (output = 8× px); default 256")
     ap.add_argument("--tile", type=int, default=32, help="tile, latent px (default 32 = 256 px)")
     ap.add_argument("--overlap", type=int, default=4, help="tukey overlap, latent px (default 4 = 12.5 %%)")
+    ap.add_argument("--margin", type=int, default=0, help="tukey context crop per inner tile edge, px (default 0)")
     ap.add_argument("--modes", default="hard,tukey", help="comma list of hard,tukey,hann,four-pass")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy 2-core box)")
@@ -113,14 +115,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     figures: dict = {"decoder": "random-weight tiny diffusers AutoencoderKL (8/8/16/16 ch), CPU",
-                     "latent": n, "tile": args.tile, "overlap": args.overlap, "ours": {}, "reference_untiled": {},
+                     "latent": n, "tile": args.tile, "overlap": args.overlap, "margin_px": args.margin, "ours": {}, "reference_untiled": {},
                      "ratio": {}}
     for mode in modes:
-        dec = decoder_for(mode, decode_fn, args.tile, args.overlap, args.batch)
+        dec = decoder_for(mode, decode_fn, args.tile, args.overlap, args.batch, args.margin)
         t0 = time.perf_counter()
         img = np.concatenate(list(dec.iter_bands(latent)))
         wall = time.perf_counter() - t0
-        period, offsets = lines(mode, args.tile, args.overlap)
+        period, offsets = lines(mode, args.tile, args.overlap, args.margin)
         ours = seam_ratios(img, period, offsets, match_mod=SCALE)
         ref = seam_ratios(truth, period, offsets, match_mod=SCALE)
         raw = max(ours.values())
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     figures["planned_overhead_100k"] = planned_overheads()
 
     print(f"Tiled decoding of a {n}² latent ({n * SCALE}² px), tile {args.tile} latent px "
-          f"({args.tile * SCALE} px), tukey overlap {args.overlap}; decoder: {figures['decoder']}")
+          f"({args.tile * SCALE} px), tukey overlap {args.overlap} (margin {args.margin} px); "
+          f"decoder: {figures['decoder']}")
     print(f"untiled reference decode: {t_truth:.1f} s")
     print(f"{'mode':<10} {'forwards':>9} {'non-ovl':>8} {'overhead':>9} {'seam':>7} {'untiled':>8} "
           f"{'seam/untiled':>13} {'wall s':>7}")

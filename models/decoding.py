@@ -63,28 +63,36 @@ class AxisPlan:
         return (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
 
 
-def plan_axis(length: int, tile: int, overlap: int, scale: int) -> AxisPlan:
+def plan_axis(length: int, tile: int, overlap: int, scale: int, margin_px: int = 0) -> AxisPlan:
     """Place tiles over ``length`` latent px (uniform stride, last tile flush) and build their windows.
 
+    Within each overlap of ``overlap·scale`` px the cross-fade is a raised-cosine ramp of
+    ``overlap·scale − 2·margin_px`` px centred in the overlap; the outer ``margin_px`` px of each tile on
+    that side get weight 0 (a context crop that discards the decoder's border artefacts; ``margin_px = 0``
+    — the default — makes the ramp exactly as long as the overlap).  Canvas borders keep weight 1.
     The windows sum to exactly one (up to float32 rounding) at every output pixel of the axis.
     """
     if length < 1:
         raise ValueError(f"axis length must be ≥ 1, got {length}")
     if not 0 <= overlap <= tile // 2:
         raise ValueError(f"overlap must be in [0, tile/2] = [0, {tile // 2}], got {overlap}")
+    if not 0 <= 2 * margin_px <= overlap * scale:
+        raise ValueError(f"margin_px must be in [0, overlap·scale/2] = [0, {overlap * scale // 2}], got {margin_px}")
     n_len = max(length, tile)
     stride = tile - overlap
     n = 1 if n_len <= tile else math.ceil((n_len - overlap) / stride)
     starts = [k * stride for k in range(n - 1)] + [n_len - tile]
-    tp, lp = tile * scale, overlap * scale
+    tp = tile * scale
+    lp = overlap * scale - 2 * margin_px  # ramp length
     ramp = rising_ramp(lp)
     windows = np.ones((n, tp), np.float64)
     for k in range(n):
-        if k < n - 1:  # falling ramp at the end of tile k (where the uniform grid puts it)
-            a = starts[k] * scale + tp - lp  # ramp start, canvas px
-            windows[k, a - starts[k] * scale:] = 1.0 - ramp
-        if k > 0:  # rising ramp matching the previous tile's falling ramp; zero before it
-            a = starts[k - 1] * scale + tp - lp
+        if k < n - 1:  # falling ramp near the end of tile k (where the uniform grid puts it), then zeros
+            a = tp - margin_px - lp  # tile-local ramp start
+            windows[k, a:a + lp] = 1.0 - ramp
+            windows[k, a + lp:] = 0.0
+        if k > 0:  # rising ramp matching the previous tile's falling ramp; zeros before it
+            a = starts[k - 1] * scale + tp - margin_px - lp  # canvas px
             loc = a - starts[k] * scale
             windows[k, :loc] = 0.0
             windows[k, loc:loc + lp] = ramp
@@ -113,7 +121,8 @@ class TiledDecoder:
     """
 
     def __init__(self, decode_fn: DecodeFn, scale: int = 8, tile: int = 64, overlap: int = 32,
-                 window: str = "hann", batch_size: int = 4, backend: str = "auto", out_channels: int = 3):
+                 window: str = "hann", batch_size: int = 4, backend: str = "auto", out_channels: int = 3,
+                 margin_px: int = 0):
         if window not in WINDOWS:
             raise ValueError(f"unknown window {window!r}; choose one of {', '.join(WINDOWS)}")
         if scale < 1 or tile < 1 or batch_size < 1:
@@ -127,6 +136,10 @@ class TiledDecoder:
             raise ValueError(f"four-pass decoding needs an even pixel tile, got {tile * scale}")
         if window == "four-pass" and tile % 2:
             raise ValueError(f"four-pass decoding shifts by tile/2 latent px: tile must be even, got {tile}")
+        if window != "four-pass" and not 0 <= 2 * margin_px <= overlap * scale:
+            raise ValueError(f"margin_px must be in [0, overlap·scale/2] = [0, {overlap * scale // 2}], "
+                             f"got {margin_px}")
+        self.margin_px = margin_px if window != "four-pass" else 0
         self.decode_fn = decode_fn
         self.scale = scale
         self.tile = tile
@@ -142,8 +155,8 @@ class TiledDecoder:
     # ------------------------------------------------------------------ planning
     def plans(self, h: int, w: int) -> tuple[AxisPlan, AxisPlan]:
         """Row and column tile plans for an h × w latent (overlap modes)."""
-        return (plan_axis(h, self.tile, self.overlap, self.scale),
-                plan_axis(w, self.tile, self.overlap, self.scale))
+        return (plan_axis(h, self.tile, self.overlap, self.scale, self.margin_px),
+                plan_axis(w, self.tile, self.overlap, self.scale, self.margin_px))
 
     def count_tiles(self, h: int, w: int) -> int:
         """Tiles a run over an h × w latent decodes."""

@@ -49,25 +49,34 @@ def drifting_decoder(x):
     return 0.5 + 0.2 * up * (1.0 + 0.5 * m) + 0.05 * m
 
 
-CONFIGS = [("hann", 16, 8), ("tukey", 16, 3), ("tukey", 16, 0), ("four-pass", 16, 0)]
+CONFIGS = [("hann", 16, 8), ("tukey", 16, 3), ("tukey", 16, 0), ("four-pass", 16, 0), ("tukey-m", 16, 4)]
 
 
-@pytest.mark.parametrize("length,tile,overlap", [(1, 8, 4), (7, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 8),
-                                                  (101, 16, 2), (50, 16, 0), (33, 16, 3), (257, 64, 8)])
-def test_axis_windows_partition_of_unity(length, tile, overlap):
-    plan = plan_axis(length, tile, overlap, scale=S)
+def make_decoder(decode_fn, window, tile, overlap, **kw):
+    if window == "tukey-m":  # Tukey with a context crop of 8 px on each inner tile edge
+        return TiledDecoder(decode_fn, scale=S, tile=tile, overlap=overlap, window="tukey", margin_px=8, **kw)
+    return TiledDecoder(decode_fn, scale=S, tile=tile, overlap=overlap, window=window, **kw)
+
+
+@pytest.mark.parametrize("length,tile,overlap,margin", [
+    (1, 8, 4, 0), (7, 8, 4, 0), (8, 8, 4, 0), (9, 8, 4, 0), (100, 16, 8, 0), (101, 16, 2, 0), (50, 16, 0, 0),
+    (33, 16, 3, 0), (257, 64, 8, 0), (101, 16, 4, 8), (257, 64, 8, 32), (70, 16, 6, 5)])
+def test_axis_windows_partition_of_unity(length, tile, overlap, margin):
+    plan = plan_axis(length, tile, overlap, scale=S, margin_px=margin)
     total = np.zeros(plan.length * S)
     for start, w in zip(plan.starts, plan.windows):
         total[start * S:start * S + tile * S] += w
     assert np.abs(total - 1).max() <= 1e-6
     assert plan.starts[0] == 0 and plan.starts[-1] + tile == plan.length  # last tile flush with the border
     assert (plan.windows[0][:overlap * S] == 1).all() and (plan.windows[-1][-1] == 1)  # edge-aware
+    if margin and plan.count > 1:  # context crop: the outer margin of every inner tile edge is unused
+        assert (plan.windows[0][-margin:] == 0).all() and (plan.windows[1][:margin] == 0).all()
 
 
 @pytest.mark.parametrize("window,tile,overlap", CONFIGS)
 @pytest.mark.parametrize("h,w", [(37, 29), (5, 40), (1, 1)])
 def test_canvas_weights_sum_to_one(window, tile, overlap, h, w):
-    dec = TiledDecoder(ones_decoder, scale=S, tile=tile, overlap=overlap, window=window, batch_size=3)
+    dec = make_decoder(ones_decoder, window, tile, overlap, batch_size=3)
     img = dec.decode(torch.zeros(1, 4, h, w), output="float32")
     assert img.shape == (h * S, w * S, 3)
     assert np.abs(img - 1).max() <= 1e-6
@@ -77,7 +86,7 @@ def test_canvas_weights_sum_to_one(window, tile, overlap, h, w):
 def test_local_decoder_reconstructs_exactly(window, tile, overlap):
     g = torch.Generator().manual_seed(1)
     latent = torch.rand(1, 4, 37, 53, generator=g)
-    dec = TiledDecoder(nearest_decoder, scale=S, tile=tile, overlap=overlap, window=window, batch_size=4)
+    dec = make_decoder(nearest_decoder, window, tile, overlap, batch_size=4)
     want = nearest_decoder(latent)[0].permute(1, 2, 0).numpy()
     got = dec.decode(latent, output="float32")
     assert np.abs(got - want).max() <= 1e-6
@@ -87,7 +96,7 @@ def test_local_decoder_reconstructs_exactly(window, tile, overlap):
 
 @pytest.mark.parametrize("window,tile,overlap", CONFIGS)
 def test_constant_latent_gives_constant_image(window, tile, overlap):
-    dec = TiledDecoder(make_linear_decoder(), scale=S, tile=tile, overlap=overlap, window=window)
+    dec = make_decoder(make_linear_decoder(), window, tile, overlap)
     latent = torch.full((1, 4, 29, 45), 0.7)
     img = dec.decode(latent, output="float32")
     assert np.abs(img - img[0, 0]).max() <= 1e-6
