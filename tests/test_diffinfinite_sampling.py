@@ -279,6 +279,19 @@ def test_save_restore_between_and_within_steps(image_unet, mode, tmp_path):
     assert torch.equal(full, out)
 
 
+def test_final_steps_use_the_context_margin(image_unet):
+    lab = _labels(70, 90)
+    s = _sampler(image_unet, "tiled", steps=3, final_tile_margin=6, final_tile_steps=1)
+    assert [s.tile_margin_at(k) for k in range(3)] == [0, 0, 6]
+    for k, cell in ((0, 32), (2, 20)):
+        crops = s.plan(lab, 0, k)
+        assert max(c.cell[2] for c in crops) == cell and max(c.cell[3] for c in crops) == cell
+    out = s.sample(lab, seed=0, on_step=lambda st: None)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="final_tile_margin"):
+        _sampler(image_unet, "tiled", final_tile_margin=16)
+
+
 def test_state_refuses_another_job(image_unet):
     lab = _labels(40, 72)
     s = _sampler(image_unet, "random", steps=2)

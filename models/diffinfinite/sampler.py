@@ -103,13 +103,18 @@ def plan_random(labels: np.ndarray, patch: tuple[int, int], rng: np.random.Gener
     covered = np.zeros((hh, ww), dtype=bool)
     flat = covered.ravel()
     remaining = hh * ww
-    cand = np.arange(hh * ww, dtype=np.int64)  # a superset of the uncovered pixels
+    cand: np.ndarray | None = None  # a superset of the uncovered pixels (None: all pixels)
     crops: list[Crop] = []
     while remaining > 0:
-        if 4 * remaining < cand.size:  # keep the rejection rate below 3/4
+        size = hh * ww if cand is None else cand.size
+        if 4 * remaining < size:  # keep the rejection rate below 3/4
             cand = np.flatnonzero(~flat)
+            if cand.size and cand[-1] < 2 ** 31:
+                cand = cand.astype(np.int32)
+            size = cand.size
         while True:  # uniform over the uncovered pixels: uniform over a superset, rejecting covered ones
-            idx = int(cand[rng.integers(cand.size)])
+            j = int(rng.integers(size))
+            idx = j if cand is None else int(cand[j])
             if not flat[idx]:
                 break
         r, c = divmod(idx, ww)
@@ -124,49 +129,58 @@ def plan_random(labels: np.ndarray, patch: tuple[int, int], rng: np.random.Gener
     return crops
 
 
-def _axis_cells(size: int, patch: int, offset: int) -> list[tuple[int, int, int]]:
-    """(cell start, cell end, window start) along one axis for grid lines at offset + j·patch."""
-    if size <= patch:
+def _axis_cells(size: int, patch: int, offset: int, cell: int) -> list[tuple[int, int, int]]:
+    """(cell start, cell end, window start) along one axis: grid lines at offset + j·cell, each cell sampled in
+    a ``patch``-wide window centred on it and clamped into the canvas."""
+    if size <= patch:  # one window covers the axis: no seam at all
         return [(0, size, 0)]
-    bounds = [0] + [b for b in range(offset % patch, size, patch) if b > 0] + [size]
+    win = min(patch, size)
+    bounds = [0] + [b for b in range(offset % cell, size, cell) if b > 0] + [size]
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         mid = (a + b) // 2
-        out.append((a, b, min(max(mid - patch // 2, 0), size - patch)))
+        out.append((a, b, min(max(mid - win // 2, 0), size - win)))
     return out
 
 
-def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, int]) -> list[Crop]:
-    """Non-overlapping grid of cells (grid lines at offset + j·patch); each cell is sampled in a full patch
-    window containing it (border cells: window clamped inward) and owns exactly its cell."""
+def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, int],
+               margin: int | tuple[int, int] = 0) -> list[Crop]:
+    """Non-overlapping grid of cells (grid lines at offset + j·cell, cell = patch − 2·margin); each cell is
+    sampled in a full patch window centred on it (≥ ``margin`` px of context on every side away from the
+    canvas border; border windows clamped inward) and owns exactly its cell."""
     hh, ww = labels.shape
+    my, mx = (margin, margin) if isinstance(margin, int) else margin
+    cy, cx = patch[0] - 2 * my, patch[1] - 2 * mx
+    if cy < 1 or cx < 1:
+        raise ValueError(f"tile margin {margin} leaves no cell inside a {patch} patch")
     ph, pw = min(patch[0], hh), min(patch[1], ww)
     crops: list[Crop] = []
-    for (ya, yb, wy) in _axis_cells(hh, patch[0], offset[0]):
-        for (xa, xb, wx) in _axis_cells(ww, patch[1], offset[1]):
+    for (ya, yb, wy) in _axis_cells(hh, patch[0], offset[0], cy):
+        for (xa, xb, wx) in _axis_cells(ww, patch[1], offset[1], cx):
             labs = _owned_labels(labels[ya:yb, xa:xb], None)
             crops.append(Crop(wy, wx, ph, pw, labs, (yb - ya) * (xb - xa), (ya, xa, yb - ya, xb - xa)))
     return crops
 
 
-def _offset_sequence(seed: int, stream: int, axis: int, patch: int, step: int) -> int:
-    """Offset of ``step`` on one axis: cycles through random permutations of 0…patch-1, never repeating the
+def _offset_sequence(seed: int, stream: int, axis: int, period: int, step: int) -> int:
+    """Offset of ``step`` on one axis: cycles through random permutations of 0…period-1, never repeating the
     previous step's offset across a cycle boundary."""
-    if patch <= 1:
+    if period <= 1:
         return 0
-    cycle, pos = divmod(step, patch)
+    cycle, pos = divmod(step, period)
     prev_last = None
     perm = None
     for c in range(cycle + 1):
-        perm = _np_rng(seed, stream, _TAG_TILE, axis, c).permutation(patch)
+        perm = _np_rng(seed, stream, _TAG_TILE, axis, period, c).permutation(period)
         if prev_last is not None and perm[0] == prev_last:
             perm[[0, 1]] = perm[[1, 0]]
         prev_last = perm[-1]
     return int(perm[pos])
 
 
-def tile_offset(seed: int, stream: int, patch: tuple[int, int], step: int) -> tuple[int, int]:
-    return (_offset_sequence(seed, stream, 0, patch[0], step), _offset_sequence(seed, stream, 1, patch[1], step))
+def tile_offset(seed: int, stream: int, period: tuple[int, int], step: int) -> tuple[int, int]:
+    """Grid offset (y, x) of a step; ``period`` = the cell size per axis."""
+    return (_offset_sequence(seed, stream, 0, period[0], step), _offset_sequence(seed, stream, 1, period[1], step))
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -278,7 +292,8 @@ class RandomPatchSampler:
     def __init__(self, denoiser: ConditionalDenoiser, *, patch: int | tuple[int, int] = 64, mode: Mode = "random",
                  steps: int = 250, eta: float = 1.0, guidance: float = 0.0, batch_size: int = 8,
                  multiple: int = 1, official_early_stop: bool = False, stream: int = 0,
-                 scheduler: DDIMScheduler | None = None, tile_offsets: Literal["random", "fixed"] = "random"):
+                 scheduler: DDIMScheduler | None = None, tile_offsets: Literal["random", "fixed"] = "random",
+                 tile_margin: int = 0, final_tile_margin: int = 0, final_tile_steps: int = 0):
         if mode not in ("random", "tiled"):
             raise ValueError(f"mode must be 'random' or 'tiled', got {mode!r}")
         ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
@@ -299,6 +314,14 @@ class RandomPatchSampler:
         self.multiple = int(multiple)
         self.stream = int(stream)
         self.tile_offsets = tile_offsets
+        for name, m in (("tile_margin", tile_margin), ("final_tile_margin", final_tile_margin)):
+            if m < 0 or 2 * m >= min(ph, pw):
+                raise ValueError(f"{name} must be in 0…{(min(ph, pw) - 1) // 2}, got {m}")
+        if final_tile_steps < 0:
+            raise ValueError(f"final_tile_steps must be ≥ 0, got {final_tile_steps}")
+        self.tile_margin = int(tile_margin)
+        self.final_tile_margin = int(final_tile_margin)
+        self.final_tile_steps = int(final_tile_steps)
         self.scheduler = scheduler or DDIMScheduler(eta=self.eta)
         self.scheduler.set_timesteps(int(steps))
         self.steps = int(steps)
@@ -349,8 +372,14 @@ class RandomPatchSampler:
         """Crop list of one step (a pure function of the label map, seed, stream and step)."""
         if self.mode == "random":
             return plan_random(labels_padded, self.patch, _np_rng(seed, self.stream, _TAG_CROPS, step))
-        offset = (0, 0) if self.tile_offsets == "fixed" else tile_offset(seed, self.stream, self.patch, step)
-        return plan_tiled(labels_padded, self.patch, offset)
+        m = self.tile_margin_at(step)
+        cells = (self.patch[0] - 2 * m, self.patch[1] - 2 * m)
+        offset = (0, 0) if self.tile_offsets == "fixed" else tile_offset(seed, self.stream, cells, step)
+        return plan_tiled(labels_padded, self.patch, offset, m)
+
+    def tile_margin_at(self, step: int) -> int:
+        """Context margin of the tiled mode at ``step`` (the last ``final_tile_steps`` use ``final_tile_margin``)."""
+        return self.final_tile_margin if step >= self.stop_at - self.final_tile_steps else self.tile_margin
 
     def passes(self, crop: Crop) -> list[int | None]:
         return passes_for(crop.labels, self.guidance, self.denoiser.null_label)
