@@ -302,6 +302,9 @@ def test_state_refuses_another_job(image_unet):
         s.run(state, other)
     with pytest.raises(ValueError, match="mode"):
         _sampler(image_unet, "tiled", steps=2).run(state, lab)
+    tiled = _sampler(image_unet, "tiled", steps=2).init_state(lab, seed=1)
+    with pytest.raises(ValueError, match="tiling"):
+        _sampler(image_unet, "tiled", steps=2, final_tile_margin=4, final_tile_steps=1).run(tiled, lab)
 
 
 def test_small_and_odd_canvases(image_unet):

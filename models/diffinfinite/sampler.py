@@ -400,8 +400,13 @@ class RandomPatchSampler:
             mode=self.mode, seed=int(seed), stream=self.stream, steps=self.steps, stop_at=self.stop_at,
             patch=self.patch, shape=(int(shape[0]), int(shape[1])), guidance=self.guidance, eta=self.eta,
             labels_crc=labels_crc(lab), latents=latents,
-            times=torch.zeros((hp, wp), dtype=torch.int16, device=device),
+            times=torch.zeros((hp, wp), dtype=torch.int16, device=device), extra={"tiling": self._tiling()},
         )
+
+    def _tiling(self) -> list:
+        if self.mode != "tiled":
+            return []
+        return [self.tile_offsets, self.tile_margin, self.final_tile_margin, self.final_tile_steps]
 
     def check_state(self, state: SamplerState, lab: np.ndarray) -> None:
         expect = {
@@ -413,6 +418,7 @@ class RandomPatchSampler:
             "patch": tuple(state.patch), "guidance": state.guidance, "eta": state.eta,
             "labels_crc": state.labels_crc,
         }
+        expect["tiling"], got["tiling"] = self._tiling(), list(state.extra.get("tiling", []))
         bad = [f"{k} (state {got[k]!r}, sampler {expect[k]!r})" for k in expect if got[k] != expect[k]]
         if tuple(state.latents.shape[2:]) != lab.shape:
             bad.append(f"canvas (state {tuple(state.latents.shape[2:])}, labels {lab.shape})")
