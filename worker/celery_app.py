@@ -19,12 +19,13 @@ def broker_options(settings: Settings) -> tuple[str, dict]:
     if settings.broker_url:
         return settings.broker_url, {"visibility_timeout": visibility}
     folder = settings.data_dir / "broker"
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return "filesystem://", {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),  # kombu's default is ./control in the working directory
         "store_processed": False,
     }
 
