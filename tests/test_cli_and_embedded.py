@@ -89,7 +89,7 @@ def test_embedded_serve_runs_a_job_without_any_server(tmp_path):
             time.sleep(0.2)
         assert job["status"] == "succeeded", job["error"]
         assert client.get(job["links"]["slide"]).content[:4] in (b"II+\x00", b"MM\x00+")
-        assert (tmp_path / "data" / "broker").is_dir()  # the filesystem transport was used
+        assert (tmp_path / "data" / "broker" / "control").is_dir()  # the filesystem transport, kept in the data dir
     finally:
         client.close()
         proc.terminate()
