@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         pairs = [(o, r) for o in ours for r in ref if o["size"] == r["size"]]
         summary["ratio_time"] = {str(o["size"]): o["step_s"] / r["step_s"] for o, r in pairs}
         summary["ratio_cpu_time"] = {str(o["size"]): o["step_cpu_s"] / r["step_cpu_s"] for o, r in pairs}
-        summary["ratio_memory"] = {str(o["size"]): o["peak_mb"] / max(r["peak_mb"], 1e-9) for o, r in pairs}
+        summary["ratio_memory"] = {str(o["size"]): o["peak_mb"] / max(r["peak_mb"], 1.0) for o, r in pairs}
         if len(ref) >= 2:
             summary["reference_time_exponent"] = fit_exponent([r["pixels"] for r in ref], [r["step_s"] for r in ref])
             summary["reference_cpu_time_exponent"] = fit_exponent([r["pixels"] for r in ref],
