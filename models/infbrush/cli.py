@@ -24,6 +24,10 @@ def _config(spec: str, overrides: dict) -> InfBrushConfig:
 def run_train(args: argparse.Namespace) -> int:
     from models.infbrush.train import TrainOptions, train_infbrush
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     overrides = {}
     if args.points is not None:
         overrides["n_points"] = args.points
@@ -77,6 +81,7 @@ def add_train_parsers(train_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=0.5, help="µm per pixel of the training images (model card)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
     return p
