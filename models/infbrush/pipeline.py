@@ -44,7 +44,7 @@ def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str
         name=name, engine="infinity-brush", trained=trained,
         description=(description + " " if description else "") + intro + " ".join(DESIGN_NOTES),
         subtypes={i: code for i, code in enumerate(prompts.codes)},
-        native_mpp=native_mpp, max_width=cfg.max_side, max_height=cfg.max_side,
+        native_mpp=native_mpp, max_width=cfg.max_side, max_height=cfg.max_side, default_steps=50,
         conditioning=["embedding", "subtype"], embedding_encoder=cfg.embedding_encoder,
         embedding_dim=cfg.embedding_dim, training_data=training_data, training=training or {}, files=files or {},
         config={"network": cfg.to_dict(), "weights": WEIGHTS_FILE, "prompt_set": prompts.version,
