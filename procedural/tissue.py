@@ -353,8 +353,8 @@ def _paint_necrosis(yv, xv, seed):
     blot = _fbm(yv, xv, (40.0, 14.0, 5.0), (2, 1), seed)
     haze = _fbm(yv, xv, (26.0, 9.0), (2, 2), seed)
     grain = _vnoise_grid(yv, xv, 1 / 1.7, _key(seed, 2, 3))
-    e = _F(0.14) + _F(0.26) * blot + _F(0.05) * grain
-    h = _F(0.04) + _F(0.11) * haze + _F(0.04) * grain
+    e = _F(0.09) + _F(0.24) * blot + _F(0.05) * grain
+    h = _F(0.06) + _F(0.14) * haze + _F(0.04) * grain
     cells = _Cells(yv, xv, 8.0, seed, 2003, n_attr=4, jitter=(0.1, 0.9))
     u_p, u_r, u_asp, u_int = cells.attr
     cluster = _fbm_at(cells.cy, cells.cx, (30.0, 12.0), (2, 4), seed)
