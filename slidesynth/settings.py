@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     )
     queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
     device: str = Field("auto", description="Worker torch device: auto, cpu, cuda, cuda:N.")
+    batch_size: int = Field(8, ge=1, description="Patches per denoiser call in the DiffInfinite sampler.")
+    precision: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
+                           description="Sampling precision: auto = bfloat16 on CUDA, float32 on CPU.")
     key_prefix: str = Field("slidesynth", description="Prefix of the service's own Redis keys.")
 
     max_width: int = Field(16384, ge=8, description="Largest output width in pixels.")

@@ -130,7 +130,8 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         store.update(job_id, untrained=not models.card.trained)
         result = generate_slide(spec, models, job_dir, device=device, report=report,
                                 cancel=lambda: store.cancel_requested(job_id), resume_state=resume,
-                                on_checkpoint=checkpoint if spec.engine == "diffinfinite" else None)
+                                on_checkpoint=checkpoint if spec.engine == "diffinfinite" else None,
+                                batch_size=settings.batch_size, precision=settings.precision)
     except Canceled:
         remove_outputs(job_dir)
         store.transition(job_id, {JobStatus.running}, status=JobStatus.canceled, finished_at=time.time(),

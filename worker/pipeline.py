@@ -85,6 +85,8 @@ def generate_slide(
     cancel: CancelFn,
     resume_state: Any = None,
     on_checkpoint: Callable[[Any], None] | None = None,
+    batch_size: int = 8,
+    precision: str = "auto",
 ) -> SlideResult:
     """Run one job end to end; outputs land in ``job_dir`` only when complete."""
     from writers.outputs import SlideOutputs
@@ -112,8 +114,10 @@ def generate_slide(
         from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
 
         pipe = DiffInfinitePipeline(models, device=device)
+        if precision == "auto":
+            precision = "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
         opts = SamplingOptions(steps=spec.steps, guidance=spec.guidance, eta=spec.eta, mode=spec.sampler,
-                               seed=spec.seed)
+                               seed=spec.seed, batch_size=batch_size, precision=precision)
         if spec.conditioning == "mask":
             labels = load_mask_labels(spec, job_dir)
         else:
