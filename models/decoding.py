@@ -194,21 +194,44 @@ class TiledDecoder:
         return out
 
     def iter_bands(self, latent: torch.Tensor, cancel: CancelFn | None = None,
-                   progress: ProgressFn | None = None, output: str = "uint8") -> Iterator[np.ndarray]:
+                   progress: ProgressFn | None = None, output: str = "uint8",
+                   crop: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
         """Yield consecutive row-major bands of the decoded image.
 
         ``output="uint8"``: C-contiguous uint8 (rows, scale·w, 3).  ``output="float32"``: float32 bands of
-        the same shape, unclamped (for tests and measurements).
+        the same shape, unclamped (for tests and measurements).  ``crop=(height, width)`` keeps only the
+        top-left height × width pixels (for slide sizes that are not multiples of ``scale``); the bands then
+        cover exactly ``height`` rows of ``width`` pixels.
         """
         self._check_latent(latent)
         if output not in ("uint8", "float32"):
             raise ValueError(f"output must be 'uint8' or 'float32', got {output!r}")
+        full_h, full_w = latent.shape[2] * self.scale, latent.shape[3] * self.scale
+        if crop is not None:
+            ch, cw = int(crop[0]), int(crop[1])
+            if not (1 <= ch <= full_h and 1 <= cw <= full_w):
+                raise ValueError(f"crop {crop} must lie within the decoded {full_h} x {full_w} px image")
+        else:
+            ch, cw = full_h, full_w
         self.decoder_calls = 0
         self.decode_fn_calls = 0
-        if self.window == "four-pass":
-            yield from self._iter_four_pass(latent, cancel, progress, output)
-        else:
-            yield from self._iter_ola(latent, cancel, progress, output)
+        bands = (self._iter_four_pass(latent, cancel, progress, output) if self.window == "four-pass"
+                 else self._iter_ola(latent, cancel, progress, output))
+        if (ch, cw) == (full_h, full_w):
+            yield from bands
+            return
+        rows = 0
+        for band in bands:
+            take = min(band.shape[0], ch - rows)
+            if take > 0:
+                yield np.ascontiguousarray(band[:take, :cw])
+                rows += take
+            if rows >= ch:
+                bands.close()  # stop decoding: the rest would be cropped away
+                if progress is not None:
+                    total = self.count_tiles(latent.shape[2], latent.shape[3])
+                    progress(total, total)
+                return
 
     def decode(self, latent: torch.Tensor, **kw) -> np.ndarray:
         """Whole image at once (small latents only: concatenates :meth:`iter_bands`)."""

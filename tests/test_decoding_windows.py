@@ -228,3 +228,15 @@ def test_overhead_and_seam_metric_basics():
     stepped = np.tile(np.linspace(0, 50, 64)[None, :, None], (64, 1, 3))
     stepped[:, 32:] += 20  # one step at x = 32
     assert seam_ratio(stepped, 32) > 10
+
+
+def test_crop_to_a_slide_size_that_is_not_a_multiple_of_8():
+    latent = smooth_latent(40, 24, seed=6)
+    dec = TiledDecoder(make_linear_decoder(), scale=S, tile=16, overlap=4, window="tukey")
+    full = dec.decode(latent)
+    bands = list(dec.iter_bands(latent, crop=(301, 187)))
+    assert sum(b.shape[0] for b in bands) == 301 and all(b.shape[1:] == (187, 3) and b.flags.c_contiguous
+                                                         for b in bands)
+    assert np.array_equal(np.concatenate(bands), full[:301, :187])
+    with pytest.raises(ValueError, match="crop"):
+        list(dec.iter_bands(latent, crop=(321, 10)))
