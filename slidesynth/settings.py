@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(8, ge=1, description="Patches per denoiser call in the DiffInfinite sampler.")
     precision: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
                            description="Sampling precision: auto = bfloat16 on CUDA, float32 on CPU.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads per worker process for torch (0: torch's default).")
     key_prefix: str = Field("slidesynth", description="Prefix of the service's own Redis keys.")
 
     max_width: int = Field(16384, ge=8, description="Largest output width in pixels.")

@@ -35,6 +35,10 @@ class WorkerContext:
     @classmethod
     def from_settings(cls, settings: Settings | None = None, hostname: str = "worker") -> "WorkerContext":
         settings = settings or get_settings()
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         return cls(settings, open_store(settings), ModelRegistry(settings.models_dir), hostname)
 
 
