@@ -66,6 +66,17 @@ def resolve_subtype(name: str, card: ModelCard) -> tuple[str, int]:
     raise FieldError(("conditioning", "subtype"), f"unknown subtype {name!r} for {card.name}; known: {known}")
 
 
+def _require_text_encoder(settings: Settings) -> None:
+    """∞-Brush turns subtypes into embeddings with QuiltNet's text tower, loaded from a local folder."""
+    from models.infbrush.text import DEFAULT_DIRNAME
+
+    folder = settings.models_dir / DEFAULT_DIRNAME
+    if not (folder / "open_clip_config.json").is_file():
+        raise FieldError(("conditioning", "type"),
+                         f"subtype prompts for ∞-Brush need the QuiltNet text encoder in {folder} "
+                         "(an OpenCLIP local-dir folder), which this deployment lacks; send an embedding instead")
+
+
 def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]:
     if "embedding" not in card.conditioning:
         raise FieldError(("conditioning", "type"), f"model {card.name} does not take embedding conditioning")
@@ -133,6 +144,8 @@ def build_spec(
         _check_size(width, height, card, settings)
         if isinstance(conditioning, SubtypeConditioning):
             name, idx = resolve_subtype(conditioning.subtype, card)
+            if card.engine == "infinity-brush":
+                _require_text_encoder(settings)
             extra = dict(conditioning="subtype", subtype=name, subtype_id=idx)
         else:
             extra = dict(conditioning="embedding", embedding=check_embedding(conditioning, card),
