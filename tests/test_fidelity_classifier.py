@@ -69,18 +69,21 @@ def test_streamed_bands_give_the_whole_image_score_and_the_metrics_seam_ratio(cl
     from models.metrics import seam_ratio
 
     labels = random_layout(1100, 1030, UNSEEN_SEED + 2, "slide", mpp=2.0, subtype=0)
-    img = render_tile(labels, 3)
+    smooth = render_tile(labels, 3)
+    img = smooth.copy()
     img[:, 512:] = np.clip(img[:, 512:].astype(int) + 12, 0, 255).astype(np.uint8)  # a hard vertical seam
     whole = score_slide(img, labels, clf)
     scorer = SlideScorer(labels, clf)
     for r in range(0, 1100, 100):
         scorer.add_band(img[r:r + 100])
-    streamed = scorer.result()
-    assert streamed == whole
-    assert whole["seam_ratio"] == pytest.approx(seam_ratio(img, 512, (0,), match_mod=8), rel=1e-9)
+    assert scorer.result() == whole
+    assert scorer.seam_ratio() == pytest.approx(seam_ratio(img, 512, (0,), match_mod=8), rel=1e-9)
     assert whole["seam_ratio"] > 1.2
-    smooth = score_slide(render_tile(labels, 3), labels, clf)["seam_ratio"]
-    assert smooth < 1.05
+    smooth_scorer = SlideScorer(labels, clf)
+    for r in range(0, 1100, 512):
+        smooth_scorer.add_band(smooth[r:r + 512])
+    assert smooth_scorer.seam_ratio() == pytest.approx(seam_ratio(smooth, 512, (0,), match_mod=8), rel=1e-9)
+    assert smooth_scorer.seam_ratio() < 1.05
 
 
 def test_window_labels_skip_mixed_windows():

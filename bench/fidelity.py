@@ -1,0 +1,162 @@
+"""Conditioning-fidelity benchmark: does a generated slide follow its mask, and is it seamless?
+
+    python -m bench.fidelity                       # the default model (SLIDESYNTH_DEFAULT_MODEL), card steps
+    python -m bench.fidelity --model NAME --steps 50 --device cuda
+    python -m bench.fidelity --quick               # 2 masks of 128² (512² px slides), 10 steps
+
+For the demo mask (:func:`slidesynth.demo.demo_mask`, 256² at 2 µm/px → a 1024² slide at 0.5 µm/px, as
+``make demo`` submits it) and three procedural slide layouts (seeds 9001–9003, subtypes 0/1/0; none of them
+in any training set), the slide is generated through the same code path as ``slidesynth generate`` (mask
+checks, job spec, worker pipeline, pyramidal TIFF), read back at full resolution and scored with
+:func:`evaluation.fidelity.score_slide`: balanced accuracy of the shipped window classifier's labels against
+the requested mask, and the seam ratio on the image stage's 512-px grid.
+
+Reference, measured in the same run: the same masks rendered directly by :mod:`procedural.tissue` (the data
+the demo models learn from) and scored the same way: the ceiling a generator can reach with this
+classifier. Goal (issue 6): balanced accuracy ≥ 0.8 and seam ratio ≤ 1.05. An untrained model scores near
+chance (≈ 1 / number of classes present) — printed as is.
+
+The last line is one JSON object with our figures, the reference's and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GOAL_BALANCED_ACCURACY = 0.8
+GOAL_SEAM_RATIO = 1.05
+LAYOUT_SEEDS = (9001, 9002, 9003)
+
+
+def masks(size: int, n_generated: int = 3) -> list[tuple[str, np.ndarray]]:
+    """(name, labels) — the demo mask and ``n_generated`` procedural slide layouts at 2 µm/px."""
+    from procedural.tissue import random_layout
+    from slidesynth.demo import demo_mask
+
+    out = [("demo", demo_mask(size))]
+    for i, s in enumerate(LAYOUT_SEEDS[:n_generated]):
+        out.append((f"layout-{s}", random_layout(size, size, s, "slide", mpp=2.0, subtype=i % 2)))
+    return out
+
+
+def read_level0(path: Path) -> np.ndarray:
+    import tifffile
+
+    img = tifffile.imread(str(path), series=0, level=0)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def generate(mask: np.ndarray, out_dir: Path, *, model: str | None, steps: int | None, seed: int,
+             mask_mpp: float, device: str | None, sampler: str | None) -> tuple[np.ndarray, float]:
+    """Run ``slidesynth generate`` in-process; return the level-0 RGB image and the seconds it took."""
+    from PIL import Image
+
+    from slidesynth.cli import main as cli_main
+
+    mask_path = out_dir / "mask.png"
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(mask_path)
+    tiff = out_dir / "slide.tiff"
+    argv = ["generate", "--mask", str(mask_path), "--out", str(tiff), "--mask-mpp", str(mask_mpp),
+            "--seed", str(seed)]
+    for flag, value in (("--model", model), ("--steps", steps), ("--device", device), ("--sampler", sampler)):
+        if value is not None:
+            argv += [flag, str(value)]
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"slidesynth {' '.join(argv)} exited with {rc}")
+    return read_level0(tiff), time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model name (default: SLIDESYNTH_DEFAULT_MODEL, as the demo)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model card's)")
+    p.add_argument("--sampler", choices=["random", "tiled"])
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-size", type=int, default=256, help="mask side in px at 2 µm/px (slide = 4×)")
+    p.add_argument("--classifier", help="fidelity classifier folder (default: weights/fidelity-classifier)")
+    p.add_argument("--quick", action="store_true", help="2 masks of 128², 10 steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.mask_size = 128
+        args.steps = args.steps or 10
+
+    from evaluation.fidelity import load_classifier, score_slide
+    from procedural.tissue import render_tile
+    from service.masks import resize_labels
+    from slidesynth.settings import get_settings
+
+    model = args.model or get_settings().default_model
+    clf = load_classifier(args.classifier)
+    mask_mpp = 2.0
+    rows = []
+    print(f"model {model}, {args.steps or 'card default'} steps, masks {args.mask_size}² at {mask_mpp} µm/px "
+          f"→ slides {4 * args.mask_size}² px at 0.5 µm/px; classifier sha256 "
+          f"{clf.card['files']['classifier.safetensors'][:12]}")
+    header = f"{'mask':<12} {'classes':>7} {'bal.acc':>8} {'seam':>7} {'ref bal.acc':>11} {'ref seam':>8} {'gen s':>7}"
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+        for name, mask in masks(args.mask_size, 1 if args.quick else 3):
+            work = Path(tmp) / name
+            work.mkdir()
+            img, secs = generate(mask, work, model=model, steps=args.steps, seed=args.seed, mask_mpp=mask_mpp,
+                                 device=args.device, sampler=args.sampler)
+            labels = resize_labels(mask.astype(np.uint8), img.shape[0], img.shape[1])
+            ours = score_slide(img, labels, clf)
+            ref = score_slide(render_tile(labels, args.seed), labels, clf)
+            row = {"mask": name, "width": img.shape[1], "height": img.shape[0],
+                   "classes": len(ours["recall"]), "balanced_accuracy": ours["balanced_accuracy"],
+                   "seam_ratio": ours["seam_ratio"], "recall": ours["recall"],
+                   "reference_balanced_accuracy": ref["balanced_accuracy"], "reference_seam_ratio": ref["seam_ratio"],
+                   "seconds_generate": round(secs, 1)}
+            rows.append(row)
+            seam = "n/a" if ours["seam_ratio"] is None else f"{ours['seam_ratio']:.3f}"
+            rseam = "n/a" if ref["seam_ratio"] is None else f"{ref['seam_ratio']:.3f}"
+            print(f"{name:<12} {row['classes']:>7} {ours['balanced_accuracy']:>8.3f} {seam:>7} "
+                  f"{ref['balanced_accuracy']:>11.3f} {rseam:>8} {secs:>7.1f}", flush=True)
+
+    def mean(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    ours_ba, ref_ba = mean("balanced_accuracy"), mean("reference_balanced_accuracy")
+    worst_seam = max((r["seam_ratio"] for r in rows if r["seam_ratio"] is not None), default=None)
+    chance = round(float(np.mean([1.0 / r["classes"] for r in rows])), 4)
+    print(f"mean balanced accuracy {ours_ba} (reference {ref_ba}, chance ≈ {chance}); worst seam ratio "
+          f"{worst_seam}; goal: ≥ {GOAL_BALANCED_ACCURACY} and ≤ {GOAL_SEAM_RATIO}")
+    summary = {
+        "bench": "fidelity",
+        "model": model,
+        "steps": args.steps,
+        "ours": {"mean_balanced_accuracy": ours_ba, "worst_seam_ratio": worst_seam, "rows": rows},
+        "reference": {"what": "procedural.tissue render of the same masks (the training data's ceiling)",
+                      "mean_balanced_accuracy": ref_ba,
+                      "worst_seam_ratio": max((r["reference_seam_ratio"] for r in rows
+                                               if r["reference_seam_ratio"] is not None), default=None)},
+        "ratio": {"balanced_accuracy": round(ours_ba / ref_ba, 4) if ours_ba is not None and ref_ba else None},
+        "chance_balanced_accuracy": chance,
+        "goal": {"balanced_accuracy": GOAL_BALANCED_ACCURACY, "seam_ratio": GOAL_SEAM_RATIO,
+                 "met": bool(ours_ba is not None and ours_ba >= GOAL_BALANCED_ACCURACY
+                             and (worst_seam is None or worst_seam <= GOAL_SEAM_RATIO))},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    raise SystemExit(main())
