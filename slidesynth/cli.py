@@ -182,6 +182,12 @@ def _add_engine_commands(train, convert) -> None:
     except ImportError:
         pass
     try:
+        from models.vae_cli import add_train_parsers as add_vae_train
+
+        add_vae_train(train)
+    except ImportError:
+        pass
+    try:
         from models.infbrush.cli import add_train_parsers as add_infbrush_train
 
         add_infbrush_train(train)

@@ -45,7 +45,8 @@ def _add_common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--vae", type=Path, required=True, help="local AutoencoderKL folder (SD 2 base 'vae')")
     p.add_argument("--out", type=Path, required=True, help="model folder to write (weights, card, vae/, logs, state)")
     p.add_argument("--name", help="model name in the card (default: the folder name)")
-    p.add_argument("--network", choices=("official", "tiny"), default="official", help="network size (default official)")
+    p.add_argument("--network", choices=("official", "small", "tiny"), default="official",
+                   help="network size: official (the release), small (2.8 M parameters), tiny (tests); default official")
     p.add_argument("--init", type=Path, help="start from these weights (our model folder, .safetensors or official .pt)")
     p.add_argument("--num-classes", type=int, default=5, help="labels K incl. 0 = unknown (default 5)")
     p.add_argument("--class-names", help="JSON {id: name}, a JSON file, or 'Unknown,Carcinoma,…'")
@@ -61,6 +62,9 @@ def _add_common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--tile-size", type=int, default=512, help="training tile size in px (default 512)")
     p.add_argument("--mask-downsample", type=int, default=4, help="image px per mask px (default 4: 512 → 128)")
     p.add_argument("--mask-divisors", help="4 per-channel mask-latent divisors (default: official for K)")
+    p.add_argument("--latent-scale", type=float, default=50.0,
+                   help="image latents = raw VAE latents / this (default 50, the release's; a VAE trained with "
+                   "`slidesynth train vae` reports its own in vae_training.json)")
     p.add_argument("--mpp", type=float, default=0.5, help="native µm/px of the model (default 0.5)")
     p.add_argument("--slide-mpp", type=float, help="µm/px of slides that record none")
     p.add_argument("--no-augment", action="store_true", help="disable flips / rot90")
@@ -72,6 +76,7 @@ def _add_common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on GPU (default: bf16 autocast on CUDA)")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/<kind>-last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")
     p.add_argument("--link-vae", action="store_true", help="symlink the VAE folder instead of copying it")
@@ -87,9 +92,10 @@ def _train_config(args: argparse.Namespace, kind: str):
         stop_after=args.stop_after, batch_size=args.batch_size, lr=args.lr, grad_clip=args.grad_clip,
         ema_beta=args.ema_beta, ema_every=args.ema_every, ema_after=args.ema_after, p_unc=args.p_unc,
         tile_size=args.tile_size, mask_downsample=args.mask_downsample, mask_divisors=_divisors(args.mask_divisors),
+        latent_scale=args.latent_scale,
         native_mpp=args.mpp, slide_mpp=args.slide_mpp, augment=not args.no_augment, save_every=args.save_every,
         holdout=args.holdout, val_every=args.val_every, val_samples=args.val_samples, seed=args.seed,
-        device=args.device, bf16=not args.no_bf16, workers=args.workers, resume=args.resume,
+        device=args.device, bf16=not args.no_bf16, workers=args.workers, threads=args.threads, resume=args.resume,
         overwrite=args.overwrite, link_vae=args.link_vae, name=args.name,
     )
 

@@ -131,7 +131,7 @@ class TrainConfig:
     vae: Path
     tiles: Path | None = None
     slides: Path | None = None
-    network: Literal["official", "tiny"] = "official"
+    network: Literal["official", "small", "tiny"] = "official"
     init: Path | None = None
     num_classes: int = 5
     class_names: dict[int, str] | None = None
@@ -148,6 +148,7 @@ class TrainConfig:
     tile_size: int = 512
     mask_downsample: int = 4
     mask_divisors: tuple[float, ...] | None = None
+    latent_scale: float = 50.0
     native_mpp: float = 0.5
     slide_mpp: float | None = None
     augment: bool = True
@@ -160,6 +161,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     workers: int = 0
+    threads: int | None = None
     resume: bool = False
     overwrite: bool = False
     link_vae: bool = False
@@ -180,6 +182,21 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
+def network_config(kind: Kind, network: str, num_classes: int = 5) -> ImageUNetConfig | MaskUNetConfig:
+    """The UNet configuration of a ``--network`` preset: ``official`` (the release: 172.1 M image / 38.4 M
+    mask parameters), ``small`` (dim 32, mults 1-2-4, 4 heads × 16: 2.8 M each; the demo models) or ``tiny``
+    (tests)."""
+    if network == "official":
+        return ImageUNetConfig.official(num_classes) if kind == "image" else MaskUNetConfig.official()
+    if network == "small":
+        if kind == "image":
+            return ImageUNetConfig(dim=32, dim_mults=(1, 2, 4), num_classes=num_classes, attn_heads=4, attn_dim_head=16)
+        return MaskUNetConfig(dim=32, dim_mults=(1, 2, 4), attn_heads=4, attn_dim_head=16)
+    if network == "tiny":
+        return ImageUNetConfig.tiny(num_classes) if kind == "image" else MaskUNetConfig.tiny()
+    raise ValueError(f"unknown network preset {network!r}; choose official, small or tiny")
+
+
 def _build_network(cfg: TrainConfig) -> ImageUNet | MaskUNet:
     if cfg.init is not None:
         init = Path(cfg.init)
@@ -189,10 +206,8 @@ def _build_network(cfg: TrainConfig) -> ImageUNet | MaskUNet:
         if cfg.kind == "image" and net.config.num_classes != cfg.num_classes:
             raise ValueError(f"--init {cfg.init} has {net.config.num_classes} classes, --num-classes is {cfg.num_classes}")
         return net.requires_grad_(True)
-    if cfg.kind == "image":
-        conf = ImageUNetConfig.official(cfg.num_classes) if cfg.network == "official" else ImageUNetConfig.tiny(cfg.num_classes)
-        return ImageUNet(conf)
-    return MaskUNet(MaskUNetConfig.official() if cfg.network == "official" else MaskUNetConfig.tiny())
+    conf = network_config(cfg.kind, cfg.network, cfg.num_classes)
+    return ImageUNet(conf) if cfg.kind == "image" else MaskUNet(conf)
 
 
 def _state_path(cfg: TrainConfig) -> Path:
@@ -221,6 +236,10 @@ class _Trainer:
             raise ValueError(f"steps and batch size must be positive, got {cfg.steps} and {cfg.batch_size}")
         if cfg.tiles is None and cfg.slides is None:
             raise ValueError("give training data: a tile folder (--tiles) and/or a slide folder (--slides)")
+        if not (cfg.latent_scale > 0 and math.isfinite(cfg.latent_scale)):
+            raise ValueError(f"latent_scale must be a positive number, got {cfg.latent_scale}")
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -238,8 +257,8 @@ class _Trainer:
             raise FileNotFoundError(f"--resume: no training state at {state_path}")
         if self.state is not None:
             saved = self.state["config"]
-            for key in ("steps", "batch_size", "kind", "num_classes", "tile_size"):
-                if saved[key] != getattr(cfg, key):
+            for key in ("steps", "batch_size", "kind", "num_classes", "tile_size", "latent_scale"):
+                if saved.get(key, 50.0 if key == "latent_scale" else None) != getattr(cfg, key):
                     raise ValueError(f"--resume: {key} = {getattr(cfg, key)} differs from the saved run's {saved[key]}")
 
         torch.manual_seed(cfg.seed)
@@ -267,7 +286,7 @@ class _Trainer:
             from models.diffinfinite.loading import default_mask_divisors
 
             divisors = default_mask_divisors(cfg.num_classes)
-        self.codec = LatentCodec(vae, latent_scale=50.0, mask_divisors=divisors, num_classes=cfg.num_classes)
+        self.codec = LatentCodec(vae, latent_scale=cfg.latent_scale, mask_divisors=divisors, num_classes=cfg.num_classes)
 
         if self.state is None:
             net = _build_network(cfg)
@@ -382,6 +401,7 @@ class _Trainer:
         card.config["mask_divisors"] = list(self.codec.mask_divisors)
         card.config["mask_downsample"] = cfg.mask_downsample
         if cfg.kind == "image":
+            card.latent_scale = cfg.latent_scale
             card.config["image_unet"] = net.config.to_dict()
             weights = out / IMAGE_WEIGHTS
         else:

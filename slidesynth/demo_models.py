@@ -1,0 +1,410 @@
+"""The recipe of ``weights/diffinfinite-demo``: small DiffInfinite models trained on procedural tissue.
+
+    python -m slidesynth.demo_models all            # every step below, in order (≈ 40 min on a 2-core CPU)
+    python -m slidesynth.demo_models STEP [STEP …]  # datasets | vae | diffusion | assemble | evaluate | picture
+
+Steps (each runs the exact command lines listed in :func:`commands`; ``work`` = ``data/demo-models``):
+
+1. ``datasets`` — procedural H&E-like data (:mod:`procedural.tissue`): 800 labelled 256² tiles (tile layouts,
+   seed 0) for the VAE and the image model; 48 *unlabelled* glass tiles (class 0 renders without a mask file,
+   seed 7) so that the image model's null condition (label 0, "unknown") is glass, as the procedural
+   world's class 0; 120 labelled whole-slide layouts of 1024² px at 0.5 µm/px (seed 1, with subtypes) for the
+   mask model, which sees 512-px crops at 1/4 resolution (128-px masks, 16² latents) as in the release.
+2. ``vae`` — ``slidesynth train vae`` (AutoencoderKL, 4 latent channels, ×8, 2.7 M parameters, fp16). Its
+   ``vae_training.json`` gives the image ``latent_scale`` and the mask-latent divisors used next.
+3. ``diffusion`` — ``slidesynth train diffinfinite`` (image model, ``--network small``, 2.8 M) and
+   ``slidesynth train diffinfinite-mask`` (mask model, 2.8 M) side by side, one thread each.
+4. ``assemble`` — ``weights/diffinfinite-demo``: fp16 safetensors, ``vae/``, ``model_card.json`` (classes,
+   data, the commands, device, wall times, sha256 of every file).
+5. ``evaluate`` — fidelity (:mod:`evaluation.fidelity`) of slides generated from layouts none of the models
+   saw; written into the card's ``metrics``.
+6. ``picture`` — ``docs/demo.png``: the demo mask beside the slide generated from it (the ``make demo``
+   request: 256-px mask at 2 µm/px → 1024² px at 0.5 µm/px, seed 0, default steps and guidance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path("data/demo-models")
+OUT = Path("weights/diffinfinite-demo")
+NAME = "diffinfinite-demo"
+PICTURE = Path("docs/demo.png")
+
+# Sampling defaults written into the card (requests may override them).
+DEFAULT_STEPS = 50
+# Unseen layouts for the fidelity figures: seeds no training set used (datasets use item_seed(seed, i)).
+EVAL_SEEDS = (20261, 20262)
+EVAL_SIZE = 1024
+CLASS_NAMES = {0: "Unknown (glass)", 1: "Carcinoma", 2: "Necrosis", 3: "Tumor stroma", 4: "Others (fat, vessels)"}
+TRAINING_DATA = (
+    "procedural H&E-like tissue (procedural.tissue v{v}, Beer-Lambert H&E stain model, pixel-exact 5-class masks; "
+    "NOT real histology). VAE and image model: 800 labelled 256-px tiles at 0.5 um/px (tile layouts, seed 0) + "
+    "48 unlabelled glass tiles (seed 7, the null condition); mask model: 120 whole-slide layouts of 1024 px at "
+    "0.5 um/px (seed 1; subtype 0 adenocarcinoma-like, 1 squamous-like), 512-px crops seen at 128 px"
+)
+
+
+def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors: list[float] | None = None,
+             python: str = "python", slidesynth: str = "slidesynth") -> dict[str, list[str]]:
+    """The exact command lines of each step (``latent_scale``/``mask_divisors`` come from the VAE step)."""
+    w = str(work)
+    ls = f"{latent_scale:g}" if latent_scale is not None else "<latent_scale from vae_training.json>"
+    md = ",".join(f"{d:g}" for d in mask_divisors) if mask_divisors else "<mask_divisors from vae_training.json>"
+    common = (f"--vae {w}/vae --network small --latent-scale {ls} --mask-divisors {md} --lr 1e-3 "
+              f"--ema-every 1 --ema-after 100 --save-every 200 --device cpu --threads 1 --seed 0 --quiet --overwrite")
+    return {
+        "datasets": [
+            f"{python} -m procedural dataset {w}/tiles --n 800 --size 256 --seed 0 --workers 2",
+            f"{python} -m slidesynth.demo_models glass-tiles {w}/tiles/glass --n 48 --size 256 --seed 7",
+            f"{python} -m procedural dataset {w}/slides --n 120 --size 1024 --kind slide --mpp 0.5 --seed 1 --workers 2",
+        ],
+        "vae": [
+            f"{slidesynth} train vae --tiles {w}/tiles --out {w}/vae --config small --crop 64 --batch-size 8 "
+            f"--steps 400 --lr 1e-3 --warmup 30 --save-every 100 --fp16 --device cpu --threads 1 --seed 0 --quiet --overwrite",
+        ],
+        "diffusion": [
+            f"{slidesynth} train diffinfinite --tiles {w}/tiles --out {w}/image --tile-size 128 --p-unc 0.2 "
+            f"--steps 1200 --batch-size 16 {common}",
+            f"{slidesynth} train diffinfinite-mask --tiles {w}/slides --out {w}/mask --tile-size 512 "
+            f"--steps 800 --batch-size 16 {common}",
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ data
+def make_glass_tiles(out_dir: str | Path, n: int, size: int = 256, seed: int = 7) -> Path:
+    """``n`` unlabelled renders of class 0 (glass) — ``glass_<i>.png`` without a mask file: the image model's
+    unconditional pool, so its null condition (label 0) paints glass."""
+    from PIL import Image
+
+    from procedural.tissue import item_seed, render_tile
+
+    if n < 1 or size < 8:
+        raise ValueError(f"need n ≥ 1 and size ≥ 8, got n={n}, size={size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    zeros = np.zeros((size, size), np.uint8)
+    for i in range(n):
+        Image.fromarray(render_tile(zeros, item_seed(seed, i))).save(out / f"glass_{i:05d}.png")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _run_logged(cmd: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = shlex.split(cmd)
+    if argv[0] == "slidesynth":
+        argv = [sys.executable, "-m", "slidesynth.cli", *argv[1:]]
+    elif argv[0] == "python":
+        argv = [sys.executable, *argv[1:]]
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _record(work: Path, step: str, data: dict[str, Any]) -> None:
+    path = REPO / work / "recipe.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    rec[step] = data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+
+
+def _vae_stats(work: Path) -> tuple[float, list[float]]:
+    info = json.loads((REPO / work / "vae" / "vae_training.json").read_text())
+    return float(info["stats"]["latent_scale"]), [float(v) for v in info["stats"]["mask_divisors"]]
+
+
+def run_step(step: str, work: Path = WORK) -> None:
+    """Run one command step; commands of the ``diffusion`` step run in parallel."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if step == "diffusion":
+        ls, md = _vae_stats(work)
+        cmds = commands(work, ls, md)[step]
+        parallel = True
+    else:
+        cmds = commands(work)[step]
+        parallel = False
+    t0 = time.perf_counter()
+    walls: list[float] = []
+    if parallel:
+        procs = [(c, _run_logged(c, REPO / work / "logs" / f"{step}-{i}.log", env), time.perf_counter())
+                 for i, c in enumerate(cmds)]
+        for c, p, ts in procs:
+            if p.wait() != 0:
+                raise RuntimeError(f"step {step} failed: {c} (see {work}/logs)")
+            walls.append(round(time.perf_counter() - ts, 1))
+    else:
+        for i, c in enumerate(cmds):
+            ts = time.perf_counter()
+            if _run_logged(c, REPO / work / "logs" / f"{step}-{i}.log", env).wait() != 0:
+                raise RuntimeError(f"step {step} failed: {c} (see {work}/logs/{step}-{i}.log)")
+            walls.append(round(time.perf_counter() - ts, 1))
+    _record(work, step, {"commands": cmds, "wall_time_s": round(time.perf_counter() - t0, 1),
+                         "command_wall_time_s": walls, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+# ------------------------------------------------------------------------------------------------ assembly
+def assemble(work: Path = WORK, out: Path = OUT) -> Path:
+    """Combine the trained image model, mask model and VAE into ``out`` (fp16 safetensors + card)."""
+    import shutil
+
+    import torch
+
+    from models.cards import ModelCard
+    from models.diffinfinite.checkpoints import IMAGE_WEIGHTS, MASK_WEIGHTS, load_network, save_network, sha256_file
+    from models.diffinfinite.mask_unet import SUBTYPES
+    from models.vae import resolve_vae_folder
+    from procedural.tissue import GENERATOR_VERSION
+
+    work_abs, out_abs = REPO / work, REPO / out
+    image_card = ModelCard.load(work_abs / "image")
+    mask_card = ModelCard.load(work_abs / "mask")
+    vae_info = json.loads((work_abs / "vae" / "vae_training.json").read_text())
+    recipe = json.loads((work_abs / "recipe.json").read_text())
+    ls, md = _vae_stats(work)
+    if abs(image_card.latent_scale - ls) > 1e-9 or [round(d, 6) for d in image_card.config["mask_divisors"]] != [
+            round(d, 6) for d in md]:
+        raise ValueError("the image model was not trained with the VAE's latent_scale / mask divisors")
+    if [round(d, 6) for d in mask_card.config["mask_divisors"]] != [round(d, 6) for d in md]:
+        raise ValueError("the mask model was not trained with the VAE's mask divisors")
+
+    if out_abs.exists():
+        shutil.rmtree(out_abs)
+    out_abs.mkdir(parents=True)
+    files: dict[str, str] = {}
+    image = load_network(work_abs / "image" / IMAGE_WEIGHTS, image_card.config["image_unet"], kind="image",
+                         dtype=torch.float16)
+    mask = load_network(work_abs / "mask" / MASK_WEIGHTS, mask_card.config["mask_unet"], kind="mask",
+                        dtype=torch.float16)
+    files[IMAGE_WEIGHTS] = save_network(image, out_abs / IMAGE_WEIGHTS)
+    files[MASK_WEIGHTS] = save_network(mask, out_abs / MASK_WEIGHTS)
+    vae_src = resolve_vae_folder(work_abs / "vae")
+    (out_abs / "vae").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy2(vae_src / name, out_abs / "vae" / name)
+        files[f"vae/{name}"] = sha256_file(out_abs / "vae" / name)
+
+    def n_params(net) -> int:
+        return int(sum(p.numel() for p in net.parameters()))
+
+    ls_, md_ = _vae_stats(work)
+    cmds = commands(work, ls_, md_)
+    img_tr, msk_tr = image_card.training["image_unet"], mask_card.training["mask_unet"]
+    walls = {k: v.get("wall_time_s") for k, v in recipe.items() if isinstance(v, dict)}
+    card = ModelCard(
+        name=NAME,
+        engine="diffinfinite",
+        trained=True,
+        description=(
+            "Small DiffInfinite models (image UNet, mask UNet, KL autoencoder; ≈ 8 M parameters in all) trained "
+            "from scratch on CPU on procedural H&E-like tissue, for the demo and the tests. They paint the five "
+            "procedural classes where a label mask asks for them; they are NOT models of real histology."
+        ),
+        classes=dict(CLASS_NAMES),
+        subtypes=dict(SUBTYPES),
+        native_mpp=0.5,
+        latent_scale=ls,
+        vae_scale_factor=8,
+        default_steps=DEFAULT_STEPS,
+        conditioning=["mask", "subtype"],
+        training_data=TRAINING_DATA.format(v=GENERATOR_VERSION),
+        training={
+            "recipe": "python -m slidesynth.demo_models all",
+            "commands": [c for step in ("datasets", "vae", "diffusion") for c in cmds[step]],
+            "device": "cpu",
+            "hardware": "2-core CPU shared with other jobs (no GPU); one torch thread per training process",
+            "torch": torch.__version__,
+            "wall_time_s": walls,
+            "wall_time_total_training_s": round(sum(walls.get(k) or 0.0 for k in ("vae", "diffusion")), 1),
+            "vae": {k: vae_info[k] for k in ("preset", "parameters", "steps_done", "batch_size", "crop", "lr",
+                                             "loss_weights", "wall_time_s", "final_loss_mean_last_50", "stats")},
+            "image_unet": {**{k: img_tr[k] for k in ("steps_done", "batch_size", "lr", "p_unc", "ema",
+                                                      "duration_s_this_run", "final_loss_mean_last_100")},
+                           "parameters": n_params(image), "tile_size": 128},
+            "mask_unet": {**{k: msk_tr[k] for k in ("steps_done", "batch_size", "lr", "p_unc", "ema",
+                                                     "duration_s_this_run", "final_loss_mean_last_100")},
+                          "parameters": n_params(mask), "tile_size": 512, "mask_size": 128},
+        },
+        files=files,
+        config={
+            "num_labels": 5,
+            "mask_divisors": md,
+            "mask_downsample": 4,
+            "image_unet": image.config.to_dict(),
+            "mask_unet": mask.config.to_dict(),
+            "vae": {"parameters": vae_info["parameters"], "preset": vae_info["preset"]},
+        },
+    )
+    card.save(out_abs)
+    return out_abs
+
+
+def verify_files(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file the card lists; ValueError naming the first mismatch or missing file."""
+    from models.cards import ModelCard
+    from models.diffinfinite.checkpoints import sha256_file
+
+    folder = Path(folder)
+    card = ModelCard.load(folder)
+    if not card.files:
+        raise ValueError(f"{folder}/model_card.json lists no files")
+    for name, digest in card.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in the model card) is missing")
+        got = sha256_file(path)
+        if got != digest:
+            raise ValueError(f"{path} has sha256 {got}, the model card says {digest}")
+    return dict(card.files)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None, guidance: float = 3.0,
+                   seed: int = 0, sampler: str = "tiled", device: str = "cpu") -> np.ndarray:
+    """The worker's DiffInfinite path (sample latents → Hann-tiled decode) for one label mask at the model's
+    resolution; uint8 (H, W, 3)."""
+    from models.decoding import TiledDecoder
+    from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
+
+    pipe = DiffInfinitePipeline(models, device=device)
+    opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=1.0, mode=sampler,
+                           seed=seed)
+    latent = pipe.sample_latents(labels, options=opts)
+    dec = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64, overlap=32, window="hann")
+    return dec.decode(latent)
+
+
+def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = EVAL_SIZE, write: bool = True,
+             steps: int | None = None) -> dict[str, Any]:
+    """Balanced accuracy and seam ratio (:func:`evaluation.fidelity.score_slide`) of slides generated from
+    unseen slide layouts (``random_layout(size, size, seed, "slide")``) with the card's defaults and ω = 3."""
+    import torch
+
+    from evaluation.fidelity import load_classifier, score_slide
+    from models.cards import ModelCard
+    from models.diffinfinite.loading import load_diffinfinite
+    from procedural.tissue import random_layout
+
+    torch.manual_seed(0)
+    models = load_diffinfinite(REPO / out)
+    clf = load_classifier()
+    results = []
+    for s in seeds:
+        labels = random_layout(size, size, s, "slide", mpp=0.5)
+        t0 = time.perf_counter()
+        img = generate_image(models, labels, steps=steps, seed=0)
+        sec = time.perf_counter() - t0
+        r = score_slide(img, labels, clf)
+        results.append({"layout_seed": s, "size": size, "seconds": round(sec, 1),
+                        **{k: r[k] for k in ("balanced_accuracy", "seam_ratio", "recall", "windows_scored")}})
+    summary = {
+        "fidelity": results,
+        "balanced_accuracy_mean": round(float(np.mean([r["balanced_accuracy"] for r in results])), 4),
+        "seam_ratio_max": max((r["seam_ratio"] for r in results if r["seam_ratio"] is not None), default=None),
+        "steps": steps or models.card.steps_default,
+        "guidance": 3.0,
+        "sampler": "tiled",
+        "note": "unseen procedural slide layouts at 0.5 um/px; evaluation.fidelity classifier (64-px windows)",
+    }
+    if write:
+        card = ModelCard.load(REPO / out)
+        card_extra = card.model_dump()
+        card_extra["metrics"] = summary
+        (REPO / out / "model_card.json").write_text(json.dumps(card_extra, indent=2) + "\n")
+    return summary
+
+
+def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, Any]:
+    """``docs/demo.png``: the demo mask (coloured) beside the slide generated from it by the demo request."""
+    from PIL import Image, ImageDraw
+
+    from evaluation.fidelity import score_slide
+    from models.diffinfinite.loading import load_diffinfinite
+    from service.masks import resize_labels
+    from slidesynth.demo import demo_mask
+
+    models = load_diffinfinite(REPO / out)
+    mask = demo_mask()
+    labels = resize_labels(mask, 1024, 1024)
+    img = generate_image(models, labels, seed=seed)
+    score = score_slide(img, labels)
+    palette = np.array([[245, 245, 245], [120, 40, 140], [250, 200, 90], [230, 120, 160], [90, 170, 220]], np.uint8)
+    side = 512
+    left = Image.fromarray(palette[mask]).resize((side, side), Image.NEAREST)
+    right = Image.fromarray(img).resize((side, side), Image.LANCZOS)
+    pad, head = 12, 28
+    canvas = Image.new("RGB", (2 * side + 3 * pad, side + head + pad), (255, 255, 255))
+    canvas.paste(left, (pad, head))
+    canvas.paste(right, (2 * pad + side, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 8), "demo mask (0 glass, 1 carcinoma, 2 necrosis, 3 stroma, 4 fat/vessels)", fill=(0, 0, 0))
+    draw.text((2 * pad + side, 8), f"{NAME}: 1024 px at 0.5 um/px, seed {seed}, "
+              f"balanced acc. {score['balanced_accuracy']:.2f}", fill=(0, 0, 0))
+    target = REPO / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(target, optimize=True)
+    Image.fromarray(img).save(REPO / WORK / "demo_slide.png")
+    return {"picture": str(path), "balanced_accuracy": score["balanced_accuracy"], "seam_ratio": score["seam_ratio"],
+            "recall": score["recall"]}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+STEPS = ("datasets", "vae", "diffusion", "assemble", "evaluate", "picture")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m slidesynth.demo_models", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("steps", nargs="+", help=f"all, or some of: {', '.join(STEPS)}; or 'commands'")
+    p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--out", type=Path, default=OUT)
+    args, rest = p.parse_known_args(argv)
+    if args.steps[0] == "glass-tiles":  # helper command used by the datasets step
+        q = argparse.ArgumentParser(prog="python -m slidesynth.demo_models glass-tiles")
+        q.add_argument("out")
+        q.add_argument("--n", type=int, default=48)
+        q.add_argument("--size", type=int, default=256)
+        q.add_argument("--seed", type=int, default=7)
+        a = q.parse_args([*args.steps[1:], *rest])
+        make_glass_tiles(a.out, a.n, a.size, a.seed)
+        return 0
+    if rest:
+        p.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.steps[0] == "commands":
+        try:
+            ls, md = _vae_stats(args.work)
+        except FileNotFoundError:
+            ls, md = None, None
+        print(json.dumps(commands(args.work, ls, md), indent=2))
+        return 0
+    steps = list(STEPS) if args.steps == ["all"] else args.steps
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        p.error(f"unknown steps {bad}; choose from {', '.join(STEPS)} or all")
+    for step in steps:
+        t0 = time.perf_counter()
+        print(f"[demo-models] {step} …", flush=True)
+        if step in ("datasets", "vae", "diffusion"):
+            run_step(step, args.work)
+        elif step == "assemble":
+            print(assemble(args.work, args.out))
+        elif step == "evaluate":
+            print(json.dumps(evaluate(args.out), indent=2))
+        elif step == "picture":
+            print(json.dumps(picture(args.out)))
+        print(f"[demo-models] {step} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
