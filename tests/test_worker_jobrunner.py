@@ -33,12 +33,12 @@ def ctx(embedded_settings):
     return WorkerContext(embedded_settings, store, ModelRegistry(embedded_settings.models_dir))
 
 
-def submit(ctx, job_id="job1", steps=4, size=64, **spec_fields) -> JobRecord:
+def submit(ctx, job_id="job1", steps=4, size=64, classes=(0, 1, 3), **spec_fields) -> JobRecord:
     spec = JobSpec(model="diffinfinite-untrained", engine="diffinfinite", conditioning="mask", width=size,
                    height=size, mpp=0.5, seed=3, steps=steps, guidance=2.0, mask_file="mask.png", **spec_fields)
     job_dir = ctx.store.job_dir(job_id)
     job_dir.mkdir(parents=True)
-    (job_dir / "mask.png").write_bytes(png_bytes(make_mask(size, size, classes=(0, 1, 3))))
+    (job_dir / "mask.png").write_bytes(png_bytes(make_mask(size, size, classes=classes)))
     job = JobRecord(id=job_id, spec=spec)
     ctx.store.create(job)
     return job
@@ -47,12 +47,14 @@ def submit(ctx, job_id="job1", steps=4, size=64, **spec_fields) -> JobRecord:
 def test_success_records_outputs_and_every_step(ctx):
     from worker.jobrunner import run_job
 
-    submit(ctx, outputs=["tiff", "zarr"])
+    submit(ctx, outputs=["tiff", "zarr"], size=128, classes=(0, 1))
     assert run_job("job1", ctx) == JobStatus.succeeded
     job = ctx.store.get("job1")
     assert job.status == JobStatus.succeeded and job.progress == 1.0 and job.untrained
     assert job.started_at <= job.finished_at and job.error is None
     assert set(job.outputs) >= {"tiff", "zarr", "thumbnail", "mask"}
+    # Conditioning fidelity is measured on every mask job (an untrained model scores near chance).
+    assert 0.0 <= job.metrics["balanced_accuracy"] <= 1.0
     job_dir = ctx.store.job_dir("job1")
     for name in job.outputs.values():
         assert (job_dir / name).exists()

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -23,6 +24,8 @@ from slidesynth.jobs import JobSpec, Stage
 STAGE_WEIGHTS = {Stage.mask: 0.10, Stage.sampling: 0.75, Stage.decoding: 0.13, Stage.writing: 0.02}
 
 ReportFn = Callable[[Stage, float, "int | None"], None]
+
+FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
 
 OUTPUT_FILES = {"tiff": "slide.tiff", "zarr": "slide.zarr", "thumbnail": "thumbnail.png", "mask": "mask-out.png"}
 
@@ -55,6 +58,38 @@ def slide_description(spec: JobSpec, trained: bool) -> tuple[str, dict[str, Any]
     if not trained:
         head += " with an UNTRAINED model (random weights): not tissue"
     return head, metadata
+
+
+@lru_cache(maxsize=1)
+def _fidelity_classifier():
+    from evaluation.fidelity import load_classifier
+
+    return load_classifier()
+
+
+def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec):
+    """Streaming conditioning-fidelity scorer for mask-conditioned jobs at the classifier's 0.5 µm/px."""
+    if labels is None or abs(spec.mpp - FIDELITY_MPP) > 1e-6:
+        return None
+    from evaluation.fidelity import SlideScorer
+
+    try:
+        classifier = _fidelity_classifier()
+    except FileNotFoundError:  # a deployment without the shipped classifier: no fidelity metrics
+        return None
+    return SlideScorer(labels, classifier)
+
+
+def fidelity_metrics(scorer) -> dict[str, float]:
+    """Agreement of the 64²-window tissue classifier with the requested mask, and seams on the 512-px grid."""
+    try:
+        score = scorer.result()
+    except ValueError:  # no 64² window lies inside one region (tiny slides): nothing to score
+        return {}
+    metrics = {"balanced_accuracy": round(float(score["balanced_accuracy"]), 4)}
+    if score.get("seam_ratio") is not None:
+        metrics["seam_ratio"] = round(float(score["seam_ratio"]), 4)
+    return metrics
 
 
 def load_mask_labels(spec: JobSpec, job_dir: Path) -> np.ndarray:
@@ -146,6 +181,7 @@ def generate_slide(
         t_sampled = None
 
     check_cancel(cancel)
+    scorer = fidelity_scorer(labels, spec)
     with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=outputs["tiff"],
                       zarr_path=outputs["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:
@@ -153,6 +189,8 @@ def generate_slide(
         for band in bands:
             check_cancel(cancel)
             out.write_band(band)
+            if scorer is not None:
+                scorer.add_band(band)
         report(Stage.writing, 0.0, None)
     _save_png(out.thumbnail, job_dir / OUTPUT_FILES["thumbnail"])
     result.outputs["thumbnail"] = OUTPUT_FILES["thumbnail"]
@@ -162,6 +200,8 @@ def generate_slide(
     if labels is not None:
         _save_png(labels, job_dir / OUTPUT_FILES["mask"])
         result.outputs["mask"] = OUTPUT_FILES["mask"]
+    if scorer is not None:
+        result.metrics.update(fidelity_metrics(scorer))
     result.metrics["seconds_total"] = round(time.perf_counter() - t0, 3)
     if t_sampled is not None:
         result.metrics["seconds_sampling"] = round(t_sampled - t0, 3)
