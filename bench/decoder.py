@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     figures["reference_hard_tiles"] = results["hard"]
     figures["ours"] = {m: r for m, r in results.items() if m != "hard"}
     for m, r in figures["ours"].items():
-        figures["ratio"][m] = {"seam_ratio_ours_over_hard": round(r["seam_ratio"] / results["hard"]["seam_ratio"], 4),
-                               "forwards_ours_over_hard": round(r["decoder_forwards"] / results["hard"]["decoder_forwards"], 3)}
+        hard = results["hard"]
+        figures["ratio"][m] = {"seam_ratio_ours_over_hard": round(r["seam_ratio"] / hard["seam_ratio"], 4),
+                               "forwards_ours_over_hard": round(r["decoder_forwards"] / hard["decoder_forwards"], 3)}
     if truth is not None:
         figures["untiled_decode_s"] = round(t_truth, 1)
     figures["planned_overhead_100k"] = planned_overheads()

@@ -120,7 +120,8 @@ def run_pyvips(size: int, out: Path, workers: int, block: np.ndarray, quality: i
             "RGB, no subsampling" if page.photometric == 2 else f"photometric {page.photometric} {sub}")
         levels = len(tf.pages)
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base,
-            "bytes": out.stat().st_size, "levels": levels, "chroma": chroma, "vips_concurrency": int(pyvips.concurrency_get()),
+            "bytes": out.stat().st_size, "levels": levels, "chroma": chroma,
+            "vips_concurrency": int(pyvips.concurrency_get()),
             "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"}
 
 

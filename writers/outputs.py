@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import BandTiler, PyramidCascade, pad_tile
+from writers.pyramid import BandTiler, PyramidCascade, pad_tile, default_workers
 from writers.tiff import TiffPyramidSink, check_codec, synthetic_description
 from writers.zarr import NGFF_VERSIONS, ZarrPyramidSink
 
@@ -33,7 +33,7 @@ class SlideOutputs:
                  zarr_path: str | Path | None = None, description: str | None = None,
                  metadata: dict[str, Any] | None = None, compression: str = "jpeg", quality: int = 90,
                  tile: int = 512, zarr_version: str = "0.4", subsampling: str = "420", predictor: bool = True,
-                 zarr_clevel: int = 3, min_size: int = 1024, workers: int = 2, overwrite: bool = True):
+                 zarr_clevel: int = 3, min_size: int = 1024, workers: int | None = None, overwrite: bool = True):
         if tiff_path is None and zarr_path is None:
             raise ValueError("SlideOutputs needs at least one of tiff_path and zarr_path")
         if tiff_path is not None:
@@ -58,11 +58,12 @@ class SlideOutputs:
         self._fh = None
         self._tiff: TiffPyramidSink | None = None
         self._zarr: ZarrPyramidSink | None = None
-        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="slide-encode")
+        self.workers = max(1, int(workers)) if workers else default_workers()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="slide-encode")
         try:
             self.cascade = PyramidCascade(self.width, self.height, self._on_tile, tile=tile, min_size=min_size)
             self.tiler = BandTiler(self.width, self.height, self.cascade.push_tile, tile=tile)
-            pending = 8 * max(1, workers)
+            pending = 8 * self.workers
             if self.tiff_path is not None:
                 self._fh = open(self._tiff_tmp, "wb")
                 self._tiff = TiffPyramidSink(self._fh, self.cascade.levels, mpp, tile, compression, quality,

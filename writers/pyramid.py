@@ -14,12 +14,18 @@ of buffer).
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import cv2
 import numpy as np
 
 OnTile = Callable[[int, int, int, np.ndarray], None]
+
+
+def default_workers() -> int:
+    """Encode threads when not given: the CPU count, capped at 4 (2 on a 2-core machine)."""
+    return max(1, min(4, os.cpu_count() or 2))
 
 
 def pyramid_levels(width: int, height: int, min_size: int = 1024) -> list[tuple[int, int]]:

@@ -33,7 +33,7 @@ import imagecodecs
 import numpy as np
 
 from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import PyramidCascade, pad_tile
+from writers.pyramid import PyramidCascade, pad_tile, default_workers
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -273,7 +273,7 @@ class PyramidTiffWriter:
     def __init__(self, path: str | Path, width: int, height: int, mpp: float, tile: int = 512,
                  compression: str = "jpeg", quality: int = 90, subsampling: str = "420", predictor: bool = True,
                  description: str | None = None, metadata: dict[str, Any] | None = None,
-                 software: str = "slidesynth", min_size: int = 1024, workers: int = 2, overwrite: bool = True,
+                 software: str = "slidesynth", min_size: int = 1024, workers: int | None = None, overwrite: bool = True,
                  max_pending: int | None = None):
         check_codec(compression, quality, subsampling)
         self.path = Path(path)
@@ -283,11 +283,12 @@ class PyramidTiffWriter:
         self.tmp = partial_path(self.path)
         self._fh = open(self.tmp, "wb")
         self._closed = False
+        self.workers = max(1, int(workers)) if workers else default_workers()
         try:
-            self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="tiff-encode")
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tiff-encode")
             self.sink = TiffPyramidSink(self._fh, self.cascade.levels, mpp, tile, compression, quality, subsampling,
                                         predictor, synthetic_description(metadata, description), software,
-                                        pool=self.pool, max_pending=max_pending or 8 * max(1, workers))
+                                        pool=self.pool, max_pending=max_pending or 8 * self.workers)
         except BaseException:
             self.abort()
             raise

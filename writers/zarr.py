@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ import zarr
 from numcodecs import Blosc
 
 from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import PyramidCascade, pad_tile
+from writers.pyramid import PyramidCascade, pad_tile, default_workers
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -158,7 +157,7 @@ class OmeZarrWriter:
 
     def __init__(self, path: str | Path, width: int, height: int, mpp: float, tile: int = 512,
                  version: str = "0.4", clevel: int = 3, shuffle: str = "bitshuffle",
-                 metadata: dict[str, Any] | None = None, min_size: int = 1024, workers: int = 2,
+                 metadata: dict[str, Any] | None = None, min_size: int = 1024, workers: int | None = None,
                  overwrite: bool = True):
         self.path = Path(path)
         check_target(self.path, overwrite)
@@ -166,11 +165,12 @@ class OmeZarrWriter:
         self.cascade = PyramidCascade(width, height, self._on_tile, tile=tile, min_size=min_size)
         self.tmp = partial_path(self.path)
         self._closed = False
-        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="zarr-encode")
+        self.workers = max(1, int(workers)) if workers else default_workers()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zarr-encode")
         try:
             attrs = {"synthetic": True, "generator": "slidesynth", **(metadata or {})}
             self.sink = ZarrPyramidSink(self.tmp, self.cascade.levels, mpp, tile, version, clevel, shuffle, attrs,
-                                        pool=self.pool, max_pending=8 * max(1, workers))
+                                        pool=self.pool, max_pending=8 * self.workers)
         except BaseException:
             self.abort()
             raise
