@@ -99,11 +99,16 @@ def decode_mask(data: bytes, info: MaskInfo) -> np.ndarray:
     if info.format == "png":
         from PIL import Image
 
-        Image.MAX_IMAGE_PIXELS = info.width * info.height + 1
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-            if im.mode not in ("L", "P", "I;16", "I", "1"):
-                raise MaskError(f"must have one channel (class indices); PNG mode is {im.mode}")
-            arr = np.asarray(im)
+        # Our own header check has bounded the pixel count; Pillow's global bomb limit stays as it is.
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+                if im.mode not in ("L", "P", "I;16", "I", "1"):
+                    raise MaskError(f"must have one channel (class indices); PNG mode is {im.mode}")
+                arr = np.asarray(im)
+        except Image.DecompressionBombError as exc:
+            raise MaskError(f"is too large to decode safely ({exc})") from exc
+        except OSError as exc:
+            raise MaskError(f"is not a readable PNG ({exc})") from exc
     else:
         import tifffile
 
