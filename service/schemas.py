@@ -47,6 +47,11 @@ class GenerateParams(_Strict):
         description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
         "non-overlapping tiling per step (about a third of the cost).",
     )
+    decoder: Literal["tukey", "hann", "four-pass"] = Field(
+        "tukey",
+        description="Tiled VAE decoding (DiffInfinite): `tukey` (cosine ramps, ≈1.2× decodes), `hann` (50 % "
+        "overlap, ≈4×) or `four-pass` (the paper's scheme).",
+    )
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")

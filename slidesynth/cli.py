@@ -55,7 +55,7 @@ def _generate_params(args: argparse.Namespace):
     from service.schemas import GenerateParams
 
     fields = dict(model=args.model, mpp=args.mpp, mask_mpp=args.mask_mpp, seed=args.seed, steps=args.steps,
-                  guidance=args.guidance, eta=args.eta, sampler=args.sampler, compression=args.compression,
+                  guidance=args.guidance, eta=args.eta, sampler=args.sampler, decoder=args.decoder, compression=args.compression,
                   quality=args.quality, outputs=["tiff"] + (["zarr"] if args.zarr else []))
     if not args.mask:
         fields.update(width=args.width, height=args.height)
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--eta", type=float)
     p.add_argument("--sampler", choices=["random", "tiled"])
+    p.add_argument("--decoder", choices=["tukey", "hann", "four-pass"])
     p.add_argument("--compression", choices=["jpeg", "deflate", "zstd"])
     p.add_argument("--quality", type=int)
     p.add_argument("--device")

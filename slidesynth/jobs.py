@@ -59,6 +59,7 @@ class JobSpec(BaseModel):
     guidance: float
     eta: float = 1.0
     sampler: Literal["random", "tiled"] = "tiled"
+    decoder: Literal["tukey", "hann", "four-pass"] = "tukey"
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"])
     compression: Literal["jpeg", "deflate", "zstd"] = "jpeg"
     quality: int = 90

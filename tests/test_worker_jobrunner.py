@@ -144,3 +144,14 @@ def test_infinity_brush_embedding_job(ctx):
     slide = openslide.OpenSlide(str(ctx.store.job_dir("ib1") / job.outputs["tiff"]))
     assert slide.dimensions == (48, 40)
     assert sorted(set(ctx.store.steps_seen)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("decoder", ["hann", "four-pass"])
+def test_paper_decoders_are_selectable(ctx, decoder):
+    import tifffile
+
+    from worker.jobrunner import run_job
+
+    submit(ctx, f"d{decoder[0]}", steps=2, size=64, decoder=decoder, compression="deflate")
+    assert run_job(f"d{decoder[0]}", ctx) == JobStatus.succeeded, ctx.store.get(f"d{decoder[0]}").error
+    assert tifffile.imread(ctx.store.job_dir(f"d{decoder[0]}") / "slide.tiff", key=0).shape == (64, 64, 3)

@@ -25,6 +25,11 @@ STAGE_WEIGHTS = {Stage.mask: 0.10, Stage.sampling: 0.75, Stage.decoding: 0.13, S
 
 ReportFn = Callable[[Stage, float, "int | None"], None]
 
+# Latent-pixel overlap of 64-px decode tiles. Tukey's 6-px cosine ramps are a partition of unity like Hann at
+# 50 % overlap but need ≈1.2× the decodes of non-overlapping tiles instead of ≈4× (bench.decoder); Hann and
+# DiffInfinite's four-pass scheme are the paper-faithful alternatives.
+DECODER_OVERLAP = {"tukey": 6, "hann": 32, "four-pass": 32}
+
 FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
 
 OUTPUT_FILES = {"tiff": "slide.tiff", "zarr": "slide.zarr", "thumbnail": "thumbnail.png", "mask": "mask-out.png"}
@@ -164,11 +169,8 @@ def generate_slide(
         latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(Stage.sampling), cancel=cancel,
                                      state=resume_state, on_step=on_checkpoint)
         t_sampled = time.perf_counter()
-        # Tukey window with 6-latent-px cosine ramps: a partition of unity like Hann at 50 % overlap, but
-        # ≈1.2× the decodes of non-overlapping tiles instead of ≈4× (bench.decoder); window="hann" or
-        # "four-pass" (DiffInfinite's scheme) are the paper-faithful alternatives.
-        decoder = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64, overlap=6,
-                               window="tukey")
+        decoder = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64,
+                               overlap=DECODER_OVERLAP[spec.decoder], window=spec.decoder)
         bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(Stage.decoding),
                                    crop=(spec.height, spec.width))
     else:
