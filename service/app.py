@@ -13,7 +13,7 @@ from service.schemas import GenerateRequest, MultipartGenerate
 from slidesynth import __version__
 from slidesynth.jobs import open_store
 from slidesynth.settings import Settings, get_settings
-from worker.celery_app import make_celery
+from worker.queue import make_celery
 
 REQUESTS = Counter("slidesynth_http_requests_total", "HTTP requests", ["method", "status"])
 

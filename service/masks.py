@@ -112,7 +112,10 @@ def decode_mask(data: bytes, info: MaskInfo) -> np.ndarray:
     else:
         import tifffile
 
-        arr = tifffile.imread(io.BytesIO(data), key=0)
+        try:
+            arr = tifffile.imread(io.BytesIO(data), key=0)
+        except Exception as exc:  # corrupt strips/tiles raise codec-specific errors
+            raise MaskError(f"is not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
     arr = np.squeeze(arr)
     if arr.ndim != 2:
         raise MaskError(f"must be a 2-D single-channel image, got shape {arr.shape}")

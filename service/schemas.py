@@ -17,7 +17,7 @@ class SubtypeConditioning(_Strict):
 
 class EmbeddingConditioning(_Strict):
     type: Literal["embedding"]
-    vector: list[float] = Field(description="Image embedding (512 numbers for QuiltNet ViT-B/32).")
+    vector: list[float] = Field(max_length=65536, description="Image embedding (512 numbers for QuiltNet ViT-B/32).")
     encoder: str = Field("quilt-vit-b-32", description="Id of the encoder that produced the vector.")
 
 
@@ -30,9 +30,9 @@ class GenerateParams(_Strict):
     model: str | None = Field(None, description="Model id from `GET /models`; default: the service's default model.")
     width: int | None = Field(None, ge=8, description="Output width in pixels (not with a mask: taken from the mask).")
     height: int | None = Field(None, ge=8, description="Output height in pixels (not with a mask).")
-    mpp: float | None = Field(None, gt=0, le=100, description="Output µm per pixel; default: the model's native µm/px.")
+    mpp: float | None = Field(None, ge=0.05, le=100, description="Output µm per pixel; default: the model's native µm/px.")
     mask_mpp: float | None = Field(
-        None, gt=0, le=100, description="µm per pixel of the uploaded mask; default: its TIFF resolution tags, else `mpp`."
+        None, ge=0.05, le=100, description="µm per pixel of the uploaded mask; default: its TIFF resolution tags, else `mpp`."
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; default: drawn and recorded in the job.")
     steps: int | None = Field(None, ge=1, description="Sampling steps; default: the model's default.")
@@ -145,3 +145,15 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     store: bool
     mode: Literal["embedded", "redis"]
+
+
+class FieldProblem(BaseModel):
+    loc: list[str | int] = Field(description="Where: `body`, then the field path (e.g. `params`, `width`).")
+    msg: str
+    type: str
+
+
+class ValidationErrors(BaseModel):
+    """422 body: one entry per invalid field."""
+
+    detail: list[FieldProblem]

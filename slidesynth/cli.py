@@ -105,6 +105,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: model {spec.model} is UNTRAINED (random weights): the slide will not look like tissue",
               file=sys.stderr)
     out = Path(args.out).resolve()
+    if args.zarr and Path(args.zarr).exists() and not _is_zarr(Path(args.zarr)):
+        print(f"error: --zarr {args.zarr} exists and is not a Zarr folder; refusing to replace it", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="slidesynth-", dir=out.parent) as tmp:
         job_dir = Path(tmp)
         if mask_png is not None:
@@ -118,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.n = 100 * overall_fraction(stage, fraction, has_mask)
             bar.set_postfix_str(stage.value + (f" step {step}/{spec.steps}" if step is not None else ""))
 
-        result = generate_slide(spec, models, job_dir, device=device, report=report, cancel=lambda: False)
+        result = generate_slide(spec, models, job_dir, device=device, report=report, cancel=lambda: False,
+                                batch_size=settings.batch_size, precision=settings.precision)
         bar.close()
         shutil.move(str(job_dir / result.outputs["tiff"]), out)
         if args.zarr:
@@ -127,6 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(json.dumps({"tiff": str(out), "width": spec.width, "height": spec.height, "mpp": spec.mpp,
                       "seed": spec.seed, "model": spec.model, **result.metrics}))
     return 0
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in (".zattrs", ".zgroup", "zarr.json"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,9 +75,9 @@ def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors
         ],
         "diffusion": [
             f"{slidesynth} train diffinfinite --tiles {w}/tiles --out {w}/image --tile-size 128 --p-unc 0.2 "
-            f"--steps 1200 --batch-size 16 {common}",
+            f"--steps 1500 --batch-size 16 {common}",
             f"{slidesynth} train diffinfinite-mask --tiles {w}/slides --out {w}/mask --tile-size 512 "
-            f"--steps 800 --batch-size 16 {common}",
+            f"--steps 400 --batch-size 16 {common}",
         ],
     }
 

@@ -91,7 +91,9 @@ class JobRecord(BaseModel):
     untrained: bool = False
     cancel_requested: bool = False
     attempts: int = 0
-    worker: str | None = None
+    worker: str | None = None  # "hostname/pid" of the process running it
+    claim: str | None = None  # fencing token of the current run; only its holder may finish the job
+    heartbeat_at: float | None = None  # last progress write of the running job
     step: int | None = None
     total_steps: int | None = None
 
@@ -124,11 +126,17 @@ class JobStore(ABC):
 
     @abstractmethod
     def update(self, job_id: str, **fields: Any) -> None:
-        """Set fields unconditionally (progress, stage, …)."""
+        """Set fields of an existing job (progress, stage, …); a deleted job stays deleted."""
 
     @abstractmethod
-    def transition(self, job_id: str, allowed: set[JobStatus], **fields: Any) -> bool:
-        """Set fields only if the current status is in ``allowed``; True when applied (atomic)."""
+    def transition(self, job_id: str, allowed: set[JobStatus], expect: dict[str, Any] | None = None,
+                   **fields: Any) -> bool:
+        """Set fields only if the status is in ``allowed`` and every ``expect`` field has the given value
+        (e.g. the run's claim token); True when applied. Atomic."""
+
+    @abstractmethod
+    def running(self) -> list[JobRecord]:
+        """Every job whose status is ``running`` (for recovery after a worker dies)."""
 
     @abstractmethod
     def list(self, tenant: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
@@ -159,18 +167,35 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+# ARGV: n_allowed, allowed statuses…, n_expect, (field, value)×n_expect, (field, value)… to set.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
-for i = 1, tonumber(ARGV[1]) do
-  if cur == ARGV[1 + i] then
-    for j = 2 + tonumber(ARGV[1]), #ARGV, 2 do
-      redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
-    end
-    return 1
-  end
+local n = tonumber(ARGV[1])
+local ok = false
+for i = 1, n do
+  if cur == ARGV[1 + i] then ok = true end
 end
-return 0
+if not ok then return 0 end
+local m = tonumber(ARGV[2 + n])
+local k = 3 + n
+for i = 1, m do
+  if redis.call('HGET', KEYS[1], ARGV[k]) ~= ARGV[k + 1] then return 0 end
+  k = k + 2
+end
+for j = k, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+end
+return 1
+"""
+
+# Update only while the job exists, so a late progress write cannot resurrect a deleted job.
+_UPDATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for j = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+end
+return 1
 """
 
 
@@ -182,6 +207,7 @@ class RedisJobStore(JobStore):
         self.redis = redis.Redis.from_url(url)
         self.prefix = prefix
         self._transition = self.redis.register_script(_TRANSITION_LUA)
+        self._update = self.redis.register_script(_UPDATE_LUA)
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -205,15 +231,30 @@ class RedisJobStore(JobStore):
         return JobRecord.model_validate(data)
 
     def update(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(self._key(job_id), mapping=_encode(fields))
+        args = [x for kv in _encode(fields).items() for x in kv]
+        self._update(keys=[self._key(job_id)], args=args)
 
-    def transition(self, job_id: str, allowed: set[JobStatus], **fields: Any) -> bool:
-        encoded = _encode(fields)
+    def transition(self, job_id: str, allowed: set[JobStatus], expect: dict[str, Any] | None = None,
+                   **fields: Any) -> bool:
         args: list[str] = [str(len(allowed))]
         args += [json.dumps(s.value) for s in allowed]
-        for k, v in encoded.items():
-            args += [k, v]
+        expected = _encode(expect or {})
+        args.append(str(len(expected)))
+        args += [x for kv in expected.items() for x in kv]
+        args += [x for kv in _encode(fields).items() for x in kv]
         return bool(self._transition(keys=[self._key(job_id)], args=args))
+
+    def running(self) -> list[JobRecord]:
+        jobs = []
+        for key in self.redis.scan_iter(f"{self.prefix}:job:*", count=1000):
+            name = key.decode()
+            if name.count(":") != 2 or name.endswith(":cancel"):
+                continue
+            if self.redis.hget(key, "status") == json.dumps(JobStatus.running.value).encode():
+                job = self.get(name.rsplit(":", 1)[1])
+                if job is not None:
+                    jobs.append(job)
+        return jobs
 
     def list(self, tenant: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         key = self._tenant_key(tenant)
@@ -251,13 +292,18 @@ class FileJobStore(JobStore):
         return self.job_dir(job_id) / "job.json"
 
     @contextmanager
-    def _locked(self, job_id: str) -> Iterator[None]:
+    def _locked(self, job_id: str, create: bool = False) -> Iterator[bool]:
+        """Hold the job's lock; yields False (without creating anything) when the job folder is gone."""
         lock_path = self.job_dir(job_id) / "job.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+        elif not lock_path.parent.is_dir():
+            yield False
+            return
         with open(lock_path, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -274,7 +320,7 @@ class FileJobStore(JobStore):
         os.replace(tmp, path)
 
     def create(self, job: JobRecord) -> None:
-        with self._locked(job.id):
+        with self._locked(job.id, create=True):
             self._write(job.id, job.model_dump(mode="json"))
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -285,21 +331,30 @@ class FileJobStore(JobStore):
         return None if data is None else JobRecord.model_validate(data)
 
     def update(self, job_id: str, **fields: Any) -> None:
-        with self._locked(job_id):
-            data = self._read(job_id)
+        with self._locked(job_id) as exists:
+            data = self._read(job_id) if exists else None
             if data is None:
                 return
             data.update({k: json.loads(v) for k, v in _encode(fields).items()})
             self._write(job_id, data)
 
-    def transition(self, job_id: str, allowed: set[JobStatus], **fields: Any) -> bool:
-        with self._locked(job_id):
-            data = self._read(job_id)
+    def transition(self, job_id: str, allowed: set[JobStatus], expect: dict[str, Any] | None = None,
+                   **fields: Any) -> bool:
+        with self._locked(job_id) as exists:
+            data = self._read(job_id) if exists else None
             if data is None or data["status"] not in {s.value for s in allowed}:
                 return False
+            for key, value in _encode(expect or {}).items():
+                if data.get(key) != json.loads(value):
+                    return False
             data.update({k: json.loads(v) for k, v in _encode(fields).items()})
             self._write(job_id, data)
             return True
+
+    def running(self) -> list[JobRecord]:
+        root = self.data_dir / "jobs"
+        jobs = [self.get(child.name) for child in root.iterdir() if child.name.isalnum()] if root.is_dir() else []
+        return [j for j in jobs if j is not None and j.status == JobStatus.running]
 
     def list(self, tenant: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         root = self.data_dir / "jobs"
@@ -313,11 +368,15 @@ class FileJobStore(JobStore):
         return jobs[offset : offset + limit], len(jobs)
 
     def delete(self, job_id: str) -> None:
-        for name in ("job.json", "cancel"):
-            (self.job_dir(job_id) / name).unlink(missing_ok=True)
+        with self._locked(job_id) as exists:
+            if exists:
+                for name in ("job.json", "cancel"):
+                    (self.job_dir(job_id) / name).unlink(missing_ok=True)
 
     def request_cancel(self, job_id: str) -> None:
-        (self.job_dir(job_id) / "cancel").touch()
+        with self._locked(job_id) as exists:
+            if exists:
+                (self.job_dir(job_id) / "cancel").touch()
         self.update(job_id, cancel_requested=True)
 
     def cancel_requested(self, job_id: str) -> bool:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
 
     task_time_limit: int = Field(24 * 3600, ge=60, description="Hard time limit of one job, seconds.")
     checkpoint_every: int = Field(10, ge=0, description="Save the sampler state every N steps (0: never).")
+    lease_seconds: int = Field(
+        900, ge=30,
+        description="A running job whose progress has not moved for this long is taken as lost: a starting "
+        "worker re-queues it, and DELETE cancels it at once.",
+    )
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes (one per GPU).")
 
@@ -80,14 +85,21 @@ class Settings(BaseSettings):
             return self.broker_url
         return None
 
+    @field_validator("api_keys")
+    @classmethod
+    def _key_pairs(cls, value: str) -> str:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError("must be comma-separated tenant:key pairs")
+        return value
+
     @property
     def tenants_by_key(self) -> dict[str, str]:
         pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]
         out: dict[str, str] = {}
         for pair in pairs:
-            tenant, sep, key = pair.partition(":")
-            if not sep or not tenant or not key:
-                raise ValueError("SLIDESYNTH_API_KEYS must be comma-separated tenant:key pairs")
+            tenant, _, key = pair.partition(":")
             out[key] = tenant
         return out
 

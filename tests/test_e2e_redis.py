@@ -66,8 +66,9 @@ def service(redis_url, key_prefix, tmp_path):
         import redis
 
         r = redis.Redis.from_url(redis_url)
-        for key in r.scan_iter(f"{key_prefix}*"):
-            r.delete(key)
+        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}"):
+            for key in r.scan_iter(pattern):
+                r.delete(key)
 
 
 def _job(client, job_id):
@@ -100,7 +101,7 @@ def test_mask_to_pyramidal_tiff_through_redis_and_celery(service, tmp_path):
     assert job["status"] == "succeeded", job["error"]
     assert job["progress"] == 1.0 and job["untrained"] and job["step"] == 3
     assert job["width"] == job["height"] == 1024 and job["mpp"] == 0.5
-    assert any(status == "running" for status, _ in seen) or job["started_at"]
+    assert ("running", "sampling") in seen and ("running", "decoding") in seen
 
     resp = service.get(job["links"]["slide"])
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/tiff"
@@ -143,10 +144,15 @@ def test_cancel_queued_and_running_jobs(service):
     resp = service.delete(f"/jobs/{long_job}")
     assert resp.status_code == 202 and resp.json()["cancel_requested"]
     job = _wait(lambda: (j := _job(service, long_job))["status"] == "canceled" and j, 60, "the running job to stop")
-    assert job["step"] < 400 and job["step"] <= step_at_cancel + 5
+    assert job["step"] < 400 and job["step"] <= step_at_cancel + 20
     assert service.get(f"/jobs/{long_job}/slide.tiff").status_code == 409
-    time.sleep(2)  # the worker receives the canceled queued job next and must drop it unstarted
-    assert _job(service, queued_job)["started_at"] is None
+    # The worker then receives the canceled queued job's message and must drop it unstarted.
+    import redis
+
+    r = redis.Redis.from_url(service.redis_url)
+    _wait(lambda: r.llen(service.key_prefix) == 0, 60, "the worker to take the canceled job's message")
+    time.sleep(2)
+    assert _job(service, queued_job)["started_at"] is None and _job(service, queued_job)["status"] == "canceled"
 
 
 def test_worker_loss_resumes_from_checkpoint_bit_identically(service):
@@ -157,7 +163,7 @@ def test_worker_loss_resumes_from_checkpoint_bit_identically(service):
 
     import tifffile
 
-    params = {"steps": 24, "seed": 23, "compression": "deflate", "mask_mpp": 0.5}
+    params = {"steps": 40, "seed": 23, "compression": "deflate", "mask_mpp": 0.5}
 
     def submit():
         resp = service.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(128, 128)), "image/png")},
@@ -173,7 +179,7 @@ def test_worker_loss_resumes_from_checkpoint_bit_identically(service):
     assert wait_done(reference)["status"] == "succeeded"
 
     victim = submit()
-    _wait(lambda: (_job(service, victim)["step"] or 0) >= 8, 120, "the job to pass its first checkpoint")
+    _wait(lambda: (_job(service, victim)["step"] or 0) >= 6, 120, "the job to pass its first checkpoint")
     record = service.get(f"/jobs/{victim}").json()
     assert record["status"] == "running"
     pid = int(_worker_field(service, victim).rsplit("/", 1)[1])

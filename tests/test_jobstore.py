@@ -79,3 +79,29 @@ def test_cancel_flag(store):
 def test_job_dir_rejects_traversal(store):
     with pytest.raises(ValueError):
         store.job_dir("../etc")
+
+
+def test_transition_with_expected_claim(store):
+    store.create(JobRecord(id="f1", spec=SPEC))
+    assert store.transition("f1", {JobStatus.queued}, status=JobStatus.running, claim="run-1")
+    assert store.transition("f1", {JobStatus.running}, status=JobStatus.running, claim="run-2")  # a redelivery
+    # The first run no longer holds the claim: it cannot finish the job.
+    assert not store.transition("f1", {JobStatus.running}, expect={"claim": "run-1"}, status=JobStatus.succeeded)
+    assert store.transition("f1", {JobStatus.running}, expect={"claim": "run-2"}, status=JobStatus.succeeded)
+    assert store.get("f1").status == JobStatus.succeeded
+
+
+def test_updates_never_resurrect_deleted_jobs(store):
+    store.create(JobRecord(id="g1", spec=SPEC))
+    store.delete("g1")
+    store.update("g1", progress=0.5)
+    store.request_cancel("g1") if isinstance(store, RedisJobStore) else None
+    assert store.get("g1") is None
+    assert not store.transition("g1", {JobStatus.queued}, status=JobStatus.running)
+
+
+def test_running_lists_only_running_jobs(store):
+    store.create(JobRecord(id="h1", spec=SPEC))
+    store.create(JobRecord(id="h2", spec=SPEC))
+    store.transition("h2", {JobStatus.queued}, status=JobStatus.running)
+    assert [j.id for j in store.running()] == ["h2"]

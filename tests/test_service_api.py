@@ -193,10 +193,18 @@ def test_unknown_job_is_404(client):
 def test_body_limit(embedded_settings):
     from service.app import create_app
 
-    embedded_settings.max_upload_bytes = 4096  # noqa: the fixture's settings object is test-local
+    embedded_settings.max_upload_bytes = 4096
     with TestClient(create_app(embedded_settings)) as c:
         resp = post_mask(c, b"\x89PNG\r\n\x1a\n" + b"\0" * 10_000)
         assert resp.status_code == 413
+
+        def chunks():  # no Content-Length: the limit counts what arrives
+            for _ in range(10):
+                yield b"x" * 1024
+
+        resp = c.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert resp.status_code == 413
+        assert not (embedded_settings.data_dir / "jobs").exists()
 
 
 def test_api_keys_scope_jobs_to_tenants(embedded_settings):
@@ -211,7 +219,12 @@ def test_api_keys_scope_jobs_to_tenants(embedded_settings):
         job_url = resp.json()["status_url"]
         assert c.get(job_url, headers={"X-API-Key": "key-a"}).status_code == 200
         assert c.get(job_url, headers={"X-API-Key": "key-b"}).status_code == 404
+        assert c.get(job_url + "/slide.tiff", headers={"X-API-Key": "key-b"}).status_code == 404
+        assert c.get(job_url + "/slide.zarr/.zattrs", headers={"X-API-Key": "key-b"}).status_code == 404
+        assert c.delete(job_url, headers={"X-API-Key": "key-b"}).status_code == 404
+        assert c.get(job_url, headers={"X-API-Key": "key-a"}).json()["status"] == "queued"
         assert c.get("/jobs", headers={"X-API-Key": "key-b"}).json()["total"] == 0
+        assert c.get("/jobs", headers={"X-API-Key": "wrong"}).status_code == 401
 
 
 def test_infinity_brush_embedding_checks(client):
@@ -240,3 +253,33 @@ def test_infinity_brush_embedding_checks(client):
     # Subtype prompts need QuiltNet's text tower, which this test deployment lacks: refused up front.
     sub = client.post("/generate", json={**base, "conditioning": {"type": "subtype", "subtype": "luad"}})
     assert sub.status_code == 422 and "quiltnet-b-32" in sub.text
+
+
+def test_lost_running_job_is_canceled_at_once(client):
+    import time
+
+    from slidesynth.jobs import JobStatus
+
+    job_id = post_mask(client, png_bytes(make_mask(16, 16))).json()["id"]
+    client.store.update(job_id, status=JobStatus.running, claim="c1",
+                        heartbeat_at=time.time() - client.settings.lease_seconds - 1)
+    resp = client.delete(f"/jobs/{job_id}")
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled"
+
+
+def test_corrupt_tiff_and_png_data_are_422(client):
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((64, 64), np.uint8), compression="zlib")
+    data = bytearray(buf.getvalue())
+    data[8:40] = b"\xff" * 32  # break the compressed strip
+    resp = post_mask(client, bytes(data), filename="m.tif")
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "mask"]]
+    png = bytearray(png_bytes(make_mask(32, 32)))
+    png[40:60] = b"\0" * 20
+    resp = post_mask(client, bytes(png))
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "mask"]]
+    resp = post_mask(client, png_bytes(make_mask(16, 16)), {"mpp": 1e-300, "mask_mpp": 100})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", "mpp"]]
+    assert_nothing_created(client)

@@ -155,3 +155,62 @@ def test_paper_decoders_are_selectable(ctx, decoder):
     submit(ctx, f"d{decoder[0]}", steps=2, size=64, decoder=decoder, compression="deflate")
     assert run_job(f"d{decoder[0]}", ctx) == JobStatus.succeeded, ctx.store.get(f"d{decoder[0]}").error
     assert tifffile.imread(ctx.store.job_dir(f"d{decoder[0]}") / "slide.tiff", key=0).shape == (64, 64, 3)
+
+
+def test_cancel_during_decoding_removes_partial_outputs(ctx, monkeypatch):
+    from worker.jobrunner import run_job
+
+    submit(ctx, size=128, steps=2, outputs=["tiff", "zarr"])
+    real = ctx.store.cancel_requested
+    seen_partials = []
+
+    def cancel_once_writing(job_id):
+        if "decoding" in ctx.store.stages_seen:
+            seen_partials.extend(p.name for p in ctx.store.job_dir(job_id).glob(".*.partial-*"))
+            ctx.store.request_cancel(job_id)
+        return real(job_id)
+
+    monkeypatch.setattr(ctx.store, "cancel_requested", cancel_once_writing)
+    assert run_job("job1", ctx) == JobStatus.canceled
+    assert seen_partials, "the writers had temporary files open when the cancel came"
+    remaining = {p.name for p in ctx.store.job_dir("job1").iterdir()}
+    assert remaining <= {"mask.png", "job.json", "job.lock", "cancel"}
+
+
+def test_lost_runs_are_requeued_and_fenced(ctx):
+    import socket
+    import subprocess
+    import time as _time
+
+    from worker.jobrunner import recover_orphans, run_job
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    ctx.hostname = host
+    submit(ctx, "lost1")
+    submit(ctx, "stale1")
+    submit(ctx, "live1")
+    ctx.store.update("lost1", status=JobStatus.running, worker=f"{host}/{dead.pid}", claim="old",
+                     heartbeat_at=_time.time(), attempts=1)
+    ctx.store.update("stale1", status=JobStatus.running, worker="elsewhere/1", claim="old2",
+                     heartbeat_at=_time.time() - ctx.settings.lease_seconds - 5, attempts=1)
+    ctx.store.update("live1", status=JobStatus.running, worker="elsewhere/2", claim="c", heartbeat_at=_time.time(),
+                     attempts=1)
+    sent: list[str] = []
+    assert sorted(recover_orphans(ctx, sent.append)) == ["lost1", "stale1"] == sorted(sent)
+    assert ctx.store.get("lost1").status == JobStatus.queued and ctx.store.get("live1").status == JobStatus.running
+    # The old run lost its claim: it cannot record a result any more.
+    assert not ctx.store.transition("lost1", {JobStatus.queued, JobStatus.running}, expect={"claim": "old"},
+                                    status=JobStatus.succeeded)
+    assert run_job("lost1", ctx) == JobStatus.succeeded and ctx.store.get("lost1").attempts == 2
+
+
+def test_hard_time_limit_failure_is_recorded(ctx):
+    from worker.jobrunner import fail_job
+
+    submit(ctx)
+    ctx.store.update("job1", status=JobStatus.running)
+    fail_job("job1", ctx, "TimeLimitExceeded: 86400")
+    job = ctx.store.get("job1")
+    assert job.status == JobStatus.failed and "TimeLimitExceeded" in job.error

@@ -10,9 +10,10 @@ import os
 import shutil
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from models.registry import ModelRegistry
 from models.runtime import Canceled, pick_device
@@ -60,23 +61,42 @@ class ProgressRecorder:
             # Exponential smoothing keeps the estimate from jumping between stages.
             eta = raw if self._last_eta is None else 0.7 * self._last_eta + 0.3 * raw
             self._last_eta = eta
-        fields: dict[str, Any] = dict(stage=stage, progress=round(overall, 4),
+        fields: dict[str, Any] = dict(stage=stage, progress=round(overall, 4), heartbeat_at=time.time(),
                                       eta_seconds=None if eta is None else round(eta, 1))
         if step is not None:
             fields["step"] = step
         self.store.update(self.job_id, **fields)
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def remove_partials(job_dir: Path) -> None:
+    """Delete what an interrupted run left half-written (writers' temporaries, torn checkpoints)."""
+    for pattern in (".*.partial-*", "*.part", "*.tmp"):
+        for path in job_dir.glob(pattern):
+            _remove(path)
+
+
 def remove_outputs(job_dir: Path) -> None:
     """Delete everything a run produced (inputs stay)."""
     for name in list(OUTPUT_FILES.values()) + [STATE_FILE, "metadata.json"]:
-        path = job_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    for part in job_dir.glob("*.part*"):
-        shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+        _remove(job_dir / name)
+    remove_partials(job_dir)
+
+
+def worker_device(setting: str):
+    """The torch device of this worker process: with several GPUs and ``auto``, child N takes GPU N."""
+    if setting == "auto":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            from billiard.process import current_process
+
+            index = getattr(current_process(), "index", 0) or 0
+            return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+    return pick_device(setting)
 
 
 def _load_state(path: Path):
@@ -111,11 +131,16 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
                          finished_at=time.time(), error=f"gave up after {job.attempts} attempts (worker lost)")
         remove_outputs(job_dir)
         return JobStatus.failed
+    claim = uuid.uuid4().hex
     if not store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.running,
-                            started_at=job.started_at or time.time(), attempts=attempts,
-                            worker=f"{ctx.hostname}/{os.getpid()}",
+                            started_at=job.started_at or time.time(), attempts=attempts, claim=claim,
+                            heartbeat_at=time.time(), worker=f"{ctx.hostname}/{os.getpid()}",
                             total_steps=job.spec.steps):
-        return store.get(job_id).status
+        current = store.get(job_id)
+        return current.status if current else None
+    if attempts > 1:
+        remove_partials(job_dir)  # what the lost run left half-written; its checkpoint stays for the resume
+    mine = {"claim": claim}  # fencing: a run that lost its claim (the job was re-queued) cannot finish it
 
     spec = job.spec
     state_path = job_dir / STATE_FILE
@@ -129,7 +154,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     report = ProgressRecorder(store, job_id, spec.conditioning == "subtype" and spec.engine == "diffinfinite",
                               spec.steps)
     try:
-        device = pick_device(settings.device)
+        device = worker_device(settings.device)
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)
         result = generate_slide(spec, models, job_dir, device=device, report=report,
@@ -137,22 +162,68 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
                                 on_checkpoint=checkpoint if spec.engine == "diffinfinite" else None,
                                 batch_size=settings.batch_size, precision=settings.precision)
     except Canceled:
-        remove_outputs(job_dir)
-        store.transition(job_id, {JobStatus.running}, status=JobStatus.canceled, finished_at=time.time(),
-                         eta_seconds=None)
-        log.info("job %s canceled", job_id)
-        return JobStatus.canceled
+        return _finish_canceled(store, job_id, job_dir, mine)
     except Exception as exc:  # the job fails; the worker lives on
         log.error("job %s failed: %s\n%s", job_id, exc, traceback.format_exc())
-        remove_outputs(job_dir)
         message = str(exc) or exc.__class__.__name__
-        store.transition(job_id, {JobStatus.running}, status=JobStatus.failed, finished_at=time.time(),
-                         error=f"{exc.__class__.__name__}: {message}", eta_seconds=None)
+        if store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.failed,
+                            finished_at=time.time(), error=f"{exc.__class__.__name__}: {message}", eta_seconds=None):
+            remove_outputs(job_dir)
         return JobStatus.failed
+    if store.cancel_requested(job_id):  # a DELETE that came after the last cancel check still wins
+        return _finish_canceled(store, job_id, job_dir, mine)
     state_path.unlink(missing_ok=True)
     if resume is not None:
         result.metrics["resumed_from_step"] = float(resume.step)
-    store.transition(job_id, {JobStatus.running}, status=JobStatus.succeeded, finished_at=time.time(),
-                     progress=1.0, eta_seconds=0.0, stage=Stage.writing, outputs=result.outputs,
-                     metrics=result.metrics)
+    if not store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.succeeded,
+                            finished_at=time.time(), progress=1.0, eta_seconds=0.0, stage=Stage.writing,
+                            outputs=result.outputs, metrics=result.metrics):
+        log.warning("job %s: this run lost its claim; its result is not recorded", job_id)
+        current = store.get(job_id)
+        return current.status if current else None
     return JobStatus.succeeded
+
+
+def _finish_canceled(store: JobStore, job_id: str, job_dir: Path, mine: dict) -> JobStatus:
+    if store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.canceled,
+                        finished_at=time.time(), eta_seconds=None):
+        remove_outputs(job_dir)
+    log.info("job %s canceled", job_id)
+    return JobStatus.canceled
+
+
+def fail_job(job_id: str, ctx: WorkerContext, error: str) -> None:
+    """Record a failure the task itself could not (hard time limit: the process was killed)."""
+    job = ctx.store.get(job_id)
+    if job is not None and ctx.store.transition(job_id, {JobStatus.queued, JobStatus.running},
+                                                status=JobStatus.failed, finished_at=time.time(), error=error):
+        remove_outputs(ctx.store.job_dir(job_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_orphans(ctx: WorkerContext, enqueue: Callable[[str], None]) -> list[str]:
+    """Re-queue running jobs whose process is gone: on this host, a dead pid; anywhere, a heartbeat older
+    than the lease. Runs when a worker starts; the re-queued job resumes from its checkpoint."""
+    requeued = []
+    now = time.time()
+    for job in ctx.store.running():
+        host, _, pid = (job.worker or "").rpartition("/")
+        dead_here = host == ctx.hostname and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+        stale = job.heartbeat_at is not None and now - job.heartbeat_at > ctx.settings.lease_seconds
+        if not (dead_here or stale):
+            continue
+        if ctx.store.transition(job.id, {JobStatus.running}, expect={"claim": job.claim}, status=JobStatus.queued,
+                                claim=None, worker=None):
+            enqueue(job.id)
+            requeued.append(job.id)
+            log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker)
+    return requeued

@@ -1,22 +1,50 @@
 """Celery tasks: thin adapters from a job id to :func:`worker.jobrunner.run_job`."""
 from __future__ import annotations
 
+import logging
 import socket
 
+from celery import Task
+from celery.signals import worker_ready
+
 from worker.celery_app import TASK_GENERATE, app
-from worker.jobrunner import WorkerContext, run_job
+from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
+from worker.queue import enqueue
+
+log = logging.getLogger("slidesynth.worker")
 
 _context: WorkerContext | None = None
 
 
 def context() -> WorkerContext:
-    """Per-process context, created on the first task (never before fork: CUDA stays untouched)."""
+    """Per-process context, created on the first use (never touches CUDA: models load on the first job)."""
     global _context
     if _context is None:
         _context = WorkerContext.from_settings(hostname=socket.gethostname())
     return _context
 
 
-@app.task(name=TASK_GENERATE, acks_late=True, reject_on_worker_lost=True)
+class GenerateTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        # Reached when the child was killed (hard time limit) or the task raised past run_job:
+        # the job must not stay "running" forever.
+        job_id = args[0] if args else task_id
+        fail_job(job_id, context(), f"{exc.__class__.__name__}: {exc}")
+
+
+@app.task(name=TASK_GENERATE, base=GenerateTask, acks_late=True, reject_on_worker_lost=True)
 def generate(job_id: str) -> None:
     run_job(job_id, context())
+
+
+@worker_ready.connect
+def _recover(sender=None, **_):
+    """A starting worker re-queues jobs left running by a process that is gone."""
+    ctx = context()
+    try:
+        requeued = recover_orphans(ctx, lambda job_id: enqueue(app, job_id, ctx.settings.queue))
+    except Exception:  # recovery must never keep a worker from starting
+        log.exception("recovering orphaned jobs failed")
+        return
+    if requeued:
+        log.warning("re-queued %d orphaned job(s): %s", len(requeued), ", ".join(requeued))

@@ -13,10 +13,10 @@ from starlette.datastructures import UploadFile
 from service.deps import Services, get_services, get_tenant
 from service.errors import from_field_error, from_validation_error, unprocessable
 from service.masks import MaskError, decode_mask, encode_png, inspect_mask
-from service.schemas import GenerateParams, GenerateRequest, JobCreated
+from service.schemas import GenerateParams, GenerateRequest, JobCreated, ValidationErrors
 from service.validation import FieldError, build_spec, check_labels, resolve_model
 from slidesynth.jobs import JobRecord, JobStatus, new_job_id
-from worker.celery_app import enqueue
+from worker.queue import enqueue
 
 router = APIRouter(tags=["jobs"])
 
@@ -52,6 +52,25 @@ def _check_mask(data: bytes, params: GenerateParams, services: Services):
     return spec, encode_png(labels)
 
 
+def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | None) -> None:
+    """Write the job's folder and record, then enqueue; on any failure nothing is left behind."""
+    store = services.store
+    job_dir = store.job_dir(record.id)
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        if mask_png is not None:
+            (job_dir / "mask.png").write_bytes(mask_png)
+        store.create(record)
+        enqueue(services.celery, record.id, services.settings.queue)
+    except Exception as exc:  # job store or broker down
+        try:
+            store.delete(record.id)
+        except Exception:
+            pass
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "30"}) from None
+
+
 @router.post(
     "/generate",
     status_code=202,
@@ -60,7 +79,13 @@ def _check_mask(data: bytes, params: GenerateParams, services: Services):
     description="`multipart/form-data` with a `mask` file and a `params` JSON part, or `application/json` "
     "with `conditioning` (subtype or embedding). Answers 202 with the job id; poll `Location`.",
     openapi_extra={"requestBody": REQUEST_BODY},
-    responses={415: {"description": "Neither JSON nor multipart"}, 503: {"description": "Queue unavailable"}},
+    responses={
+        401: {"description": "Missing or invalid X-API-Key (when the service has API keys)"},
+        413: {"description": "Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"},
+        415: {"description": "Neither JSON nor multipart"},
+        422: {"model": ValidationErrors, "description": "A field is invalid; `loc` names it"},
+        503: {"description": "Job store or queue unavailable"},
+    },
 )
 async def generate(request: Request, response: Response, tenant: str = Depends(get_tenant),
                    services: Services = Depends(get_services)) -> JobCreated:
@@ -73,7 +98,8 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 body = GenerateRequest.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise from_validation_error(exc) from None
-            card = resolve_model(body.model, services.registry.cards(), settings)
+            cards = await run_in_threadpool(services.registry.cards)  # the first call builds the untrained defaults
+            card = resolve_model(body.model, cards, settings)
             spec = build_spec(body, card, settings, conditioning=body.conditioning)
         elif ctype.startswith("multipart/form-data"):
             form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
@@ -87,6 +113,8 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 params = GenerateParams.model_validate(json.loads(raw_params))
             except json.JSONDecodeError as exc:
                 raise unprocessable(("params",), f"is not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise unprocessable(("params",), "is nested too deeply") from None
             except ValidationError as exc:
                 raise from_validation_error(exc, ("params",)) from None
             data = await upload.read()
@@ -99,20 +127,10 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
     except FieldError as exc:
         raise from_field_error(exc) from None
 
-    job_id = new_job_id()
-    store = services.store
-    job_dir = store.job_dir(job_id)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    if mask_png is not None:
-        (job_dir / "mask.png").write_bytes(mask_png)
     card = services.registry.card(spec.model)
-    store.create(JobRecord(id=job_id, tenant=tenant, spec=spec, untrained=not card.trained, created_at=time.time()))
-    try:
-        enqueue(services.celery, job_id, settings.queue)
-    except Exception as exc:  # broker down: nothing must be left half-created
-        store.delete(job_id)
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "30"}) from None
+    job_id = new_job_id()
+    record = JobRecord(id=job_id, tenant=tenant, spec=spec, untrained=not card.trained, created_at=time.time())
+    await run_in_threadpool(_store_and_enqueue, services, record, mask_png)
     location = f"/jobs/{job_id}"
     response.headers["Location"] = location
     return JobCreated(id=job_id, status=JobStatus.queued.value, status_url=location, untrained=not card.trained)

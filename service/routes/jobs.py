@@ -57,13 +57,21 @@ def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant
         shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
         return Response(status_code=204)
     store.request_cancel(job_id)
+    settings = services.settings
+    lost = job.status == JobStatus.running and job.heartbeat_at is not None and \
+        time.time() - job.heartbeat_at > settings.lease_seconds
+    if lost and store.transition(job_id, {JobStatus.running}, expect={"claim": job.claim},
+                                 status=JobStatus.canceled, finished_at=time.time()):
+        # Its worker is gone (no progress for a whole lease): nobody else will ever finish it.
+        response.status_code = 200
+        return job_view(store.get(job_id) or job)
     # A queued job becomes canceled now; its message stays queued and the worker drops it on delivery
     # (the record is terminal), which also works with transports that have no broadcast for revoke().
     if store.transition(job_id, {JobStatus.queued}, status=JobStatus.canceled, finished_at=time.time()):
         response.status_code = 200
     else:
         response.status_code = 202
-    return job_view(store.get(job_id))
+    return job_view(store.get(job_id) or job)
 
 
 def _output(job_id: str, kind: str, tenant: str, services: Services):
@@ -76,7 +84,9 @@ def _output(job_id: str, kind: str, tenant: str, services: Services):
 
 
 @router.get("/jobs/{job_id}/slide.tiff", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
-            200: {"content": {"image/tiff": {}}, "description": "Pyramidal BigTIFF; HTTP Range supported"}},
+            200: {"content": {"image/tiff": {}}, "description": "Pyramidal BigTIFF; HTTP Range supported"},
+            206: {"content": {"image/tiff": {}}, "description": "The requested byte range (Range header)"},
+            416: {"description": "Range not satisfiable"}},
             summary="Download the pyramidal TIFF")
 def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
     path = _output(job_id, "tiff", tenant, services)

@@ -1,0 +1,66 @@
+"""The Celery configuration and job sending, shared by the API (producer) and the worker.
+
+Configured for hour-long GPU jobs:
+
+* Redis broker when ``SLIDESYNTH_BROKER_URL`` is set; otherwise kombu's filesystem transport under the
+  data dir, so the embedded mode needs no server.
+* Late acks, prefetch 1, reject on worker loss, a visibility timeout above the hard time limit (set in
+  every place kombu reads it), no result backend (job records live in the job store).
+
+Importing this module creates nothing; :mod:`worker.celery_app` holds the worker's app instance.
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from slidesynth.settings import Settings, get_settings
+
+TASK_GENERATE = "slidesynth.generate"
+
+
+def broker_options(settings: Settings) -> tuple[str, dict]:
+    visibility = settings.task_time_limit + 1800
+    if settings.broker_url:
+        return settings.broker_url, {"visibility_timeout": visibility}
+    folder = settings.data_dir / "broker"
+    for sub in ("queue", "processed", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return "filesystem://", {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),  # kombu's default is ./control in the working directory
+        "store_processed": False,
+    }
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    url, transport_options = broker_options(settings)
+    app = Celery("slidesynth", broker=url, include=["worker.tasks"])
+    app.conf.update(
+        broker_transport_options=transport_options,
+        visibility_timeout=transport_options.get("visibility_timeout"),
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(30, settings.task_time_limit - 300),
+        task_default_queue=settings.queue,
+        task_routes={TASK_GENERATE: {"queue": settings.queue}},
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_soft_shutdown_timeout=60.0,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def enqueue(celery: Celery, job_id: str, queue: str) -> None:
+    """Send a job by task name; task id = job id, so a re-queued job keeps its id."""
+    celery.send_task(TASK_GENERATE, args=[job_id], task_id=job_id, queue=queue)
