@@ -169,6 +169,8 @@ def untrained_diffinfinite(seed: int = 0, device: str | torch.device = "cpu") ->
     )
     card.config["seed"] = seed
     card.config["vae"] = tiny_vae_config()
+    # Random weights gain nothing from the paper's 250 steps; keep the untrained default quick on a CPU.
+    card.default_steps = 20
     codec = LatentCodec(vae, latent_scale=card.latent_scale, mask_divisors=card.config["mask_divisors"], num_classes=5)
     return DiffInfiniteModels(image_unet=image, mask_unet=mask, codec=codec, card=card)
 
