@@ -20,6 +20,7 @@ def _run(args: argparse.Namespace) -> int:
         l2_weight=args.l2_weight, edge_weight=args.edge_weight, kl_weight=args.kl_weight,
         mask_fraction=args.mask_fraction, num_classes=args.num_classes, ema_beta=args.ema_beta,
         augment=not args.no_augment, save_every=args.save_every, stats_samples=args.stats_samples,
+        normalize_latents=args.normalize_latents,
         save_dtype="float16" if args.fp16 else "float32", seed=args.seed, device=args.device,
         threads=args.threads, resume=args.resume, overwrite=args.overwrite,
     )
@@ -66,6 +67,9 @@ def add_train_parsers(train_subparsers) -> None:
     p.add_argument("--no-augment", action="store_true", help="disable flips / rot90")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--stats-samples", type=int, default=128, help="crops for the latent statistics (per kind)")
+    p.add_argument("--normalize-latents", type=float, default=0.0, metavar="TARGET",
+                   help="fold a per-channel shift/gain into the saved autoencoder so image latents are centred with "
+                   "each channel's 99.9th percentile |z| at TARGET (50: the release's latent/50 convention); 0: off")
     p.add_argument("--fp16", action="store_true", help="save the weights as float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -71,7 +71,7 @@ def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors
         ],
         "vae": [
             f"{slidesynth} train vae --tiles {w}/tiles --out {w}/vae --config small --crop 64 --batch-size 8 "
-            f"--steps 1600 --lr 5e-4 --warmup 50 --save-every 200 --fp16 --device cpu --threads 1 --seed 0 --quiet --overwrite",
+            f"--steps 1600 --lr 5e-4 --warmup 50 --save-every 200 --normalize-latents 50 --fp16 --device cpu --threads 1 --seed 0 --quiet --overwrite",
         ],
         "diffusion": [
             f"{slidesynth} train diffinfinite --tiles {w}/tiles --out {w}/image --tile-size 128 --p-unc 0.2 "
