@@ -17,13 +17,6 @@ from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
 from models.runtime import Canceled
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids spin-wait overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

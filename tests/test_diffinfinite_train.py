@@ -21,12 +21,6 @@ from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
 from models.vae import build_vae, tiny_vae_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,12 +15,6 @@ from models.infbrush.sampler import Canvas, evaluate_full
 from models.runtime import Canceled
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def direct_cano(q_in, sources, attn: LinearAttentionNO):

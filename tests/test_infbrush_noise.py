@@ -8,12 +8,6 @@ from models.infbrush.noise import Mollifier, gaussian_noise, gaussian_taps, phil
 from models.infbrush.schedule import CosineSchedule, ddim_update
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Random123 tests/kat_vectors, "philox4x32 10" lines: counter[4], key[2] → output[4]

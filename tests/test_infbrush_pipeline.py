@@ -12,12 +12,6 @@ from models.infbrush.config import InfBrushConfig, paper_config, tiny_config
 from models.infbrush.pipeline import WEIGHTS_FILE, parameter_count
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_untrained_default_card():

@@ -11,12 +11,6 @@ from models.infbrush import InfBrushPipeline, untrained_infbrush
 from models.infbrush.prompts import load_prompt_set
 from models.infbrush.text import ClipTextTower, QuiltTextEncoder, default_encoder_dir, embed_subtype
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 MERGES = ["t h", "th e</w>", "a n", "an d</w>", "c a", "ca r", "car c", "carc i", "n o", "m a</w>", "l u", "n g</w>",

@@ -18,12 +18,6 @@ from models.infbrush.train import (ImageFolderDataset, SyntheticFunctions, Train
 SIZES = ((32, 32), (24, 40))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _opts(out, **kw):
