@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.metrics import profile_ratio
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER_DIR = REPO / "weights" / "fidelity-classifier"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -162,19 +164,6 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, di
     return float(np.mean(list(recalls.values()))), recalls
 
 
-def _profile_ratio(profile: np.ndarray, period: int, offset: int, match_mod: int | None) -> float:
-    idx = np.arange(profile.size)
-    valid = idx >= 1
-    on = valid & (idx % period == offset % period)
-    off = valid & ~on
-    if match_mod:
-        off &= idx % match_mod == offset % match_mod
-    if not on.any() or not off.any():
-        return float("nan")
-    denom = profile[off].mean()
-    return float(profile[on].mean() / denom) if denom > 0 else float("inf")
-
-
 class SlideScorer:
     """Streaming fidelity score of one slide: feed full-width uint8 RGB bands top to bottom with
     :meth:`add_band`, then read :meth:`result`.
@@ -252,7 +241,7 @@ class SlideScorer:
         vals = []
         for off in self.offsets:
             for prof in (self._gy, gx):
-                v = _profile_ratio(prof, self.period, off, self.match_mod)
+                v = profile_ratio(prof, self.period, off, self.match_mod)
                 if not np.isnan(v):
                     vals.append(v)
         return max(vals) if vals else None

@@ -36,7 +36,10 @@ def gradient_profiles(image: np.ndarray, chunk_rows: int = 512) -> tuple[np.ndar
     return gy, gx
 
 
-def _axis_ratio(profile: np.ndarray, period: int, offset: int, match_mod: int | None) -> float:
+def profile_ratio(profile: np.ndarray, period: int, offset: int, match_mod: int | None = None) -> float:
+    """Seam ratio along one axis from its gradient profile (``gradient_profiles``; index p = the gradient
+    between lines p − 1 and p): mean on lines ≡ offset (mod period) ÷ mean on the other lines (of the
+    same phase modulo ``match_mod`` when given). NaN when either set is empty."""
     idx = np.arange(profile.size)
     valid = idx >= 1
     on = valid & (idx % period == offset % period)
@@ -57,8 +60,8 @@ def seam_ratios(image_hw3: np.ndarray, period_px: int, offsets_px: Iterable[int]
     gy, gx = gradient_profiles(image_hw3)
     out: dict[str, float] = {}
     for off in offsets_px:
-        out[f"y@{off}"] = _axis_ratio(gy, period_px, off, match_mod)
-        out[f"x@{off}"] = _axis_ratio(gx, period_px, off, match_mod)
+        out[f"y@{off}"] = profile_ratio(gy, period_px, off, match_mod)
+        out[f"x@{off}"] = profile_ratio(gx, period_px, off, match_mod)
     return out
 
 
