@@ -1,7 +1,8 @@
 """The recipe of ``weights/diffinfinite-demo``: small DiffInfinite models trained on procedural tissue.
 
-    python -m slidesynth.demo_models all            # every step below, in order (≈ 40 min on a 2-core CPU)
-    python -m slidesynth.demo_models STEP [STEP …]  # datasets | vae | diffusion | assemble | evaluate | picture
+    python -m slidesynth.demo_models all            # every step below, in order (≈ 1 h on a shared 2-core CPU)
+    python -m slidesynth.demo_models STEP [STEP …]  # datasets | vae | diffusion | finetune | assemble | evaluate | picture
+    python -m slidesynth.demo_models commands       # print the exact command lines
 
 Steps (each runs the exact command lines listed in :func:`commands`; ``work`` = ``data/demo-models``):
 
@@ -10,16 +11,19 @@ Steps (each runs the exact command lines listed in :func:`commands`; ``work`` = 
    seed 7) so that the image model's null condition (label 0, "unknown") is glass, as the procedural
    world's class 0; 120 labelled whole-slide layouts of 1024² px at 0.5 µm/px (seed 1, with subtypes) for the
    mask model, which sees 512-px crops at 1/4 resolution (128-px masks, 16² latents) as in the release.
-2. ``vae`` — ``slidesynth train vae`` (AutoencoderKL, 4 latent channels, ×8, 2.7 M parameters, fp16). Its
-   ``vae_training.json`` gives the image ``latent_scale`` and the mask-latent divisors used next.
-3. ``diffusion`` — ``slidesynth train diffinfinite`` (image model, ``--network small``, 2.8 M) and
-   ``slidesynth train diffinfinite-mask`` (mask model, 2.8 M) side by side, one thread each.
-4. ``assemble`` — ``weights/diffinfinite-demo``: fp16 safetensors, ``vae/``, ``model_card.json`` (classes,
-   data, the commands, device, wall times, sha256 of every file).
-5. ``evaluate`` — fidelity (:mod:`evaluation.fidelity`) of slides generated from layouts none of the models
+2. ``vae`` — ``slidesynth train vae`` (AutoencoderKL, 4 latent channels, ×8, 2.7 M parameters, fp16), with the
+   latents normalised per channel so that the release's ``latent / 50`` convention fits the sampler's clip
+   range. Its ``vae_training.json`` gives the image ``latent_scale`` (50) and the mask-latent divisors.
+3. ``diffusion`` — ``slidesynth train diffinfinite`` (image model, ``--network small``, 2.8 M parameters, 128-px
+   crops = 16² latents) and ``slidesynth train diffinfinite-mask`` (mask model, 2.8 M) side by side, one
+   thread each.
+4. ``finetune`` — a second image-model run from the first one's EMA weights (``--init``), lower peak lr.
+5. ``assemble`` — ``weights/diffinfinite-demo``: fp16 safetensors, ``vae/``, ``model_card.json`` (classes,
+   data, the commands, device, wall times, sha256 of every file, default steps 50 and guidance ω = 0).
+6. ``evaluate`` — fidelity (:mod:`evaluation.fidelity`) of slides generated from layouts none of the models
    saw; written into the card's ``metrics``.
-6. ``picture`` — ``docs/demo.png``: the demo mask beside the slide generated from it (the ``make demo``
-   request: 256-px mask at 2 µm/px → 1024² px at 0.5 µm/px, seed 0, default steps and guidance).
+7. ``picture`` — ``docs/demo.png``: the demo mask beside the slide generated from it (the ``make demo``
+   request: 256-px mask at 2 µm/px → 1024² px at 0.5 µm/px, seed 0, the card's default steps and ω).
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ OUT = Path("weights/diffinfinite-demo")
 NAME = "diffinfinite-demo"
 PICTURE = Path("docs/demo.png")
 
-# Sampling defaults written into the card (requests may override them).
+# Sampling defaults written into the card (requests may override them). ω = 0: this model's null condition
+# (label 0) is glass, so guidance ε(c) + ω(ε(c) − ε(glass)) only pushes stain saturation past the data.
 DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 0.0
 # Unseen layouts for the fidelity figures: seeds no training set used (datasets use item_seed(seed, i)).
 EVAL_SEEDS = (20261, 20262)
 EVAL_SIZE = 1024
@@ -61,8 +67,8 @@ def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors
     w = str(work)
     ls = f"{latent_scale:g}" if latent_scale is not None else "<latent_scale from vae_training.json>"
     md = ",".join(f"{d:g}" for d in mask_divisors) if mask_divisors else "<mask_divisors from vae_training.json>"
-    common = (f"--vae {w}/vae --network small --latent-scale {ls} --mask-divisors {md} --lr 1e-3 "
-              f"--ema-every 1 --ema-after 100 --save-every 200 --device cpu --threads 1 --seed 0 --quiet --overwrite")
+    common = (f"--vae {w}/vae --network small --latent-scale {ls} --mask-divisors {md} "
+              f"--ema-every 1 --ema-after 100 --save-every 200 --device cpu --threads 1 --quiet --overwrite")
     return {
         "datasets": [
             f"{python} -m procedural dataset {w}/tiles --n 800 --size 256 --seed 0 --workers 2",
@@ -75,9 +81,13 @@ def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors
         ],
         "diffusion": [
             f"{slidesynth} train diffinfinite --tiles {w}/tiles --out {w}/image --tile-size 128 --p-unc 0.2 "
-            f"--steps 1500 --batch-size 16 {common}",
+            f"--steps 1500 --batch-size 16 --lr 1e-3 --seed 0 {common}",
             f"{slidesynth} train diffinfinite-mask --tiles {w}/slides --out {w}/mask --tile-size 512 "
-            f"--steps 400 --batch-size 16 {common}",
+            f"--steps 400 --batch-size 16 --lr 1e-3 --seed 0 {common}",
+        ],
+        "finetune": [
+            f"{slidesynth} train diffinfinite --init {w}/image/image_unet.safetensors --tiles {w}/tiles --out {w}/image-ft "
+            f"--tile-size 128 --p-unc 0.2 --steps 2000 --batch-size 16 --lr 5e-4 --seed 1 {common}",
         ],
     }
 
@@ -127,10 +137,10 @@ def _vae_stats(work: Path) -> tuple[float, list[float]]:
 def run_step(step: str, work: Path = WORK) -> None:
     """Run one command step; commands of the ``diffusion`` step run in parallel."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if step == "diffusion":
+    if step in ("diffusion", "finetune"):
         ls, md = _vae_stats(work)
         cmds = commands(work, ls, md)[step]
-        parallel = True
+        parallel = step == "diffusion"
     else:
         cmds = commands(work)[step]
         parallel = False
@@ -167,7 +177,9 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
     from procedural.tissue import GENERATOR_VERSION
 
     work_abs, out_abs = REPO / work, REPO / out
-    image_card = ModelCard.load(work_abs / "image")
+    image_dir = work_abs / ("image-ft" if (work_abs / "image-ft" / IMAGE_WEIGHTS).is_file() else "image")
+    image_card = ModelCard.load(image_dir)
+    first_card = ModelCard.load(work_abs / "image")
     mask_card = ModelCard.load(work_abs / "mask")
     vae_info = json.loads((work_abs / "vae" / "vae_training.json").read_text())
     recipe = json.loads((work_abs / "recipe.json").read_text())
@@ -182,7 +194,7 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
         shutil.rmtree(out_abs)
     out_abs.mkdir(parents=True)
     files: dict[str, str] = {}
-    image = load_network(work_abs / "image" / IMAGE_WEIGHTS, image_card.config["image_unet"], kind="image",
+    image = load_network(image_dir / IMAGE_WEIGHTS, image_card.config["image_unet"], kind="image",
                          dtype=torch.float16)
     mask = load_network(work_abs / "mask" / MASK_WEIGHTS, mask_card.config["mask_unet"], kind="mask",
                         dtype=torch.float16)
@@ -201,6 +213,7 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
     cmds = commands(work, ls_, md_)
     img_tr, msk_tr = image_card.training["image_unet"], mask_card.training["mask_unet"]
     walls = {k: v.get("wall_time_s") for k, v in recipe.items() if isinstance(v, dict)}
+    trained_steps = [k for k in ("datasets", "vae", "diffusion", "finetune") if k in recipe]
     card = ModelCard(
         name=NAME,
         engine="diffinfinite",
@@ -216,20 +229,24 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
         latent_scale=ls,
         vae_scale_factor=8,
         default_steps=DEFAULT_STEPS,
+        default_guidance=DEFAULT_GUIDANCE,
         conditioning=["mask", "subtype"],
         training_data=TRAINING_DATA.format(v=GENERATOR_VERSION),
         training={
             "recipe": "python -m slidesynth.demo_models all",
-            "commands": [c for step in ("datasets", "vae", "diffusion") for c in cmds[step]],
+            "commands": [c for step in trained_steps for c in cmds[step]],
             "device": "cpu",
             "hardware": "2-core CPU shared with other jobs (no GPU); one torch thread per training process",
             "torch": torch.__version__,
             "wall_time_s": walls,
-            "wall_time_total_training_s": round(sum(walls.get(k) or 0.0 for k in ("vae", "diffusion")), 1),
+            "wall_time_total_s": round(sum(walls.get(k) or 0.0 for k in trained_steps), 1),
+            "wall_time_training_s": round(sum(walls.get(k) or 0.0 for k in ("vae", "diffusion", "finetune")), 1),
             "vae": {k: vae_info[k] for k in ("preset", "parameters", "steps_done", "batch_size", "crop", "lr",
                                              "loss_weights", "wall_time_s", "final_loss_mean_last_50", "stats")},
-            "image_unet": {**{k: img_tr[k] for k in ("steps_done", "batch_size", "lr", "p_unc", "ema",
-                                                      "duration_s_this_run", "final_loss_mean_last_100")},
+            "image_unet": {"runs": [{k: c.training["image_unet"][k] for k in (
+                               "command", "steps_done", "batch_size", "lr", "p_unc", "ema", "duration_s_this_run",
+                               "final_loss_mean_last_100")} for c in ([first_card, image_card] if image_dir.name == "image-ft"
+                                                                       else [image_card])],
                            "parameters": n_params(image), "tile_size": 128},
             "mask_unet": {**{k: msk_tr[k] for k in ("steps_done", "batch_size", "lr", "p_unc", "ema",
                                                      "duration_s_this_run", "final_loss_mean_last_100")},
@@ -269,15 +286,22 @@ def verify_files(folder: str | Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None, guidance: float = 3.0,
-                   seed: int = 0, sampler: str = "tiled", device: str = "cpu") -> np.ndarray:
+def default_guidance(card: Any) -> float:
+    """The card's ``default_guidance`` (ω), else the service's default 3.0."""
+    value = getattr(card, "default_guidance", None)
+    return 3.0 if value is None else float(value)
+
+
+def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0, sampler: str = "tiled", eta: float = 1.0, device: str = "cpu") -> np.ndarray:
     """The worker's DiffInfinite path (sample latents → Hann-tiled decode) for one label mask at the model's
     resolution; uint8 (H, W, 3)."""
     from models.decoding import TiledDecoder
     from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
 
     pipe = DiffInfinitePipeline(models, device=device)
-    opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=1.0, mode=sampler,
+    guidance = default_guidance(models.card) if guidance is None else guidance
+    opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=eta, mode=sampler,
                            seed=seed)
     latent = pipe.sample_latents(labels, options=opts)
     dec = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64, overlap=32, window="hann")
@@ -287,7 +311,7 @@ def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None,
 def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = EVAL_SIZE, write: bool = True,
              steps: int | None = None) -> dict[str, Any]:
     """Balanced accuracy and seam ratio (:func:`evaluation.fidelity.score_slide`) of slides generated from
-    unseen slide layouts (``random_layout(size, size, seed, "slide")``) with the card's defaults and ω = 3."""
+    unseen slide layouts (``random_layout(size, size, seed, "slide")``) with the card's default steps and ω."""
     import torch
 
     from evaluation.fidelity import load_classifier, score_slide
@@ -312,7 +336,8 @@ def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = E
         "balanced_accuracy_mean": round(float(np.mean([r["balanced_accuracy"] for r in results])), 4),
         "seam_ratio_max": max((r["seam_ratio"] for r in results if r["seam_ratio"] is not None), default=None),
         "steps": steps or models.card.steps_default,
-        "guidance": 3.0,
+        "guidance": default_guidance(models.card),
+        "eta": 1.0,
         "sampler": "tiled",
         "note": "unseen procedural slide layouts at 0.5 um/px; evaluation.fidelity classifier (64-px windows)",
     }
@@ -359,7 +384,7 @@ def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, A
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-STEPS = ("datasets", "vae", "diffusion", "assemble", "evaluate", "picture")
+STEPS = ("datasets", "vae", "diffusion", "finetune", "assemble", "evaluate", "picture")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in steps:
         t0 = time.perf_counter()
         print(f"[demo-models] {step} …", flush=True)
-        if step in ("datasets", "vae", "diffusion"):
+        if step in ("datasets", "vae", "diffusion", "finetune"):
             run_step(step, args.work)
         elif step == "assemble":
             print(assemble(args.work, args.out))
