@@ -22,8 +22,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = None
     start_worker = settings.embedded if args.worker is None else args.worker
     if start_worker:
-        # The worker runs in its own process (CUDA must not be initialised in the API process).
-        worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker"], env=os.environ.copy())
+        # The worker runs in its own process (CUDA must not be initialised in the API process). It is told
+        # to stop when `serve` dies however it dies: uvicorn re-raises SIGTERM after its graceful shutdown,
+        # so a `finally` here is not enough.
+        worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker"], env=os.environ.copy(),
+                                  preexec_fn=_terminate_with_parent)
     try:
         mode = "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
         print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}", flush=True)
@@ -32,10 +35,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=30)
+                worker.wait(timeout=90)  # warm shutdown (60 s) lets a running job re-queue itself
             except subprocess.TimeoutExpired:
                 worker.kill()
     return 0
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent process exits (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the finally block in cmd_serve still stops it on a normal exit
+        pass
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

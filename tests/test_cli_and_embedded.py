@@ -90,6 +90,8 @@ def test_embedded_serve_runs_a_job_without_any_server(tmp_path):
         assert job["status"] == "succeeded", job["error"]
         assert client.get(job["links"]["slide"]).content[:4] in (b"II+\x00", b"MM\x00+")
         assert (tmp_path / "data" / "broker" / "control").is_dir()  # the filesystem transport, kept in the data dir
+        record = json.loads((tmp_path / "data" / "jobs" / job["id"] / "job.json").read_text())
+        worker_pid = int(record["worker"].rsplit("/", 1)[1])
     finally:
         client.close()
         proc.terminate()
@@ -97,3 +99,8 @@ def test_embedded_serve_runs_a_job_without_any_server(tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    # Stopping `serve` stops the worker it started (uvicorn re-raises SIGTERM, so this needs pdeathsig).
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{worker_pid}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{worker_pid}"), "the embedded worker outlived `slidesynth serve`"
