@@ -34,6 +34,7 @@ class ModelCard(BaseModel):
     max_width: int = Field(16384, description="Largest output width in pixels this deployment accepts.")
     max_height: int = Field(16384, description="Largest output height in pixels.")
     default_steps: int | None = Field(None, description="Sampling steps when a request names none.")
+    default_guidance: float | None = Field(None, description="Guidance ω when a request names none (else 3).")
     conditioning: list[Literal["mask", "subtype", "embedding"]] = Field(default_factory=lambda: ["mask"])
     embedding_encoder: str | None = Field(None, description="Encoder id accepted for embeddings.")
     embedding_dim: int | None = None

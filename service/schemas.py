@@ -36,7 +36,10 @@ class GenerateParams(_Strict):
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; default: drawn and recorded in the job.")
     steps: int | None = Field(None, ge=1, description="Sampling steps; default: the model's default.")
-    guidance: float = Field(3.0, ge=0, le=20, description="Classifier-free guidance weight ω.")
+    guidance: float | None = Field(
+        None, ge=0, le=20,
+        description="Classifier-free guidance weight ω in (1+ω)·ε(c) − ω·ε(∅); default: the model card's, else 3.",
+    )
     eta: float | None = Field(
         None, ge=0, le=1,
         description="DDIM η (1 = stochastic, 0 = deterministic); default: the engine's paper value "
@@ -131,6 +134,7 @@ class ModelInfo(BaseModel):
     max_width: int
     max_height: int
     default_steps: int
+    default_guidance: float
     embedding_encoder: str | None
     embedding_dim: int | None
     training_data: str

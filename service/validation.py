@@ -27,6 +27,9 @@ SUBTYPE_ALIASES = {
 }
 
 
+DEFAULT_GUIDANCE = 3.0  # DiffInfinite's notebook default ω, for cards that name none
+
+
 class FieldError(ValueError):
     """A request field that cannot be accepted."""
 
@@ -153,6 +156,8 @@ def build_spec(
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
     return JobSpec(
         model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
-        guidance=params.guidance, eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0), sampler=params.sampler, decoder=params.decoder, outputs=list(dict.fromkeys(params.outputs)),
+        guidance=params.guidance if params.guidance is not None else (
+            card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE),
+        eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0), sampler=params.sampler, decoder=params.decoder, outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

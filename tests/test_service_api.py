@@ -78,6 +78,7 @@ def test_json_subtype_job(client):
     assert (job["width"], job["height"]) == (256, 128)
     record = client.store.get(job["id"])
     assert record.spec.subtype == "squamous cell carcinoma" and record.spec.subtype_id == 1
+    assert record.spec.guidance == 3.0 and record.spec.steps == 20  # the card's defaults (untrained: ω unset → 3)
 
 
 def test_models_and_health(client):

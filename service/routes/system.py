@@ -6,6 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import Services, get_services
 from service.schemas import Health, ModelInfo, ModelList
+from service.validation import DEFAULT_GUIDANCE
 
 router = APIRouter()
 
@@ -20,6 +21,7 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
             classes=card.classes, subtypes=card.subtypes, conditioning=list(card.conditioning),
             native_mpp=card.native_mpp, max_width=min(card.max_width, settings.max_width),
             max_height=min(card.max_height, settings.max_height), default_steps=card.steps_default,
+            default_guidance=card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE,
             embedding_encoder=card.embedding_encoder, embedding_dim=card.embedding_dim,
             training_data=card.training_data,
         ))
