@@ -222,3 +222,93 @@ class BandTiler:
     @property
     def complete(self) -> bool:
         return self.rows_done == self.height
+
+
+class CascadeWriter:
+    """Life cycle shared by the tile-fed writers (TIFF, OME-Zarr): tiles go through a
+    :class:`PyramidCascade` into the subclass's ``sink``; the output is written under a temporary name
+    and renamed into place by :meth:`close`; any error or :meth:`abort` removes the temporary output.
+
+    Subclasses set ``self.sink`` (an object with ``put(level, ty, tx, tile)`` and ``cancel()``) and
+    implement :meth:`_finish` (complete the temporary output) and, if they hold resources, :meth:`_release`.
+    """
+
+    def _start(self, path, width: int, height: int, tile: int, min_size: int, workers: int | None,
+               overwrite: bool, thread_name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+
+        from writers.atomic import check_target, partial_path
+
+        self.path = Path(path)
+        check_target(self.path, overwrite)
+        self.overwrite = overwrite
+        self.cascade = PyramidCascade(width, height, self._on_tile, tile=tile, min_size=min_size)
+        self.tmp = partial_path(self.path)
+        self._closed = False
+        self.workers = max(1, int(workers)) if workers else default_workers()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix=thread_name)
+
+    @property
+    def levels(self) -> list[tuple[int, int]]:
+        return self.cascade.levels
+
+    def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
+        self.sink.put(level, ty, tx, tile)
+
+    def write_tile(self, ty: int, tx: int, tile: np.ndarray) -> None:
+        """Feed the next full-resolution tile (row-major order); a bad tile aborts with a named error."""
+        if self._closed:
+            raise ValueError(f"tile ({ty}, {tx}): writer for {self.path} is already closed or aborted")
+        try:
+            self.cascade.push_tile(ty, tx, tile)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what the subclass holds besides the pool and sink (called by :meth:`abort`)."""
+
+    def close(self):
+        """Finish the output and rename it into place; returns the final path."""
+        from writers.atomic import commit
+
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is already closed or aborted")
+        try:
+            self.cascade.check_complete()
+            self._finish()
+            commit(self.tmp, self.path, self.overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self.pool.shutdown(wait=True)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop, and remove the temporary output (idempotent)."""
+        from writers.atomic import remove_path
+
+        self._closed = True
+        sink = getattr(self, "sink", None)
+        if sink is not None:
+            sink.cancel()
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._release()
+        remove_path(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.abort()
+            return False
+        self.close()
+        return False

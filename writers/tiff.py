@@ -32,8 +32,7 @@ from typing import Any, BinaryIO
 import imagecodecs
 import numpy as np
 
-from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import PyramidCascade, pad_tile, default_workers
+from writers.pyramid import CascadeWriter, pad_tile
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -261,7 +260,7 @@ class TiffPyramidSink:
             self.pool.shutdown(wait=True)
 
 
-class PyramidTiffWriter:
+class PyramidTiffWriter(CascadeWriter):
     """Tile-fed pyramidal BigTIFF writer: ``write_tile(ty, tx, tile)`` in row-major order, then ``close()``.
 
     ``tile`` arrays are (th, tw, 3) uint8 with th = min(tile, H − ty·tile), tw likewise.  Lower levels are
@@ -276,78 +275,31 @@ class PyramidTiffWriter:
                  software: str = "slidesynth", min_size: int = 1024, workers: int | None = None, overwrite: bool = True,
                  max_pending: int | None = None):
         check_codec(compression, quality, subsampling)
-        self.path = Path(path)
-        check_target(self.path, overwrite)
-        self.overwrite = overwrite
-        self.cascade = PyramidCascade(width, height, self._on_tile, tile=tile, min_size=min_size)
-        self.tmp = partial_path(self.path)
+        self.thumbnail: np.ndarray | None = None
+        self._start(path, width, height, tile, min_size, workers, overwrite, "tiff-encode")
         self._fh = open(self.tmp, "wb")
-        self._closed = False
-        self.workers = max(1, int(workers)) if workers else default_workers()
         try:
-            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tiff-encode")
             self.sink = TiffPyramidSink(self._fh, self.cascade.levels, mpp, tile, compression, quality, subsampling,
                                         predictor, synthetic_description(metadata, description), software,
                                         pool=self.pool, max_pending=max_pending or 8 * self.workers)
         except BaseException:
             self.abort()
             raise
-        self.thumbnail: np.ndarray | None = None
 
-    @property
-    def levels(self) -> list[tuple[int, int]]:
-        return self.cascade.levels
+    def _finish(self) -> None:
+        self.sink.finish(self.cascade.smallest)
+        self._fh.close()
 
-    def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        self.sink.put(level, ty, tx, tile)
-
-    def write_tile(self, ty: int, tx: int, tile: np.ndarray) -> None:
-        if self._closed:
-            raise ValueError(f"tile ({ty}, {tx}): writer for {self.path} is already closed or aborted")
-        try:
-            self.cascade.push_tile(ty, tx, tile)
-        except BaseException:
-            self.abort()
-            raise
+    def _release(self) -> None:
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            try:
+                fh.close()
+            except Exception:
+                pass
 
     def close(self) -> Path:
         """Finish the file and rename it into place; returns the final path."""
-        if self._closed:
-            raise ValueError(f"writer for {self.path} is already closed or aborted")
-        try:
-            self.cascade.check_complete()
-            self.sink.finish(self.cascade.smallest)
-            self._fh.close()
-            commit(self.tmp, self.path, self.overwrite)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-        self.pool.shutdown(wait=True)
+        path = super().close()
         self.thumbnail = self.cascade.smallest
-        return self.path
-
-    def abort(self) -> None:
-        """Stop, and remove the temporary file (idempotent)."""
-        self._closed = True
-        sink = getattr(self, "sink", None)
-        if sink is not None:
-            sink.cancel()
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            self._fh.close()
-        except Exception:
-            pass
-        remove_path(self.tmp)
-
-    def __enter__(self) -> "PyramidTiffWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self.abort()
-            return False
-        self.close()
-        return False
+        return path

@@ -20,8 +20,7 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import PyramidCascade, pad_tile, default_workers
+from writers.pyramid import CascadeWriter, pad_tile
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -149,7 +148,7 @@ class ZarrPyramidSink:
             self.pool.shutdown(wait=True)
 
 
-class OmeZarrWriter:
+class OmeZarrWriter(CascadeWriter):
     """Tile-fed OME-Zarr writer: ``write_tile(ty, tx, tile)`` in row-major order, then ``close()``.
 
     Same tile contract and failure behaviour as :class:`writers.tiff.PyramidTiffWriter`.
@@ -159,14 +158,7 @@ class OmeZarrWriter:
                  version: str = "0.4", clevel: int = 3, shuffle: str = "bitshuffle",
                  metadata: dict[str, Any] | None = None, min_size: int = 1024, workers: int | None = None,
                  overwrite: bool = True):
-        self.path = Path(path)
-        check_target(self.path, overwrite)
-        self.overwrite = overwrite
-        self.cascade = PyramidCascade(width, height, self._on_tile, tile=tile, min_size=min_size)
-        self.tmp = partial_path(self.path)
-        self._closed = False
-        self.workers = max(1, int(workers)) if workers else default_workers()
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zarr-encode")
+        self._start(path, width, height, tile, min_size, workers, overwrite, "zarr-encode")
         try:
             attrs = {"synthetic": True, "generator": "slidesynth", **(metadata or {})}
             self.sink = ZarrPyramidSink(self.tmp, self.cascade.levels, mpp, tile, version, clevel, shuffle, attrs,
@@ -175,50 +167,5 @@ class OmeZarrWriter:
             self.abort()
             raise
 
-    @property
-    def levels(self) -> list[tuple[int, int]]:
-        return self.cascade.levels
-
-    def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        self.sink.put(level, ty, tx, tile)
-
-    def write_tile(self, ty: int, tx: int, tile: np.ndarray) -> None:
-        if self._closed:
-            raise ValueError(f"tile ({ty}, {tx}): writer for {self.path} is already closed or aborted")
-        try:
-            self.cascade.push_tile(ty, tx, tile)
-        except BaseException:
-            self.abort()
-            raise
-
-    def close(self) -> Path:
-        if self._closed:
-            raise ValueError(f"writer for {self.path} is already closed or aborted")
-        try:
-            self.cascade.check_complete()
-            self.sink.finish()
-            commit(self.tmp, self.path, self.overwrite)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-        self.pool.shutdown(wait=True)
-        return self.path
-
-    def abort(self) -> None:
-        self._closed = True
-        sink = getattr(self, "sink", None)
-        if sink is not None:
-            sink.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        remove_path(self.tmp)
-
-    def __enter__(self) -> "OmeZarrWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self.abort()
-            return False
-        self.close()
-        return False
+    def _finish(self) -> None:
+        self.sink.finish()
