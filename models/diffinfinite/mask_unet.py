@@ -11,21 +11,20 @@ passes ``cond_drop_prob=1.0``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from models.diffinfinite.attention import Attention, LinearAttention
 from models.diffinfinite.layers import SinusoidalPosEmb, embedding_mlp
-from models.diffinfinite.unet import UNetSkeleton, _check_labels, _config_from_dict
+from models.diffinfinite.unet import UNetConfigMethods, UNetSkeleton, _check_labels
 
 SUBTYPES = {0: "adenocarcinoma", 1: "squamous cell carcinoma"}
 
 
 @dataclass
-class MaskUNetConfig:
+class MaskUNetConfig(UNetConfigMethods):
     dim: int = 64
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)
     channels: int = 4
@@ -44,31 +43,6 @@ class MaskUNetConfig:
     def tiny(cls) -> "MaskUNetConfig":
         return cls(dim=16, dim_mults=(1, 2, 2), attn_heads=4, attn_dim_head=8)
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.dim_mults) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dim_mults"] = list(self.dim_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MaskUNetConfig":
-        return _config_from_dict(cls, data)
-
-    def validate(self) -> None:
-        if self.dim % 2 or self.dim < 4:
-            raise ValueError(f"dim must be even and >= 4, got {self.dim}")
-        if not self.dim_mults or any(int(m) < 1 for m in self.dim_mults):
-            raise ValueError(f"dim_mults must be positive integers, got {self.dim_mults}")
-        for m in (1, *self.dim_mults):
-            if (self.dim * m) % self.resnet_block_groups:
-                raise ValueError(
-                    f"channel count {self.dim * m} is not divisible by resnet_block_groups={self.resnet_block_groups}"
-                )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
 
 
 class MaskUNet(UNetSkeleton):

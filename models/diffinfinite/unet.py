@@ -52,8 +52,39 @@ def _config_from_dict(cls, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+class UNetConfigMethods:
+    """What both UNet configuration dataclasses share: size rule, (de)serialisation, validation."""
+
+    @property
+    def downsample_factor(self) -> int:
+        """Latent h and w must be multiples of this."""
+        return 2 ** (len(self.dim_mults) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dim_mults"] = list(self.dim_mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _config_from_dict(cls, data)
+
+    def validate(self) -> None:
+        if self.dim % 2 or self.dim < 4:
+            raise ValueError(f"dim must be even and >= 4, got {self.dim}")
+        if not self.dim_mults or any(int(m) < 1 for m in self.dim_mults):
+            raise ValueError(f"dim_mults must be positive integers, got {self.dim_mults}")
+        for m in (1, *self.dim_mults):
+            if (self.dim * m) % self.resnet_block_groups:
+                raise ValueError(
+                    f"channel count {self.dim * m} is not divisible by resnet_block_groups={self.resnet_block_groups}"
+                )
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+
 @dataclass
-class ImageUNetConfig:
+class ImageUNetConfig(UNetConfigMethods):
     dim: int = 256
     dim_mults: tuple[int, ...] = (1, 2, 4)
     channels: int = 4
@@ -73,32 +104,6 @@ class ImageUNetConfig:
         """Same topology at a few hundred k parameters (tests, the untrained default)."""
         return cls(dim=16, dim_mults=(1, 2, 2), num_classes=num_classes, attn_heads=4, attn_dim_head=8)
 
-    @property
-    def downsample_factor(self) -> int:
-        """Latent h and w must be multiples of this."""
-        return 2 ** (len(self.dim_mults) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dim_mults"] = list(self.dim_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ImageUNetConfig":
-        return _config_from_dict(cls, data)
-
-    def validate(self) -> None:
-        if self.dim % 2 or self.dim < 4:
-            raise ValueError(f"dim must be even and >= 4, got {self.dim}")
-        if not self.dim_mults or any(int(m) < 1 for m in self.dim_mults):
-            raise ValueError(f"dim_mults must be positive integers, got {self.dim_mults}")
-        for m in (1, *self.dim_mults):
-            if (self.dim * m) % self.resnet_block_groups:
-                raise ValueError(
-                    f"channel count {self.dim * m} is not divisible by resnet_block_groups={self.resnet_block_groups}"
-                )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
 
 
 class UNetSkeleton(nn.Module):
