@@ -224,6 +224,20 @@ class BandTiler:
         return self.rows_done == self.height
 
 
+def cancel_futures(futures) -> None:
+    """Cancel pending encode/write futures and wait out the ones already running (errors ignored:
+    the output is being thrown away)."""
+    futures = list(futures)
+    for fut in futures:
+        fut.cancel()
+    for fut in futures:
+        if not fut.cancelled():
+            try:
+                fut.result()
+            except BaseException:
+                pass
+
+
 class CascadeWriter:
     """Life cycle shared by the tile-fed writers (TIFF, OME-Zarr): tiles go through a
     :class:`PyramidCascade` into the subclass's ``sink``; the output is written under a temporary name

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import imagecodecs
 import numpy as np
 
-from writers.pyramid import CascadeWriter, pad_tile
+from writers.pyramid import CascadeWriter, cancel_futures, pad_tile
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -144,14 +144,7 @@ class TiffPyramidSink:
             self.written[level] += 1
 
     def cancel(self) -> None:
-        for _, _, fut in self._pending:
-            fut.cancel()
-        for _, _, fut in self._pending:
-            if not fut.cancelled():
-                try:
-                    fut.result()
-                except BaseException:
-                    pass
+        cancel_futures(fut for _, _, fut in self._pending)
         self._pending.clear()
         if self._own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)

@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from writers.pyramid import CascadeWriter, pad_tile
+from writers.pyramid import CascadeWriter, cancel_futures, pad_tile
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -127,14 +127,7 @@ class ZarrPyramidSink:
             p.popleft().result()
 
     def cancel(self) -> None:
-        for fut in self._pending:
-            fut.cancel()
-        for fut in self._pending:
-            if not fut.cancelled():
-                try:
-                    fut.result()
-                except BaseException:
-                    pass
+        cancel_futures(self._pending)
         self._pending.clear()
         if self._own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
