@@ -11,6 +11,9 @@ A small CNN (≈ 100 k parameters), trained on procedural H&E-like tiles (:mod:`
   single right answer);
 * every class counts, unknown/glass included: painting tissue where the mask asks for glass (or glass where
   it asks for tissue) is a conditioning failure too. ``ignore`` drops classes if wanted;
+* a model whose label ids differ from the classifier's classes passes ``label_map`` (its card's
+  ``fidelity_classes``: label → classifier class); labels the map leaves out (e.g. a separate "unknown" null
+  label) count as not requested, and windows they dominate are skipped;
 * **balanced accuracy** = mean over the classes present among the kept windows of the recall (share of that
   class's windows the classifier labels as that class), so large stroma areas do not drown small necrotic
   cores; chance level is 1/(number of classes present);
@@ -146,13 +149,28 @@ def window_labels(labels: np.ndarray, window: int = WINDOW, min_share: float = M
     gh, gw = labels.shape[0] // window, labels.shape[1] // window
     if gh == 0 or gw == 0:
         raise ValueError(f"a {labels.shape[1]}×{labels.shape[0]} mask holds no {window}-px window")
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+    if labels.min() < -1 or labels.max() >= NUM_CLASSES:  # −1: not requested (see map_labels)
         raise ValueError(f"labels hold class ids outside 0..{NUM_CLASSES - 1}")
     lab = labels[:gh * window, :gw * window].reshape(gh, window, gw, window)
     counts = np.stack([(lab == c).sum((1, 3)) for c in range(NUM_CLASSES)], -1)
     major = counts.argmax(-1)
     share = counts.max(-1) / float(window * window)
     return np.where(share >= min_share, major, -1).astype(np.int64)
+
+
+def map_labels(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """A model's label map → classifier classes (int64): ``label_map[l]`` for listed labels, −1 (not scored)
+    for the others. ``None`` or empty: the labels are the classes already (returned as int64)."""
+    labels = np.asarray(labels)
+    if not label_map:
+        return labels.astype(np.int64)
+    bad = sorted({int(v) for v in label_map.values() if not 0 <= int(v) < NUM_CLASSES})
+    if bad:
+        raise ValueError(f"label_map targets {bad} are not classifier classes 0..{NUM_CLASSES - 1}")
+    lut = np.full(max(int(labels.max()) if labels.size else 0, *map(int, label_map)) + 1, -1, np.int64)
+    for lab, cls in label_map.items():
+        lut[int(lab)] = int(cls)
+    return lut[labels.astype(np.int64)]
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, dict[int, float]]:
@@ -174,10 +192,11 @@ class SlideScorer:
 
     def __init__(self, labels: np.ndarray, classifier: FidelityClassifier | None = None, *,
                  min_share: float = MIN_SHARE, ignore: Iterable[int] = (), period_px: int = 512,
-                 offsets_px: Sequence[int] = (0,), match_mod: int | None = 8):
+                 offsets_px: Sequence[int] = (0,), match_mod: int | None = 8,
+                 label_map: dict[int, int] | None = None):
         self.classifier = classifier if classifier is not None else load_classifier()
         self.window = self.classifier.window
-        self.labels = np.asarray(labels)
+        self.labels = map_labels(labels, label_map)
         self.ref = window_labels(self.labels, self.window, min_share)
         for c in ignore:
             self.ref[self.ref == int(c)] = -1

@@ -35,6 +35,11 @@ class ModelCard(BaseModel):
     max_height: int = Field(16384, description="Largest output height in pixels.")
     default_steps: int | None = Field(None, description="Sampling steps when a request names none.")
     default_guidance: float | None = Field(None, description="Guidance ω when a request names none (else 3).")
+    fidelity_classes: dict[int, int] = Field(
+        default_factory=dict,
+        description="Label id → class of the fidelity classifier (0 glass, 1 carcinoma, 2 necrosis, 3 tumour stroma, "
+                    "4 others) its regions should show; labels left out are not scored. Empty: labels 0–4 are "
+                    "those classes.")
     conditioning: list[Literal["mask", "subtype", "embedding"]] = Field(default_factory=lambda: ["mask"])
     embedding_encoder: str | None = Field(None, description="Encoder id accepted for embeddings.")
     embedding_dim: int | None = None

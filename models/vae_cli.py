@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
+    from models.diffinfinite.data import parse_relabel
     from models.vae_training import VAETrainConfig, train_vae
 
     cfg = VAETrainConfig(
@@ -19,6 +20,7 @@ def _run(args: argparse.Namespace) -> int:
         lr_final_ratio=args.lr_final_ratio, grad_clip=args.grad_clip, l1_weight=args.l1_weight,
         l2_weight=args.l2_weight, edge_weight=args.edge_weight, kl_weight=args.kl_weight,
         mask_fraction=args.mask_fraction, num_classes=args.num_classes, ema_beta=args.ema_beta,
+        relabel=parse_relabel(args.relabel),
         augment=not args.no_augment, save_every=args.save_every, stats_samples=args.stats_samples,
         normalize_latents=args.normalize_latents,
         save_dtype="float16" if args.fp16 else "float32", seed=args.seed, device=args.device,
@@ -63,6 +65,7 @@ def add_train_parsers(train_subparsers) -> None:
     p.add_argument("--kl-weight", type=float, default=1e-6, help="KL per latent element (small)")
     p.add_argument("--mask-fraction", type=float, default=0.25, help="share of label-map samples (default 0.25)")
     p.add_argument("--num-classes", type=int, default=5, help="labels K of the mask encoding (default 5)")
+    p.add_argument("--relabel", help="read label-map value FROM as class TO, e.g. '0:5' (comma-separated FROM:TO)")
     p.add_argument("--ema-beta", type=float, default=0.0, help="EMA decay of the saved weights (0: no EMA)")
     p.add_argument("--no-augment", action="store_true", help="disable flips / rot90")
     p.add_argument("--save-every", type=int, default=500)

@@ -84,6 +84,7 @@ class VAETrainConfig:
     kl_weight: float = 1e-6
     mask_fraction: float = 0.25
     num_classes: int = 5
+    relabel: tuple[tuple[int, int], ...] = ()  # mask value → class, applied as label maps are read
     ema_beta: float = 0.0
     augment: bool = True
     save_every: int = 500
@@ -143,10 +144,11 @@ class VAETileDataset(torch.utils.data.Dataset):
     Images are in [0, 1]; label maps in the mask encoding ``2l/(K−1) − 1`` (3 equal channels)."""
 
     def __init__(self, tiles: str | Path, crop: int, num_classes: int = 5, mask_fraction: float = 0.25,
-                 augment: bool = True, seed: int = 0):
+                 augment: bool = True, seed: int = 0, relabel: tuple[tuple[int, int], ...] = ()):
         from models.diffinfinite.data import scan_tiles
 
-        self.records = scan_tiles(tiles, num_classes)
+        self.relabel = tuple(tuple(pair) for pair in relabel)
+        self.records = scan_tiles(tiles, num_classes, self.relabel)
         self.labelled = [r for r in self.records if r.mask is not None]
         if mask_fraction > 0 and not self.labelled:
             raise ValueError(f"mask_fraction is {mask_fraction} but tile folder {tiles} holds no *_mask.png label maps")
@@ -168,7 +170,7 @@ class VAETileDataset(torch.utils.data.Dataset):
         is_mask = bool(self.labelled) and rng.random() < self.mask_fraction
         rec = (self.labelled if is_mask else self.records)[int(rng.integers(len(self.labelled if is_mask else self.records)))]
         if is_mask:
-            arr = _mask_array(rec.mask, self.num_classes).astype(np.float32)
+            arr = _mask_array(rec.mask, self.num_classes, self.relabel).astype(np.float32)
             arr = 2.0 * arr / (self.num_classes - 1) - 1.0
         else:
             arr = np.asarray(Image.open(rec.image).convert("RGB"), dtype=np.float32) / 255.0
@@ -375,7 +377,8 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> VAETrainResult:
         raise FileNotFoundError(f"--resume: no training state at {state_path}")
 
     device = pick_device(cfg.device)
-    dataset = VAETileDataset(cfg.tiles, cfg.crop, cfg.num_classes, cfg.mask_fraction, cfg.augment, cfg.seed)
+    dataset = VAETileDataset(cfg.tiles, cfg.crop, cfg.num_classes, cfg.mask_fraction, cfg.augment, cfg.seed,
+                             cfg.relabel)
     model_cfg = state["model_config"] if state is not None else vae_preset(cfg.preset)
     vae = build_vae(model_cfg, seed=cfg.seed).to(device).train().requires_grad_(True)
     ema = _EMA(vae, cfg.ema_beta) if cfg.ema_beta > 0 else None

@@ -128,6 +128,10 @@ class ModelInfo(BaseModel):
     trained: bool
     description: str
     classes: dict[int, str]
+    fidelity_classes: dict[int, int] = Field(
+        default_factory=dict,
+        description="Label id → fidelity-classifier class (0 glass, 1 carcinoma, 2 necrosis, 3 tumour stroma, "
+                    "4 others) behind the `balanced_accuracy` metric; empty: labels 0–4 are those classes.")
     subtypes: dict[int, str]
     conditioning: list[str]
     native_mpp: float

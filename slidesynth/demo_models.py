@@ -7,10 +7,11 @@
 Steps (each runs the exact command lines listed in :func:`commands`; ``work`` = ``data/demo-models``):
 
 1. ``datasets`` — procedural H&E-like data (:mod:`procedural.tissue`): 800 labelled 256² tiles (tile layouts,
-   seed 0) for the VAE and the image model; 48 *unlabelled* glass tiles (class 0 renders without a mask file,
-   seed 7) so that the image model's null condition (label 0, "unknown") is glass, as the procedural
-   world's class 0; 120 labelled whole-slide layouts of 1024² px at 0.5 µm/px (seed 1, with subtypes) for the
-   mask model, which sees 512-px crops at 1/4 resolution (128-px masks, 16² latents) as in the release.
+   seed 0) for the VAE and the image model; 120 labelled whole-slide layouts of 1024² px at 0.5 µm/px (seed 1,
+   with subtypes) for the mask model, which sees 512-px crops at 1/4 resolution (128-px masks, 16² latents) as
+   in the release. The procedural world stores glass as class 0; every training command reads it as label 5
+   (``--relabel 0:5``), so glass is a condition of its own and label 0 stays DiffInfinite's "unknown", the
+   null condition of classifier-free guidance (all labelled tiles with an all-zero mask, not glass alone).
 2. ``vae`` — ``slidesynth train vae`` (AutoencoderKL, 4 latent channels, ×8, 2.7 M parameters, fp16), with the
    latents normalised per channel so that the release's ``latent / 50`` convention fits the sampler's clip
    range. Its ``vae_training.json`` gives the image ``latent_scale`` (50) and the mask-latent divisors.
@@ -45,20 +46,34 @@ OUT = Path("weights/diffinfinite-demo")
 NAME = "diffinfinite-demo"
 PICTURE = Path("docs/demo.png")
 
-# Sampling defaults written into the card (requests may override them). ω = 0: this model's null condition
-# (label 0) is glass, so guidance ε(c) + ω(ε(c) − ε(glass)) only pushes stain saturation past the data.
+# Sampling defaults written into the card (requests may override them).
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 0.0
 # Unseen layouts for the fidelity figures: seeds no training set used (datasets use item_seed(seed, i)).
 EVAL_SEEDS = (20261, 20262)
 EVAL_SIZE = 1024
-CLASS_NAMES = {0: "Unknown (glass)", 1: "Carcinoma", 2: "Necrosis", 3: "Tumor stroma", 4: "Others (fat, vessels)"}
+# The model's labels: DiffInfinite's 0 = unknown (the null condition: regions nobody asked for), the four
+# tissue classes, and glass as a label of its own (the procedural world's class 0, read with --relabel 0:5).
+NUM_LABELS = 6
+GLASS_LABEL = 5
+RELABEL = f"0:{GLASS_LABEL}"
+CLASS_NAMES = {0: "Unknown (not requested)", 1: "Carcinoma", 2: "Necrosis", 3: "Tumor stroma",
+               4: "Others (fat, vessels)", GLASS_LABEL: "Glass (background)"}
+# label → class of the fidelity classifier (procedural classes: 0 glass, 1–4 as the labels); 0 is not scored
+FIDELITY_CLASSES = {1: 1, 2: 2, 3: 3, 4: 4, GLASS_LABEL: 0}
 TRAINING_DATA = (
-    "procedural H&E-like tissue (procedural.tissue v{v}, Beer-Lambert H&E stain model, pixel-exact 5-class masks; "
-    "NOT real histology). VAE and image model: 800 labelled 256-px tiles at 0.5 um/px (tile layouts, seed 0) + "
-    "48 unlabelled glass tiles (seed 7, the null condition); mask model: 120 whole-slide layouts of 1024 px at "
-    "0.5 um/px (seed 1; subtype 0 adenocarcinoma-like, 1 squamous-like), 512-px crops seen at 128 px"
+    "procedural H&E-like tissue (procedural.tissue v{v}, Beer-Lambert H&E stain model, pixel-exact masks; NOT "
+    "real histology; glass read as label 5, label 0 = unknown/null). VAE and image model: 800 labelled 256-px "
+    "tiles at 0.5 um/px (tile layouts, seed 0); mask model: 120 whole-slide layouts of 1024 px at 0.5 um/px "
+    "(seed 1; subtype 0 adenocarcinoma-like, 1 squamous-like), 512-px crops seen at 128 px"
 )
+
+
+def to_model_labels(tissue_classes: np.ndarray) -> np.ndarray:
+    """A procedural / fidelity-classifier class map (0 glass, 1–4 tissue) → this model's labels (glass → 5)."""
+    out = np.asarray(tissue_classes).astype(np.uint8, copy=True)
+    out[np.asarray(tissue_classes) == 0] = GLASS_LABEL
+    return out
 
 
 def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors: list[float] | None = None,
@@ -67,49 +82,32 @@ def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors
     w = str(work)
     ls = f"{latent_scale:g}" if latent_scale is not None else "<latent_scale from vae_training.json>"
     md = ",".join(f"{d:g}" for d in mask_divisors) if mask_divisors else "<mask_divisors from vae_training.json>"
-    common = (f"--vae {w}/vae --network small --latent-scale {ls} --mask-divisors {md} "
-              f"--ema-every 1 --ema-after 100 --save-every 200 --device cpu --threads 1 --quiet --overwrite")
+    common = (f"--vae {w}/vae --network small --num-classes {NUM_LABELS} --relabel {RELABEL} --latent-scale {ls} "
+              f"--mask-divisors {md} --ema-every 1 --ema-after 100 --save-every 200 --device cpu --quiet --overwrite")
     return {
         "datasets": [
             f"{python} -m procedural dataset {w}/tiles --n 800 --size 256 --seed 0 --workers 2",
-            f"{python} -m slidesynth.demo_models glass-tiles {w}/tiles/glass --n 48 --size 256 --seed 7",
             f"{python} -m procedural dataset {w}/slides --n 120 --size 1024 --kind slide --mpp 0.5 --seed 1 --workers 2",
         ],
         "vae": [
             f"{slidesynth} train vae --tiles {w}/tiles --out {w}/vae --config small --crop 64 --batch-size 8 "
-            f"--steps 1600 --lr 5e-4 --warmup 50 --save-every 200 --normalize-latents 50 --fp16 --device cpu --threads 1 --seed 0 --quiet --overwrite",
+            f"--steps 1600 --lr 5e-4 --warmup 50 --save-every 200 --normalize-latents 50 --num-classes {NUM_LABELS} "
+            f"--relabel {RELABEL} --fp16 --device cpu --threads 2 --seed 0 --quiet --overwrite",
         ],
         "diffusion": [
             f"{slidesynth} train diffinfinite --tiles {w}/tiles --out {w}/image --tile-size 128 --p-unc 0.2 "
-            f"--steps 1500 --batch-size 16 --lr 1e-3 --seed 0 {common}",
+            f"--steps 1500 --batch-size 16 --lr 1e-3 --seed 0 --threads 1 {common}",
             f"{slidesynth} train diffinfinite-mask --tiles {w}/slides --out {w}/mask --tile-size 512 "
-            f"--steps 400 --batch-size 16 --lr 1e-3 --seed 0 {common}",
+            f"--steps 400 --batch-size 16 --lr 1e-3 --seed 0 --threads 1 {common}",
         ],
         "finetune": [
             f"{slidesynth} train diffinfinite --init {w}/image/image_unet.safetensors --tiles {w}/tiles --out {w}/image-ft "
-            f"--tile-size 128 --p-unc 0.2 --steps 2000 --batch-size 16 --lr 5e-4 --seed 1 {common}",
+            f"--tile-size 128 --p-unc 0.2 --steps 2500 --batch-size 16 --lr 5e-4 --seed 1 --threads 2 {common}",
         ],
     }
 
 
 # ------------------------------------------------------------------------------------------------ data
-def make_glass_tiles(out_dir: str | Path, n: int, size: int = 256, seed: int = 7) -> Path:
-    """``n`` unlabelled renders of class 0 (glass) — ``glass_<i>.png`` without a mask file: the image model's
-    unconditional pool, so its null condition (label 0) paints glass."""
-    from PIL import Image
-
-    from procedural.tissue import item_seed, render_tile
-
-    if n < 1 or size < 8:
-        raise ValueError(f"need n ≥ 1 and size ≥ 8, got n={n}, size={size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    zeros = np.zeros((size, size), np.uint8)
-    for i in range(n):
-        Image.fromarray(render_tile(zeros, item_seed(seed, i))).save(out / f"glass_{i:05d}.png")
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ running
 def _run_logged(cmd: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -220,10 +218,12 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
         trained=True,
         description=(
             "Small DiffInfinite models (image UNet, mask UNet, KL autoencoder; ≈ 8 M parameters in all) trained "
-            "from scratch on CPU on procedural H&E-like tissue, for the demo and the tests. They paint the five "
-            "procedural classes where a label mask asks for them; they are NOT models of real histology."
+            "from scratch on CPU on procedural H&E-like tissue, for the demo and the tests. They paint the four "
+            "procedural tissue classes and glass (label 5) where a label mask asks for them; label 0 is unknown "
+            "(the null condition). They are NOT models of real histology."
         ),
         classes=dict(CLASS_NAMES),
+        fidelity_classes=dict(FIDELITY_CLASSES),
         subtypes=dict(SUBTYPES),
         native_mpp=0.5,
         latent_scale=ls,
@@ -236,7 +236,7 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
             "recipe": "python -m slidesynth.demo_models all",
             "commands": [c for step in trained_steps for c in cmds[step]],
             "device": "cpu",
-            "hardware": "2-core CPU shared with other jobs (no GPU); one torch thread per training process",
+            "hardware": "2-core CPU shared with other work (no GPU); torch threads as in each command",
             "torch": torch.__version__,
             "wall_time_s": walls,
             "wall_time_total_s": round(sum(walls.get(k) or 0.0 for k in trained_steps), 1),
@@ -254,7 +254,7 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
         },
         files=files,
         config={
-            "num_labels": 5,
+            "num_labels": NUM_LABELS,
             "mask_divisors": md,
             "mask_downsample": 4,
             "image_unet": image.config.to_dict(),
@@ -309,7 +309,7 @@ def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None,
 
 
 def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = EVAL_SIZE, write: bool = True,
-             steps: int | None = None) -> dict[str, Any]:
+             steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
     """Balanced accuracy and seam ratio (:func:`evaluation.fidelity.score_slide`) of slides generated from
     unseen slide layouts (``random_layout(size, size, seed, "slide")``) with the card's default steps and ω."""
     import torch
@@ -324,12 +324,12 @@ def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = E
     clf = load_classifier()
     results = []
     for s in seeds:
-        labels = random_layout(size, size, s, "slide", mpp=0.5)
+        tissue_classes = random_layout(size, size, s, "slide", mpp=0.5)
         t0 = time.perf_counter()
-        img = generate_image(models, labels, steps=steps, seed=0)
+        img = generate_image(models, to_model_labels(tissue_classes), steps=steps, guidance=guidance, seed=0)
         sec = time.perf_counter() - t0
-        r = score_slide(img, labels, clf)
-        tissue = score_slide(img, labels, clf, ignore=(0,))
+        r = score_slide(img, tissue_classes, clf)
+        tissue = score_slide(img, tissue_classes, clf, ignore=(0,))
         results.append({"layout_seed": s, "size": size, "seconds": round(sec, 1),
                         **{k: r[k] for k in ("balanced_accuracy", "seam_ratio", "recall", "windows_scored")},
                         "balanced_accuracy_tissue_classes": tissue["balanced_accuracy"]})
@@ -340,11 +340,11 @@ def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = E
             [r["balanced_accuracy_tissue_classes"] for r in results])), 4),
         "seam_ratio_max": max((r["seam_ratio"] for r in results if r["seam_ratio"] is not None), default=None),
         "steps": steps or models.card.steps_default,
-        "guidance": default_guidance(models.card),
+        "guidance": default_guidance(models.card) if guidance is None else guidance,
         "eta": 1.0,
         "sampler": "tiled",
         "note": "unseen procedural slide layouts at 0.5 um/px; evaluation.fidelity classifier (64-px windows); "
-                "'tissue classes' leaves out class 0 (glass), which the null condition paints",
+                "'tissue classes' leaves out glass (classifier class 0, the model's label 5)",
     }
     if write:
         card = ModelCard.load(REPO / out)
@@ -364,11 +364,12 @@ def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, A
     from slidesynth.demo import demo_mask
 
     models = load_diffinfinite(REPO / out)
-    mask = demo_mask()
+    mask = to_model_labels(demo_mask())
     labels = resize_labels(mask, 1024, 1024)
     img = generate_image(models, labels, seed=seed)
-    score = score_slide(img, labels)
-    palette = np.array([[245, 245, 245], [120, 40, 140], [250, 200, 90], [230, 120, 160], [90, 170, 220]], np.uint8)
+    score = score_slide(img, labels, label_map=FIDELITY_CLASSES)
+    palette = np.array([[0, 0, 0], [120, 40, 140], [250, 200, 90], [230, 120, 160], [90, 170, 220],
+                        [245, 245, 245]], np.uint8)
     side = 512
     left = Image.fromarray(palette[mask]).resize((side, side), Image.NEAREST)
     right = Image.fromarray(img).resize((side, side), Image.LANCZOS)
@@ -377,7 +378,7 @@ def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, A
     canvas.paste(left, (pad, head))
     canvas.paste(right, (2 * pad + side, head))
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 8), "demo mask (0 glass, 1 carcinoma, 2 necrosis, 3 stroma, 4 fat/vessels)", fill=(0, 0, 0))
+    draw.text((pad, 8), "demo mask (1 carcinoma, 2 necrosis, 3 stroma, 4 fat/vessels, 5 glass)", fill=(0, 0, 0))
     draw.text((2 * pad + side, 8), f"{NAME}: 1024 px at 0.5 um/px, seed {seed}, "
               f"balanced acc. {score['balanced_accuracy']:.2f}", fill=(0, 0, 0))
     target = REPO / path
@@ -398,16 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("steps", nargs="+", help=f"all, or some of: {', '.join(STEPS)}; or 'commands'")
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--guidance", type=float, help="evaluate: ω to score with (default: the card's)")
+    p.add_argument("--no-write", action="store_true", help="evaluate: print only, leave the card's metrics as they are")
     args, rest = p.parse_known_args(argv)
-    if args.steps[0] == "glass-tiles":  # helper command used by the datasets step
-        q = argparse.ArgumentParser(prog="python -m slidesynth.demo_models glass-tiles")
-        q.add_argument("out")
-        q.add_argument("--n", type=int, default=48)
-        q.add_argument("--size", type=int, default=256)
-        q.add_argument("--seed", type=int, default=7)
-        a = q.parse_args([*args.steps[1:], *rest])
-        make_glass_tiles(a.out, a.n, a.size, a.seed)
-        return 0
     if rest:
         p.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.steps[0] == "commands":
@@ -429,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         elif step == "assemble":
             print(assemble(args.work, args.out))
         elif step == "evaluate":
-            print(json.dumps(evaluate(args.out), indent=2))
+            print(json.dumps(evaluate(args.out, guidance=args.guidance, write=not args.no_write), indent=2))
         elif step == "picture":
             print(json.dumps(picture(args.out)))
         print(f"[demo-models] {step} done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -120,6 +120,30 @@ def test_semi_supervised_sampling(data):
     assert {t.group for t in train}.isdisjoint({t.group for t in hold})
 
 
+def test_relabel_gives_a_stored_class_its_own_label(data):
+    """--relabel 0:5: the stored 0 (e.g. glass) becomes a condition of its own; the null stays all-zero."""
+    from models.diffinfinite.data import DataError, parse_relabel
+
+    relabel = parse_relabel("0:5")
+    assert relabel == ((0, 5),) and parse_relabel("1:2,2:1") == ((1, 2), (2, 1)) and parse_relabel(None) == ()
+    with pytest.raises(DataError, match="FROM:TO"):
+        parse_relabel("0-5")
+    with pytest.raises(DataError, match="twice"):
+        parse_relabel("0:5,0:4")
+    with pytest.raises(DataError, match="after relabelling"):
+        scan_tiles(data / "tiles", 5, relabel)  # 5 is outside a 5-class model's 0..4
+    tiles = scan_tiles(data / "tiles", 6, relabel)
+    plain = scan_tiles(data / "tiles", 5)
+    labelled = [(t, p) for t, p in zip(tiles, plain) if t.mask is not None]
+    assert labelled and all(0 not in t.classes for t, _ in labelled)
+    assert any(5 in t.classes for t, _ in labelled)  # every labelled tile with stored 0 pixels now holds 5
+    assert all(set(t.classes) - {5} == set(p.classes) for t, p in labelled)
+    ds = PairDataset(tiles, [], DataSpec(num_classes=6, tile_size=64, p_unc=0.3, seed=3, relabel=relabel))
+    items = [ds[i] for i in range(120)]
+    classes = {int(it["labels"].max()) for it in items}
+    assert 5 in classes and 0 in classes  # glass conditions and unconditional (all-zero) samples both occur
+
+
 def test_whole_slide_source(data, tmp_path):
     tifffile = pytest.importorskip("tifffile")
     rng = np.random.default_rng(1)

@@ -96,6 +96,20 @@ def test_window_labels_skip_mixed_windows():
     assert window_labels(labels, min_share=0.85).tolist() == [[-1, -1, 0], [0, 0, 2]]
 
 
+def test_label_map_scores_a_model_whose_labels_differ_from_the_classes():
+    from evaluation.fidelity import map_labels, window_labels
+
+    labels = np.array([[5, 5, 0, 1], [3, 3, 0, 1]], np.uint8)
+    mapped = map_labels(labels, {1: 1, 3: 3, 5: 0})
+    assert mapped.tolist() == [[0, 0, -1, 1], [3, 3, -1, 1]]  # label 0 (unknown) is not requested
+    assert map_labels(labels[:, :2] % 5, None).dtype == np.int64
+    with pytest.raises(ValueError, match="not classifier classes"):
+        map_labels(labels, {5: 7})
+    big = np.zeros((128, 128), np.int64) - 1
+    big[:64, :64] = 2
+    assert window_labels(big).tolist() == [[2, -1], [-1, -1]]
+
+
 def test_balanced_accuracy_is_the_mean_recall_of_present_classes():
     bacc, rec = balanced_accuracy(np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 1, 1, 0, 2]))
     assert rec == {0: 0.5, 1: pytest.approx(2 / 3), 2: 1.0}

@@ -72,7 +72,7 @@ def _fidelity_classifier():
     return load_classifier()
 
 
-def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec):
+def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[int, int] | None = None):
     """Streaming conditioning-fidelity scorer for mask-conditioned jobs at the classifier's 0.5 µm/px."""
     if labels is None or abs(spec.mpp - FIDELITY_MPP) > 1e-6:
         return None
@@ -82,7 +82,7 @@ def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec):
         classifier = _fidelity_classifier()
     except FileNotFoundError:  # a deployment without the shipped classifier: no fidelity metrics
         return None
-    return SlideScorer(labels, classifier)
+    return SlideScorer(labels, classifier, label_map=label_map)
 
 
 def fidelity_metrics(scorer) -> dict[str, float]:
@@ -187,7 +187,7 @@ def generate_slide(
         t_sampled = None
 
     check_cancel(cancel)
-    scorer = fidelity_scorer(labels, spec)
+    scorer = fidelity_scorer(labels, spec, models.card.fidelity_classes)
     with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=outputs["tiff"],
                       zarr_path=outputs["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:

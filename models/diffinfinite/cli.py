@@ -50,6 +50,7 @@ def _add_common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--init", type=Path, help="start from these weights (our model folder, .safetensors or official .pt)")
     p.add_argument("--num-classes", type=int, default=5, help="labels K incl. 0 = unknown (default 5)")
     p.add_argument("--class-names", help="JSON {id: name}, a JSON file, or 'Unknown,Carcinoma,…'")
+    p.add_argument("--relabel", help="read mask value FROM as class TO, e.g. '0:5' (comma-separated FROM:TO pairs)")
     p.add_argument("--steps", type=int, default=defaults[0], help=f"total steps (OneCycle length; default {defaults[0]})")
     p.add_argument("--stop-after", type=int, help="stop after this many steps in this run (resume later)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -84,11 +85,13 @@ def _add_common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _train_config(args: argparse.Namespace, kind: str):
+    from models.diffinfinite.data import parse_relabel
     from models.diffinfinite.training import TrainConfig
 
     return TrainConfig(
         kind=kind, out_dir=args.out, vae=args.vae, tiles=args.tiles, slides=args.slides, network=args.network,
         init=args.init, num_classes=args.num_classes, class_names=_class_names(args.class_names), steps=args.steps,
+        relabel=parse_relabel(args.relabel),
         stop_after=args.stop_after, batch_size=args.batch_size, lr=args.lr, grad_clip=args.grad_clip,
         ema_beta=args.ema_beta, ema_every=args.ema_every, ema_after=args.ema_after, p_unc=args.p_unc,
         tile_size=args.tile_size, mask_downsample=args.mask_downsample, mask_divisors=_divisors(args.mask_divisors),

@@ -127,7 +127,39 @@ class SlideRecord:
     classes: tuple[int, ...] = ()
 
 
-def _mask_array(path: Path, num_classes: int) -> np.ndarray:
+Relabel = tuple[tuple[int, int], ...]  # (from, to) pairs applied to label masks as they are read
+
+
+def parse_relabel(text: str | None) -> Relabel:
+    """``"0:5,3:2"`` → ((0, 5), (3, 2)): mask value ``from`` is read as class ``to`` (e.g. to give a class that a
+    dataset stores as 0 its own label, so that it no longer coincides with the null condition)."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        try:
+            a, b = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise DataError(f"relabel entry {item!r} is not FROM:TO with integer class ids") from None
+        if a < 0 or b < 0:
+            raise DataError(f"relabel entry {item!r} has a negative class id")
+        pairs.append((a, b))
+    if len({a for a, _ in pairs}) != len(pairs):
+        raise DataError(f"relabel {text!r} maps one value twice")
+    return tuple(pairs)
+
+
+def apply_relabel(arr: np.ndarray, relabel: Relabel) -> np.ndarray:
+    """Map mask values through ``relabel`` (simultaneously: ``0:5,5:0`` swaps)."""
+    if not relabel:
+        return arr
+    out = arr.copy()
+    for a, b in relabel:
+        out[arr == a] = b
+    return out
+
+
+def _mask_array(path: Path, num_classes: int, relabel: Relabel = ()) -> np.ndarray:
     img = Image.open(path)
     if img.mode not in ("L", "P", "I", "I;16", "1"):
         if img.mode in ("RGB", "RGBA", "LA"):
@@ -139,15 +171,15 @@ def _mask_array(path: Path, num_classes: int) -> np.ndarray:
             raise DataError(f"label mask {path} has unsupported mode {img.mode}")
     else:
         arr = np.asarray(img)
-    arr = arr.astype(np.int64)
+    arr = apply_relabel(arr.astype(np.int64), relabel)
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         raise DataError(
-            f"label mask {path} holds values in [{arr.min()}, {arr.max()}], outside the model's classes 0..{num_classes - 1}"
+            f"label mask {path} holds values{' (after relabelling)' if relabel else ''} in [{arr.min()}, {arr.max()}], outside the model's classes 0..{num_classes - 1}"
         )
     return arr
 
 
-def scan_tiles(root: str | Path, num_classes: int) -> list[TileRecord]:
+def scan_tiles(root: str | Path, num_classes: int, relabel: Relabel = ()) -> list[TileRecord]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"tile folder {root} does not exist")
@@ -159,7 +191,7 @@ def scan_tiles(root: str | Path, num_classes: int) -> list[TileRecord]:
         mask = _find_mask(path)
         classes: tuple[int, ...] = ()
         if mask is not None:
-            arr = _mask_array(mask, num_classes)
+            arr = _mask_array(mask, num_classes, relabel)
             classes = tuple(int(c) for c in np.unique(arr) if c > 0)
         group = path.parent.relative_to(root).as_posix()
         group = path.relative_to(root).as_posix() if group in ("", ".") else group
@@ -169,7 +201,7 @@ def scan_tiles(root: str | Path, num_classes: int) -> list[TileRecord]:
     return records
 
 
-def scan_slides(root: str | Path, num_classes: int) -> list[SlideRecord]:
+def scan_slides(root: str | Path, num_classes: int, relabel: Relabel = ()) -> list[SlideRecord]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"slide folder {root} does not exist")
@@ -181,7 +213,7 @@ def scan_slides(root: str | Path, num_classes: int) -> list[SlideRecord]:
         mask = _find_mask(path)
         classes: tuple[int, ...] = ()
         if mask is not None:
-            classes = tuple(int(c) for c in np.unique(_mask_array(mask, num_classes)) if c > 0)
+            classes = tuple(int(c) for c in np.unique(_mask_array(mask, num_classes, relabel)) if c > 0)
         records.append(SlideRecord(path, mask, _subtype_for(path, root, table), classes))
     if not records:
         raise DataError(f"slide folder {root} holds no slides ({', '.join(SLIDE_EXTS)})")
@@ -213,9 +245,10 @@ def split_holdout(
 class _Slide:
     """A lazily opened slide (one handle per process) with its label mask and tissue candidates."""
 
-    def __init__(self, rec: SlideRecord, num_classes: int, slide_mpp: float | None):
+    def __init__(self, rec: SlideRecord, num_classes: int, slide_mpp: float | None, relabel: Relabel = ()):
         self.rec = rec
         self.num_classes = num_classes
+        self.relabel = relabel
         self.slide_mpp = slide_mpp
         self._pid = None
         self._osr = None
@@ -248,7 +281,7 @@ class _Slide:
 
     def mask(self) -> np.ndarray:
         if self._mask is None:
-            arr = _mask_array(self.rec.mask, self.num_classes)
+            arr = _mask_array(self.rec.mask, self.num_classes, self.relabel)
             w, h = self.osr.dimensions
             if abs(arr.shape[1] / arr.shape[0] - w / h) > 0.02 * (w / h) + 2.0 / arr.shape[0]:
                 raise DataError(
@@ -319,9 +352,9 @@ class _Slide:
 # ------------------------------------------------------------------------------------------------ dataset
 
 
-def _load_tile(rec: TileRecord, num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_tile(rec: TileRecord, num_classes: int, relabel: Relabel = ()) -> tuple[np.ndarray, np.ndarray | None]:
     img = np.asarray(Image.open(rec.image).convert("RGB"))
-    labels = _mask_array(rec.mask, num_classes) if rec.mask is not None else None
+    labels = _mask_array(rec.mask, num_classes, relabel) if rec.mask is not None else None
     if labels is not None and labels.shape != img.shape[:2]:
         raise DataError(f"label mask {rec.mask} is {labels.shape[1]}×{labels.shape[0]}, tile {rec.image} is {img.shape[1]}×{img.shape[0]}")
     return img, labels
@@ -360,6 +393,7 @@ class DataSpec:
     augment: bool = True
     seed: int = 0
     length: int = 1 << 40
+    relabel: Relabel = ()
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -372,7 +406,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise DataError(f"tile size must be a multiple of 32 (VAE ×8 and mask ×4), got {spec.tile_size}")
         self.spec = spec
         self.tiles = list(tiles)
-        self.slides = [_Slide(s, spec.num_classes, spec.slide_mpp) for s in slides]
+        self.slides = [_Slide(s, spec.num_classes, spec.slide_mpp, spec.relabel) for s in slides]
         # sources: ("tile", i) / ("slide", j)
         self.sources = [("tile", i) for i in range(len(self.tiles))] + [("slide", j) for j in range(len(self.slides))]
         if not self.sources:
@@ -416,7 +450,7 @@ class PairDataset(torch.utils.data.Dataset):
         size = self.spec.tile_size
         if s[0] == "tile":
             rec = self.tiles[s[1]]
-            img, labels = _load_tile(rec, self.spec.num_classes)
+            img, labels = _load_tile(rec, self.spec.num_classes, self.spec.relabel)
             if cls is not None and labels is not None and (img.shape[0] > size or img.shape[1] > size):
                 ys, xs = np.nonzero(labels == cls)  # keep the chosen class in the crop
                 i = int(rng.integers(len(ys)))

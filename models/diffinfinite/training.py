@@ -135,6 +135,7 @@ class TrainConfig:
     init: Path | None = None
     num_classes: int = 5
     class_names: dict[int, str] | None = None
+    relabel: tuple[tuple[int, int], ...] = ()  # mask value → class, applied as masks are read
     steps: int = 250_000
     stop_after: int | None = None
     batch_size: int = 32
@@ -266,13 +267,14 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        tiles = scan_tiles(cfg.tiles, cfg.num_classes) if cfg.tiles else []
-        slides = scan_slides(cfg.slides, cfg.num_classes) if cfg.slides else []
+        relabel = tuple(tuple(pair) for pair in cfg.relabel)
+        tiles = scan_tiles(cfg.tiles, cfg.num_classes, relabel) if cfg.tiles else []
+        slides = scan_slides(cfg.slides, cfg.num_classes, relabel) if cfg.slides else []
         (tr_tiles, tr_slides), (ho_tiles, ho_slides) = split_holdout(tiles, slides, cfg.holdout, cfg.seed)
         spec = DataSpec(
             num_classes=cfg.num_classes, tile_size=cfg.tile_size, p_unc=cfg.p_unc, mode=cfg.kind,
             mask_downsample=cfg.mask_downsample, native_mpp=cfg.native_mpp, slide_mpp=cfg.slide_mpp,
-            augment=cfg.augment, seed=cfg.seed,
+            augment=cfg.augment, seed=cfg.seed, relabel=relabel,
         )
         self.dataset = PairDataset(tr_tiles, tr_slides, spec)
         self.val_dataset = None
@@ -427,6 +429,7 @@ class _Trainer:
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
             "p_unc": cfg.p_unc,
+            **({"relabel": {str(a): b for a, b in cfg.relabel}} if cfg.relabel else {}),
             "ema": {"beta": cfg.ema_beta, "every": cfg.ema_every, "after": cfg.ema_after},
             "duration_s_this_run": round(duration, 1),
             "final_loss_mean_last_100": (sum(tail) / len(tail)) if tail else None,
