@@ -42,6 +42,7 @@ from models.diffinfinite.scheduler import DDIMScheduler
 from models.metrics import seam_ratios
 
 PATCH = 64  # latent crop of the image model (512 px)
+UNET_MULTIPLE = 8  # the official image UNet's spatial divisor (three downsamplings)
 OMEGA = 3.0
 STEPS = 250
 FINAL_MARGIN, FINAL_STEPS = PATCH // 8, 10  # SamplingOptions defaults of the tiled mode
@@ -116,17 +117,22 @@ def official_levels(lab: np.ndarray, levels: int, seed: int, omega: float = OMEG
                 passes * PATCH ** 2 / area / levels)
 
 
-def our_levels(lab: np.ndarray, mode: str, levels: int, seed: int, omega: float = OMEGA, margin: int = 0) -> Cost:
-    crops = passes = crop_px = 0
+def our_levels(lab: np.ndarray, mode: str, levels: int, seed: int, omega: float = OMEGA, margin: int = 0,
+               edges: str = "fit") -> Cost:
+    """Our planner's cost; a pass over a w×h window counts w·h (fitted border windows are smaller)."""
+    crops = passes = crop_px = pass_px = 0
     cells = (PATCH - 2 * margin, PATCH - 2 * margin)
     for k in range(levels):
         plan = (plan_random(lab, (PATCH, PATCH), _np_rng(seed, 0, 3, k)) if mode == "random"
-                else plan_tiled(lab, (PATCH, PATCH), tile_offset(seed, 0, cells, k), margin))
+                else plan_tiled(lab, (PATCH, PATCH), tile_offset(seed, 0, cells, k), margin,
+                                fit_edges=edges == "fit", multiple=UNET_MULTIPLE))
         crops += len(plan)
-        passes += sum(len(passes_for(c.labels, omega, 0)) for c in plan)
+        n = [len(passes_for(c.labels, omega, 0)) for c in plan]
+        passes += sum(n)
         crop_px += sum(c.h * c.w for c in plan)
+        pass_px += sum(k_ * c.h * c.w for k_, c in zip(n, plan))
     area = lab.size
-    return Cost(crops / levels, passes / levels, crop_px / area / levels, passes * PATCH ** 2 / area / levels)
+    return Cost(crops / levels, passes / levels, crop_px / area / levels, pass_px / area / levels)
 
 
 def unet_gflop(attn_impl: str, kind: str = "image") -> float:
@@ -225,13 +231,14 @@ def seam_bench(side_lat: int, steps: int, seeds: list[int], device: torch.device
     res = {}
     final = dict(final_tile_margin=FINAL_MARGIN, final_tile_steps=FINAL_STEPS)
     for name, mode, kw, runs in (("random", "random", {}, seeds), ("tiled", "tiled", final, seeds),
+                                 ("tiled, full-patch edges", "tiled", dict(final, tile_edges="full"), seeds[:2]),
                                  ("tiled, no final margin", "tiled", {}, seeds),
                                  ("fixed-grid baseline", "tiled", dict(tile_offsets="fixed"), seeds[:1])):
         last_r, grid_r, secs = [], [], 0.0
         for seed in runs:
             sched = DDIMScheduler(eta=1.0)
             sampler = RandomPatchSampler(GaussianFieldDenoiser(sched), patch=PATCH, mode=mode, steps=steps,
-                                         guidance=0.0, batch_size=64, scheduler=sched, **kw)
+                                         guidance=0.0, batch_size=64, scheduler=sched, multiple=UNET_MULTIPLE, **kw)
             t0 = time.perf_counter()
             z = sampler.sample(lab, seed=seed, device=device)
             secs += time.perf_counter() - t0
@@ -343,7 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "ours random": (our_levels(lab, "random", levels, args.seed), gf_ours),
                 "ours tiled": (_mix(our_levels(lab, "tiled", levels, args.seed),
                                     our_levels(lab, "tiled", max(2, levels // 2), args.seed, margin=FINAL_MARGIN),
-                                    FINAL_STEPS / STEPS), gf_ours)}
+                                    FINAL_STEPS / STEPS), gf_ours),
+                "tiled full edges": (_mix(our_levels(lab, "tiled", levels, args.seed, edges="full"),
+                                          our_levels(lab, "tiled", max(2, levels // 2), args.seed,
+                                                     margin=FINAL_MARGIN, edges="full"),
+                                          FINAL_STEPS / STEPS), gf_ours)}
         base = off.passes_px_per_px * gf_off
         cost[str(side)] = {}
         for name, (c, gf) in rows.items():

@@ -143,17 +143,23 @@ def test_mask_denoiser_forces_condition_and_uses_null():
 
 
 # ------------------------------------------------------------------------------------------------ plans
+@pytest.mark.parametrize("fit", [False, True])
 @pytest.mark.parametrize("shape,patch,margin", [((150, 230), (64, 64), 0), ((40, 100), (64, 64), 0),
                                                 ((37, 53), (16, 16), 0), ((150, 230), (64, 64), 8)])
-def test_plans_cover_every_pixel_exactly_once(shape, patch, margin):
+def test_plans_cover_every_pixel_exactly_once(shape, patch, margin, fit):
     lab = _labels(*shape)
     cells = (patch[0] - 2 * margin, patch[1] - 2 * margin)
     for step in range(3):
         for crops in (plan_random(lab, patch, _np_rng(7, 0, 3, step)),
-                      plan_tiled(lab, patch, tile_offset(7, 0, cells, step), margin)):
+                      plan_tiled(lab, patch, tile_offset(7, 0, cells, step), margin, fit_edges=fit, multiple=8)):
             owner = np.full(shape, -1)
             for i, c in enumerate(crops):
-                assert (c.h, c.w) == (min(patch[0], shape[0]), min(patch[1], shape[1]))
+                full = (min(patch[0], shape[0]), min(patch[1], shape[1]))
+                if c.cell is None or not fit:
+                    assert (c.h, c.w) == full
+                else:  # fitted windows: multiples of 8 (or the whole axis), ≥ half a patch, ≤ a patch
+                    for n, p_, size in ((c.h, patch[0], shape[0]), (c.w, patch[1], shape[1])):
+                        assert n == size if size <= p_ else (n % 8 == 0 and p_ // 2 <= n <= p_)
                 assert 0 <= c.y0 <= shape[0] - c.h and 0 <= c.x0 <= shape[1] - c.w
                 win = owner[c.y0:c.y0 + c.h, c.x0:c.x0 + c.w]
                 if c.cell is None:  # first come: the uncovered part of the window
@@ -164,12 +170,24 @@ def test_plans_cover_every_pixel_exactly_once(shape, patch, margin):
                     own[cy - c.y0:cy - c.y0 + ch, cx - c.x0:cx - c.x0 + cw] = True
                     assert (win[own] == -1).all()  # cells never overlap
                     assert ch <= cells[0] and cw <= cells[1]
-                    if margin and c.h == patch[0]:  # context on both sides, away from the canvas border
+                    assert c.y0 <= cy and cy + ch <= c.y0 + c.h and c.x0 <= cx and cx + cw <= c.x0 + c.w
+                    if margin:  # context on both sides, away from the canvas border
                         assert cy - c.y0 >= min(margin, cy) and c.y0 + c.h - (cy + ch) >= min(margin, shape[0] - cy - ch)
+                        assert cx - c.x0 >= min(margin, cx) and c.x0 + c.w - (cx + cw) >= min(margin, shape[1] - cx - cw)
                 assert own.sum() == c.n_owned >= 1
                 assert set(c.labels) == set(np.unique(lab[c.y0:c.y0 + c.h, c.x0:c.x0 + c.w][own]).tolist())
                 win[own] = i
             assert (owner >= 0).all()
+
+
+def test_fitted_edge_windows_cut_the_tiled_work():
+    lab = np.zeros((256, 256), np.uint8)  # a 2048² output
+    full = fit = 0
+    for k in range(16):
+        off = tile_offset(3, 0, (64, 64), k)
+        full += sum(c.h * c.w for c in plan_tiled(lab, (64, 64), off))
+        fit += sum(c.h * c.w for c in plan_tiled(lab, (64, 64), off, fit_edges=True, multiple=8))
+    assert fit < 0.8 * full and fit >= 16 * lab.size  # less work, still at least the canvas per step
 
 
 def test_random_plan_reproduces_official_crop_count():

@@ -50,6 +50,8 @@ class SamplingOptions:
     ``final_tile_margin`` (default ``image_patch // 8``) applies to the last ``final_tile_steps`` steps (default
     10): the final steps leave the seams no later step smooths, so they get context on every cell edge
     (≈ +2 % crops over 250 steps; bench/sampler.py measures the seam ratio with and without).
+    ``tile_edges`` (tiled mode): "fit" samples the partial cells a random grid offset leaves at the canvas
+    border in windows just wide enough for them and their context (≥ half a patch), "full" in full patches.
     """
 
     steps: int = 250
@@ -71,6 +73,7 @@ class SamplingOptions:
     tile_margin: int = 0
     final_tile_margin: int | None = None
     final_tile_steps: int = 10
+    tile_edges: Literal["fit", "full"] = "fit"
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +100,8 @@ class SamplingOptions:
         for name in ("tile_margin", "final_tile_margin"):
             if 2 * int(getattr(self, name)) >= int(self.image_patch):
                 problems.append(f"{name} must be < image_patch/2 = {int(self.image_patch) / 2:g}, got {getattr(self, name)}")
+        if self.tile_edges not in ("fit", "full"):
+            problems.append(f"tile_edges must be 'fit' or 'full', got {self.tile_edges!r}")
         if self.precision not in _PRECISIONS:
             problems.append(f"precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
         if problems:
@@ -191,7 +196,7 @@ class DiffInfinitePipeline:
             multiple=int(_cfg_attr(unet, "downsample_factor", 1)),
             official_early_stop=options.official_early_stop, stream=IMAGE_STREAM,
             tile_margin=options.tile_margin, final_tile_margin=options.final_tile_margin,
-            final_tile_steps=options.final_tile_steps,
+            final_tile_steps=options.final_tile_steps, tile_edges=options.tile_edges,
         )
 
     def mask_sampler(self, options: SamplingOptions) -> RandomPatchSampler:
@@ -204,7 +209,7 @@ class DiffInfinitePipeline:
             patch=options.mask_patch, mode=options.mask_mode or "random",
             steps=options.mask_steps or options.steps, eta=options.eta, guidance=options.mask_guidance,
             batch_size=options.mask_batch_size, multiple=int(_cfg_attr(unet, "downsample_factor", 1)),
-            official_early_stop=options.official_early_stop, stream=MASK_STREAM,
+            official_early_stop=options.official_early_stop, stream=MASK_STREAM, tile_edges=options.tile_edges,
         )
 
     # ------------------------------------------------------------------ mask stage

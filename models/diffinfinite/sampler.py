@@ -129,36 +129,50 @@ def plan_random(labels: np.ndarray, patch: tuple[int, int], rng: np.random.Gener
     return crops
 
 
-def _axis_cells(size: int, patch: int, offset: int, cell: int) -> list[tuple[int, int, int]]:
-    """(cell start, cell end, window start) along one axis: grid lines at offset + j·cell, each cell sampled in
-    a ``patch``-wide window centred on it and clamped into the canvas."""
+def _axis_cells(size: int, patch: int, offset: int, cell: int, margin: int = 0, fit: bool = False,
+                multiple: int = 1, min_window: int = 0) -> list[tuple[int, int, int, int]]:
+    """(cell start, cell end, window start, window length) along one axis: grid lines at offset + j·cell.
+
+    ``fit=False``: every cell is sampled in a ``patch``-wide window centred on it and clamped into the canvas.
+    ``fit=True``: a window only as wide as the cell plus its ``margin`` of context on each side that lies in
+    the canvas, at least ``min_window``, rounded up to ``multiple``, at most ``patch`` — interior cells get the
+    full patch as before, the partial cells a random offset leaves at the canvas border get a narrower
+    window instead of a full patch that mostly re-evaluates their neighbour."""
     if size <= patch:  # one window covers the axis: no seam at all
-        return [(0, size, 0)]
-    win = min(patch, size)
+        return [(0, size, 0, size)]
     bounds = [0] + [b for b in range(offset % cell, size, cell) if b > 0] + [size]
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
+        win = patch
+        if fit:
+            need = min(b + margin, size) - max(a - margin, 0)
+            win = min(patch, -(-max(need, min_window) // multiple) * multiple)
         mid = (a + b) // 2
-        out.append((a, b, min(max(mid - win // 2, 0), size - win)))
+        out.append((a, b, min(max(mid - win // 2, 0), size - win), win))
     return out
 
 
 def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, int],
-               margin: int | tuple[int, int] = 0) -> list[Crop]:
-    """Non-overlapping grid of cells (grid lines at offset + j·cell, cell = patch − 2·margin); each cell is
-    sampled in a full patch window centred on it (≥ ``margin`` px of context on every side away from the
-    canvas border; border windows clamped inward) and owns exactly its cell."""
+               margin: int | tuple[int, int] = 0, *, fit_edges: bool = False, multiple: int = 1,
+               min_window: int | None = None) -> list[Crop]:
+    """Non-overlapping grid of cells (grid lines at offset + j·cell, cell = patch − 2·margin); each cell owns
+    exactly itself and is sampled in a window centred on it (≥ ``margin`` px of context on every side away
+    from the canvas border; border windows clamped inward). Windows are full patches, or with ``fit_edges``
+    narrower for the partial border cells (see :func:`_axis_cells`; ``min_window`` defaults to half the patch,
+    ``multiple`` is the network's spatial divisor). Crops come grouped by window shape, largest first, so
+    that batches mostly hold one shape."""
     hh, ww = labels.shape
     my, mx = (margin, margin) if isinstance(margin, int) else margin
     cy, cx = patch[0] - 2 * my, patch[1] - 2 * mx
     if cy < 1 or cx < 1:
         raise ValueError(f"tile margin {margin} leaves no cell inside a {patch} patch")
-    ph, pw = min(patch[0], hh), min(patch[1], ww)
+    mins = (patch[0] // 2, patch[1] // 2) if min_window is None else (min_window, min_window)
     crops: list[Crop] = []
-    for (ya, yb, wy) in _axis_cells(hh, patch[0], offset[0], cy):
-        for (xa, xb, wx) in _axis_cells(ww, patch[1], offset[1], cx):
+    for (ya, yb, wy, ph) in _axis_cells(hh, patch[0], offset[0], cy, my, fit_edges, multiple, mins[0]):
+        for (xa, xb, wx, pw) in _axis_cells(ww, patch[1], offset[1], cx, mx, fit_edges, multiple, mins[1]):
             labs = _owned_labels(labels[ya:yb, xa:xb], None)
             crops.append(Crop(wy, wx, ph, pw, labs, (yb - ya) * (xb - xa), (ya, xa, yb - ya, xb - xa)))
+    crops.sort(key=lambda c: (-c.h * c.w, c.h, c.w))  # stable: row-major within a shape
     return crops
 
 
@@ -274,8 +288,9 @@ def labels_crc(labels: np.ndarray) -> int:
 @dataclass
 class StepStats:
     crops: int = 0
-    forwards: int = 0
-    crop_pixels: int = 0
+    forwards: int = 0  # UNet passes (a crop with L labels to predict takes L, +1 for the null)
+    crop_pixels: int = 0  # Σ window areas of the crops
+    pass_pixels: int = 0  # Σ passes × window area: the network's work
 
 
 class RandomPatchSampler:
@@ -293,7 +308,8 @@ class RandomPatchSampler:
                  steps: int = 250, eta: float = 1.0, guidance: float = 0.0, batch_size: int = 8,
                  multiple: int = 1, official_early_stop: bool = False, stream: int = 0,
                  scheduler: DDIMScheduler | None = None, tile_offsets: Literal["random", "fixed"] = "random",
-                 tile_margin: int = 0, final_tile_margin: int = 0, final_tile_steps: int = 0):
+                 tile_margin: int = 0, final_tile_margin: int = 0, final_tile_steps: int = 0,
+                 tile_edges: Literal["fit", "full"] = "fit"):
         if mode not in ("random", "tiled"):
             raise ValueError(f"mode must be 'random' or 'tiled', got {mode!r}")
         ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
@@ -305,6 +321,8 @@ class RandomPatchSampler:
             raise ValueError(f"patch {ph}×{pw} must be a multiple of the network divisor {multiple}")
         if tile_offsets not in ("random", "fixed"):
             raise ValueError(f"tile_offsets must be 'random' or 'fixed', got {tile_offsets!r}")
+        if tile_edges not in ("fit", "full"):
+            raise ValueError(f"tile_edges must be 'fit' or 'full', got {tile_edges!r}")
         self.denoiser = denoiser
         self.patch = (ph, pw)
         self.mode = mode
@@ -314,6 +332,7 @@ class RandomPatchSampler:
         self.multiple = int(multiple)
         self.stream = int(stream)
         self.tile_offsets = tile_offsets
+        self.tile_edges = tile_edges
         for name, m in (("tile_margin", tile_margin), ("final_tile_margin", final_tile_margin)):
             if m < 0 or 2 * m >= min(ph, pw):
                 raise ValueError(f"{name} must be in 0…{(min(ph, pw) - 1) // 2}, got {m}")
@@ -375,7 +394,8 @@ class RandomPatchSampler:
         m = self.tile_margin_at(step)
         cells = (self.patch[0] - 2 * m, self.patch[1] - 2 * m)
         offset = (0, 0) if self.tile_offsets == "fixed" else tile_offset(seed, self.stream, cells, step)
-        return plan_tiled(labels_padded, self.patch, offset, m)
+        return plan_tiled(labels_padded, self.patch, offset, m, fit_edges=self.tile_edges == "fit",
+                          multiple=self.multiple)
 
     def tile_margin_at(self, step: int) -> int:
         """Context margin of the tiled mode at ``step`` (the last ``final_tile_steps`` use ``final_tile_margin``)."""
@@ -406,7 +426,7 @@ class RandomPatchSampler:
     def _tiling(self) -> list:
         if self.mode != "tiled":
             return []
-        return [self.tile_offsets, self.tile_margin, self.final_tile_margin, self.final_tile_steps]
+        return [self.tile_offsets, self.tile_margin, self.final_tile_margin, self.final_tile_steps, self.tile_edges]
 
     def check_state(self, state: SamplerState, lab: np.ndarray) -> None:
         expect = {
@@ -489,14 +509,21 @@ class RandomPatchSampler:
         for b0 in range((first_job[state.cursor] // bs) * bs, len(jobs), bs):
             check_cancel(cancel)
             batch = jobs[b0:b0 + bs]
-            xs_, ls_ = [], []
-            for ci, _ in batch:
-                ys, xs = crops[ci].window
-                xs_.append(state.latents[0, :, ys, xs])
-                ls_.append(lab_dev[ys, xs])
-            x = torch.stack(xs_)
-            tt = torch.full((len(batch),), t, dtype=torch.long, device=x.device)
-            eps = self.denoiser(x, tt, torch.stack(ls_), [u for _, u in batch])
+            shapes: dict[tuple[int, int], list[int]] = {}  # one network call per window shape in the batch
+            for j, (ci, _) in enumerate(batch):
+                shapes.setdefault((crops[ci].h, crops[ci].w), []).append(j)
+            eps: list[torch.Tensor | None] = [None] * len(batch)
+            for idx in shapes.values():
+                xs_, ls_ = [], []
+                for j in idx:
+                    ys, xs = crops[batch[j][0]].window
+                    xs_.append(state.latents[0, :, ys, xs])
+                    ls_.append(lab_dev[ys, xs])
+                x = torch.stack(xs_)
+                tt = torch.full((len(idx),), t, dtype=torch.long, device=x.device)
+                out = self.denoiser(x, tt, torch.stack(ls_), [batch[j][1] for j in idx])
+                for j, e in zip(idx, out):
+                    eps[j] = e
             stats.forwards += len(batch)
             for (ci, u), e in zip(batch, eps):
                 if ci < state.cursor:  # finished before an interruption: recomputed only to keep batches aligned
@@ -507,6 +534,7 @@ class RandomPatchSampler:
                     state.cursor = ci + 1
                     stats.crops += 1
                     stats.crop_pixels += crops[ci].h * crops[ci].w
+                    stats.pass_pixels += needed[ci] * crops[ci].h * crops[ci].w
 
     def _finalize(self, state: SamplerState, crop: Crop, preds: dict[int | None, torch.Tensor],
                   lab_dev: torch.Tensor, null_label: int | None) -> None:
