@@ -94,12 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         args.mask_size = 128
         args.steps = args.steps or 10
 
-    from evaluation.fidelity import load_classifier, score_slide
+    from evaluation.fidelity import labels_for_classes, load_classifier, score_slide
     from procedural.tissue import render_tile
     from service.masks import resize_labels
     from slidesynth.settings import get_settings
 
-    model = args.model or get_settings().default_model
+    from models.cards import ModelCard
+
+    settings = get_settings()
+    model = args.model or settings.default_model
+    label_map = ModelCard.load(settings.models_dir / model).fidelity_classes  # model label → classifier class
     clf = load_classifier(args.classifier)
     mask_mpp = 2.0
     rows = []
@@ -113,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, mask in masks(args.mask_size, 1 if args.quick else 3):
             work = Path(tmp) / name
             work.mkdir()
-            img, secs = generate(mask, work, model=model, steps=args.steps, seed=args.seed, mask_mpp=mask_mpp,
-                                 device=args.device, sampler=args.sampler)
+            # the masks are in the classifier's classes (0 glass …); the model is asked with its own labels
+            img, secs = generate(labels_for_classes(mask, label_map), work, model=model, steps=args.steps,
+                                 seed=args.seed, mask_mpp=mask_mpp, device=args.device, sampler=args.sampler)
             labels = resize_labels(mask.astype(np.uint8), img.shape[0], img.shape[1])
             ours = score_slide(img, labels, clf)
             ref = score_slide(render_tile(labels, args.seed), labels, clf)

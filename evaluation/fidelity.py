@@ -173,6 +173,22 @@ def map_labels(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarr
     return lut[labels.astype(np.int64)]
 
 
+def labels_for_classes(classes: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """The inverse of :func:`map_labels`: a class map in the classifier's classes (e.g. a procedural layout)
+    → the model labels that ask for those classes (uint8). ``None``/empty: the classes are the labels."""
+    classes = np.asarray(classes)
+    if not label_map:
+        return classes.astype(np.uint8)
+    inverse = {int(c): int(lab) for lab, c in sorted(label_map.items(), reverse=True)}  # lowest label wins
+    missing = sorted(set(np.unique(classes).tolist()) - set(inverse))
+    if missing:
+        raise ValueError(f"no model label asks for classifier classes {missing}")
+    lut = np.zeros(NUM_CLASSES, np.uint8)
+    for c, lab in inverse.items():
+        lut[c] = lab
+    return lut[classes.astype(np.int64)]
+
+
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, dict[int, float]]:
     """Mean per-class recall over the classes present in ``y_true`` (and the recalls)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

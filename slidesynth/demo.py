@@ -70,8 +70,11 @@ def main() -> int:
         models = client.get("/models").json()
         default = next(m for m in models["models"] if m["name"] == models["default"])
         print(f"model: {default['name']} ({'trained' if default['trained'] else 'UNTRAINED: random weights'})")
+        from evaluation.fidelity import labels_for_classes
+
+        # demo_mask() is in the procedural classes (0 glass, 1–4 tissue); ask with the model's own labels
         buf = io.BytesIO()
-        Image.fromarray(demo_mask()).save(buf, format="PNG")
+        Image.fromarray(labels_for_classes(demo_mask(), default.get("fidelity_classes"))).save(buf, format="PNG")
         params = {"mask_mpp": mask_mpp, "seed": 0, "outputs": ["tiff", "zarr"]}
         resp = client.post("/generate", files={"mask": ("demo_mask.png", buf.getvalue(), "image/png")},
                            data={"params": json.dumps(params)})

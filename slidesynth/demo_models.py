@@ -71,9 +71,9 @@ TRAINING_DATA = (
 
 def to_model_labels(tissue_classes: np.ndarray) -> np.ndarray:
     """A procedural / fidelity-classifier class map (0 glass, 1–4 tissue) → this model's labels (glass → 5)."""
-    out = np.asarray(tissue_classes).astype(np.uint8, copy=True)
-    out[np.asarray(tissue_classes) == 0] = GLASS_LABEL
-    return out
+    from evaluation.fidelity import labels_for_classes
+
+    return labels_for_classes(tissue_classes, FIDELITY_CLASSES)
 
 
 def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors: list[float] | None = None,

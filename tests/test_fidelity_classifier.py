@@ -105,6 +105,13 @@ def test_label_map_scores_a_model_whose_labels_differ_from_the_classes():
     assert map_labels(labels[:, :2] % 5, None).dtype == np.int64
     with pytest.raises(ValueError, match="not classifier classes"):
         map_labels(labels, {5: 7})
+    from evaluation.fidelity import labels_for_classes
+
+    layout = np.array([[0, 1], [3, 0]], np.uint8)
+    asked = labels_for_classes(layout, {"1": 1, "3": 3, "5": 0})  # JSON card keys are strings
+    assert asked.tolist() == [[5, 1], [3, 5]] and (map_labels(asked, {1: 1, 3: 3, 5: 0}) == layout).all()
+    with pytest.raises(ValueError, match=r"classifier classes \[3\]"):
+        labels_for_classes(layout, {1: 1, 5: 0})
     big = np.zeros((128, 128), np.int64) - 1
     big[:64, :64] = 2
     assert window_labels(big).tolist() == [[2, -1], [-1, -1]]
