@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = args.steps or 10
 
     from evaluation.fidelity import labels_for_classes, load_classifier, score_slide
+    from models.decoding import TiledDecoder
+    from worker.pipeline import DECODER_OVERLAP
     from procedural.tissue import render_tile
     from service.masks import resize_labels
     from slidesynth.settings import get_settings
@@ -121,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             img, secs = generate(labels_for_classes(mask, label_map), work, model=model, steps=args.steps,
                                  seed=args.seed, mask_mpp=mask_mpp, device=args.device, sampler=args.sampler)
             labels = resize_labels(mask.astype(np.uint8), img.shape[0], img.shape[1])
-            ours = score_slide(img, labels, clf)
-            ref = score_slide(render_tile(labels, args.seed), labels, clf)
+            # former tile boundaries = the worker's decoder blend edges (the samplers leave no fixed grid)
+            seams = TiledDecoder(lambda z: z, tile=64, overlap=DECODER_OVERLAP["tukey"], window="tukey").boundary_lines(
+                -(-img.shape[0] // 8), -(-img.shape[1] // 8))
+            ours = score_slide(img, labels, clf, boundaries=seams)
+            ref = score_slide(render_tile(labels, args.seed), labels, clf, boundaries=seams)
             row = {"mask": name, "width": img.shape[1], "height": img.shape[0],
                    "classes": len(ours["recall"]), "balanced_accuracy": ours["balanced_accuracy"],
                    "seam_ratio": ours["seam_ratio"], "recall": ours["recall"],

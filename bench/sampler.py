@@ -8,7 +8,11 @@
    crops per step, UNet passes per step, crop pixels per canvas pixel and UNet cost per output latent pixel
    (passes × patch area ÷ canvas area; × GFLOP per pass) for our two modes and for the official schedule
    reproduced crop by crop (sequential first-come selection on the per-pixel time tensor, every label of the
-   crop's window, a separate unconditional pass per label, ω > 0). Same number of steps for all.
+   crop's window, a separate unconditional pass per label, ω > 0). Same number of steps for all. A pass
+   counts its window's area: our tiled mode samples the partial cells a random offset leaves at the canvas
+   border in fitted windows (``tile_edges="fit"``, ≥ half a patch); "tiled full edges" is the same plan with
+   a full patch for every cell. FLOPs per pass scale with the window area (convolutions and the O(N) mask
+   attention are linear in pixels).
 2. **Seams.** Each mode samples a 2048² canvas (250 DDIM steps, η = 1; 3 seeds) with an analytic crop-local
    denoiser: the exact MMSE ε-predictor of a stationary Gaussian latent field given the crop alone — what an
    ideal network trained on 64² crops predicts. Its full-canvas samples are seamless, it costs no training,
@@ -16,8 +20,8 @@
    + bilinear ×8 and the seam ratio (mean |∇| across former crop boundaries ÷ across other lines of the same
    phase mod 8) is measured on the last step's crop boundaries and on the aligned 512-px grid. A fixed,
    aligned tiling is the naive baseline the random offsets replace (it shows what a visible seam scores).
-   "tiled" is the product default: random offsets, plus 8 px of context around every cell in the last 10
-   steps (whose seams no later step smooths); its cost in part 1 includes those steps.
+   "tiled" is the product default: random offsets, fitted border windows, plus 8 px of context around every
+   cell in the last 10 steps (whose seams no later step smooths); its cost in part 1 includes those steps.
 3. **Throughput.** Official-size image UNet (and mask UNet) patches/s at several batch sizes on the CPU;
    on CUDA bf16 patches/s and achieved TFLOP/s, and wall time per sampler step at 2048² for both modes.
 

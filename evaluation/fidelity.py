@@ -18,9 +18,12 @@ A small CNN (≈ 100 k parameters), trained on procedural H&E-like tiles (:mod:`
   class's windows the classifier labels as that class), so large stroma areas do not drown small necrotic
   cores; chance level is 1/(number of classes present);
 * **seam ratio** = :func:`models.metrics.seam_ratio`'s definition — mean |gradient| across the former tile
-  boundaries (rows/columns ≡ offset mod ``period_px``, default 512 px: the image stage's 64-latent tiles)
-  over the mean |gradient| on the other lines of the same phase mod ``match_mod`` = 8 (the VAE's factor) —
-  computed while the slide streams past (profiles accumulated band by band), the maximum over both axes.
+  boundaries — given explicitly (``boundaries``: the service passes the tiled decoder's blend edges,
+  :meth:`models.decoding.TiledDecoder.boundary_lines`; the samplers leave no fixed grid), else the rows/
+  columns ≡ offset mod ``period_px`` (default 512 px) — over the mean |gradient| on the other lines of the same phase mod ``match_mod`` = 8 (the VAE's factor)
+  within ``neighbourhood_px`` = 32 px of a boundary (4 lines each side: a boundary line crossing tumour
+  is compared with lines crossing the same tumour, not with the glass margin) — computed while the slide
+  streams past (profiles accumulated band by band), the maximum over both axes.
   None when the slide holds no boundary line (smaller than one period).
 
 The scorer streams: :class:`SlideScorer` takes full-width bands in order and keeps only the rows of one
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.metrics import profile_ratio
+from models.metrics import lines_ratio, profile_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER_DIR = REPO / "weights" / "fidelity-classifier"
@@ -54,6 +57,7 @@ MIN_SHARE = 0.75
 NUM_CLASSES = 5
 CLASS_NAMES = {0: "unknown", 1: "carcinoma", 2: "necrosis", 3: "tumor stroma", 4: "others"}
 DEFAULT_WIDTHS = (16, 32, 64, 128)
+SEAM_NEIGHBOURHOOD = 32  # px: reference lines for the seam ratio lie within this distance of a boundary
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -209,7 +213,8 @@ class SlideScorer:
     def __init__(self, labels: np.ndarray, classifier: FidelityClassifier | None = None, *,
                  min_share: float = MIN_SHARE, ignore: Iterable[int] = (), period_px: int = 512,
                  offsets_px: Sequence[int] = (0,), match_mod: int | None = 8,
-                 label_map: dict[int, int] | None = None):
+                 neighbourhood_px: int | None = SEAM_NEIGHBOURHOOD, label_map: dict[int, int] | None = None,
+                 boundaries: tuple[Sequence[int], Sequence[int]] | None = None):
         self.classifier = classifier if classifier is not None else load_classifier()
         self.window = self.classifier.window
         self.labels = map_labels(labels, label_map)
@@ -218,6 +223,11 @@ class SlideScorer:
             self.ref[self.ref == int(c)] = -1
         self.height, self.width = self.labels.shape
         self.period, self.offsets, self.match_mod = int(period_px), tuple(int(o) for o in offsets_px), match_mod
+        self.neighbourhood = neighbourhood_px
+        # explicit (rows, columns) of former tile boundaries (e.g. TiledDecoder.boundary_lines) replace the
+        # period/offset grid
+        self.boundaries = None if boundaries is None else (tuple(map(int, boundaries[0])),
+                                                           tuple(map(int, boundaries[1])))
         if self.period < 2:
             raise ValueError(f"period_px must be ≥ 2, got {period_px}")
         self.pred = np.full(self.ref.shape, -1, np.int64)
@@ -274,9 +284,15 @@ class SlideScorer:
         gx[1:] /= self.height * 3
         gx[0] = np.nan
         vals = []
+        if self.boundaries is not None:
+            for prof, lines in ((self._gy, self.boundaries[0]), (gx, self.boundaries[1])):
+                v = lines_ratio(prof, lines, self.match_mod, self.neighbourhood)
+                if not np.isnan(v):
+                    vals.append(v)
+            return max(vals) if vals else None
         for off in self.offsets:
             for prof in (self._gy, gx):
-                v = profile_ratio(prof, self.period, off, self.match_mod)
+                v = profile_ratio(prof, self.period, off, self.match_mod, self.neighbourhood)
                 if not np.isnan(v):
                     vals.append(v)
         return max(vals) if vals else None
@@ -297,7 +313,10 @@ class SlideScorer:
             "windows_skipped": int((~scored).sum()),
             "confusion": confusion.tolist(),
             "window": self.window,
-            "seam_period_px": self.period,
+            "seam_period_px": None if self.boundaries is not None else self.period,
+            "seam_lines": None if self.boundaries is None else {"rows": len(self.boundaries[0]),
+                                                                 "columns": len(self.boundaries[1])},
+            "seam_neighbourhood_px": self.neighbourhood,
             "seam_offsets_px": list(self.offsets),
         }
 

@@ -153,6 +153,23 @@ class TiledDecoder:
         self.backend_used: str | None = None
 
     # ------------------------------------------------------------------ planning
+    def boundary_lines(self, h: int, w: int) -> tuple[list[int], list[int]]:
+        """Output-pixel rows and columns where the blend of an h × w latent changes between tiles: the start
+        and the end of every cross-fade ramp (overlap modes), or the tile edges of both shifted grids
+        (four-pass), canvas borders left out. Where a seam would show."""
+        def axis(n: int) -> list[int]:
+            if self.window == "four-pass":
+                half = self.tile * self.scale // 2
+                return list(range(half, n * self.scale, half))
+            plan = plan_axis(n, self.tile, self.overlap, self.scale, self.margin_px)
+            tp, lp = self.tile * self.scale, self.overlap * self.scale - 2 * self.margin_px
+            lines = set()
+            for k in range(1, plan.count):  # as plan_axis places the ramp between tiles k − 1 and k
+                a = plan.starts[k - 1] * self.scale + tp - self.margin_px - lp
+                lines.update((a, a + lp))
+            return sorted(p for p in lines if 0 < p < n * self.scale)
+        return axis(h), axis(w)
+
     def plans(self, h: int, w: int) -> tuple[AxisPlan, AxisPlan]:
         """Row and column tile plans for an h × w latent (overlap modes)."""
         return (plan_axis(h, self.tile, self.overlap, self.scale, self.margin_px),

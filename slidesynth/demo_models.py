@@ -48,10 +48,10 @@ PICTURE = Path("docs/demo.png")
 
 # Sampling defaults written into the card (requests may override them).
 DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 0.0
+DEFAULT_GUIDANCE = 1.5  # ω: measured best of 0 / 1.5 on the unseen layouts (python -m slidesynth.demo_models evaluate --guidance …)
 # Unseen layouts for the fidelity figures: seeds no training set used (datasets use item_seed(seed, i)).
-EVAL_SEEDS = (20261, 20262)
-EVAL_SIZE = 1024
+EVAL_SEEDS = (20261, 20262, 20263)
+EVAL_SIZES = (1024, 1024, 2048)  # the 2048² layout holds 3 former tile boundaries per axis for the seam ratio
 # The model's labels: DiffInfinite's 0 = unknown (the null condition: regions nobody asked for), the four
 # tissue classes, and glass as a label of its own (the procedural world's class 0, read with --relabel 0:5).
 NUM_LABELS = 6
@@ -293,22 +293,27 @@ def default_guidance(card: Any) -> float:
 
 
 def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None, guidance: float | None = None,
-                   seed: int = 0, sampler: str = "tiled", eta: float = 1.0, device: str = "cpu") -> np.ndarray:
-    """The worker's DiffInfinite path (sample latents → Hann-tiled decode) for one label mask at the model's
-    resolution; uint8 (H, W, 3)."""
+                   seed: int = 0, sampler: str = "tiled", eta: float = 1.0, device: str = "cpu",
+                   decoder: str = "tukey", with_seams: bool = False):
+    """The worker's DiffInfinite path (sample latents → tiled decode, the worker's default Tukey windows)
+    for one label mask at the model's resolution; uint8 (H, W, 3) — and, with ``with_seams``, the decoder's
+    blend edges (rows, columns) for the seam ratio."""
     from models.decoding import TiledDecoder
     from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
+    from worker.pipeline import DECODER_OVERLAP
 
     pipe = DiffInfinitePipeline(models, device=device)
     guidance = default_guidance(models.card) if guidance is None else guidance
     opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=eta, mode=sampler,
                            seed=seed)
     latent = pipe.sample_latents(labels, options=opts)
-    dec = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64, overlap=32, window="hann")
-    return dec.decode(latent)
+    dec = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64,
+                       overlap=DECODER_OVERLAP[decoder], window=decoder)
+    img = dec.decode(latent)
+    return (img, dec.boundary_lines(latent.shape[2], latent.shape[3])) if with_seams else img
 
 
-def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = EVAL_SIZE, write: bool = True,
+def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, sizes: tuple[int, ...] = EVAL_SIZES, write: bool = True,
              steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
     """Balanced accuracy and seam ratio (:func:`evaluation.fidelity.score_slide`) of slides generated from
     unseen slide layouts (``random_layout(size, size, seed, "slide")``) with the card's default steps and ω."""
@@ -317,33 +322,40 @@ def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, size: int = E
     from evaluation.fidelity import load_classifier, score_slide
     from models.cards import ModelCard
     from models.diffinfinite.loading import load_diffinfinite
-    from procedural.tissue import random_layout
+    from procedural.tissue import random_layout, render_tile
 
     torch.manual_seed(0)
     models = load_diffinfinite(REPO / out)
     clf = load_classifier()
     results = []
-    for s in seeds:
+    for s, size in zip(seeds, sizes):
         tissue_classes = random_layout(size, size, s, "slide", mpp=0.5)
         t0 = time.perf_counter()
-        img = generate_image(models, to_model_labels(tissue_classes), steps=steps, guidance=guidance, seed=0)
+        img, seams = generate_image(models, to_model_labels(tissue_classes), steps=steps, guidance=guidance, seed=0,
+                                    with_seams=True)
         sec = time.perf_counter() - t0
-        r = score_slide(img, tissue_classes, clf)
-        tissue = score_slide(img, tissue_classes, clf, ignore=(0,))
+        r = score_slide(img, tissue_classes, clf, boundaries=seams)
+        tissue = score_slide(img, tissue_classes, clf, ignore=(0,), boundaries=seams)
+        # the content's own figure: the same layout rendered directly, scored on the same lines
+        truth = score_slide(render_tile(tissue_classes, s), tissue_classes, clf, boundaries=seams)
         results.append({"layout_seed": s, "size": size, "seconds": round(sec, 1),
                         **{k: r[k] for k in ("balanced_accuracy", "seam_ratio", "recall", "windows_scored")},
-                        "balanced_accuracy_tissue_classes": tissue["balanced_accuracy"]})
+                        "balanced_accuracy_tissue_classes": tissue["balanced_accuracy"],
+                        "seam_ratio_procedural_render": truth["seam_ratio"]})
     summary = {
         "fidelity": results,
         "balanced_accuracy_mean": round(float(np.mean([r["balanced_accuracy"] for r in results])), 4),
         "balanced_accuracy_tissue_classes_mean": round(float(np.mean(
             [r["balanced_accuracy_tissue_classes"] for r in results])), 4),
         "seam_ratio_max": max((r["seam_ratio"] for r in results if r["seam_ratio"] is not None), default=None),
+        "seam_ratio_at_2048": next((r["seam_ratio"] for r in results if r["size"] >= 2048), None),
         "steps": steps or models.card.steps_default,
         "guidance": default_guidance(models.card) if guidance is None else guidance,
         "eta": 1.0,
         "sampler": "tiled",
-        "note": "unseen procedural slide layouts at 0.5 um/px; evaluation.fidelity classifier (64-px windows); "
+        "note": "unseen procedural slide layouts at 0.5 um/px; evaluation.fidelity classifier (64-px windows); seam "
+                "ratio on the Tukey decoder's blend edges vs same-phase lines within 32 px (seam_ratio_procedural_render: the same layout "
+                "rendered directly, i.e. what content alone scores); "
                 "'tissue classes' leaves out glass (classifier class 0, the model's label 5)",
     }
     if write:
@@ -366,8 +378,8 @@ def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, A
     models = load_diffinfinite(REPO / out)
     mask = to_model_labels(demo_mask())
     labels = resize_labels(mask, 1024, 1024)
-    img = generate_image(models, labels, seed=seed)
-    score = score_slide(img, labels, label_map=FIDELITY_CLASSES)
+    img, seams = generate_image(models, labels, seed=seed, with_seams=True)
+    score = score_slide(img, labels, label_map=FIDELITY_CLASSES, boundaries=seams)
     palette = np.array([[0, 0, 0], [120, 40, 140], [250, 200, 90], [230, 120, 160], [90, 170, 220],
                         [245, 245, 245]], np.uint8)
     side = 512

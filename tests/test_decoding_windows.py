@@ -233,3 +233,21 @@ def test_crop_to_a_slide_size_that_is_not_a_multiple_of_8():
     assert np.array_equal(np.concatenate(bands), full[:301, :187])
     with pytest.raises(ValueError, match="crop"):
         list(dec.iter_bands(latent, crop=(321, 10)))
+
+
+def test_boundary_lines_are_the_blend_edges():
+    from models.decoding import TiledDecoder, plan_axis
+
+    dec = TiledDecoder(lambda z: z, scale=8, tile=64, overlap=6, window="tukey")
+    rows, cols = dec.boundary_lines(128, 200)
+    plan = plan_axis(200, 64, 6, 8)
+    weights = plan.windows
+    full = np.zeros((len(plan.starts), 200 * 8))
+    for k, s in enumerate(plan.starts):
+        full[k, s * 8:s * 8 + 512] = weights[k]
+    mixed = (full > 0).sum(0) > 1  # pixels blended from two tiles
+    edges = [p for p in range(1, 1600) if mixed[p] != mixed[p - 1]]
+    assert len(cols) == 2 * (plan.count - 1) and all(min(abs(p - e) for e in edges) <= 1 for p in cols)
+    assert rows == sorted(set(rows)) and all(0 < p < 1024 for p in rows) and len(cols) == 2 * (plan.count - 1)
+    four = TiledDecoder(lambda z: z, scale=8, tile=64, window="four-pass").boundary_lines(128, 128)
+    assert four == ([256, 512, 768], [256, 512, 768])

@@ -77,12 +77,19 @@ def test_streamed_bands_give_the_whole_image_score_and_the_metrics_seam_ratio(cl
     for r in range(0, 1100, 100):
         scorer.add_band(img[r:r + 100])
     assert scorer.result() == whole
-    assert scorer.seam_ratio() == pytest.approx(seam_ratio(img, 512, (0,), match_mod=8), rel=1e-9)
     assert whole["seam_ratio"] > 1.2
+    # all same-phase lines as the reference: the library's seam_ratio exactly
+    glob = SlideScorer(labels, clf, neighbourhood_px=None)
+    for r in range(0, 1100, 100):
+        glob.add_band(img[r:r + 100])
+    assert glob.seam_ratio() == pytest.approx(seam_ratio(img, 512, (0,), match_mod=8), rel=1e-9)
+    # explicit boundary lines (what the service passes: the decoder's blend edges) find the same seam
+    explicit = score_slide(img, labels, clf, boundaries=([], [512, 1024]))  # the grid's columns
+    assert explicit["seam_ratio"] == pytest.approx(whole["seam_ratio"], rel=1e-9) and explicit["seam_lines"]
+    assert score_slide(img, labels, clf, boundaries=([], [256]))["seam_ratio"] < 0.8 * explicit["seam_ratio"]  # none
     smooth_scorer = SlideScorer(labels, clf)
     for r in range(0, 1100, 512):
         smooth_scorer.add_band(smooth[r:r + 512])
-    assert smooth_scorer.seam_ratio() == pytest.approx(seam_ratio(smooth, 512, (0,), match_mod=8), rel=1e-9)
     assert smooth_scorer.seam_ratio() < 1.05
 
 

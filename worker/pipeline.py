@@ -72,7 +72,8 @@ def _fidelity_classifier():
     return load_classifier()
 
 
-def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[int, int] | None = None):
+def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[int, int] | None = None,
+                    boundaries: tuple[list[int], list[int]] | None = None):
     """Streaming conditioning-fidelity scorer for mask-conditioned jobs at the classifier's 0.5 µm/px."""
     if labels is None or abs(spec.mpp - FIDELITY_MPP) > 1e-6:
         return None
@@ -82,7 +83,7 @@ def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[in
         classifier = _fidelity_classifier()
     except FileNotFoundError:  # a deployment without the shipped classifier: no fidelity metrics
         return None
-    return SlideScorer(labels, classifier, label_map=label_map)
+    return SlideScorer(labels, classifier, label_map=label_map, boundaries=boundaries)
 
 
 def fidelity_metrics(scorer) -> dict[str, float]:
@@ -173,10 +174,12 @@ def generate_slide(
                                overlap=DECODER_OVERLAP[spec.decoder], window=spec.decoder)
         bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(Stage.decoding),
                                    crop=(spec.height, spec.width))
+        rows, cols = decoder.boundary_lines(latent.shape[2], latent.shape[3])
+        seam_lines = ([p for p in rows if p < spec.height], [p for p in cols if p < spec.width])
     else:
         from models.infbrush import InfBrushPipeline
 
-        labels = None
+        labels = seam_lines = None
         pipe = InfBrushPipeline(models, device)
         embedding = spec.embedding if spec.embedding is not None else pipe.embed_subtype(spec.subtype)
         report(Stage.sampling, 0.0, 0)
@@ -187,7 +190,7 @@ def generate_slide(
         t_sampled = None
 
     check_cancel(cancel)
-    scorer = fidelity_scorer(labels, spec, models.card.fidelity_classes)
+    scorer = fidelity_scorer(labels, spec, models.card.fidelity_classes, seam_lines)
     with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=outputs["tiff"],
                       zarr_path=outputs["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:
