@@ -48,7 +48,7 @@ class GenerateParams(_Strict):
     sampler: Literal["random", "tiled"] = Field(
         "tiled",
         description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
-        "non-overlapping tiling per step (about a third of the cost).",
+        "non-overlapping tiling per step (about a quarter of the official cost).",
     )
     decoder: Literal["tukey", "hann", "four-pass"] = Field(
         "tukey",
