@@ -16,8 +16,8 @@ Steps (each runs the exact command lines listed in :func:`commands`; ``work`` = 
    latents normalised per channel so that the release's ``latent / 50`` convention fits the sampler's clip
    range. Its ``vae_training.json`` gives the image ``latent_scale`` (50) and the mask-latent divisors.
 3. ``diffusion`` — ``slidesynth train diffinfinite`` (image model, ``--network small``, 2.8 M parameters, 128-px
-   crops = 16² latents) and ``slidesynth train diffinfinite-mask`` (mask model, 2.8 M) side by side, one
-   thread each.
+   crops = 16² latents) and ``slidesynth train diffinfinite-mask`` (mask model, 2.8 M, 2000 steps) side by
+   side.
 4. ``finetune`` — a second image-model run from the first one's EMA weights (``--init``), lower peak lr.
 5. ``assemble`` — ``weights/diffinfinite-demo``: fp16 safetensors, ``vae/``, ``model_card.json`` (classes,
    data, the commands, device, wall times, sha256 of every file, default steps 50 and guidance ω = 0).
@@ -98,7 +98,7 @@ def commands(work: Path = WORK, latent_scale: float | None = None, mask_divisors
             f"{slidesynth} train diffinfinite --tiles {w}/tiles --out {w}/image --tile-size 128 --p-unc 0.2 "
             f"--steps 1500 --batch-size 16 --lr 1e-3 --seed 0 --threads 1 {common}",
             f"{slidesynth} train diffinfinite-mask --tiles {w}/slides --out {w}/mask --tile-size 512 "
-            f"--steps 400 --batch-size 16 --lr 1e-3 --seed 0 --threads 1 {common}",
+            f"--steps 2000 --batch-size 16 --lr 1e-3 --seed 0 --threads 2 {common}",
         ],
         "finetune": [
             f"{slidesynth} train diffinfinite --init {w}/image/image_unet.safetensors --tiles {w}/tiles --out {w}/image-ft "
