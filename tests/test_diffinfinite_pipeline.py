@@ -144,3 +144,23 @@ def test_sampling_options_validation():
         SamplingOptions(mode="sliding")
     with pytest.raises(ValueError, match="guidance"):
         SamplingOptions(guidance=-1)
+
+
+def test_state_mismatch_names_why_a_checkpoint_cannot_resume():
+    import numpy as np
+
+    from models.diffinfinite.loading import untrained_diffinfinite
+    from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
+
+    models = untrained_diffinfinite(seed=0)
+    pipe = DiffInfinitePipeline(models)
+    labels = np.zeros((256, 320), np.uint8)
+    opts = SamplingOptions(steps=2, mode="tiled", seed=5)
+    state = pipe.new_state(labels, opts)
+    assert pipe.state_mismatch(state, labels, opts) is None
+    assert "seed" in pipe.state_mismatch(state, labels, SamplingOptions(steps=2, mode="tiled", seed=6))
+    assert "tiling" in pipe.state_mismatch(state, labels, SamplingOptions(steps=2, mode="tiled", seed=5,
+                                                                           tile_edges="full"))
+    other = labels.copy()
+    other[:8, :8] = 1
+    assert "labels_crc" in pipe.state_mismatch(state, other, opts)

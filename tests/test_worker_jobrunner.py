@@ -214,3 +214,18 @@ def test_hard_time_limit_failure_is_recorded(ctx):
     fail_job("job1", ctx, "TimeLimitExceeded: 86400")
     job = ctx.store.get("job1")
     assert job.status == JobStatus.failed and "TimeLimitExceeded" in job.error
+
+
+def test_a_checkpoint_that_cannot_resume_this_job_is_ignored(ctx):
+    """A redelivered job whose checkpoint came from another sampler setting or version starts over."""
+    from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
+    from worker.jobrunner import STATE_FILE, run_job
+
+    job = submit(ctx, "old1", outputs=["tiff"])
+    models = ctx.registry.load("diffinfinite-untrained", "cpu")
+    labels = np.zeros((64, 64), np.uint8)
+    stale = DiffInfinitePipeline(models).new_state(labels, SamplingOptions(steps=4, mode="tiled", seed=99))
+    stale.save(ctx.store.job_dir("old1") / STATE_FILE)
+    ctx.store.update("old1", attempts=1)  # this run is the second delivery: it looks for a checkpoint
+    assert run_job("old1", ctx) == JobStatus.succeeded, ctx.store.get("old1").error
+    assert job.spec.seed == 3

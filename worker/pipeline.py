@@ -166,6 +166,8 @@ def generate_slide(
             labels = pipe.sample_mask(subtype=spec.subtype_id, height=spec.height, width=spec.width, options=opts,
                                       progress=stage_progress(Stage.mask), cancel=cancel)
         pipe.validate_labels(labels)
+        if resume_state is not None and pipe.state_mismatch(resume_state, labels, opts) is not None:
+            resume_state = None  # a checkpoint of another sampler version or setting: start over, don't fail
         report(Stage.sampling, 0.0, 0)
         latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(Stage.sampling), cancel=cancel,
                                      state=resume_state, on_step=on_checkpoint)

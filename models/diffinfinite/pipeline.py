@@ -293,6 +293,18 @@ class DiffInfinitePipeline:
     def new_state(self, labels: np.ndarray | torch.Tensor, options: SamplingOptions) -> SamplerState:
         return self.image_sampler(options).init_state(self.latent_labels(labels), options.seed, self.device)
 
+    def state_mismatch(self, state: SamplerState, labels: np.ndarray | torch.Tensor,
+                       options: SamplingOptions) -> str | None:
+        """Why ``state`` cannot resume this job (labels, options, sampler version), or None if it can."""
+        if state.seed != options.seed:
+            return f"sampler state was made with seed {state.seed}, options say {options.seed}"
+        sampler = self.image_sampler(options)
+        try:
+            sampler.check_state(state, sampler._prepare_labels(self.latent_labels(labels)))
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def sample_latents(self, labels: np.ndarray | torch.Tensor, options: SamplingOptions | None = None,
                        progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                        state: SamplerState | None = None,
