@@ -18,14 +18,6 @@ DEMO = REPO / "weights" / "diffinfinite-demo"
 BALANCED_ACCURACY_GOAL = 0.8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def card() -> ModelCard:
     assert (DEMO / "model_card.json").is_file(), f"{DEMO} is missing: run `python -m slidesynth.demo_models all`"

@@ -16,14 +16,6 @@ from models.vae_cli import add_train_parsers
 from models.vae_training import VAETileDataset, VAETrainConfig, train_vae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
     from procedural.tissue import make_dataset
