@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.metrics import lines_ratio, profile_ratio
+from models.metrics import lines_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER_DIR = REPO / "weights" / "fidelity-classifier"
@@ -283,16 +283,15 @@ class SlideScorer:
         gx = self._gx.copy()
         gx[1:] /= self.height * 3
         gx[0] = np.nan
-        vals = []
         if self.boundaries is not None:
-            for prof, lines in ((self._gy, self.boundaries[0]), (gx, self.boundaries[1])):
+            grids = [self.boundaries]
+        else:  # the period grid, one set of lines per offset
+            grids = [(range(o % self.period, self.height, self.period), range(o % self.period, self.width, self.period))
+                     for o in self.offsets]
+        vals = []
+        for rows, cols in grids:
+            for prof, lines in ((self._gy, rows), (gx, cols)):
                 v = lines_ratio(prof, lines, self.match_mod, self.neighbourhood)
-                if not np.isnan(v):
-                    vals.append(v)
-            return max(vals) if vals else None
-        for off in self.offsets:
-            for prof in (self._gy, gx):
-                v = profile_ratio(prof, self.period, off, self.match_mod, self.neighbourhood)
                 if not np.isnan(v):
                     vals.append(v)
         return max(vals) if vals else None

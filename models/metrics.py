@@ -36,24 +36,16 @@ def gradient_profiles(image: np.ndarray, chunk_rows: int = 512) -> tuple[np.ndar
     return gy, gx
 
 
-def profile_ratio(profile: np.ndarray, period: int, offset: int, match_mod: int | None = None,
-                  neighbourhood: int | None = None) -> float:
+def profile_ratio(profile: np.ndarray, period: int, offset: int, match_mod: int | None = None) -> float:
     """Seam ratio along one axis from its gradient profile (``gradient_profiles``; index p = the gradient
     between lines p − 1 and p): mean on lines ≡ offset (mod period) ÷ mean on the other lines (of the
-    same phase modulo ``match_mod`` when given; only those within ``neighbourhood`` lines of a boundary
-    line when given, so that content — tissue here, glass there — weighs alike on both sides of the ratio).
-    NaN when either set is empty."""
+    same phase modulo ``match_mod`` when given). NaN when either set is empty."""
     idx = np.arange(profile.size)
     valid = idx >= 1
     on = valid & (idx % period == offset % period)
     off = valid & ~on
     if match_mod:
         off &= idx % match_mod == offset % match_mod
-    if neighbourhood is not None and on.any():  # distance to the nearest boundary line that exists
-        lines = idx[on]
-        j = np.clip(np.searchsorted(lines, idx), 1, max(1, lines.size - 1))
-        dist = np.minimum(np.abs(idx - lines[j - 1]), np.abs(idx - lines[np.minimum(j, lines.size - 1)]))
-        off &= dist <= neighbourhood
     if not on.any() or not off.any():
         return float("nan")
     denom = profile[off].mean()
@@ -64,8 +56,9 @@ def lines_ratio(profile: np.ndarray, lines: Iterable[int], match_mod: int | None
                 neighbourhood: int | None = None) -> float:
     """Seam ratio along one axis for explicit boundary ``lines`` (profile indices, as in
     :func:`profile_ratio`): mean on the lines ÷ mean on the other lines of the same phase modulo
-    ``match_mod`` as a boundary line and within ``neighbourhood`` of it (all lines when None). NaN when
-    either set is empty."""
+    ``match_mod`` as a boundary line and within ``neighbourhood`` of it (all lines when None: a local
+    reference keeps content — tissue here, glass there — alike on both sides of the ratio). NaN when either
+    set is empty."""
     idx = np.arange(profile.size)
     on = np.zeros(profile.size, bool)
     ref = np.zeros(profile.size, bool)
