@@ -35,7 +35,6 @@ import numpy as np
 
 GOAL_BALANCED_ACCURACY = 0.8
 GOAL_SEAM_RATIO = 1.05
-CONTROL_SHIFT_PX = 232  # half the worker decoder's tile stride (64 − 6 latents × 8 px ÷ 2), a multiple of 8
 LAYOUT_SEEDS = (9001, 9002, 9003)
 
 
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = args.steps or 10
 
     from evaluation.fidelity import labels_for_classes, load_classifier, score_slide
-    from models.decoding import TiledDecoder
-    from worker.pipeline import DECODER_OVERLAP
+    from worker.pipeline import slide_decoder
     from procedural.tissue import render_tile
     from service.masks import resize_labels
     from slidesynth.settings import get_settings
@@ -128,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                                  seed=args.seed, mask_mpp=mask_mpp, device=args.device, sampler=args.sampler)
             labels = resize_labels(mask.astype(np.uint8), img.shape[0], img.shape[1])
             # former tile boundaries = the worker's decoder blend edges (the samplers leave no fixed grid)
-            seams = TiledDecoder(lambda z: z, tile=64, overlap=DECODER_OVERLAP["tukey"], window="tukey").boundary_lines(
-                -(-img.shape[0] // 8), -(-img.shape[1] // 8))
+            decoder = slide_decoder(lambda z: z)
+            seams = decoder.boundary_lines(-(-img.shape[0] // 8), -(-img.shape[1] // 8))
             ours = score_slide(img, labels, clf, boundaries=seams)
-            shift = CONTROL_SHIFT_PX
+            # control lines: half a decoder tile stride away (a multiple of 8 px: same phase), no tile boundary
+            shift = (decoder.tile - decoder.overlap) // 2 * decoder.scale
             control = score_slide(img, labels, clf, boundaries=(
                 [p + shift for p in seams[0] if p + shift < img.shape[0]],
                 [p + shift for p in seams[1] if p + shift < img.shape[1]]))["seam_ratio"]

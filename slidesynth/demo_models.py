@@ -298,17 +298,15 @@ def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None,
     """The worker's DiffInfinite path (sample latents → tiled decode, the worker's default Tukey windows)
     for one label mask at the model's resolution; uint8 (H, W, 3) — and, with ``with_seams``, the decoder's
     blend edges (rows, columns) for the seam ratio."""
-    from models.decoding import TiledDecoder
     from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
-    from worker.pipeline import DECODER_OVERLAP
+    from worker.pipeline import slide_decoder
 
     pipe = DiffInfinitePipeline(models, device=device)
     guidance = default_guidance(models.card) if guidance is None else guidance
     opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=eta, mode=sampler,
                            seed=seed)
     latent = pipe.sample_latents(labels, options=opts)
-    dec = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64,
-                       overlap=DECODER_OVERLAP[decoder], window=decoder)
+    dec = slide_decoder(models.codec.decode_image, models.codec.scale_factor, decoder)
     img = dec.decode(latent)
     return (img, dec.boundary_lines(latent.shape[2], latent.shape[3])) if with_seams else img
 

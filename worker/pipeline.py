@@ -29,6 +29,14 @@ ReportFn = Callable[[Stage, float, "int | None"], None]
 # 50 % overlap but need ≈1.2× the decodes of non-overlapping tiles instead of ≈4× (bench.decoder); Hann and
 # DiffInfinite's four-pass scheme are the paper-faithful alternatives.
 DECODER_OVERLAP = {"tukey": 6, "hann": 32, "four-pass": 32}
+DECODER_TILE = 64  # latent px: the image model's patch
+
+
+def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey"):
+    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio lines)."""
+    from models.decoding import TiledDecoder
+
+    return TiledDecoder(decode_fn, scale=scale, tile=DECODER_TILE, overlap=DECODER_OVERLAP[window], window=window)
 
 FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
 
@@ -151,7 +159,6 @@ def generate_slide(
                "zarr": job_dir / OUTPUT_FILES["zarr"] if "zarr" in spec.outputs else None}
 
     if spec.engine == "diffinfinite":
-        from models.decoding import TiledDecoder
         from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
 
         pipe = DiffInfinitePipeline(models, device=device)
@@ -172,8 +179,7 @@ def generate_slide(
         latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(Stage.sampling), cancel=cancel,
                                      state=resume_state, on_step=on_checkpoint)
         t_sampled = time.perf_counter()
-        decoder = TiledDecoder(models.codec.decode_image, scale=models.codec.scale_factor, tile=64,
-                               overlap=DECODER_OVERLAP[spec.decoder], window=spec.decoder)
+        decoder = slide_decoder(models.codec.decode_image, models.codec.scale_factor, spec.decoder)
         bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(Stage.decoding),
                                    crop=(spec.height, spec.width))
         rows, cols = decoder.boundary_lines(latent.shape[2], latent.shape[3])
