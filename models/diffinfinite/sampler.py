@@ -290,7 +290,6 @@ class StepStats:
     crops: int = 0
     forwards: int = 0  # UNet passes (a crop with L labels to predict takes L, +1 for the null)
     crop_pixels: int = 0  # Σ window areas of the crops
-    pass_pixels: int = 0  # Σ passes × window area: the network's work
 
 
 class RandomPatchSampler:
@@ -534,7 +533,6 @@ class RandomPatchSampler:
                     state.cursor = ci + 1
                     stats.crops += 1
                     stats.crop_pixels += crops[ci].h * crops[ci].w
-                    stats.pass_pixels += needed[ci] * crops[ci].h * crops[ci].w
 
     def _finalize(self, state: SamplerState, crop: Crop, preds: dict[int | None, torch.Tensor],
                   lab_dev: torch.Tensor, null_label: int | None) -> None:
