@@ -14,7 +14,8 @@ k+1 by an earlier crop is shown to later crops at its level-k value.
 ``"tiled"`` — faster. Each step is covered by a non-overlapping grid of ``patch``-sized cells whose origin is
 shifted by a random offset per step (offsets per axis cycle through a random permutation of 0…patch-1, so the
 seams move every step and every seam position is used equally often). Border cells narrower than a patch are
-sampled with a full patch clamped inward and keep only their own pixels. Coverage is exactly 1 per step.
+sampled in a window just wide enough for them and their context (``tile_edges="fit"``, ≥ half a patch) or in a
+full patch clamped inward (``"full"``) and keep only their own pixels. Coverage is exactly 1 per step.
 
 In both modes a crop only runs the label passes its *owned* pixels need (others would be discarded), the
 unconditional pass is shared by the crop's labels, and the pixel-wise DDIM update runs once per step on the
