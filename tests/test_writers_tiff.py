@@ -234,3 +234,40 @@ def test_same_input_gives_byte_identical_files(tmp_path):
     write(a, img, workers=2)
     write(b, img, workers=3)
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_downsample_into_buffer_views_matches_the_allocating_path():
+    from writers.pyramid import downsample2x
+
+    rng = np.random.default_rng(3)
+    for shape in [(512, 512, 3), (301, 77, 3), (64, 64, 1)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        expected = downsample2x(img)
+        h, w = shape[0] // 2, shape[1] // 2
+        row = np.zeros((h + 3, w + 10, shape[2]), np.uint8)
+        out = row[1:1 + h, 5:5 + w]  # a strided view, like a slice of a level's row buffer
+        assert downsample2x(img, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+        assert row[0].sum() == 0 and row[:, :5].sum() == 0  # nothing written outside the view
+    a, b, c, d = (rng.integers(0, 256, (8, 8, 3)).astype(np.int32) for _ in range(4))
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[0::2, 0::2], img[0::2, 1::2], img[1::2, 0::2], img[1::2, 1::2] = a, b, c, d
+    np.testing.assert_array_equal(downsample2x(img), (a + b + c + d + 2) >> 2)
+    with pytest.raises(ValueError, match="out has shape"):
+        downsample2x(img, out=np.zeros((4, 8, 3), np.uint8))
+
+
+def test_tile_buffers_are_reused_only_after_every_user_released_them():
+    from writers.pyramid import TileBuffers
+
+    pool = TileBuffers(8)
+    tile = np.full((5, 3, 3), 7, np.uint8)
+    first, release = pool.padded(tile, users=2)
+    assert first.shape == (8, 8, 3) and (first == 7).all()  # edge padding replicates the border
+    release()
+    second, release2 = pool.padded(tile)
+    assert second is not first  # one user still holds the first buffer
+    release()
+    third, _ = pool.padded(np.zeros((8, 8, 3), np.uint8))
+    assert third is first and not third.any() and pool.allocated == 2
+    release2()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import BandTiler, PyramidCascade, pad_tile, default_workers
+from writers.pyramid import BandTiler, PyramidCascade, TileBuffers, default_workers
 from writers.tiff import TiffPyramidSink, check_codec, synthetic_description
 from writers.zarr import NGFF_VERSIONS, ZarrPyramidSink
 
@@ -63,6 +63,7 @@ class SlideOutputs:
         try:
             self.cascade = PyramidCascade(self.width, self.height, self._on_tile, tile=tile, min_size=min_size)
             self.tiler = BandTiler(self.width, self.height, self.cascade.push_tile, tile=tile)
+            self._buffers = TileBuffers(tile)
             pending = 8 * self.workers
             if self.tiff_path is not None:
                 self._fh = open(self._tiff_tmp, "wb")
@@ -88,11 +89,10 @@ class SlideOutputs:
         return self.tiler.rows_done
 
     def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        padded = pad_tile(tile, self.tile)
-        if self._tiff is not None:
-            self._tiff.put_padded(level, ty, tx, padded)
-        if self._zarr is not None:
-            self._zarr.put_padded(level, ty, tx, padded)
+        sinks = [s for s in (self._tiff, self._zarr) if s is not None]
+        padded, release = self._buffers.padded(tile, users=len(sinks))  # one copy shared by both outputs
+        for sink in sinks:
+            sink.put_padded(level, ty, tx, padded, release)
 
     def write_band(self, band: np.ndarray) -> None:
         """Append a full-width uint8 band (rows, width, 3); bands must come in row order."""

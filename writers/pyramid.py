@@ -39,26 +39,75 @@ def pyramid_levels(width: int, height: int, min_size: int = 1024) -> list[tuple[
     return levels
 
 
-def downsample2x(img: np.ndarray) -> np.ndarray:
-    """Exact rounded 2×2 mean of a uint8 (h, w, c) array; odd last row/column dropped (floor)."""
+def downsample2x(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Exact rounded 2×2 mean of a uint8 (h, w, c) array; odd last row/column dropped (floor).
+
+    With ``out`` (an (h // 2, w // 2, c) uint8 array or view, e.g. a slice of a row buffer) the result is
+    written there and ``out`` is returned.
+    """
     h, w = img.shape[0] // 2, img.shape[1] // 2
+    shape = (h, w) + img.shape[2:]
+    if out is not None and out.shape != shape:
+        raise ValueError(f"downsample2x: out has shape {out.shape}, expected {shape}")
     if h == 0 or w == 0:
-        return np.zeros((h, w) + img.shape[2:], img.dtype)
+        return np.zeros(shape, img.dtype) if out is None else out
     src = img[:2 * h, :2 * w]
-    out = cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA)
-    return out.reshape((h, w) + img.shape[2:])
-
-
-def pad_tile(tile: np.ndarray, size: int) -> np.ndarray:
-    """New C-contiguous (size, size, c) copy of ``tile``, edge tiles padded by edge replication."""
-    th, tw = tile.shape[:2]
-    if th == size and tw == size:
-        return np.array(tile, order="C", copy=True)
-    out = np.empty((size, size) + tile.shape[2:], tile.dtype)
-    out[:th, :tw] = tile
-    out[:th, tw:] = tile[:, tw - 1:tw]
-    out[th:] = out[th - 1:th]
+    res = cv2.resize(src, (w, h), dst=out, interpolation=cv2.INTER_AREA)
+    if out is None:
+        return res.reshape(shape)
+    if res is not out:  # a layout OpenCV could not write into (e.g. a 1-channel 3-D view): copy its result
+        out[...] = res.reshape(shape)
     return out
+
+
+def pad_tile(tile: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """C-contiguous (size, size, c) copy of ``tile``, edge tiles padded by edge replication.
+
+    Written into ``out`` (a C-contiguous (size, size, c) array of the tile's dtype) when given, else into a
+    new array; returns it.
+    """
+    th, tw = tile.shape[:2]
+    if out is None:
+        out = np.empty((size, size) + tile.shape[2:], tile.dtype)
+    out[:th, :tw] = tile
+    if tw < size:
+        out[:th, tw:] = tile[:, tw - 1:tw]
+    if th < size:
+        out[th:] = out[th - 1:th]
+    return out
+
+
+class TileBuffers:
+    """Recycled (size, size, c) uint8 buffers for padded tiles in flight to the encode threads.
+
+    Why: a fresh 0.8 MB array per tile is above glibc's mmap threshold, so every tile paid for an mmap,
+    192 page faults and an munmap — a third of the TIFF writer's CPU time in a fresh process.  A buffer
+    returns to the pool when its release function has been called once per user (one per sink it was sent
+    to); the number of buffers is bounded by the tiles in flight.  Not thread-safe: take and release on the
+    thread that feeds the writer (the sinks release in ``drain``, which runs there).
+    """
+
+    def __init__(self, size: int, channels: int = 3):
+        self.size, self.channels = size, channels
+        self._free: list[np.ndarray] = []
+        self.allocated = 0
+
+    def padded(self, tile: np.ndarray, users: int = 1) -> tuple[np.ndarray, Callable[[], None]]:
+        """Copy ``tile`` (edge-padded) into a free buffer; return it and its release function."""
+        if self._free:
+            buf = self._free.pop()
+        else:
+            buf = np.empty((self.size, self.size, self.channels), np.uint8)
+            self.allocated += 1
+        pad_tile(tile, self.size, out=buf)
+        left = [users]
+
+        def release() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._free.append(buf)
+
+        return buf, release
 
 
 class _Level:
@@ -151,14 +200,14 @@ class PyramidCascade:
         if r >= lv.src_rows or c >= lv.src_cols:
             return  # a 1-px sliver of the level above: dropped by the floor halving
         half = self.tile // 2
-        d = downsample2x(src)
         k, hr = divmod(r, 2)
         m, hc = divmod(c, 2)
-        dh, dw = d.shape[:2]
+        dh, dw = src.shape[0] // 2, src.shape[1] // 2
+        # downsampled straight into the level's buffers: no temporary per tile
         if hr == 0:
-            lv.upper[:dh, c * half:c * half + dw] = d
+            downsample2x(src, out=lv.upper[:dh, c * half:c * half + dw])
         else:
-            lv.assembly[half:half + dh, hc * half:hc * half + dw] = d
+            downsample2x(src, out=lv.assembly[half:half + dh, hc * half:hc * half + dw])
         if r == lv.last_src_row(k) and c == lv.last_src_col(m):
             t = self.tile
             th, tw = min(t, lv.height - k * t), min(t, lv.width - m * t)

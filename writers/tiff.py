@@ -27,12 +27,12 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import imagecodecs
 import numpy as np
 
-from writers.pyramid import CascadeWriter, cancel_futures, pad_tile
+from writers.pyramid import CascadeWriter, TileBuffers, cancel_futures
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -108,7 +108,8 @@ class TiffPyramidSink:
         self.offsets = [np.zeros(r * c, np.uint64) for r, c in self.grid]
         self.counts = [np.zeros(r * c, np.uint64) for r, c in self.grid]
         self.written = [0] * len(levels)
-        self._pending: deque[tuple[int, int, Future]] = deque()
+        self._pending: deque[tuple[int, int, Future, Callable[[], None] | None]] = deque()
+        self.buffers = TileBuffers(tile)
         self.pos = 0
         self._write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))  # BigTIFF header, first-IFD offset patched later
         self.bytes_written = 0
@@ -124,27 +125,32 @@ class TiffPyramidSink:
 
     def put(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
         """Queue a tile (any (th, tw, 3) uint8; copied and edge-padded here)."""
-        self.put_padded(level, ty, tx, pad_tile(tile, self.tile))
+        padded, release = self.buffers.padded(tile)
+        self.put_padded(level, ty, tx, padded, release)
 
-    def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray) -> None:
-        """Queue an already padded (tile, tile, 3) array that nobody modifies afterwards."""
+    def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray,
+                   release: Callable[[], None] | None = None) -> None:
+        """Queue an already padded (tile, tile, 3) array that nobody modifies until ``release()`` is called
+        (by :meth:`drain`, once its encode has finished)."""
         idx = ty * self.grid[level][1] + tx
-        self._pending.append((level, idx, self.pool.submit(self.encode, padded)))
+        self._pending.append((level, idx, self.pool.submit(self.encode, padded), release))
         self.drain()
 
     def drain(self, wait_all: bool = False) -> None:
         """Append finished encodes to the file in submission order; block while too many are in flight."""
         p = self._pending
         while p and (wait_all or len(p) > self.max_pending or p[0][2].done()):
-            level, idx, fut = p.popleft()
+            level, idx, fut, release = p.popleft()
             data = fut.result()
+            if release is not None:
+                release()
             self.offsets[level][idx] = self.pos
             self.counts[level][idx] = len(data)
             self._write(data)
             self.written[level] += 1
 
     def cancel(self) -> None:
-        cancel_futures(fut for _, _, fut in self._pending)
+        cancel_futures(fut for _, _, fut, _ in self._pending)
         self._pending.clear()
         if self._own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)

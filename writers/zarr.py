@@ -14,13 +14,13 @@ import math
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from writers.pyramid import CascadeWriter, cancel_futures, pad_tile
+from writers.pyramid import CascadeWriter, TileBuffers, cancel_futures
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -74,7 +74,8 @@ class ZarrPyramidSink:
         self._own_pool = pool is None
         self.pool = pool or ThreadPoolExecutor(2, thread_name_prefix="zarr-encode")
         self.max_pending = max_pending
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, Callable[[], None] | None]] = deque()
+        self.buffers = TileBuffers(tile)
         self._dirs: set[Path] = set()
         self.written = [0] * len(levels)
         zf = 2 if version == "0.4" else 3
@@ -110,24 +111,32 @@ class ZarrPyramidSink:
             f.write(data)
 
     def put(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        self.put_padded(level, ty, tx, pad_tile(tile, self.tile))
+        """Queue a tile (any (th, tw, 3) uint8; copied and edge-padded here)."""
+        padded, release = self.buffers.padded(tile)
+        self.put_padded(level, ty, tx, padded, release)
 
-    def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray) -> None:
+    def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray,
+                   release: Callable[[], None] | None = None) -> None:
+        """Queue an already padded (tile, tile, 3) array that nobody modifies until ``release()`` is called
+        (by :meth:`drain`, once its chunk is written)."""
         path = self.chunk_path(level, ty, tx)
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
-        self._pending.append(self.pool.submit(self._write_chunk, path, padded))
+        self._pending.append((self.pool.submit(self._write_chunk, path, padded), release))
         self.written[level] += 1
         self.drain()
 
     def drain(self, wait_all: bool = False) -> None:
         p = self._pending
-        while p and (wait_all or len(p) > self.max_pending or p[0].done()):
-            p.popleft().result()
+        while p and (wait_all or len(p) > self.max_pending or p[0][0].done()):
+            fut, release = p.popleft()
+            fut.result()
+            if release is not None:
+                release()
 
     def cancel(self) -> None:
-        cancel_futures(self._pending)
+        cancel_futures(fut for fut, _ in self._pending)
         self._pending.clear()
         if self._own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
