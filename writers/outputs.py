@@ -22,6 +22,7 @@ import numpy as np
 
 from writers.atomic import check_target, commit, partial_path, remove_path
 from writers.pyramid import BandTiler, PyramidCascade, TileBuffers, default_workers
+from writers.appendfile import AppendFile
 from writers.tiff import TiffPyramidSink, check_codec, synthetic_description
 from writers.zarr import NGFF_VERSIONS, ZarrPyramidSink
 
@@ -55,7 +56,7 @@ class SlideOutputs:
         self._state = "open"
         self._tiff_tmp = partial_path(self.tiff_path) if self.tiff_path else None
         self._zarr_tmp = partial_path(self.zarr_path) if self.zarr_path else None
-        self._fh = None
+        self._out: AppendFile | None = None
         self._tiff: TiffPyramidSink | None = None
         self._zarr: ZarrPyramidSink | None = None
         self.workers = max(1, int(workers)) if workers else default_workers()
@@ -66,8 +67,8 @@ class SlideOutputs:
             self._buffers = TileBuffers(tile)
             pending = 8 * self.workers
             if self.tiff_path is not None:
-                self._fh = open(self._tiff_tmp, "wb")
-                self._tiff = TiffPyramidSink(self._fh, self.cascade.levels, mpp, tile, compression, quality,
+                self._out = AppendFile(self._tiff_tmp)
+                self._tiff = TiffPyramidSink(self._out, self.cascade.levels, mpp, tile, compression, quality,
                                              subsampling, predictor, synthetic_description(self.metadata, description),
                                              pool=self.pool, max_pending=pending)
             if self.zarr_path is not None:
@@ -115,7 +116,7 @@ class SlideOutputs:
             self.cascade.check_complete()
             if self._tiff is not None:
                 self._tiff.finish(self.cascade.smallest)
-                self._fh.close()
+                self._out.close()
             if self._zarr is not None:
                 self._zarr.finish()
             self.pool.shutdown(wait=True)
@@ -140,11 +141,8 @@ class SlideOutputs:
             if sink is not None:
                 sink.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
-        if self._fh is not None:
-            try:
-                self._fh.close()
-            except Exception:
-                pass
+        if self._out is not None:
+            self._out.abort()
         remove_path(self._tiff_tmp)
         remove_path(self._zarr_tmp)
 

@@ -12,8 +12,9 @@ horizontal predictor).  WebP and JPEG 2000 are refused: OpenSlide cannot read th
 
 Single streaming pass: tiles are encoded by a thread pool and appended to the file as they complete, in
 submission order (deterministic byte layout); tiles of all levels interleave in the file; tile offsets are
-kept in memory (16 bytes per tile) and the IFDs are written at the end.  The file is written under a
-temporary name and renamed into place by :class:`PyramidTiffWriter` only when complete.
+kept in memory (16 bytes per tile) and the IFDs are written at the end.  The file is an
+:class:`writers.appendfile.AppendFile` (direct I/O, no page-cache churn), written under a temporary name
+and renamed into place by :class:`PyramidTiffWriter` only when complete.
 
 (This is the "minimal writer that records offsets and writes IFDs at the end" of wsi_formats §5 rather than
 tifffile page writes with spooled lower levels: no spool files, no copy pass, one thread of control.)
@@ -27,11 +28,12 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import imagecodecs
 import numpy as np
 
+from writers.appendfile import AppendFile
 from writers.pyramid import CascadeWriter, TileBuffers, cancel_futures
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
@@ -86,17 +88,19 @@ def resolution_px_per_cm(mpp: float, level: int = 0) -> tuple[int, int]:
 class TiffPyramidSink:
     """Receives padded tiles of every level (any interleaving across levels) and writes a BigTIFF.
 
-    ``fh`` is a seekable binary file positioned at 0.  ``finish(thumbnail)`` writes the IFDs.
+    ``out`` is a new, empty :class:`~writers.appendfile.AppendFile` (appends, and patches applied when it
+    is closed).  ``finish(thumbnail)`` writes the IFDs and patches the header; the caller then closes
+    ``out``.
     """
 
-    def __init__(self, fh: BinaryIO, levels: list[tuple[int, int]], mpp: float, tile: int = 512,
+    def __init__(self, out: AppendFile, levels: list[tuple[int, int]], mpp: float, tile: int = 512,
                  compression: str = "jpeg", quality: int = 90, subsampling: str = "420", predictor: bool = True,
                  description: str = "", software: str = "slidesynth", pool: Executor | None = None,
                  max_pending: int = 16, deflate_level: int = 6, zstd_level: int = 1):
         check_codec(compression, quality, subsampling)
         if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
             raise ValueError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
-        self.fh, self.levels, self.mpp, self.tile = fh, levels, float(mpp), tile
+        self.out, self.levels, self.mpp, self.tile = out, levels, float(mpp), tile
         self.compression, self.quality, self.subsampling = compression, int(quality), subsampling
         self.predictor = bool(predictor) and compression != "jpeg"
         self.description, self.software = description, software
@@ -157,7 +161,7 @@ class TiffPyramidSink:
 
     # ---------------------------------------------------------------- file structure
     def _write(self, data) -> None:
-        self.fh.write(data)
+        self.out.write(data)
         self.pos += len(data)
 
     def _align(self) -> None:
@@ -246,15 +250,10 @@ class TiffPyramidSink:
             off = self.pos
             self._write(data)
             ifds.append(self._write_ifd(self._thumbnail_tags(thumbnail, off, len(data))))
-        end = self.pos
-        self.fh.seek(8)
-        self.fh.write(struct.pack("<Q", ifds[0][0]))
+        self.out.patch(8, struct.pack("<Q", ifds[0][0]))
         for (_, next_field), (nxt, _) in zip(ifds[:-1], ifds[1:]):
-            self.fh.seek(next_field)
-            self.fh.write(struct.pack("<Q", nxt))
-        self.fh.seek(end)
-        self.fh.flush()
-        self.bytes_written = end
+            self.out.patch(next_field, struct.pack("<Q", nxt))
+        self.bytes_written = self.pos
         if self._own_pool:
             self.pool.shutdown(wait=True)
 
@@ -265,20 +264,21 @@ class PyramidTiffWriter(CascadeWriter):
     ``tile`` arrays are (th, tw, 3) uint8 with th = min(tile, H − ty·tile), tw likewise.  Lower levels are
     computed from these full-resolution pixels by the cascade.  The file appears at ``path`` only after a
     successful ``close()``; any error (bad tile, disk full, …) or ``abort()`` removes the temporary file.
-    Use as a context manager to get that automatically.
+    Use as a context manager to get that automatically.  ``direct_io=False`` writes through the page cache
+    (see :mod:`writers.appendfile`).
     """
 
     def __init__(self, path: str | Path, width: int, height: int, mpp: float, tile: int = 512,
                  compression: str = "jpeg", quality: int = 90, subsampling: str = "420", predictor: bool = True,
                  description: str | None = None, metadata: dict[str, Any] | None = None,
                  software: str = "slidesynth", min_size: int = 1024, workers: int | None = None, overwrite: bool = True,
-                 max_pending: int | None = None):
+                 max_pending: int | None = None, direct_io: bool = True):
         check_codec(compression, quality, subsampling)
         self.thumbnail: np.ndarray | None = None
         self._start(path, width, height, tile, min_size, workers, overwrite, "tiff-encode")
-        self._fh = open(self.tmp, "wb")
+        self._out = AppendFile(self.tmp, direct=direct_io)
         try:
-            self.sink = TiffPyramidSink(self._fh, self.cascade.levels, mpp, tile, compression, quality, subsampling,
+            self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, tile, compression, quality, subsampling,
                                         predictor, synthetic_description(metadata, description), software,
                                         pool=self.pool, max_pending=max_pending or 8 * self.workers)
         except BaseException:
@@ -287,15 +287,12 @@ class PyramidTiffWriter(CascadeWriter):
 
     def _finish(self) -> None:
         self.sink.finish(self.cascade.smallest)
-        self._fh.close()
+        self._out.close()
 
     def _release(self) -> None:
-        fh = getattr(self, "_fh", None)
-        if fh is not None:
-            try:
-                fh.close()
-            except Exception:
-                pass
+        out = getattr(self, "_out", None)
+        if out is not None:
+            out.abort()
 
     def close(self) -> Path:
         """Finish the file and rename it into place; returns the final path."""
