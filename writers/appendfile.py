@@ -35,7 +35,7 @@ class AppendFile:
     the others in flight); ``direct``: try ``O_DIRECT`` (``False`` = always through the page cache).
     """
 
-    def __init__(self, path: str | Path, block: int = 8 << 20, buffers: int = 3, direct: bool = True):
+    def __init__(self, path: str | Path, block: int = 2 << 20, buffers: int = 3, direct: bool = True):
         if block <= 0 or block % ALIGN:
             raise ValueError(f"block must be a positive multiple of {ALIGN} bytes, got {block}")
         if buffers < 2:
