@@ -157,7 +157,9 @@ def run_pyvips(size: int, out: Path, workers: int, block: np.ndarray, quality: i
 
 
 def child(which: str, size: int, out: Path, workers: int, block: Path) -> dict:
-    env = dict(os.environ, VIPS_CONCURRENCY=str(workers))
+    # OPENBLAS_NUM_THREADS=1 for every child: no writer here uses BLAS, but numpy's OpenBLAS threads spin
+    # for ~0.1 CPU-s after import, which a sub-second run on two cores would otherwise count
+    env = dict(os.environ, VIPS_CONCURRENCY=str(workers), OPENBLAS_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "bench.writer", "--child", which, "--size", str(size), "--out", str(out),
            "--workers", str(workers), "--mosaic", str(block)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
