@@ -81,7 +81,7 @@ class TileBuffers:
     """Recycled (size, size, c) uint8 buffers for padded tiles in flight to the encode threads.
 
     Why: a fresh 0.8 MB array per tile is above glibc's mmap threshold, so every tile paid for an mmap,
-    192 page faults and an munmap — a third of the TIFF writer's CPU time in a fresh process.  A buffer
+    192 page faults and an munmap — a fifth of the TIFF writer's CPU time in a fresh process.  A buffer
     returns to the pool when its release function has been called once per user (one per sink it was sent
     to); the number of buffers is bounded by the tiles in flight.  Not thread-safe: take and release on the
     thread that feeds the writer (the sinks release in ``drain``, which runs there).
