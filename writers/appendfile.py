@@ -42,10 +42,10 @@ class AppendFile:
             raise ValueError(f"need at least 2 staging buffers, got {buffers}")
         self.path = Path(path)
         self.block = block
-        self.fd, self.direct = self._open(self.path, direct)
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(buffers):
             self._free.put(mmap.mmap(-1, block))  # anonymous mappings are page-aligned, as O_DIRECT needs
+        self.fd, self.direct = self._open(self.path, direct)  # last: nothing after it can fail and leak it
         self._todo: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._buf: mmap.mmap | None = self._free.get()
