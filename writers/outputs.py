@@ -77,6 +77,7 @@ class SlideOutputs:
                     attrs["description"] = description
                 self._zarr = ZarrPyramidSink(self._zarr_tmp, self.cascade.levels, mpp, tile, zarr_version,
                                              zarr_clevel, attributes=attrs, pool=self.pool, max_pending=pending)
+            self._sinks = [sink for sink in (self._tiff, self._zarr) if sink is not None]
         except BaseException:
             self.abort()
             raise
@@ -90,9 +91,8 @@ class SlideOutputs:
         return self.tiler.rows_done
 
     def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        sinks = [s for s in (self._tiff, self._zarr) if s is not None]
-        padded, release = self._buffers.padded(tile, users=len(sinks))  # one copy shared by both outputs
-        for sink in sinks:
+        padded, release = self._buffers.padded(tile, users=len(self._sinks))  # one copy shared by both outputs
+        for sink in self._sinks:
             sink.put_padded(level, ty, tx, padded, release)
 
     def write_band(self, band: np.ndarray) -> None:

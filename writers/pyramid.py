@@ -292,7 +292,8 @@ class CascadeWriter:
     :class:`PyramidCascade` into the subclass's ``sink``; the output is written under a temporary name
     and renamed into place by :meth:`close`; any error or :meth:`abort` removes the temporary output.
 
-    Subclasses set ``self.sink`` (an object with ``put(level, ty, tx, tile)`` and ``cancel()``) and
+    Subclasses set ``self.sink`` (an object with ``put_padded(level, ty, tx, padded, release)`` and
+    ``cancel()``; the padded copies come from this writer's :class:`TileBuffers`) and
     implement :meth:`_finish` (complete the temporary output) and, if they hold resources, :meth:`_release`.
     """
 
@@ -311,13 +312,15 @@ class CascadeWriter:
         self._closed = False
         self.workers = max(1, int(workers)) if workers else default_workers()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix=thread_name)
+        self._buffers = TileBuffers(tile)
 
     @property
     def levels(self) -> list[tuple[int, int]]:
         return self.cascade.levels
 
     def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        self.sink.put(level, ty, tx, tile)
+        padded, release = self._buffers.padded(tile)
+        self.sink.put_padded(level, ty, tx, padded, release)
 
     def write_tile(self, ty: int, tx: int, tile: np.ndarray) -> None:
         """Feed the next full-resolution tile (row-major order); a bad tile aborts with a named error."""

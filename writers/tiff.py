@@ -34,7 +34,7 @@ import imagecodecs
 import numpy as np
 
 from writers.appendfile import AppendFile
-from writers.pyramid import CascadeWriter, TileBuffers, cancel_futures
+from writers.pyramid import CascadeWriter, cancel_futures
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -113,7 +113,6 @@ class TiffPyramidSink:
         self.counts = [np.zeros(r * c, np.uint64) for r, c in self.grid]
         self.written = [0] * len(levels)
         self._pending: deque[tuple[int, int, Future, Callable[[], None] | None]] = deque()
-        self.buffers = TileBuffers(tile)
         self.pos = 0
         self._write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))  # BigTIFF header, first-IFD offset patched later
         self.bytes_written = 0
@@ -126,11 +125,6 @@ class TiffPyramidSink:
         if self.compression == "deflate":
             return imagecodecs.deflate_encode(data, level=self.deflate_level)
         return imagecodecs.zstd_encode(data, level=self.zstd_level)
-
-    def put(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        """Queue a tile (any (th, tw, 3) uint8; copied and edge-padded here)."""
-        padded, release = self.buffers.padded(tile)
-        self.put_padded(level, ty, tx, padded, release)
 
     def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray,
                    release: Callable[[], None] | None = None) -> None:

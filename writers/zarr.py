@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from writers.pyramid import CascadeWriter, TileBuffers, cancel_futures
+from writers.pyramid import CascadeWriter, cancel_futures
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -75,7 +75,6 @@ class ZarrPyramidSink:
         self.pool = pool or ThreadPoolExecutor(2, thread_name_prefix="zarr-encode")
         self.max_pending = max_pending
         self._pending: deque[tuple[Future, Callable[[], None] | None]] = deque()
-        self.buffers = TileBuffers(tile)
         self._dirs: set[Path] = set()
         self.written = [0] * len(levels)
         zf = 2 if version == "0.4" else 3
@@ -109,11 +108,6 @@ class ZarrPyramidSink:
         data = self.codec.encode(chunk)
         with open(path, "wb") as f:
             f.write(data)
-
-    def put(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        """Queue a tile (any (th, tw, 3) uint8; copied and edge-padded here)."""
-        padded, release = self.buffers.padded(tile)
-        self.put_padded(level, ty, tx, padded, release)
 
     def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray,
                    release: Callable[[], None] | None = None) -> None:
