@@ -114,6 +114,11 @@ def test_mask_to_pyramidal_tiff_through_redis_and_celery(service, tmp_path):
     assert float(slide.properties[openslide.PROPERTY_NAME_MPP_Y]) == pytest.approx(0.5)
     assert "SYNTHETIC" in slide.properties["tiff.ImageDescription"]
     assert "untrained" in slide.properties["tiff.ImageDescription"].lower()
+    # the description's JSON line records what made the slide: model, seed and the request's parameters
+    recorded = json.loads(slide.properties["tiff.ImageDescription"].splitlines()[-1])
+    assert recorded["synthetic"] is True and recorded["seed"] == 11 and recorded["model"] == job["model"]
+    assert recorded["parameters"]["steps"] == 3 and recorded["parameters"]["guidance"] == 1.0
+    assert recorded["parameters"]["mask_mpp"] == 2.0
     region = np.asarray(slide.read_region((0, 0), slide.level_count - 1, slide.level_dimensions[-1]))
     assert region.shape[2] == 4 and region[..., 3].min() == 255
 

@@ -1,6 +1,11 @@
 """SlideOutputs: band-fed TIFF + OME-Zarr, atomic commit, cancel/failure cleanup, decoder → writer."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import openslide
 import pytest
@@ -80,6 +85,28 @@ def test_bad_bands_raise_clear_errors_and_leave_nothing(tmp_path, case, match):
         with SlideOutputs(width=W, height=H, mpp=0.5, tiff_path=tmp_path / "b.tif", zarr_path=tmp_path / "b.zarr",
                           zarr_version="0.5") as out:
             out.write_band(band)
+    assert listing(tmp_path) == []
+
+
+def test_a_full_disk_fails_the_write_with_the_os_error_and_leaves_nothing(tmp_path):
+    """The job path (TIFF + OME-Zarr): the kernel refuses a write (RLIMIT_FSIZE → EFBIG, the same path as ENOSPC)
+    part-way through the TIFF; the error propagates as raised and neither output's temporary is left behind."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG from write() instead of being killed
+        import numpy as np
+        from writers.outputs import SlideOutputs
+        rng = np.random.default_rng(0)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, resource.RLIM_INFINITY))
+        with SlideOutputs(width=2048, height=2048, mpp=0.5, tiff_path={str(tmp_path / 'f.tif')!r},
+                          zarr_path={str(tmp_path / 'f.zarr')!r}, compression="zstd") as out:
+            for y in range(0, 2048, 256):
+                out.write_band(rng.integers(0, 256, (256, 2048, 3), dtype=np.uint8))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "OSError" in res.stderr and "File too large" in res.stderr, res.stderr[-2000:]
     assert listing(tmp_path) == []
 
 

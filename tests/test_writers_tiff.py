@@ -86,6 +86,7 @@ def test_tiffslide_and_tifffile_see_the_same_pyramid(lossless_tiff, reference):
     with tiffslide.TiffSlide(path) as s:
         assert s.level_count == len(reference)
         assert s.level_dimensions == tuple((r.shape[1], r.shape[0]) for r in reference)
+        assert s.level_downsamples == pytest.approx([2.0 ** lvl for lvl in range(len(reference))], rel=1e-3)
         assert s.properties["tiffslide.mpp-x"] == pytest.approx(0.5)
         assert s.properties["tiffslide.mpp-y"] == pytest.approx(0.5)
         for lvl, ref in enumerate(reference):

@@ -89,3 +89,9 @@ def test_bad_version_and_failures_leave_nothing(tmp_path, image):
     with pytest.raises(ValueError, match=r"tile \(0, 2\) out of order"):
         w.write_tile(0, 2, image[:512, 1024:1536])
     assert listing(tmp_path) == []
+    for tile, match in [(image[:512, :500], r"tile \(0, 0\): shape \(512, 500, 3\), expected \(512, 512, 3\)"),
+                        (image[:512, :512].astype(np.float32), r"tile \(0, 0\): dtype float32, expected uint8")]:
+        w = OmeZarrWriter(tmp_path / "bad.zarr", W, H, mpp=0.5)
+        with pytest.raises(ValueError, match=match):
+            w.write_tile(0, 0, tile)
+        assert listing(tmp_path) == []
