@@ -55,6 +55,15 @@ class GenerateParams(_Strict):
         description="Tiled VAE decoding (DiffInfinite): `tukey` (cosine ramps, ≈1.2× decodes), `hann` (50 % "
         "overlap, ≈4×) or `four-pass` (the paper's scheme).",
     )
+    decode_tile: int | None = Field(
+        None, ge=8, le=256,
+        description="Tiled VAE decoding: tile side in latent px (× the autoencoder's factor 8 in pixels); default 64.",
+    )
+    decode_overlap: int | None = Field(
+        None, ge=0, le=128,
+        description="Overlap of neighbouring decode tiles in latent px; default 6 for `tukey` (0 … tile/2), "
+        "tile/2 for `hann` (the only value at which Hann windows sum to one) and `four-pass` (which shifts by tile/2).",
+    )
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")

@@ -107,6 +107,30 @@ def check_labels(labels: np.ndarray, card: ModelCard) -> None:
         raise FieldError(("mask",), f"class values {unknown} are not classes of {card.name} ({names})")
 
 
+DEFAULT_DECODE_TILE = 64  # latent px: the image model's patch
+DEFAULT_TUKEY_OVERLAP = 6  # ≈1.2× the decodes of plain tiles at a seam ratio near 1 (bench.decoder)
+
+
+def decode_geometry(params: GenerateParams) -> dict[str, int]:
+    """Tile and overlap (latent px) of the tiled VAE decoder; ``FieldError`` for pairs the window can't blend."""
+    tile = params.decode_tile if params.decode_tile is not None else DEFAULT_DECODE_TILE
+    overlap = params.decode_overlap
+    if params.decoder == "tukey":
+        overlap = DEFAULT_TUKEY_OVERLAP if overlap is None else overlap
+        if overlap > tile // 2:
+            raise FieldError(("decode_overlap",), f"tukey windows need an overlap of at most decode_tile/2 = "
+                                                  f"{tile // 2} latent px, got {overlap}")
+        return {"decode_tile": tile, "decode_overlap": overlap}
+    if tile % 2:
+        raise FieldError(("decode_tile",), f"{params.decoder} decoding needs an even decode_tile, got {tile}")
+    if overlap is not None and overlap != tile // 2:
+        why = ("Hann windows sum to one only at 50 % overlap" if params.decoder == "hann"
+               else "four-pass decoding shifts its passes by half a tile")
+        raise FieldError(("decode_overlap",), f"must be decode_tile/2 = {tile // 2} for {params.decoder} ({why}), "
+                                              f"got {overlap}")
+    return {"decode_tile": tile, "decode_overlap": tile // 2}
+
+
 def build_spec(
     params: GenerateParams,
     card: ModelCard,
@@ -158,6 +182,7 @@ def build_spec(
         model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
         guidance=params.guidance if params.guidance is not None else (
             card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE),
-        eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0), sampler=params.sampler, decoder=params.decoder, outputs=list(dict.fromkeys(params.outputs)),
+        eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0), sampler=params.sampler, decoder=params.decoder,
+        **decode_geometry(params), outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

@@ -68,7 +68,8 @@ def _generate_params(args: argparse.Namespace):
     from service.schemas import GenerateParams
 
     fields = dict(model=args.model, mpp=args.mpp, mask_mpp=args.mask_mpp, seed=args.seed, steps=args.steps,
-                  guidance=args.guidance, eta=args.eta, sampler=args.sampler, decoder=args.decoder, compression=args.compression,
+                  guidance=args.guidance, eta=args.eta, sampler=args.sampler, decoder=args.decoder,
+                  decode_tile=args.decode_tile, decode_overlap=args.decode_overlap, compression=args.compression,
                   quality=args.quality, outputs=["tiff"] + (["zarr"] if args.zarr else []))
     if not args.mask:
         fields.update(width=args.width, height=args.height)
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float)
     p.add_argument("--sampler", choices=["random", "tiled"])
     p.add_argument("--decoder", choices=["tukey", "hann", "four-pass"])
+    p.add_argument("--decode-tile", type=int, help="decode tile side in latent px (default 64)")
+    p.add_argument("--decode-overlap", type=int, help="decode tile overlap in latent px (default: 6 tukey, tile/2 otherwise)")
     p.add_argument("--compression", choices=["jpeg", "deflate", "zstd"])
     p.add_argument("--quality", type=int)
     p.add_argument("--device")

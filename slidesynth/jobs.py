@@ -60,6 +60,8 @@ class JobSpec(BaseModel):
     eta: float = 1.0
     sampler: Literal["random", "tiled"] = "tiled"
     decoder: Literal["tukey", "hann", "four-pass"] = "tukey"
+    decode_tile: int = 64  # latent px
+    decode_overlap: int | None = None  # latent px; None: the window's default (6 for tukey, else tile/2)
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"])
     compression: Literal["jpeg", "deflate", "zstd"] = "jpeg"
     quality: int = 90

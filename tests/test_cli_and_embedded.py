@@ -104,3 +104,15 @@ def test_embedded_serve_runs_a_job_without_any_server(tmp_path):
     while os.path.exists(f"/proc/{worker_pid}") and time.time() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{worker_pid}"), "the embedded worker outlived `slidesynth serve`"
+
+
+def test_generate_cli_passes_the_decode_geometry():
+    from slidesynth.cli import _generate_params, build_parser
+
+    args = build_parser().parse_args(["generate", "--subtype", "LUAD", "--width", "256", "--height", "256",
+                                      "--out", "x.tiff", "--decode-tile", "32", "--decode-overlap", "4"])
+    params = _generate_params(args)
+    assert (params.decode_tile, params.decode_overlap) == (32, 4)
+    defaults = _generate_params(build_parser().parse_args(["generate", "--subtype", "LUAD", "--width", "256",
+                                                           "--height", "256", "--out", "x.tiff"]))
+    assert (defaults.decode_tile, defaults.decode_overlap) == (None, None)

@@ -284,3 +284,36 @@ def test_corrupt_tiff_and_png_data_are_422(client):
     resp = post_mask(client, png_bytes(make_mask(16, 16)), {"mpp": 1e-300, "mask_mpp": 100})
     assert resp.status_code == 422 and error_locs(resp) == [["body", "params", "mpp"]]
     assert_nothing_created(client)
+
+
+@pytest.mark.parametrize("params,loc,fragment", [
+    ({"decode_overlap": 40}, "decode_overlap", "at most decode_tile/2 = 32"),
+    ({"decoder": "hann", "decode_overlap": 6}, "decode_overlap", "must be decode_tile/2 = 32 for hann"),
+    ({"decoder": "four-pass", "decode_tile": 33}, "decode_tile", "even decode_tile"),
+    ({"decode_tile": 4}, "decode_tile", "greater than or equal to 8"),
+])
+def test_decode_geometry_refused_with_the_field_named(client, params, loc, fragment):
+    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, **params}
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 422 and error_locs(resp) == [["body", loc]] and fragment in resp.text, resp.text
+    resp = post_mask(client, png_bytes(make_mask(16, 16)), params)
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", loc]], resp.text
+    assert_nothing_created(client)
+
+
+@pytest.mark.parametrize("params,expected", [
+    ({}, ("tukey", 64, 6)),
+    ({"decode_tile": 32, "decode_overlap": 4}, ("tukey", 32, 4)),
+    ({"decoder": "hann", "decode_tile": 48}, ("hann", 48, 24)),
+    ({"decoder": "four-pass"}, ("four-pass", 64, 32)),
+])
+def test_decode_geometry_reaches_the_job_and_its_decoder(client, params, expected):
+    from worker.pipeline import slide_decoder
+
+    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, **params}
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 202, resp.text
+    spec = client.store.get(resp.json()["id"]).spec
+    assert (spec.decoder, spec.decode_tile, spec.decode_overlap) == expected
+    dec = slide_decoder(lambda z: z, 8, spec.decoder, spec.decode_tile, spec.decode_overlap)
+    assert (dec.window, dec.tile, dec.overlap) == expected

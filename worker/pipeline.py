@@ -25,18 +25,17 @@ STAGE_WEIGHTS = {Stage.mask: 0.10, Stage.sampling: 0.75, Stage.decoding: 0.13, S
 
 ReportFn = Callable[[Stage, float, "int | None"], None]
 
-# Latent-pixel overlap of 64-px decode tiles. Tukey's 6-px cosine ramps are a partition of unity like Hann at
-# 50 % overlap but need ≈1.2× the decodes of non-overlapping tiles instead of ≈4× (bench.decoder); Hann and
-# DiffInfinite's four-pass scheme are the paper-faithful alternatives.
-DECODER_OVERLAP = {"tukey": 6, "hann": 32, "four-pass": 32}
-DECODER_TILE = 64  # latent px: the image model's patch
+def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey", tile: int = 64, overlap: int | None = None):
+    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio lines).
 
-
-def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey"):
-    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio lines)."""
+    ``tile``/``overlap`` in latent px; overlap defaults to 6 for Tukey (cosine ramps, a partition of unity like
+    Hann at 50 % overlap but ≈1.2× the decodes of non-overlapping tiles instead of ≈4×; bench.decoder) and to
+    tile/2 for Hann and DiffInfinite's four-pass scheme, the paper-faithful alternatives."""
     from models.decoding import TiledDecoder
 
-    return TiledDecoder(decode_fn, scale=scale, tile=DECODER_TILE, overlap=DECODER_OVERLAP[window], window=window)
+    if overlap is None:
+        overlap = 6 if window == "tukey" else tile // 2
+    return TiledDecoder(decode_fn, scale=scale, tile=tile, overlap=overlap, window=window)
 
 FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
 
@@ -179,7 +178,8 @@ def generate_slide(
         latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(Stage.sampling), cancel=cancel,
                                      state=resume_state, on_step=on_checkpoint)
         t_sampled = time.perf_counter()
-        decoder = slide_decoder(models.codec.decode_image, models.codec.scale_factor, spec.decoder)
+        decoder = slide_decoder(models.codec.decode_image, models.codec.scale_factor, spec.decoder,
+                                spec.decode_tile, spec.decode_overlap)
         bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(Stage.decoding),
                                    crop=(spec.height, spec.width))
         rows, cols = decoder.boundary_lines(latent.shape[2], latent.shape[3])
