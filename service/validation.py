@@ -13,7 +13,7 @@ import numpy as np
 from models.cards import ModelCard
 from service.masks import MaskInfo
 from service.schemas import EmbeddingConditioning, GenerateParams, SubtypeConditioning
-from slidesynth.jobs import JobSpec
+from slidesynth.jobs import DECODE_TILE, JobSpec, default_decode_overlap
 from slidesynth.settings import Settings
 
 # Common names of the DiffInfinite mask model's two subtypes (TCGA codes and short forms).
@@ -107,16 +107,12 @@ def check_labels(labels: np.ndarray, card: ModelCard) -> None:
         raise FieldError(("mask",), f"class values {unknown} are not classes of {card.name} ({names})")
 
 
-DEFAULT_DECODE_TILE = 64  # latent px: the image model's patch
-DEFAULT_TUKEY_OVERLAP = 6  # ≈1.2× the decodes of plain tiles at a seam ratio near 1 (bench.decoder)
-
-
 def decode_geometry(params: GenerateParams) -> dict[str, int]:
     """Tile and overlap (latent px) of the tiled VAE decoder; ``FieldError`` for pairs the window can't blend."""
-    tile = params.decode_tile if params.decode_tile is not None else DEFAULT_DECODE_TILE
+    tile = params.decode_tile if params.decode_tile is not None else DECODE_TILE
     overlap = params.decode_overlap
     if params.decoder == "tukey":
-        overlap = DEFAULT_TUKEY_OVERLAP if overlap is None else overlap
+        overlap = default_decode_overlap("tukey", tile) if overlap is None else overlap
         if overlap > tile // 2:
             raise FieldError(("decode_overlap",), f"tukey windows need an overlap of at most decode_tile/2 = "
                                                   f"{tile // 2} latent px, got {overlap}")
@@ -128,7 +124,7 @@ def decode_geometry(params: GenerateParams) -> dict[str, int]:
                else "four-pass decoding shifts its passes by half a tile")
         raise FieldError(("decode_overlap",), f"must be decode_tile/2 = {tile // 2} for {params.decoder} ({why}), "
                                               f"got {overlap}")
-    return {"decode_tile": tile, "decode_overlap": tile // 2}
+    return {"decode_tile": tile, "decode_overlap": default_decode_overlap(params.decoder, tile)}
 
 
 def build_spec(

@@ -45,6 +45,16 @@ class Stage(str, Enum):
     writing = "writing"
 
 
+DECODE_TILE = 64  # latent px: the image model's patch
+TUKEY_OVERLAP = 6  # latent px: cosine ramps that sum to one like Hann at 50 % but need ≈1.2× the decodes, not ≈4×
+
+
+def default_decode_overlap(window: str, tile: int) -> int:
+    """Overlap (latent px) of decode tiles when a job names none: Tukey's 6, else tile/2 — the only overlap at
+    which Hann windows sum to one, and the half-tile shift of DiffInfinite's four-pass scheme."""
+    return TUKEY_OVERLAP if window == "tukey" else tile // 2
+
+
 class JobSpec(BaseModel):
     """A validated, normalised request: everything the worker needs to run the job."""
 
@@ -60,7 +70,7 @@ class JobSpec(BaseModel):
     eta: float = 1.0
     sampler: Literal["random", "tiled"] = "tiled"
     decoder: Literal["tukey", "hann", "four-pass"] = "tukey"
-    decode_tile: int = 64  # latent px
+    decode_tile: int = DECODE_TILE  # latent px
     decode_overlap: int | None = None  # latent px; None: the window's default (6 for tukey, else tile/2)
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"])
     compression: Literal["jpeg", "deflate", "zstd"] = "jpeg"

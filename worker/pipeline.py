@@ -18,24 +18,22 @@ import numpy as np
 
 from models.runtime import CancelFn, check_cancel
 from slidesynth import __version__
-from slidesynth.jobs import JobSpec, Stage
+from slidesynth.jobs import DECODE_TILE, JobSpec, Stage, default_decode_overlap
 
 # Share of the whole job each stage takes, for one progress fraction (sampling dominates).
 STAGE_WEIGHTS = {Stage.mask: 0.10, Stage.sampling: 0.75, Stage.decoding: 0.13, Stage.writing: 0.02}
 
 ReportFn = Callable[[Stage, float, "int | None"], None]
 
-def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey", tile: int = 64, overlap: int | None = None):
-    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio lines).
-
-    ``tile``/``overlap`` in latent px; overlap defaults to 6 for Tukey (cosine ramps, a partition of unity like
-    Hann at 50 % overlap but ≈1.2× the decodes of non-overlapping tiles instead of ≈4×; bench.decoder) and to
-    tile/2 for Hann and DiffInfinite's four-pass scheme, the paper-faithful alternatives."""
+def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey", tile: int = DECODE_TILE,
+                  overlap: int | None = None):
+    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio lines);
+    ``tile``/``overlap`` in latent px, overlap by default :func:`~slidesynth.jobs.default_decode_overlap`."""
     from models.decoding import TiledDecoder
 
-    if overlap is None:
-        overlap = 6 if window == "tukey" else tile // 2
+    overlap = default_decode_overlap(window, tile) if overlap is None else overlap
     return TiledDecoder(decode_fn, scale=scale, tile=tile, overlap=overlap, window=window)
+
 
 FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
 
