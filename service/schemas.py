@@ -5,6 +5,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slidesynth.jobs import DECODE_TILE, TUKEY_OVERLAP
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,11 +59,12 @@ class GenerateParams(_Strict):
     )
     decode_tile: int | None = Field(
         None, ge=8, le=256,
-        description="Tiled VAE decoding: tile side in latent px (× the autoencoder's factor 8 in pixels); default 64.",
+        description=f"Tiled VAE decoding: tile side in latent px (× the autoencoder's factor 8 in pixels); "
+        f"default {DECODE_TILE}.",
     )
     decode_overlap: int | None = Field(
         None, ge=0, le=128,
-        description="Overlap of neighbouring decode tiles in latent px; default 6 for `tukey` (0 … tile/2), "
+        description=f"Overlap of neighbouring decode tiles in latent px; default {TUKEY_OVERLAP} for `tukey` (0 … tile/2), "
         "tile/2 for `hann` (the only value at which Hann windows sum to one) and `four-pass` (which shifts by tile/2).",
     )
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
