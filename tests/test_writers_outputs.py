@@ -143,3 +143,49 @@ def _decoder_into_outputs(tmp_path):
         got = np.asarray(s.read_region((0, 0), 0, (1040, 600)).convert("RGB"))
     assert (got == got[0, 0]).all()
     assert dec.decoder_calls == dec.count_tiles(75, 130)
+
+
+def test_outputs_are_flushed_to_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    import writers.atomic as atomic
+
+    events = []
+    real_fsync, real_syncfs = atomic.fsync_path, atomic.sync_filesystem
+
+    def fsync_path(path):
+        events.append(("fsync", Path(path).name, Path(path).exists()))
+        real_fsync(path)
+
+    def sync_filesystem(path):
+        events.append(("syncfs", Path(path).name, Path(path).is_dir()))
+        real_syncfs(path)
+
+    monkeypatch.setattr(atomic, "fsync_path", fsync_path)
+    monkeypatch.setattr(atomic, "sync_filesystem", sync_filesystem)
+    img = he_like(H, W, seed=24, grain=0)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    tif, zpath = folder / "s.tif", folder / "s.zarr"
+    with SlideOutputs(width=W, height=H, mpp=0.5, tiff_path=tif, zarr_path=zpath) as out:
+        feed(out, img, [H])
+        assert events == []
+    kinds = [(kind, name.split(".partial")[0]) for kind, name, _ in events]
+    # the TIFF itself, then its folder after the rename; the Zarr tree by its file system, then the folder
+    assert kinds == [("fsync", ".s.tif"), ("fsync", "out"), ("syncfs", ".s.zarr"), ("fsync", "out")]
+    assert all(ok for _, _, ok in events)
+
+
+def test_a_failed_flush_fails_the_job_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import writers.atomic as atomic
+
+    def broken(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(atomic, "sync_filesystem", broken)  # the Zarr (committed second) cannot be flushed
+    img = he_like(H, W, seed=25, grain=0)
+    tif, zpath = tmp_path / "s.tif", tmp_path / "s.zarr"
+    with pytest.raises(OSError, match="Input/output error"):
+        with SlideOutputs(width=W, height=H, mpp=0.5, tiff_path=tif, zarr_path=zpath) as out:
+            feed(out, img, [H])
+    assert listing(tmp_path) == []  # neither the committed TIFF nor any temporary is left
