@@ -1,14 +1,15 @@
-"""FastAPI dependencies: settings, job store, model registry, Celery producer, caller identity."""
+"""FastAPI dependencies: settings, job store, model registry, Celery producer, open slides, caller identity."""
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from models.registry import ModelRegistry
+from service.deepzoom import DeepZoomSlides
 from slidesynth.jobs import JobStore
 from slidesynth.settings import Settings
 
@@ -22,6 +23,7 @@ class Services:
     store: JobStore
     registry: ModelRegistry
     celery: Celery
+    slides: DeepZoomSlides = field(default_factory=DeepZoomSlides)  # open TIFFs behind the Deep Zoom routes
 
 
 def get_services(request: Request) -> Services:

@@ -92,6 +92,7 @@ class MultipartGenerate(BaseModel):
 class JobLinks(BaseModel):
     self: str
     slide: str | None = None
+    deepzoom: str | None = None
     thumbnail: str | None = None
     zarr: str | None = None
     mask: str | None = None

@@ -11,6 +11,7 @@ def job_view(job: JobRecord) -> Job:
     if job.status == JobStatus.succeeded:
         if "tiff" in job.outputs:
             links.slide = f"{base}/slide.tiff"
+            links.deepzoom = f"{base}/slide.dzi"
         if "thumbnail" in job.outputs:
             links.thumbnail = f"{base}/thumbnail.png"
         if "zarr" in job.outputs:

@@ -2,6 +2,7 @@
 HTTP requests, and OpenSlide reading the TIFF that comes back. No eager mode."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -126,6 +127,17 @@ def test_mask_to_pyramidal_tiff_through_redis_and_celery(service, tmp_path):
     part = service.get(job["links"]["slide"], headers={"Range": "bytes=0-15"})
     assert part.status_code == 206 and part.content == resp.content[:16]
     assert service.get(job["links"]["thumbnail"]).headers["content-type"] == "image/png"
+    # OpenSeadragon's view: the Deep Zoom descriptor and a tile of the job's TIFF (1024² → levels 0..10)
+    dzi = service.get(job["links"]["deepzoom"])
+    assert dzi.status_code == 200 and 'Width="1024"' in dzi.text and 'TileSize="254"' in dzi.text
+    tile = service.get(f"/jobs/{job_id}/slide_files/10/1_1.jpeg")
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+    from PIL import Image
+
+    got = np.asarray(Image.open(io.BytesIO(tile.content)).convert("RGB"), np.float64)
+    want = np.asarray(slide.read_region((253, 253), 0, (256, 256)).convert("RGB"), np.float64)
+    # the pixels at that place (up to one more JPEG pass over the untrained model's noisy texture)
+    assert got.shape == want.shape and np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9
     listing = service.get("/jobs").json()
     assert listing["items"][0]["id"] == job_id
 

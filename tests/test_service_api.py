@@ -317,3 +317,88 @@ def test_decode_geometry_reaches_the_job_and_its_decoder(client, params, expecte
     assert (spec.decoder, spec.decode_tile, spec.decode_overlap) == expected
     dec = slide_decoder(lambda z: z, 8, spec.decoder, spec.decode_tile, spec.decode_overlap)
     assert (dec.window, dec.tile, dec.overlap) == expected
+
+
+@pytest.fixture
+def finished_job(client):
+    """A succeeded job whose TIFF (odd size, 3 TIFF levels) was written by our writer."""
+    from slidesynth.jobs import JobStatus
+    from tests.slide_helpers import he_like
+    from writers.tiff import PyramidTiffWriter
+
+    job_id = post_mask(client, png_bytes(make_mask(64, 64)), {"seed": 3}).json()["id"]
+    image = he_like(2300, 4100, seed=31)
+    with PyramidTiffWriter(client.store.job_dir(job_id) / "slide.tiff", 4100, 2300, mpp=0.5) as w:
+        for ty in range(5):
+            for tx in range(9):
+                w.write_tile(ty, tx, image[ty * 512:(ty + 1) * 512, tx * 512:(tx + 1) * 512])
+    client.store.update(job_id, status=JobStatus.succeeded, outputs={"tiff": "slide.tiff"})
+    return job_id, image
+
+
+def test_deepzoom_descriptor_and_tiles_for_openseadragon(client, finished_job):
+    import xml.etree.ElementTree as ET
+
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+    from PIL import Image
+
+    job_id, image = finished_job
+    links = client.get(f"/jobs/{job_id}").json()["links"]
+    assert links["deepzoom"] == f"/jobs/{job_id}/slide.dzi"
+    resp = client.get(links["deepzoom"])
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/xml")
+    root = ET.fromstring(resp.text)
+    ns = "{http://schemas.microsoft.com/deepzoom/2008}"
+    assert root.tag == f"{ns}Image" and root.get("Format") == "jpeg"
+    assert (root.get("TileSize"), root.get("Overlap")) == ("254", "1")
+    size = root.find(f"{ns}Size")
+    assert (size.get("Width"), size.get("Height")) == ("4100", "2300")
+
+    # OpenSeadragon's URLs: slide.dzi → slide_files/{level}/{col}_{row}.jpeg; levels up to ceil(log2(4100)) = 13
+    top = 13
+    base = f"/jobs/{job_id}/slide_files"
+    full = client.get(f"{base}/{top}/3_2.jpeg")  # an interior tile at full resolution
+    assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg"
+    got = np.asarray(Image.open(io.BytesIO(full.content)).convert("RGB")).astype(np.float64)
+    x0, y0 = 3 * 254 - 1, 2 * 254 - 1  # 1-px overlap on each side
+    want = image[y0:y0 + 256, x0:x0 + 256].astype(np.float64)
+    assert got.shape == want.shape == (256, 256, 3)
+    assert 10 * np.log10(255 ** 2 / np.mean((got - want) ** 2)) > 35  # TIFF JPEG, then the tile's JPEG
+    edge = Image.open(io.BytesIO(client.get(f"{base}/{top}/16_9.jpeg").content))  # last column and row
+    assert edge.size == (4100 - 16 * 254 + 1, 2300 - 9 * 254 + 1)
+    single = Image.open(io.BytesIO(client.get(f"{base}/0/0_0.jpeg").content))
+    assert single.size == (1, 1)
+    # the same tiles OpenSlide's own Deep Zoom generator cuts from the file
+    with openslide.OpenSlide(str(client.store.job_dir(job_id) / "slide.tiff")) as slide:
+        gen = DeepZoomGenerator(slide, tile_size=254, overlap=1)
+        assert gen.level_count == top + 1
+        mid = client.get(f"{base}/10/1_0.jpeg").content
+        ref = np.asarray(gen.get_tile(10, (1, 0)), np.float64)
+        assert np.abs(np.asarray(Image.open(io.BytesIO(mid)), np.float64) - ref).mean() < 2.0
+
+    for url, fragment in ((f"{base}/14/0_0.jpeg", "level 14 is outside 0..13"),
+                          (f"{base}/{top}/17_0.jpeg", "col 17 is outside 0..16"),
+                          (f"{base}/{top}/0_10.jpeg", "row 10 is outside 0..9"),
+                          (f"{base}/{top}/0_0.png", "tile format 'png'"),
+                          (f"{base}/{top}/x.jpeg", "is not '{col}_{row}.jpeg'")):
+        resp = client.get(url)
+        assert resp.status_code == 404 and fragment in resp.json()["detail"], (url, resp.text)
+    resp = client.get(f"{base}/top/0_0.jpeg")
+    assert resp.status_code == 422 and error_locs(resp) == [["path", "level"]]
+
+
+def test_deepzoom_needs_a_finished_job_of_the_caller(client, finished_job):
+    job_id, _ = finished_job
+    queued = post_mask(client, png_bytes(make_mask(64, 64)), {"seed": 4}).json()["id"]
+    assert client.get(f"/jobs/{queued}/slide.dzi").status_code == 409
+    assert client.get(f"/jobs/{queued}/slide_files/0/0_0.jpeg").status_code == 409
+    assert client.get("/jobs/0123456789abcdef/slide.dzi").status_code == 404
+    # deleting the job closes its cached slide and removes the file
+    assert client.get(f"/jobs/{job_id}/slide.dzi").status_code == 200
+    slides = client.app.state.services.slides
+    assert len(slides._open) == 1
+    assert client.delete(f"/jobs/{job_id}").status_code == 204
+    assert len(slides._open) == 0
+    assert client.get(f"/jobs/{job_id}/slide.dzi").status_code == 404
+    assert not client.store.job_dir(job_id).exists()

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.responses import FileResponse
 
+from service import deepzoom
 from service.deps import Services, get_services, get_tenant
 from service.schemas import Job, JobList
 from service.views import job_view
@@ -54,6 +55,7 @@ def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant
     job = _own_job(job_id, tenant, services)
     if job.status.terminal:
         store.delete(job_id)
+        services.slides.forget(store.job_dir(job_id))
         shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
         return Response(status_code=204)
     store.request_cancel(job_id)
@@ -91,6 +93,34 @@ def _output(job_id: str, kind: str, tenant: str, services: Services):
 def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
     path = _output(job_id, "tiff", tenant, services)
     return FileResponse(path, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
+
+
+DEEPZOOM_CACHE = "private, max-age=86400"  # a job's slide never changes; deleting the job removes it
+
+
+@router.get("/jobs/{job_id}/slide.dzi", response_class=Response, responses={**NOT_FOUND, **NOT_READY,
+            200: {"content": {"application/xml": {}},
+                  "description": "Deep Zoom descriptor (254-px JPEG tiles, 1-px overlap) for OpenSeadragon"}},
+            summary="Deep Zoom (DZI) descriptor of the slide")
+def deepzoom_descriptor(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+    gen = services.slides.generator(_output(job_id, "tiff", tenant, services))
+    return Response(deepzoom.descriptor(gen), media_type="application/xml",
+                    headers={"Cache-Control": DEEPZOOM_CACHE})
+
+
+@router.get("/jobs/{job_id}/slide_files/{level}/{tile}", response_class=Response,
+            responses={404: {"description": "No such job, or no such tile (the detail names the field)"},
+                       **NOT_READY, 200: {"content": {"image/jpeg": {}}, "description": "Deep Zoom tile"}},
+            summary="Deep Zoom tile: `{level}/{col}_{row}.jpeg`")
+def deepzoom_tile(job_id: str, level: int, tile: str, tenant: str = Depends(get_tenant),
+                  services: Services = Depends(get_services)):
+    gen = services.slides.generator(_output(job_id, "tiff", tenant, services))
+    try:
+        col, row = deepzoom.parse_tile_name(tile)
+        data = deepzoom.tile_jpeg(gen, level, col, row)
+    except deepzoom.TileNotFound as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": DEEPZOOM_CACHE})
 
 
 @router.get("/jobs/{job_id}/thumbnail.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
