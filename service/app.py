@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -82,6 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    if settings.cors_origin_list:
+        # browsers may send X-API-Key cross-origin (OpenSeadragon's ajaxHeaders); no cookies are used
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
+                           allow_headers=["X-API-Key", "Content-Type", "Range"], expose_headers=["Location"],
+                           max_age=3600)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

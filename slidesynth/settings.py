@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         description="Comma-separated `tenant:key` pairs. Empty: no authentication, every caller is `public`.",
     )
 
+    cors_origins: str = Field(
+        "",
+        description="Comma-separated origins (e.g. `https://viewer.example.org`) whose pages may call the API "
+        "from a browser — an OpenSeadragon viewer hosted elsewhere reading the Deep Zoom endpoints. "
+        "Empty: no CORS headers; `*`: any origin.",
+    )
+
     task_time_limit: int = Field(24 * 3600, ge=60, description="Hard time limit of one job, seconds.")
     checkpoint_every: int = Field(10, ge=0, description="Save the sampler state every N steps (0: never).")
     lease_seconds: int = Field(
@@ -93,6 +100,18 @@ class Settings(BaseSettings):
             if not sep or not tenant or not key:
                 raise ValueError("must be comma-separated tenant:key pairs")
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"origin {origin!r} must be '*' or start with http:// or https://")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def tenants_by_key(self) -> dict[str, str]:

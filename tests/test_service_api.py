@@ -402,3 +402,24 @@ def test_deepzoom_needs_a_finished_job_of_the_caller(client, finished_job):
     assert len(slides._open) == 0
     assert client.get(f"/jobs/{job_id}/slide.dzi").status_code == 404
     assert not client.store.job_dir(job_id).exists()
+
+
+def test_cors_lets_a_viewer_on_another_origin_read_the_deep_zoom_endpoints(embedded_settings):
+    from pydantic import ValidationError
+
+    from service.app import create_app
+
+    viewer = "https://viewer.example.org"
+    settings = embedded_settings.model_copy(update={"cors_origins": f"{viewer}, http://localhost:9000"})
+    with TestClient(create_app(settings)) as c:
+        ok = c.get("/models", headers={"Origin": viewer})
+        assert ok.headers["access-control-allow-origin"] == viewer
+        preflight = c.options("/jobs/0123456789abcdef/slide.dzi", headers={
+            "Origin": viewer, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "X-API-Key"})
+        assert preflight.status_code == 200 and "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+        other = c.get("/models", headers={"Origin": "https://elsewhere.example.com"})
+        assert "access-control-allow-origin" not in other.headers
+    with TestClient(create_app(embedded_settings)) as c:  # default: no CORS headers at all
+        assert "access-control-allow-origin" not in c.get("/models", headers={"Origin": viewer}).headers
+    with pytest.raises(ValidationError, match="cors_origins"):
+        type(embedded_settings)(cors_origins="viewer.example.org")
