@@ -61,6 +61,9 @@ class DeepZoomSlides:
         slide = openslide.OpenSlide(str(path))
         entry = (slide, DeepZoomGenerator(slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=False))
         with self._lock:
+            if key in self._open:  # another request opened it meanwhile: keep one handle
+                slide.close()
+                return self._open[key][1]
             self._open[key] = entry
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)[1][0].close()
