@@ -9,7 +9,9 @@ TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt 2>/dev/null | sha1sum | cut -c1-12)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check --progress-bar off
 
-.PHONY: install test test-fast demo serve worker openapi bench clean
+BROWSER_DEPS := tests/browser/node_modules/.installed-$(shell cat tests/browser/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
+
+.PHONY: install browser test test-fast demo serve worker openapi bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +24,23 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-test: install
+# The browser test's parts: Debian's Chromium (driven by Playwright, which downloads no browser) and the
+# real OpenSeadragon from the npm registry, at the version package-lock.json pins.
+$(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
+	@command -v chromium >/dev/null || { echo "Installing Debian's chromium…"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null || \
+	  { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }; }
+	@cd tests/browser && npm ci --silent --no-audit --no-fund
+	@rm -f tests/browser/node_modules/.installed-*
+	@touch $@
+
+browser: $(BROWSER_DEPS)
+
+test: install browser
 	$(PY) -m pytest -q -ra
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -q -ra -m "not integration and not slow"
 
 demo: install
@@ -46,4 +61,4 @@ bench: install
 	$(PY) -m bench.sampler
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules
