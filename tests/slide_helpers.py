@@ -65,3 +65,12 @@ def listing(folder: Path) -> list[str]:
         for name in dirs + files:
             out.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(out)
+
+
+def write_slide_tiff(path, image: np.ndarray, mpp: float = 0.5) -> None:
+    """Write ``image`` as a pyramidal TIFF with our writer (JPEG Q90 4:2:0, 512² tiles)."""
+    from writers.tiff import PyramidTiffWriter
+
+    with PyramidTiffWriter(path, image.shape[1], image.shape[0], mpp=mpp) as w:
+        for ty, tx, tile in iter_tiles(image, w.cascade.tile):
+            w.write_tile(ty, tx, tile)

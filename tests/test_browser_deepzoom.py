@@ -68,8 +68,7 @@ def api_server(embedded_settings, static_origin):
 
 def test_openseadragon_in_chromium_shows_the_slide(api_server, static_origin):
     from slidesynth.jobs import JobStatus
-    from tests.slide_helpers import he_like
-    from writers.tiff import PyramidTiffWriter
+    from tests.slide_helpers import he_like, write_slide_tiff
 
     assert CHROMIUM, "Debian's chromium is missing: run `make test` (it installs it)"
     app, api = api_server
@@ -81,10 +80,7 @@ def test_openseadragon_in_chromium_shows_the_slide(api_server, static_origin):
     job_id = resp.json()["id"]
     width, height = 4100, 2300
     image = he_like(height, width, seed=41)
-    with PyramidTiffWriter(store.job_dir(job_id) / "slide.tiff", width, height, mpp=0.5) as w:
-        for ty in range(5):
-            for tx in range(9):
-                w.write_tile(ty, tx, image[ty * 512:(ty + 1) * 512, tx * 512:(tx + 1) * 512])
+    write_slide_tiff(store.job_dir(job_id) / "slide.tiff", image)
     store.update(job_id, status=JobStatus.succeeded, outputs={"tiff": "slide.tiff"})
 
     from playwright.sync_api import TimeoutError as PlaywrightTimeout

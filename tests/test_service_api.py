@@ -323,15 +323,11 @@ def test_decode_geometry_reaches_the_job_and_its_decoder(client, params, expecte
 def finished_job(client):
     """A succeeded job whose TIFF (odd size, 3 TIFF levels) was written by our writer."""
     from slidesynth.jobs import JobStatus
-    from tests.slide_helpers import he_like
-    from writers.tiff import PyramidTiffWriter
+    from tests.slide_helpers import he_like, write_slide_tiff
 
     job_id = post_mask(client, png_bytes(make_mask(64, 64)), {"seed": 3}).json()["id"]
     image = he_like(2300, 4100, seed=31)
-    with PyramidTiffWriter(client.store.job_dir(job_id) / "slide.tiff", 4100, 2300, mpp=0.5) as w:
-        for ty in range(5):
-            for tx in range(9):
-                w.write_tile(ty, tx, image[ty * 512:(ty + 1) * 512, tx * 512:(tx + 1) * 512])
+    write_slide_tiff(client.store.job_dir(job_id) / "slide.tiff", image)
     client.store.update(job_id, status=JobStatus.succeeded, outputs={"tiff": "slide.tiff"})
     return job_id, image
 
