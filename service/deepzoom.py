@@ -43,43 +43,42 @@ def parse_tile_name(name: str) -> tuple[int, int]:
 
 
 class DeepZoomSlides:
-    """LRU cache of open slides with their Deep Zoom generators (thread-safe: OpenSlide reads are)."""
+    """LRU cache of open slides' Deep Zoom generators (thread-safe: OpenSlide reads are).
+
+    Entries are dropped, never closed here: a request still cutting a tile from an evicted or forgotten
+    slide keeps its handle, which OpenSlide releases with the last reference.  (OpenSlide opens the file
+    per read, so a cached slide holds no file descriptor.)
+    """
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
-        self._open: OrderedDict[tuple, tuple[openslide.OpenSlide, DeepZoomGenerator]] = OrderedDict()
+        self._open: OrderedDict[tuple[str, int, int], DeepZoomGenerator] = OrderedDict()
         self._lock = threading.Lock()
 
     def generator(self, path: Path) -> DeepZoomGenerator:
         st = Path(path).stat()
         key = (str(path), st.st_ino, st.st_mtime_ns)
         with self._lock:
-            hit = self._open.get(key)
-            if hit is not None:
+            if key in self._open:
                 self._open.move_to_end(key)
-                return hit[1]
-        slide = openslide.OpenSlide(str(path))
-        entry = (slide, DeepZoomGenerator(slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=False))
+                return self._open[key]
+        gen = DeepZoomGenerator(openslide.OpenSlide(str(path)), tile_size=TILE_SIZE, overlap=OVERLAP,
+                                limit_bounds=False)
         with self._lock:
-            if key in self._open:  # another request opened it meanwhile: keep one handle
-                slide.close()
-                return self._open[key][1]
-            self._open[key] = entry
+            gen = self._open.setdefault(key, gen)  # another request may have opened it meanwhile: keep one
             while len(self._open) > self.capacity:
-                self._open.popitem(last=False)[1][0].close()
-        return entry[1]
+                self._open.popitem(last=False)
+        return gen
 
     def forget(self, folder: Path) -> None:
-        """Close the slides under ``folder`` (a job being deleted), so their disk space is freed."""
+        """Drop the slides under ``folder`` (a job being deleted): no cache entry outlives its job."""
         prefix = str(Path(folder)) + "/"
         with self._lock:
             for key in [k for k in self._open if k[0].startswith(prefix)]:
-                self._open.pop(key)[0].close()
+                del self._open[key]
 
-    def close(self) -> None:
-        with self._lock:
-            while self._open:
-                self._open.popitem()[1][0].close()
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 def descriptor(gen: DeepZoomGenerator) -> str:

@@ -390,12 +390,12 @@ def test_deepzoom_needs_a_finished_job_of_the_caller(client, finished_job):
     assert client.get(f"/jobs/{queued}/slide.dzi").status_code == 409
     assert client.get(f"/jobs/{queued}/slide_files/0/0_0.jpeg").status_code == 409
     assert client.get("/jobs/0123456789abcdef/slide.dzi").status_code == 404
-    # deleting the job closes its cached slide and removes the file
+    # deleting the job drops its cached slide and removes the file
     assert client.get(f"/jobs/{job_id}/slide.dzi").status_code == 200
     slides = client.app.state.services.slides
-    assert len(slides._open) == 1
+    assert len(slides) == 1
     assert client.delete(f"/jobs/{job_id}").status_code == 204
-    assert len(slides._open) == 0
+    assert len(slides) == 0
     assert client.get(f"/jobs/{job_id}/slide.dzi").status_code == 404
     assert not client.store.job_dir(job_id).exists()
 
