@@ -26,11 +26,11 @@ install: $(STAMP)
 
 # The browser test's parts: Debian's Chromium (driven by Playwright, which downloads no browser) and the
 # real OpenSeadragon from the npm registry, at the version package-lock.json pins.
+APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 $(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
 	@command -v chromium >/dev/null || { echo "Installing Debian's chromium…"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null || \
-	  { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
-	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }; }
+	  $(APT) install -y -qq chromium >/dev/null || \
+	  { $(APT) update -qq && $(APT) install -y -qq chromium >/dev/null; }; }
 	@cd tests/browser && npm ci --silent --no-audit --no-fund
 	@rm -f tests/browser/node_modules/.installed-*
 	@touch $@
