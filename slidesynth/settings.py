@@ -12,6 +12,11 @@ DEMO_MODEL = "diffinfinite-demo"  # the small models trained on procedural tissu
 UNTRAINED_MODEL = "diffinfinite-untrained"
 
 
+def comma_items(value: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated setting."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 class Settings(BaseSettings):
     """Every field maps to ``SLIDESYNTH_<FIELD NAME IN CAPITALS>``; the README lists them all."""
 
@@ -95,7 +100,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _key_pairs(cls, value: str) -> str:
-        for pair in filter(None, (p.strip() for p in value.split(","))):
+        for pair in comma_items(value):
             tenant, sep, key = pair.partition(":")
             if not sep or not tenant or not key:
                 raise ValueError("must be comma-separated tenant:key pairs")
@@ -104,20 +109,19 @@ class Settings(BaseSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
-        for origin in filter(None, (o.strip() for o in value.split(","))):
+        for origin in comma_items(value):
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"origin {origin!r} must be '*' or start with http:// or https://")
         return value
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+        return [origin.rstrip("/") for origin in comma_items(self.cors_origins)]
 
     @property
     def tenants_by_key(self) -> dict[str, str]:
-        pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]
         out: dict[str, str] = {}
-        for pair in pairs:
+        for pair in comma_items(self.api_keys):
             tenant, _, key = pair.partition(":")
             out[key] = tenant
         return out
