@@ -168,6 +168,39 @@ def test_single_level_small_slide(tmp_path):
     assert np.array_equal(w.thumbnail, img)
 
 
+def test_copied_tiles_may_be_reused_at_once_and_lent_tiles_give_the_same_file(tmp_path, jpeg_image):
+    """copy=True (default) owns a copy before write_tile returns: a caller that scribbles over its one tile
+    buffer right after each call gets the same bytes as one passing views; copy=False (lent views, encoded
+    straight from the caller's array; edge tiles still padded) gives the same bytes too."""
+    img = jpeg_image
+    h, w = img.shape[:2]
+    files = {}
+    for mode in ("views", "reused-buffer", "lent"):
+        path = tmp_path / f"{mode}.tif"
+        buffer = np.empty((512, 512, 3), np.uint8)
+        with PyramidTiffWriter(path, w, h, mpp=0.5, metadata=META) as wr:
+            shared = []  # per level-0 tile: was the caller's array queued for encoding as it is?
+            put = wr.sink.put_padded
+            wr.sink.put_padded = lambda lvl, ty, tx, a, rel: (
+                shared.append(np.shares_memory(a, img)) if lvl == 0 else None, put(lvl, ty, tx, a, rel))
+            for ty, tx, t in iter_tiles(img):
+                if mode == "reused-buffer":
+                    tile = buffer[:t.shape[0], :t.shape[1]]
+                    tile[...] = t
+                    wr.write_tile(ty, tx, tile)
+                    buffer[...] = 0  # the writer must not see this
+                else:
+                    wr.write_tile(ty, tx, t, copy=mode == "views")
+        files[mode] = path.read_bytes()
+        full = [t.shape[:2] == (512, 512) for _, _, t in iter_tiles(img)]
+        assert shared == (full if mode == "lent" else [False] * len(full)), mode  # edge tiles: padded copies
+    assert files["reused-buffer"] == files["views"]
+    assert files["lent"] == files["views"]
+    with openslide.OpenSlide(str(tmp_path / "lent.tif")) as s:
+        got = np.asarray(s.read_region((0, 0), 0, (w, h)).convert("RGB"))
+    assert psnr(got, img) > 40
+
+
 @pytest.mark.parametrize("case", ["shape", "dtype", "order", "channels"])
 def test_bad_tile_names_the_tile_and_leaves_nothing(tmp_path, case):
     img = he_like(1200, 1100, seed=5, grain=0)
