@@ -332,7 +332,7 @@ class CascadeWriter:
         ``copy=True`` (default): the tile is copied before this returns, so the caller may reuse its array.
         ``copy=False`` lends the array instead: a full-size tile is encoded straight from it, so it must stay
         unchanged until :meth:`close` returns — pass a fresh array per tile, or views of an image that does
-        not change.  That saves one copy of the slide (about a tenth of the TIFF writer's CPU time).
+        not change.  That saves one copy of the slide (a tenth of the TIFF writer's time on some CPUs).
         Edge tiles, which need padding, are copied either way.
         """
         if self._closed:

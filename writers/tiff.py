@@ -257,8 +257,8 @@ class PyramidTiffWriter(CascadeWriter):
 
     ``tile`` arrays are (th, tw, 3) uint8 with th = min(tile, H − ty·tile), tw likewise; they are copied
     unless ``write_tile(..., copy=False)`` lends them.  Lower levels are computed from these full-resolution
-    pixels by the cascade.  The file appears at ``path`` only after a
-    successful ``close()``; any error (bad tile, disk full, …) or ``abort()`` removes the temporary file.
+    pixels by the cascade.  The file appears at ``path`` only after a successful ``close()``; any error
+    (bad tile, disk full, …) or ``abort()`` removes the temporary file.
     Use as a context manager to get that automatically.  ``direct_io=False`` writes through the page cache
     (see :mod:`writers.appendfile`).
     """
