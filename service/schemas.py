@@ -64,7 +64,7 @@ class GenerateParams(_Strict):
     )
     decode_overlap: int | None = Field(
         None, ge=0, le=128,
-        description=f"Overlap of neighbouring decode tiles in latent px; default {TUKEY_OVERLAP} for `tukey` (0 … tile/2), "
+        description=f"Overlap of neighbouring decode tiles in latent px; default {TUKEY_OVERLAP} (at most tile/2) for `tukey` (0 … tile/2), "
         "tile/2 for `hann` (the only value at which Hann windows sum to one) and `four-pass` (which shifts by tile/2).",
     )
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["random", "tiled"])
     p.add_argument("--decoder", choices=["tukey", "hann", "four-pass"])
     p.add_argument("--decode-tile", type=int, help="decode tile side in latent px (default 64)")
-    p.add_argument("--decode-overlap", type=int, help="decode tile overlap in latent px (default: 6 tukey, tile/2 otherwise)")
+    p.add_argument("--decode-overlap", type=int, help="decode tile overlap in latent px (default: 6 tukey (at most tile/2), tile/2 otherwise)")
     p.add_argument("--compression", choices=["jpeg", "deflate", "zstd"])
     p.add_argument("--quality", type=int)
     p.add_argument("--device")

@@ -50,9 +50,10 @@ TUKEY_OVERLAP = 6  # latent px: cosine ramps that sum to one like Hann at 50 % b
 
 
 def default_decode_overlap(window: str, tile: int) -> int:
-    """Overlap (latent px) of decode tiles when a job names none: Tukey's 6, else tile/2 — the only overlap at
-    which Hann windows sum to one, and the half-tile shift of DiffInfinite's four-pass scheme."""
-    return TUKEY_OVERLAP if window == "tukey" else tile // 2
+    """Overlap (latent px) of decode tiles when a job names none: Tukey's 6 (at most tile/2, the most its
+    ramps allow), else tile/2 — the only overlap at which Hann windows sum to one, and the half-tile shift of
+    DiffInfinite's four-pass scheme."""
+    return min(TUKEY_OVERLAP, tile // 2) if window == "tukey" else tile // 2
 
 
 class JobSpec(BaseModel):

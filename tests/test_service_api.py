@@ -304,6 +304,7 @@ def test_decode_geometry_refused_with_the_field_named(client, params, loc, fragm
 @pytest.mark.parametrize("params,expected", [
     ({}, ("tukey", 64, 6)),
     ({"decode_tile": 32, "decode_overlap": 4}, ("tukey", 32, 4)),
+    ({"decode_tile": 8}, ("tukey", 8, 4)),  # the default overlap shrinks to what an 8-px tile's ramps allow
     ({"decoder": "hann", "decode_tile": 48}, ("hann", 48, 24)),
     ({"decoder": "four-pass"}, ("four-pass", 64, 32)),
 ])
