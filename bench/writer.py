@@ -7,8 +7,9 @@ Both writers get identical pixels: a deterministic 2048² mosaic of 4 × 4 H&E-l
 the canvas.  Ours receives it as row-major 512² tiles (``PyramidTiffWriter.write_tile``), views of that
 unchanging mosaic, lent with ``copy=False`` (the writer encodes straight from them; the "ours, copying" row
 is the default ``copy=True``, for callers that reuse their tile buffer); pyvips receives the mosaic as an
-in-memory image, ``replicate``d and cropped lazily (a streamed source: libvips never holds the canvas).  Same codec settings: JPEG Q90, 4:2:0 chroma subsampling (pyvips ``subsample_mode="on"``; libvips
-would otherwise switch to 4:4:4 at Q ≥ 90), 512² tiles, BigTIFF, full pyramid.  Each measurement runs in its
+in-memory image, ``replicate``d and cropped lazily (a streamed source: libvips never holds the canvas).
+Same codec settings: JPEG Q90, 4:2:0 chroma subsampling (pyvips ``subsample_mode="on"``; libvips would
+otherwise switch to 4:4:4 at Q ≥ 90), 512² tiles, BigTIFF, full pyramid.  Each measurement runs in its
 own process so peak RSS (``ru_maxrss``) is that writer's alone (interpreter and libraries included).
 Throughput = level-0 megapixels ÷ wall seconds of the write.
 
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per writer and size (best wall is reported)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--with-q90", action="store_true", help="also run pyvips at Q90 (no chroma subsampling)")
-    ap.add_argument("--child", choices=["ours", "ours-copy", "pyvips89", "pyvips90", "encoder"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "ours-copy", "pyvips89", "pyvips90", "encoder"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--mosaic", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Pyramidal TIFF write, JPEG Q90 4:2:0, 512² tiles, BigTIFF; {args.workers} encode threads; "
           f"{os.cpu_count()} CPUs; best of {args.repeat}")
-    names = {"ours": "ours Q90", "ours-copy": "ours, copying", "pyvips89": "pyvips Q89", "pyvips90": "pyvips Q90", "encoder": "encoder only"}
+    names = {"ours": "ours Q90", "ours-copy": "ours, copying", "pyvips89": "pyvips Q89", "pyvips90": "pyvips Q90",
+             "encoder": "encoder only"}
     print(f"{'size':>8} {'writer':<13} {'chroma':<20} {'wall s':>8} {'Mpx/s':>8} {'CPU s':>7} {'Mpx/CPU-s':>9} "
           f"{'peak RSS MB':>12} "
           f"{'start RSS MB':>12} {'file MB':>9} {'levels':>7}")
