@@ -15,13 +15,23 @@ ratio (models.metrics.seam_ratio, lines with the same phase mod 8 as the interio
 ratio on the same lines (1.0 = no seam at all; removes content noise).  Also the planned overhead at 100k² px
 (latent 12500²) for several configurations (tile counts only, nothing decoded).
 Goals: overhead ≤ 1.3×, seam ratio ≤ 1.05 for the production mode (tukey).
+
+``--memory`` adds the decoder's memory on a wide strip (default 1024 × 16384 px, ``--memory-width``): peak
+RSS growth of our streaming decoder (tukey, the worker's tile 64 / overlap 6) against diffusers'
+``AutoencoderKL.tiled_decode`` set to the same tile and overlap (512 px tiles, 48 px blend), the same tiny
+VAE, each in its own process.  diffusers keeps every decoded tile and the blended image in float32; ours
+holds one band, one float ramp and one batch window.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +103,68 @@ def planned_overheads(latent: int = 12500) -> dict[str, float]:
             for k, (t, o, w) in cfgs.items()}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM, MB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def memory_child(which: str, width: int, tile: int = 64, overlap: int = 6) -> dict:
+    """Decode a 1024 × ``width`` px strip; peak RSS growth over the state just before decoding."""
+    vae = tiny_vae()
+    decode_fn = make_decode_fn(vae)
+    g = torch.Generator().manual_seed(3)
+    latent = torch.rand(1, 4, 128, width // SCALE, generator=g) * 2 - 1
+    base = rss_mb()
+    t0 = time.perf_counter()
+    if which == "ours":
+        # one tile per forward, as diffusers decodes
+        dec = TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=overlap, window="tukey", batch_size=1)
+        rows = 0
+        for band in dec.iter_bands(latent):
+            rows += band.shape[0]
+        forwards = dec.decoder_calls
+    else:
+        vae.enable_tiling()
+        vae.tile_latent_min_size, vae.tile_sample_min_size = tile, tile * SCALE
+        vae.tile_overlap_factor = overlap / tile
+        calls = [0]
+        inner = vae.decoder.forward
+
+        def counted(z, *a, **kw):
+            calls[0] += z.shape[0]
+            return inner(z, *a, **kw)
+
+        vae.decoder.forward = counted
+        with torch.no_grad():
+            img = vae.tiled_decode(latent).sample
+        rows = img.shape[2]
+        forwards = calls[0]
+        del img
+    return {"wall_s": round(time.perf_counter() - t0, 1), "rss_growth_mb": round(peak_rss_mb() - base, 1),
+            "rows": rows, "decoder_forwards": forwards}
+
+
+def memory_figures(width: int, threads: int) -> dict:
+    out = {}
+    for which in ("ours", "diffusers"):
+        cmd = [sys.executable, "-m", "bench.decoder", "--memory-child", which, "--memory-width", str(width),
+               "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if res.returncode != 0:
+            raise RuntimeError(f"memory run '{which}' failed:\n{res.stderr[-3000:]}")
+        out[which] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", type=int, default=512, help="latent side (output = 8× px); default 512 (4096² px)")
@@ -105,8 +177,15 @@ def main(argv: list[str] | None = None) -> None:
                          "lines (slow: ~6 min and ~3 GB at the default size on 2 busy cores)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak memory on a wide strip, ours vs diffusers tiled_decode (~1 min)")
+    ap.add_argument("--memory-width", type=int, default=16384, help="strip width in px for --memory (default 16384)")
+    ap.add_argument("--memory-child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.memory_width)))
+        return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if "hard" not in modes:
         modes.insert(0, "hard")  # the same-run reference
@@ -155,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     if truth is not None:
         figures["untiled_decode_s"] = round(t_truth, 1)
     figures["planned_overhead_100k"] = planned_overheads()
+    if args.memory:
+        mem = memory_figures(args.memory_width, args.threads)
+        figures["memory"] = {
+            "strip_px": [1024, args.memory_width], "tile": 64, "overlap": 6,
+            "ours": mem["ours"], "reference_diffusers_tiled_decode": mem["diffusers"],
+            "ratio": {"rss_growth_ours_over_diffusers": round(
+                mem["ours"]["rss_growth_mb"] / max(mem["diffusers"]["rss_growth_mb"], 1e-9), 3)}}
 
     print(f"Tiled decoding of a {n}² latent ({n * SCALE}² px), tile {args.tile} latent px "
           f"({args.tile * SCALE} px), tukey overlap {args.overlap} (margin {args.margin} px); "
@@ -167,6 +253,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{mode:<10} {calls:>9} {base:>8} {ov:>9.3f} {raw:>7.3f} {rel_s} {wall:>7.1f}")
     print("planned overhead at 100k² px (latent 12500², counts only): "
           + ", ".join(f"{k} {v:.3f}" for k, v in figures["planned_overhead_100k"].items()))
+    if args.memory:
+        m = figures["memory"]
+        print(f"memory, 1024 x {args.memory_width} px strip (tile 64, overlap 6), peak RSS growth while decoding:")
+        for name, key in (("ours (streaming bands)", "ours"), ("diffusers tiled_decode", "reference_diffusers_tiled_decode")):
+            r = m[key]
+            print(f"  {name:<24} {r['rss_growth_mb']:>8.1f} MB  {r['decoder_forwards']:>5} forwards  {r['wall_s']:>6.1f} s")
+        print(f"  ours / diffusers: {m['ratio']['rss_growth_ours_over_diffusers']:.3f}")
     print("goals: overhead <= 1.3x, seam ratio <= 1.05 (tukey); 'hard' = non-overlapping tiles, the same-run reference")
     print(json.dumps(figures))
 

@@ -16,8 +16,11 @@ last tile of each axis, which is placed flush with the canvas border (no padded 
 rising ramp stays where a uniform grid would put it, with zero weight before it.  Latents smaller than one
 tile are edge-replicated up to the tile size and the output is cropped.
 
-Only a ``tile * scale``-row float32 accumulator of the output width exists at a time (for the overlap
-modes); the decoded image never exists whole in memory.
+Memory (overlap modes): the decoded image never exists whole, nor does a full tile row in float32.  What
+exists at a time is one band (the rows a tile row finalises, uint8, output width), a float32 carry of the
+rows two tile rows share (at most ``overlap * scale`` rows of the output width) and a float32 window of one
+batch of tiles.  At 100000 px wide with the production geometry (tile 64, overlap 6) that is about
+140 + 58 + 16 MB; a full-width float32 tile row would be 614 MB.
 """
 from __future__ import annotations
 
@@ -267,49 +270,90 @@ class TiledDecoder:
         return F.pad(latent, (0, wp - w, 0, hp - h), mode="replicate")
 
     def _iter_ola(self, latent, cancel, progress, output) -> Iterator[np.ndarray]:
+        # Streaming in both axes.  Tile row r's window is non-zero on canvas rows [A_r, Z_r); once row r is
+        # added, rows [A_r, A_{r+1}) are final (row r+1 adds nothing above A_{r+1}, and row r−1 nothing below
+        # A_{r+1}, as at most two tile rows overlap) and form the band yielded for row r, while rows
+        # [A_{r+1}, Z_r) — one ramp, at most overlap·scale rows — are carried into row r+1 in float32.
+        # Within a row the same holds for columns: batches of tiles are added into a float window that
+        # starts where the previous batch left columns unfinished, and each batch finalises the columns up
+        # to where the next tile's window begins.  Float memory is the carry (ramp × width) plus one window
+        # (tile rows × a batch of tiles); the row's band is uint8 (or float32 for output="float32").
         s, t = self.scale, self.tile
-        tp = t * s
         h, w = latent.shape[2], latent.shape[3]
         py, px = self.plans(h, w)
         lat = self._padded(latent, py.length, px.length)
-        out_h, out_w, acc_w = h * s, w * s, px.length * s
+        out_h, out_w = h * s, w * s
+        rows = [(py.starts[r] * s + lo, py.starts[r] * s + hi) for r, (lo, hi) in
+                enumerate(py.active(r) for r in range(py.count))]
+        cols = [(px.starts[c] * s + lo, px.starts[c] * s + hi) for c, (lo, hi) in
+                enumerate(px.active(c) for c in range(px.count))]
+        carry_h = max([rows[r][1] - rows[r + 1][0] for r in range(py.count - 1)], default=0)
         total = py.count * px.count
         wx_all = torch.from_numpy(px.windows)
-        acc: torch.Tensor | None = None
-        emitted = 0
+        carry: torch.Tensor | None = None  # [C, carry_h, width]: rows below the last band, from the row above
+        held = 0                           # rows of ``carry`` holding data for the current tile row
         done = 0
         if progress is not None:
             progress(0, total)
         for r, y in enumerate(py.starts):
-            r_lo, r_hi = py.active(r)
+            top, bottom = rows[r]
+            split = rows[r + 1][0] if r + 1 < py.count else bottom  # rows [top, split) are final after row r
+            band_rows = max(0, min(split, out_h) - top)
+            band = np.empty((band_rows, out_w, self.out_channels), np.uint8 if output == "uint8" else np.float32)
             wy_row = torch.from_numpy(py.windows[r])
+            win: torch.Tensor | None = None   # float window over canvas columns [left, left + width)
+            left = 0
             for c0 in range(0, px.count, self.batch_size):
                 check_cancel(cancel)
-                cols = list(range(c0, min(c0 + self.batch_size, px.count)))
-                batch = torch.stack([lat[0, :, y:y + t, px.starts[c]:px.starts[c] + t] for c in cols])
-                where = [(y, px.starts[c]) for c in cols]
+                batch_cols = list(range(c0, min(c0 + self.batch_size, px.count)))
+                batch = torch.stack([lat[0, :, y:y + t, px.starts[c]:px.starts[c] + t] for c in batch_cols])
+                where = [(y, px.starts[c]) for c in batch_cols]
                 tiles = self._decode(batch, where, f"row {r}")
-                if acc is None:
-                    acc = torch.zeros(self.out_channels, tp, acc_w, dtype=torch.float32, device=tiles.device)
-                wy = wy_row.to(acc.device).expand(len(cols), tp)
-                wx = wx_all[cols].to(acc.device)
-                active = [(r_lo, r_hi, *px.active(c)) for c in cols]
-                self.backend_used = overlap_add(acc, tiles, wy, wx, [y * s - emitted] * len(cols),
-                                                [px.starts[c] * s for c in cols], active, backend=self.backend)
-                done += len(cols)
+                if carry is None and carry_h:
+                    carry = torch.empty(self.out_channels, carry_h, px.length * s, dtype=torch.float32,
+                                        device=tiles.device)
+                right = cols[batch_cols[-1]][1]
+                win = self._extend_window(win, left, right, bottom - top, carry, held, tiles.device)
+                wy = wy_row.to(win.device).expand(len(batch_cols), t * s)
+                wx = wx_all[batch_cols].to(win.device)
+                active = [(*py.active(r), *px.active(c)) for c in batch_cols]
+                self.backend_used = overlap_add(win, tiles, wy, wx, [y * s - top] * len(batch_cols),
+                                                [px.starts[c] * s - left for c in batch_cols], active,
+                                                backend=self.backend)
+                done += len(batch_cols)
                 if progress is not None:
                     progress(done, total)
-            next_top = py.starts[r + 1] * s if r + 1 < py.count else py.length * s
-            k = min(next_top, out_h) - emitted
-            if k > 0:
-                yield self._emit(acc[:, :k, :out_w], output)
-            d = next_top - emitted
-            if d < tp:
-                acc[:, :tp - d] = acc[:, d:].clone()
-                acc[:, tp - d:] = 0
-            else:
-                acc.zero_()
-            emitted = next_top
+                last = batch_cols[-1] + 1 == px.count
+                finish = right if last else cols[batch_cols[-1] + 1][0]  # columns [left, finish) are final
+                if finish > left:
+                    self._finalise(win[:, :, :finish - left], left, split - top, band, carry, output, out_w)
+                    win = win[:, :, finish - left:]
+                    left = finish
+            held = bottom - split
+            if band_rows:
+                yield band
+
+    def _extend_window(self, win: torch.Tensor | None, left: int, right: int, height: int,
+                       carry: torch.Tensor | None, held: int, device) -> torch.Tensor:
+        """The float window over canvas columns [left, right): the unfinished columns of ``win`` (which
+        starts at ``left``), then new columns starting from the carried rows of the tile row above."""
+        have = 0 if win is None else win.shape[2]
+        new = torch.zeros(self.out_channels, height, right - left, dtype=torch.float32, device=device)
+        if have:
+            new[:, :, :have] = win
+        if held:
+            new[:, :held, have:] = carry[:, :held, left + have:right]
+        return new
+
+    def _finalise(self, part: torch.Tensor, left: int, split: int, band: np.ndarray, carry: torch.Tensor | None,
+                  output: str, out_w: int) -> None:
+        """Final columns of the window: rows [0, split) into the row's band (cropped to the image), rows
+        below into the carry for the next tile row (the same columns of the carry were already read)."""
+        if part.shape[1] > split:
+            carry[:, :part.shape[1] - split, left:left + part.shape[2]] = part[:, split:]
+        x1 = min(left + part.shape[2], out_w)
+        if band.shape[0] and x1 > left:
+            band[:, left:x1] = self._emit(part[:, :band.shape[0], :x1 - left], output)
 
     # ------------------------------------------------------------------ DiffInfinite four-pass
     def _iter_four_pass(self, latent, cancel, progress, output) -> Iterator[np.ndarray]:
