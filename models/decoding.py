@@ -284,10 +284,10 @@ class TiledDecoder:
         py, px = self.plans(h, w)
         lat = self._padded(latent, py.length, px.length)
         out_h, out_w = h * s, w * s
-        rows = [(py.starts[r] * s + lo, py.starts[r] * s + hi) for r, (lo, hi) in
-                enumerate(py.active(r) for r in range(py.count))]
-        cols = [(px.starts[c] * s + lo, px.starts[c] * s + hi) for c, (lo, hi) in
-                enumerate(px.active(c) for c in range(px.count))]
+        row_act = [py.active(k) for k in range(py.count)]  # tile-local non-zero ranges of the windows
+        col_act = [px.active(k) for k in range(px.count)]
+        rows = [(y * s + lo, y * s + hi) for y, (lo, hi) in zip(py.starts, row_act)]  # the same on the canvas
+        cols = [(x * s + lo, x * s + hi) for x, (lo, hi) in zip(px.starts, col_act)]
         carry_h = max([rows[r][1] - rows[r + 1][0] for r in range(py.count - 1)], default=0)
         total = py.count * px.count
         wx_all = torch.from_numpy(px.windows)
@@ -317,7 +317,7 @@ class TiledDecoder:
                 win = self._extend_window(win, left, right, bottom - top, carry, held, tiles.device)
                 wy = wy_row.to(win.device).expand(len(batch_cols), t * s)
                 wx = wx_all[batch_cols].to(win.device)
-                active = [(*py.active(r), *px.active(c)) for c in batch_cols]
+                active = [(*row_act[r], *col_act[c]) for c in batch_cols]
                 self.backend_used = overlap_add(win, tiles, wy, wx, [y * s - top] * len(batch_cols),
                                                 [px.starts[c] * s - left for c in batch_cols], active,
                                                 backend=self.backend)
