@@ -20,7 +20,8 @@ Codec parity: ours writes JPEG Q90 with YCbCr 4:2:0.  libvips 8.18 ``tiffsave`` 
 (only ``jpegsave`` has) and turns chroma subsampling off at Q ≥ 90 — it then writes RGB JPEG tiles without
 subsampling (2.7× larger, slower).  The like-for-like reference is therefore **pyvips at Q89**, which writes
 YCbCr 4:2:0 (checked from the file's Photometric tag); pyvips at Q90 (no subsampling) is reported as well
-with ``--with-q90``.
+with ``--with-q90``.  The headline ratio keeps ours at the product's Q90 (a little more work than Q89); the
+"ours Q89" row is the very same JPEG settings as the reference (``throughput_ours_q89_over_pyvips_q89``).
 """
 from __future__ import annotations
 
@@ -84,14 +85,14 @@ def load_mosaic(path: Path) -> np.ndarray:
     return np.load(path)
 
 
-def run_ours(size: int, out: Path, workers: int, block: np.ndarray, copy: bool = False) -> dict:
+def run_ours(size: int, out: Path, workers: int, block: np.ndarray, copy: bool = False, quality: int = 90) -> dict:
     from writers.tiff import PyramidTiffWriter
 
     base = rss_mb()
     n = math.ceil(size / TILE)
     c0 = cpu_s()
     t0 = time.perf_counter()
-    with PyramidTiffWriter(out, size, size, mpp=0.5, tile=TILE, compression="jpeg", quality=90,
+    with PyramidTiffWriter(out, size, size, mpp=0.5, tile=TILE, compression="jpeg", quality=quality,
                            subsampling="420", workers=workers, metadata={"bench": "writer"}) as w:
         for ty in range(n):
             y = (ty * TILE) % BLOCK
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per writer and size (best wall is reported)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--with-q90", action="store_true", help="also run pyvips at Q90 (no chroma subsampling)")
-    ap.add_argument("--child", choices=["ours", "ours-copy", "pyvips89", "pyvips90", "encoder"],
+    ap.add_argument("--child", choices=["ours", "ours-copy", "ours-q89", "pyvips89", "pyvips90", "encoder"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--mosaic", type=Path, help=argparse.SUPPRESS)
@@ -193,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes = args.size or [16384]
     if args.child:
         block = load_mosaic(args.mosaic)
-        if args.child in ("ours", "ours-copy"):
-            print(json.dumps(run_ours(sizes[0], args.out, args.workers, block, copy=args.child == "ours-copy")))
+        if args.child.startswith("ours"):
+            print(json.dumps(run_ours(sizes[0], args.out, args.workers, block, copy=args.child == "ours-copy",
+                                      quality=89 if args.child == "ours-q89" else 90)))
         elif args.child == "encoder":
             print(json.dumps(run_encoder_only(sizes[0], args.workers, block)))
         else:
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     figures: dict = {"ours": {}, "reference_pyvips_q89_420": {}, "ratio": {}}
-    writers = ["ours", "ours-copy", "pyvips89", "encoder"] + (["pyvips90"] if args.with_q90 else [])
+    writers = ["ours", "ours-copy", "ours-q89", "pyvips89", "encoder"] + (["pyvips90"] if args.with_q90 else [])
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         block_path = Path(tmp) / "mosaic.npy"
         np.save(block_path, mosaic())
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                 "encoder_only_ceiling_over_pyvips": round(best["encoder"]["mpx_per_s"] / ref["mpx_per_s"], 2),
                 "ours_share_of_encoder_ceiling": round(best["ours"]["mpx_per_s"] / best["encoder"]["mpx_per_s"], 2),
                 "throughput_ours_copying_over_pyvips": round(best["ours-copy"]["mpx_per_s"] / ref["mpx_per_s"], 2),
+                # the very same JPEG settings on both sides (Q89 4:2:0); the headline ratio gives ours Q90
+                "throughput_ours_q89_over_pyvips_q89": round(best["ours-q89"]["mpx_per_s"] / ref["mpx_per_s"], 2),
                 "throughput_ours_over_pyvips_per_repeat": [round(x, 2) for x in paired]}
             figures.setdefault("encoder_only_ceiling", {})[key] = {
                 "mpx_per_s": round(best["encoder"]["mpx_per_s"], 2), "tiles": best["encoder"]["tiles"]}
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Pyramidal TIFF write, JPEG Q90 4:2:0, 512² tiles, BigTIFF; {args.workers} encode threads; "
           f"{os.cpu_count()} CPUs; best of {args.repeat}")
-    names = {"ours": "ours Q90", "ours-copy": "ours, copying", "pyvips89": "pyvips Q89", "pyvips90": "pyvips Q90",
+    names = {"ours": "ours Q90", "ours-copy": "ours, copying", "ours-q89": "ours Q89", "pyvips89": "pyvips Q89", "pyvips90": "pyvips Q90",
              "encoder": "encoder only"}
     print(f"{'size':>8} {'writer':<13} {'chroma':<20} {'wall s':>8} {'Mpx/s':>8} {'CPU s':>7} {'Mpx/CPU-s':>9} "
           f"{'peak RSS MB':>12} "
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
               f"(goal >= 2x; the encoder alone on these cores: {rr['encoder_only_ceiling_over_pyvips']:.2f}x, ours "
               f"{rr['ours_share_of_encoder_ceiling']:.0%} of it; per repeat "
               f"{', '.join(f'{x:.2f}' for x in rr['throughput_ours_over_pyvips_per_repeat'])}; copying each tile: "
-              f"{rr['throughput_ours_copying_over_pyvips']:.2f}x), "
+              f"{rr['throughput_ours_copying_over_pyvips']:.2f}x; ours at pyvips's Q89: "
+              f"{rr['throughput_ours_q89_over_pyvips_q89']:.2f}x), "
               f"peak RSS ratio {rr['peak_rss_ours_over_pyvips']:.2f}"
               + ("" if size != 100000 else f"; our peak RSS {figures['ours']['100000']['peak_rss_mb']:.0f} MB "
                                               f"(goal <= 400 MB)"))
