@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.memory import peak_rss_mb, rss_mb
 from models.decoding import TiledDecoder
 from models.metrics import seam_ratios
 
@@ -101,20 +101,6 @@ def planned_overheads(latent: int = 12500) -> dict[str, float]:
             "tukey t96 o8": (96, 8, "tukey"), "hann t64 o32": (64, 32, "hann"), "four-pass t64": (64, 32, "four-pass")}
     return {k: round(TiledDecoder(ones, tile=t, overlap=o, window=w).overhead(latent, latent), 3)
             for k, (t, o, w) in cfgs.items()}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM, MB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def memory_child(which: str, width: int, tile: int = 64, overlap: int = 6) -> dict:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.memory import peak_rss_mb, rss_mb
+
 BLOCK = 2048
 TILE = 512
 
@@ -57,23 +59,6 @@ def mosaic(seed: int = 0) -> np.ndarray:
     img -= nuclei * np.array([70.0, 110.0, 50.0], np.float32)
     img += rng.standard_normal(size=(h, w, 1), dtype=np.float32) * 3.0
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process image (VmHWM, MB).
-
-    Not ``ru_maxrss``: Linux carries that over from the parent across fork + exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # pragma: no cover
-
-
-def rss_mb() -> float:
-    """Current resident set size (MB)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def cpu_s() -> float:
