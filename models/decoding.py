@@ -109,10 +109,14 @@ def paper_hann(length: int) -> np.ndarray:
     return 0.5 * (1.0 - np.cos(2.0 * np.pi * i / (length - 1)))
 
 
+def quantise(x: torch.Tensor) -> torch.Tensor:
+    """Float in [0, 1] → uint8 tensor of the same shape, round-half-up (clamped first)."""
+    return x.clamp(0.0, 1.0).mul_(255.0).add_(0.5).floor_().to(torch.uint8)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[3, rows, cols] float in [0, 1] → C-contiguous uint8 (rows, cols, 3), round-half-up."""
-    q = (x.clamp(0.0, 1.0) * 255.0 + 0.5).floor_().to(torch.uint8)
-    return np.ascontiguousarray(q.permute(1, 2, 0).cpu().numpy())
+    return np.ascontiguousarray(quantise(x).permute(1, 2, 0).cpu().numpy())
 
 
 class TiledDecoder:
@@ -259,10 +263,14 @@ class TiledDecoder:
         return np.concatenate(list(self.iter_bands(latent, **kw)), axis=0)
 
     @staticmethod
-    def _emit(x: torch.Tensor, output: str) -> np.ndarray:
-        if output == "uint8":
-            return to_uint8(x)
-        return np.ascontiguousarray(x.permute(1, 2, 0).to(torch.float32).cpu().numpy())
+    def _pixels(x: torch.Tensor, output: str) -> np.ndarray:
+        """[C, rows, cols] float → (rows, cols, C) numpy array of the output dtype (not necessarily contiguous)."""
+        q = quantise(x) if output == "uint8" else x.to(torch.float32)
+        return q.permute(1, 2, 0).cpu().numpy()
+
+    @classmethod
+    def _emit(cls, x: torch.Tensor, output: str) -> np.ndarray:
+        return np.ascontiguousarray(cls._pixels(x, output))
 
     def _padded(self, latent: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         h, w = latent.shape[2], latent.shape[3]
@@ -354,7 +362,7 @@ class TiledDecoder:
             carry[:, :part.shape[1] - split, left:left + part.shape[2]] = part[:, split:]
         x1 = min(left + part.shape[2], out_w)
         if band.shape[0] and x1 > left:
-            band[:, left:x1] = self._emit(part[:, :band.shape[0], :x1 - left], output)
+            band[:, left:x1] = self._pixels(part[:, :band.shape[0], :x1 - left], output)  # one copy, into the band
 
     # ------------------------------------------------------------------ DiffInfinite four-pass
     def _iter_four_pass(self, latent, cancel, progress, output) -> Iterator[np.ndarray]:
