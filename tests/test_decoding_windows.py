@@ -277,6 +277,8 @@ def test_streamed_overlap_add_equals_the_direct_canvas_sum(tile, overlap, margin
 def test_a_wide_strip_decodes_without_a_full_width_float_tile_row():
     """A 320 × 100000 px strip: a float32 tile row of that width alone is 307 MB (and converting it to uint8 in
     one piece took three times that again); streaming holds a uint8 band, a 64-row float ramp and a window."""
+    import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -305,10 +307,9 @@ for band in dec.iter_bands(latent):
 print(json.dumps({"growth_mb": hwm() - base, "rows": rows, "corner": corner}))
 '''
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1], env={**__import__("os").environ,
-                                                                       "OMP_NUM_THREADS": "1"})
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
-    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["rows"] == 320
     # bands ≤ 2 × 58 MB alive (the caller's and the next), ramp carry 77 MB, window and tiles a few MB
     assert out["growth_mb"] < 300, out
