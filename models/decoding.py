@@ -20,8 +20,11 @@ Memory (overlap modes): the decoded image never exists whole, nor does a full ti
 exists at a time is one band (the rows a tile row finalises, uint8, output width), a float32 carry of the
 rows two tile rows share (at most ``overlap * scale`` rows of the output width) and a float32 window of one
 batch of tiles.  At 100000 px wide with the production geometry (tile 64, overlap 6) that is about
-140 + 58 + 16 MB; a full-width float32 tile row would be 614 MB.  The paper's four-pass mode keeps one
-decoded strip per pass (one tile high, full width, float32): about 2.5 GB at 100000 px wide.
+140 + 58 + 16 MB; a full-width float32 tile row would be 614 MB.  The paper's four-pass mode is streamed
+the same way except for what its shifted grid forces: the lower halves of passes H and X (half a tile high,
+full width, float32) are carried to the next tile row, and a tile row yields two uint8 half-tile bands.  At
+100000 px wide with tile 64 that is 2 × 307 + 2 × 77 MB (about 1 GB peak measured; keeping a full strip of
+every pass, as before, peaked at 4.9 GB).
 """
 from __future__ import annotations
 
@@ -366,6 +369,13 @@ class TiledDecoder:
 
     # ------------------------------------------------------------------ DiffInfinite four-pass
     def _iter_four_pass(self, latent, cancel, progress, output) -> Iterator[np.ndarray]:
+        # Passes: A (base grid), V (shifted half a tile in x), H (in y), X (in both).  Output half-row k blends
+        # A and V of tile row k // 2 and, on inner rows, H and X of tile row (k − 1) // 2.  Tile row a thus
+        # finalises its own rows [a·tp, (a+1)·tp) — half-rows 2a and 2a+1 — given the lower halves of H and X
+        # row a − 1, which are the only full-width float buffers (carried, half a tile high).  Within a row
+        # each pass is decoded in batches of ``batch_size`` tiles from left to right; a batch finalises its
+        # A tiles' columns, and the shifted passes keep their last tile for the next batch's left columns.
+        # Per pixel the arithmetic is the paper's, in the paper's order (tests: test_four_pass_*).
         s, t = self.scale, self.tile
         tp, half_t = t * s, t // 2
         half = tp // 2
@@ -378,60 +388,68 @@ class TiledDecoder:
         done = 0
         if progress is not None:
             progress(0, total)
-        hann = torch.from_numpy(paper_hann(tp).astype(np.float32))
+        c, dev = self.out_channels, lat.device
+        hann = torch.from_numpy(paper_hann(tp).astype(np.float32)).to(dev)
+        wx = hann.repeat(nx - 1)  # over the inner columns [half, wp − half)
+        wy_halves = (hann[half:, None], hann[:half, None])  # rows of half-row 2a (H row a − 1) and 2a + 1 (H row a)
+        carry_h = torch.zeros(c, half, out_w, device=dev) if ny > 1 else None
+        carry_x = torch.zeros_like(carry_h) if ny > 1 and nx > 1 else None
 
-        def decode_row(y: int, x_starts: list[int], label: str) -> torch.Tensor:
+        def decode(name: str, row: int, y: int, j0: int, j1: int, shift: int) -> list[torch.Tensor]:
             nonlocal done
-            parts = []
-            for c0 in range(0, len(x_starts), self.batch_size):
-                check_cancel(cancel)
-                xs = x_starts[c0:c0 + self.batch_size]
-                batch = torch.stack([lat[0, :, y:y + t, x:x + t] for x in xs])
-                out = self._decode(batch, [(y, x) for x in xs], label).to(torch.float32)
-                parts.extend(out.unbind(0))
-                done += len(xs)
-                if progress is not None:
-                    progress(done, total)
-            return torch.cat(parts, dim=2)  # [3, tp, len(xs)*tp]
+            if j1 <= j0:
+                return []
+            check_cancel(cancel)
+            where = [(y, j * t + shift) for j in range(j0, j1)]
+            batch = torch.stack([lat[0, :, y:y + t, x:x + t] for _, x in where])
+            out = self._decode(batch, where, f"pass {name} row {row}").to(dev, torch.float32)
+            done += j1 - j0
+            if progress is not None:
+                progress(done, total)
+            return list(out.unbind(0))
 
-        a_cols = [j * t for j in range(nx)]
-        v_cols = [j * t + half_t for j in range(nx - 1)]
-        cache: dict[tuple[str, int], torch.Tensor] = {}
-
-        def strip(name: str, row: int) -> torch.Tensor:
-            key = (name, row)
-            if key not in cache:
-                for old in [k for k in cache if k[0] == name]:
-                    del cache[old]
-                y = row * t + (half_t if name in ("H", "X") else 0)
-                cols = v_cols if name in ("V", "X") else a_cols
-                cache[key] = decode_row(y, cols, f"pass {name} row {row}")
-            return cache[key]
-
-        wx = None
-        for k in range(2 * ny):
-            y_top = k * half
-            if y_top >= out_h:
-                break
-            a_row, a_off = divmod(k, 2)
-            img = strip("A", a_row)[:, a_off * half:(a_off + 1) * half].clone()
-            if wx is None:
-                wx = hann.to(img.device).repeat(nx - 1)  # over interior columns [half, wp − half)
-            if nx > 1:
-                v = strip("V", a_row)[:, a_off * half:(a_off + 1) * half]
-                inner = img[:, :, half:wp - half]
-                img[:, :, half:wp - half] = (1 - wx) * inner + wx * v
-            if ny > 1 and 1 <= k <= 2 * ny - 2:
-                h_row, h_off = divmod(k - 1, 2)
-                rows = torch.arange(y_top, y_top + half, device=img.device)
-                wy = hann.to(img.device)[(rows - half) % tp][:, None]
-                hh = strip("H", h_row)[:, h_off * half:(h_off + 1) * half]
-                img = (1 - wy) * img + wy * hh
-                if nx > 1:
-                    xx = strip("X", h_row)[:, h_off * half:(h_off + 1) * half]
-                    wc = wy * wx[None, :]
-                    inner = img[:, :, half:wp - half]
-                    img[:, :, half:wp - half] = (1 - wc) * inner + wc * xx
-            rows_out = min(half, out_h - y_top)
-            yield self._emit(img[:, :rows_out, :out_w], output)
+        for a in range(ny):
+            ya, yh = a * t, a * t + half_t
+            has_h = a < ny - 1
+            halves = [k * half for k in (2 * a, 2 * a + 1) if k * half < out_h]
+            bands = [np.empty((min(half, out_h - y0), out_w, c), np.uint8 if output == "uint8" else np.float32)
+                     for y0 in halves]
+            last_v: list[torch.Tensor] = []
+            last_x: list[torch.Tensor] = []
+            for j0 in range(0, nx, self.batch_size):
+                j1 = min(j0 + self.batch_size, nx)
+                a_seg = torch.cat(decode("A", a, ya, j0, j1, 0), dim=2)
+                v_new = decode("V", a, ya, j0, min(j1, nx - 1), half_t)
+                h_seg = torch.cat(decode("H", a, yh, j0, j1, 0), dim=2) if has_h else None
+                x_new = decode("X", a, yh, j0, min(j1, nx - 1), half_t) if has_h else []
+                # output columns: this batch [c0, e1); its inner part [lo, hi), which is `inner` of the batch,
+                # `shifted` of the V and X segments (they start at column v0) and `wxs` of the weights
+                c0, e1 = j0 * tp, min(j1 * tp, out_w)
+                lo, hi = max(c0, half), min(e1, wp - half)
+                v0 = (j0 - 1) * tp + half if j0 else half
+                inner, shifted, wxs = slice(lo - c0, hi - c0), slice(lo - v0, hi - v0), wx[lo - half:hi - half]
+                v_seg = torch.cat(last_v + v_new, dim=2) if nx > 1 else None
+                x_seg = torch.cat(last_x + x_new, dim=2) if nx > 1 and has_h else None
+                for off, band in enumerate(bands):
+                    k = 2 * a + off
+                    img = a_seg[:, off * half:(off + 1) * half, :e1 - c0].clone()
+                    if hi > lo:
+                        v = v_seg[:, off * half:(off + 1) * half, shifted]
+                        img[:, :, inner] = (1 - wxs) * img[:, :, inner] + wxs * v
+                    if 1 <= k <= 2 * ny - 2:
+                        wy = wy_halves[off]
+                        hh = carry_h[:, :, c0:e1] if off == 0 else h_seg[:, :half, :e1 - c0]
+                        img = (1 - wy) * img + wy * hh
+                        if hi > lo:
+                            xx = carry_x[:, :, lo:hi] if off == 0 else x_seg[:, :half, shifted]
+                            wc = wy * wxs[None, :]
+                            img[:, :, inner] = (1 - wc) * img[:, :, inner] + wc * xx
+                    band[:, c0:e1] = self._pixels(img[:, :band.shape[0]], output)
+                if has_h:  # H and X row a's lower halves: read by half-row 2a + 2 (these columns were read above)
+                    carry_h[:, :, c0:e1] = h_seg[:, half:, :e1 - c0]
+                    if hi > lo:
+                        carry_x[:, :, lo:hi] = x_seg[:, half:, shifted]
+                last_v, last_x = (v_new or last_v)[-1:], (x_new or last_x)[-1:]
+            yield from bands
+            del bands  # before the next row allocates its own
         self.backend_used = "torch"
