@@ -20,7 +20,8 @@ Goals: overhead ≤ 1.3×, seam ratio ≤ 1.05 for the production mode (tukey).
 RSS growth of our streaming decoder (tukey, the worker's tile 64 / overlap 6) against diffusers'
 ``AutoencoderKL.tiled_decode`` set to the same tile and overlap (512 px tiles, 48 px blend), the same tiny
 VAE, each in its own process.  diffusers keeps every decoded tile and the blended image in float32; ours
-holds one band, one float ramp and one batch window.
+holds one band, one float ramp and one batch window.  A third row gives our paper-exact ``four-pass`` mode on
+the same strip (it carries two half-tile float strips from one tile row to the next).
 """
 from __future__ import annotations
 
@@ -111,9 +112,10 @@ def memory_child(which: str, width: int, tile: int = 64, overlap: int = 6) -> di
     latent = torch.rand(1, 4, 128, width // SCALE, generator=g) * 2 - 1
     base = rss_mb()
     t0 = time.perf_counter()
-    if which == "ours":
+    if which in ("ours", "ours-four-pass"):
         # one tile per forward, as diffusers decodes
-        dec = TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=overlap, window="tukey", batch_size=1)
+        window = "tukey" if which == "ours" else "four-pass"
+        dec = TiledDecoder(decode_fn, scale=SCALE, tile=tile, overlap=overlap, window=window, batch_size=1)
         rows = 0
         for band in dec.iter_bands(latent):
             rows += band.shape[0]
@@ -141,7 +143,7 @@ def memory_child(which: str, width: int, tile: int = 64, overlap: int = 6) -> di
 
 def memory_figures(width: int, threads: int) -> dict:
     out = {}
-    for which in ("ours", "diffusers"):
+    for which in ("ours", "diffusers", "ours-four-pass"):
         cmd = [sys.executable, "-m", "bench.decoder", "--memory-child", which, "--memory-width", str(width),
                "--threads", str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory", action="store_true",
                     help="also measure peak memory on a wide strip, ours vs diffusers tiled_decode (~1 min)")
     ap.add_argument("--memory-width", type=int, default=16384, help="strip width in px for --memory (default 16384)")
-    ap.add_argument("--memory-child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=["ours", "diffusers", "ours-four-pass"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -225,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         figures["memory"] = {
             "strip_px": [1024, args.memory_width], "tile": 64, "overlap": 6,
             "ours": mem["ours"], "reference_diffusers_tiled_decode": mem["diffusers"],
-            "ratio": {"rss_growth_ours_over_diffusers": round(
-                mem["ours"]["rss_growth_mb"] / max(mem["diffusers"]["rss_growth_mb"], 1e-9), 3)}}
+            "ours_four_pass": mem["ours-four-pass"],
+            "ratio": {f"rss_growth_{key}_over_diffusers": round(
+                mem[which]["rss_growth_mb"] / max(mem["diffusers"]["rss_growth_mb"], 1e-9), 3)
+                for key, which in (("ours", "ours"), ("ours_four_pass", "ours-four-pass"))}}
 
     print(f"Tiled decoding of a {n}² latent ({n * SCALE}² px), tile {args.tile} latent px "
           f"({args.tile * SCALE} px), tukey overlap {args.overlap} (margin {args.margin} px); "
@@ -242,10 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory:
         m = figures["memory"]
         print(f"memory, 1024 x {args.memory_width} px strip (tile 64, overlap 6), peak RSS growth while decoding:")
-        for name, key in (("ours (streaming bands)", "ours"), ("diffusers tiled_decode", "reference_diffusers_tiled_decode")):
+        for name, key in (("ours (streaming bands)", "ours"), ("diffusers tiled_decode", "reference_diffusers_tiled_decode"),
+                          ("ours, four-pass", "ours_four_pass")):
             r = m[key]
             print(f"  {name:<24} {r['rss_growth_mb']:>8.1f} MB  {r['decoder_forwards']:>5} forwards  {r['wall_s']:>6.1f} s")
-        print(f"  ours / diffusers: {m['ratio']['rss_growth_ours_over_diffusers']:.3f}")
+        print(f"  ours / diffusers: {m['ratio']['rss_growth_ours_over_diffusers']:.3f}; four-pass / diffusers: "
+              f"{m['ratio']['rss_growth_ours_four_pass_over_diffusers']:.3f}")
     print("goals: overhead <= 1.3x, seam ratio <= 1.05 (tukey); 'hard' = non-overlapping tiles, the same-run reference")
     print(json.dumps(figures))
 
