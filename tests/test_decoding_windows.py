@@ -278,8 +278,8 @@ def test_streamed_overlap_add_equals_the_direct_canvas_sum(tile, overlap, margin
     # a float32 tile row of that width alone is 307 MB (and converting it to uint8 in one piece took three
     # times that again): bands ≤ 2 × 58 MB alive (the caller's and the next), ramp carry 77 MB, a window
     ("tukey", 32, 8, 300),
-    # the paper's scheme held four full-width strips of every pass (1237 MB measured): now two uint8
-    # half-rows (2 × 38 MB) and the lower halves of H and X (2 × 154 MB)
+    # the paper's scheme held a full-width strip of every pass (1.1–1.2 GB measured): now two uint8 half-tile
+    # bands (2 × 19 MB, and the caller's) and the lower halves of passes H and X (2 × 77 MB float32)
     ("four-pass", 16, 8, 400)])
 def test_a_wide_strip_decodes_without_a_full_width_float_tile_row(window, tile, overlap, limit_mb):
     """A 320 × 100000 px strip decodes within a bound that a full-width float tile row would break."""
@@ -313,8 +313,8 @@ for band in dec.iter_bands(latent):
     corner = band[-1, -1].tolist()
 print(json.dumps({"growth_mb": hwm() - base, "rows": rows, "corner": corner}))
 '''
-    res = subprocess.run([sys.executable, "-c", code, window, str(tile), str(overlap)], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run([sys.executable, "-c", code, window, str(tile), str(overlap)], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["rows"] == 320
