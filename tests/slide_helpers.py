@@ -35,10 +35,12 @@ def he_like(height: int, width: int, seed: int = 0, grain: float = 2.0, feature_
 
 
 def reference_pyramid(img: np.ndarray, min_size: int = 1024) -> list[np.ndarray]:
-    """Levels by floor halving with the rounded 2×2 mean (a+b+c+d+2)>>2 while the longest side ≥ min_size."""
+    """Levels by floor halving with the rounded 2×2 mean (a+b+c+d+2)>>2 while the longest side ≥ min_size; a
+    1-px side stays 1 px (the mean then pairs each pixel with itself along that side)."""
     levels = [img]
-    while max(levels[-1].shape[:2]) >= min_size and min(levels[-1].shape[:2]) >= 2:
+    while max(levels[-1].shape[:2]) >= min_size:
         a = levels[-1]
+        a = np.repeat(np.repeat(a, 2 if a.shape[0] == 1 else 1, axis=0), 2 if a.shape[1] == 1 else 1, axis=1)
         h, w = a.shape[0] // 2, a.shape[1] // 2
         b = a[:2 * h, :2 * w].astype(np.uint16)
         levels.append(((b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) >> 2).astype(np.uint8))

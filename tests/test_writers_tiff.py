@@ -305,3 +305,85 @@ def test_tile_buffers_are_reused_only_after_every_user_released_them():
     third, _ = pool.padded(np.zeros((8, 8, 3), np.uint8))
     assert third is first and not third.any() and pool.allocated == 2
     release2()
+
+
+@pytest.mark.parametrize("view", ["channels reversed", "transposed"])
+def test_lent_views_the_encoder_cannot_read_in_place_are_copied(tmp_path, view):
+    """copy=False with views whose rows are not one run of memory: the same file as copying them."""
+    img = he_like(1024, 1024, seed=11)
+    src = np.ascontiguousarray(img[..., ::-1]) if view == "channels reversed" else np.ascontiguousarray(
+        img.transpose(1, 0, 2))
+    lent = src[..., ::-1] if view == "channels reversed" else src.transpose(1, 0, 2)  # == img, other layout
+    assert np.array_equal(lent, img)
+    for name, copy in (("copied.tif", True), ("lent.tif", False)):
+        with PyramidTiffWriter(tmp_path / name, 1024, 1024, mpp=0.5, metadata=META) as w:
+            for ty, tx, t in iter_tiles(lent):
+                w.write_tile(ty, tx, t, copy=copy)
+    assert (tmp_path / "lent.tif").read_bytes() == (tmp_path / "copied.tif").read_bytes()
+
+
+def test_an_encode_failure_names_the_tile_and_leaves_nothing(tmp_path):
+    img = he_like(1024, 1024, seed=12)
+    w = PyramidTiffWriter(tmp_path / "x.tif", 1024, 1024, mpp=0.5, workers=1)
+    encode = w.sink.encode
+    calls = []
+
+    def failing(tile):
+        calls.append(1)
+        if len(calls) == 3:  # level 0, tile (1, 0)
+            raise MemoryError("no memory for the encoder")
+        return encode(tile)
+
+    w.sink.encode = failing
+    with pytest.raises(RuntimeError, match=r"TIFF level 0 tile \(1, 0\): jpeg encoding failed: no memory"):
+        with w:
+            for ty, tx, t in iter_tiles(img):
+                w.write_tile(ty, tx, t)
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("size,tile_px", [((8, 8), 256), ((100, 64), 256), ((128, 128), 256), ((129, 40), 512)])
+def test_a_tiny_slide_gets_tiles_libvips_accepts(tmp_path, size, tile_px):
+    """libvips refuses tiles longer than twice the longest side rounded up to 256 px ('tile size out of
+    range'): a slide of at most 128 px is written with 256-px tiles, fed and read as before."""
+    pyvips = pytest.importorskip("pyvips")
+    w_px, h_px = size
+    img = he_like(h_px, w_px, seed=13)
+    path = tmp_path / "tiny.tif"
+    w = write(path, img, compression="deflate")
+    assert w.cascade.tile == tile_px
+    with tifffile.TiffFile(path) as tf:
+        assert tf.pages[0].tilewidth == tf.pages[0].tilelength == tile_px
+    im = pyvips.Image.new_from_file(str(path), page=0, fail_on="warning")
+    got = np.ndarray(buffer=im.write_to_memory(), dtype=np.uint8, shape=(im.height, im.width, im.bands))
+    assert np.array_equal(got, img)
+    with openslide.OpenSlide(str(path)) as s:
+        assert np.array_equal(np.asarray(s.read_region((0, 0), 0, size).convert("RGB")), img)
+
+
+def test_resolution_tags_keep_the_mpp():
+    """X/YResolution are the closest RATIONAL with 32-bit terms: relative error ~1e-13, not ~1e-5."""
+    from writers.tiff import resolution_px_per_cm
+
+    rng = np.random.default_rng(0)
+    for mpp in [0.123456789, 0.0515146, 0.25, 1 / 3] + list(rng.uniform(0.05, 100, 2000)):
+        for level in (0, 5):
+            n, d = resolution_px_per_cm(float(mpp), level)
+            assert 0 < n < 2 ** 32 and 0 < d < 2 ** 32
+            assert abs(1e4 / (n / d) / 2 ** level - mpp) <= 1e-11 * mpp, (mpp, level, n, d)
+
+
+@pytest.mark.parametrize("size", [(8, 16384), (5000, 3)])
+def test_a_narrow_slide_is_reduced_below_1024_px(tmp_path, size):
+    """A side that reaches 1 px stays 1 px while the other is still halved (8 × 16384 → … → 1 × 512)."""
+    w_px, h_px = size
+    img = he_like(h_px, w_px, seed=14)
+    path = tmp_path / "narrow.tif"
+    w = write(path, img, compression="deflate")
+    ref = reference_pyramid(img)
+    assert max(ref[-1].shape[:2]) < 1024 and [lv[::-1] for lv in w.levels] == [r.shape[:2] for r in ref]
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.level_count == len(ref)
+        for lvl, r in enumerate(ref):
+            got = np.asarray(s.read_region((0, 0), lvl, (r.shape[1], r.shape[0])).convert("RGB"))
+            assert np.array_equal(got, r), lvl

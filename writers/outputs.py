@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from writers.atomic import check_target, commit, partial_path, remove_path
-from writers.pyramid import BandTiler, PyramidCascade, TileBuffers, default_workers
 from writers.appendfile import AppendFile
+from writers.pyramid import BandTiler, PyramidCascade, TileBuffers, default_workers, tile_size_for
 from writers.tiff import TiffPyramidSink, check_codec, synthetic_description
 from writers.zarr import NGFF_VERSIONS, ZarrPyramidSink
 
@@ -44,6 +44,7 @@ class SlideOutputs:
         if not isinstance(width, (int, np.integer)) or not isinstance(height, (int, np.integer)) \
                 or width < 1 or height < 1:
             raise ValueError(f"width and height must be positive integers, got {width!r} x {height!r}")
+        tile = tile_size_for(width, height, tile)
         self.width, self.height, self.mpp, self.tile = int(width), int(height), mpp, tile
         self.tiff_path = Path(tiff_path) if tiff_path is not None else None
         self.zarr_path = Path(zarr_path) if zarr_path is not None else None

@@ -3,7 +3,9 @@
 Level geometry: ``W_l = W_{l-1} // 2``, ``H_l = H_{l-1} // 2`` (floor, like libvips) while the previous
 level's longest side is ≥ ``min_size`` (1024): 16384² → 6 levels, 100000² → 8 levels.  Every reduced pixel
 is the exact rounded 2×2 mean ``(a + b + c + d + 2) >> 2`` of the level above (OpenCV INTER_AREA at an
-exact factor 2), computed from the original full-resolution pixels — never from re-decoded tiles.
+exact factor 2), computed from the original full-resolution pixels — never from re-decoded tiles.  A side
+that has reached 1 px stays 1 px (a 4 × 16384 slide goes on to 1 × 2048, 1 × 1024, 1 × 512): it is averaged
+along the other axis only, ``(a + b + 1) >> 1``.
 
 :class:`PyramidCascade` takes level-0 tiles in row-major order and emits every tile of every level through
 ``on_tile(level, ty, tx, tile)`` as soon as it is complete.  It keeps, per reduced level, only the upper
@@ -29,14 +31,24 @@ def default_workers() -> int:
 
 
 def pyramid_levels(width: int, height: int, min_size: int = 1024) -> list[tuple[int, int]]:
-    """(width, height) of every level: halve (floor) while the longest side is ≥ ``min_size``."""
+    """(width, height) of every level: halve (floor; a 1-px side stays 1) while the longest side is ≥ ``min_size``."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be ≥ 1 × 1, got {width} × {height}")
     levels = [(int(width), int(height))]
-    while max(levels[-1]) >= min_size and min(levels[-1]) >= 2:
+    while max(levels[-1]) >= min_size:
         w, h = levels[-1]
-        levels.append((w // 2, h // 2))
+        levels.append((max(1, w // 2), max(1, h // 2)))
     return levels
+
+
+def tile_size_for(width: int, height: int, tile: int = 512) -> int:
+    """The tile side a slide of ``width`` × ``height`` px is written with: ``tile``, except for slides so small
+    that libvips would refuse the file — it rejects tiles longer than twice the longest side rounded up to
+    256 (tiff2vips.c's sanity limit), so a slide of at most 128 px gets 256-px tiles.  The smaller tile still
+    holds the whole slide, so what callers feed does not change."""
+    if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in (width, height, tile)) or tile % 16:
+        return tile  # invalid: PyramidCascade says what is wrong
+    return min(int(tile), -(-2 * max(int(width), int(height)) // 256) * 256)
 
 
 def downsample2x(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -58,6 +70,13 @@ def downsample2x(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if res is not out:  # a layout OpenCV could not write into (e.g. a 1-channel 3-D view): copy its result
         out[...] = res.reshape(shape)
     return out
+
+
+def rows_contiguous(a: np.ndarray) -> bool:
+    """Whether each row of an (h, w, c) array is one run of memory, rows in order (what the JPEG encoder
+    reads without a copy); views that reverse or transpose axes are not."""
+    return a.strides[2] == a.itemsize and a.strides[1] == a.shape[2] * a.itemsize \
+        and a.strides[0] >= a.shape[1] * a.strides[1]
 
 
 def pad_tile(tile: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -116,6 +135,8 @@ class _Level:
     def __init__(self, width: int, height: int, src_width: int, src_height: int, tile: int, channels: int):
         half = tile // 2
         self.width, self.height, self.tile = width, height, tile
+        # a 1-px source side is not halved: its pixels are repeated once so the 2×2 mean averages the other axis
+        self.repeat = (2 if src_height == 1 else 1, 2 if src_width == 1 else 1)
         self.rows = math.ceil(height / tile)
         self.cols = math.ceil(width / tile)
         # source tile rows/columns that contribute at least one pixel to this level
@@ -202,6 +223,8 @@ class PyramidCascade:
         half = self.tile // 2
         k, hr = divmod(r, 2)
         m, hc = divmod(c, 2)
+        if lv.repeat != (1, 1):
+            src = np.repeat(np.repeat(src, lv.repeat[0], axis=0), lv.repeat[1], axis=1)
         dh, dw = src.shape[0] // 2, src.shape[1] // 2
         # downsampled straight into the level's buffers: no temporary per tile
         if hr == 0:
@@ -307,6 +330,7 @@ class CascadeWriter:
         self.path = Path(path)
         check_target(self.path, overwrite)
         self.overwrite = overwrite
+        tile = tile_size_for(width, height, tile)
         self.cascade = PyramidCascade(width, height, self._on_tile, tile=tile, min_size=min_size)
         self.tmp = partial_path(self.path)
         self._closed = False
@@ -320,7 +344,8 @@ class CascadeWriter:
         return self.cascade.levels
 
     def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        if level == 0 and self._lent and tile.shape[0] == tile.shape[1] == self.cascade.tile:
+        if level == 0 and self._lent and tile.shape[0] == tile.shape[1] == self.cascade.tile \
+                and rows_contiguous(tile):
             self.sink.put_padded(0, ty, tx, tile, None)  # lent by the caller: encoded straight from its array
             return
         padded, release = self._buffers.padded(tile)
@@ -333,7 +358,8 @@ class CascadeWriter:
         ``copy=False`` lends the array instead: a full-size tile is encoded straight from it, so it must stay
         unchanged until :meth:`close` returns — pass a fresh array per tile, or views of an image that does
         not change.  That saves one copy of the slide (a tenth of the TIFF writer's time on some CPUs).
-        Edge tiles, which need padding, are copied either way.
+        Edge tiles, which need padding, and views whose rows are not contiguous in memory (e.g. channels
+        reversed, or a transposed image) are copied either way.
         """
         if self._closed:
             raise ValueError(f"tile ({ty}, {tx}): writer for {self.path} is already closed or aborted")

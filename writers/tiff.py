@@ -72,12 +72,15 @@ def check_codec(compression: str, quality: int, subsampling: str) -> None:
 
 
 def _rational(x: Fraction) -> tuple[int, int]:
-    f = x
-    if f.numerator >= 2 ** 32 or f.denominator >= 2 ** 32:
-        f = f.limit_denominator(2 ** 32 - 1)
-        while f.numerator >= 2 ** 32:
-            f = Fraction(f.numerator // 2, max(1, f.denominator // 2))
-    return f.numerator, f.denominator
+    """The closest TIFF RATIONAL (numerator and denominator < 2³²) to a positive ``x``."""
+    top = 2 ** 32 - 1
+    if x.numerator <= top and x.denominator <= top:
+        return x.numerator, x.denominator
+    if x >= top:
+        return top, 1
+    # a denominator up to top / x keeps the numerator ≤ top: relative error ~ x / top², not ~ 1 / top
+    f = x.limit_denominator(min(top, math.floor(top / x)))
+    return max(1, f.numerator), f.denominator
 
 
 def resolution_px_per_cm(mpp: float, level: int = 0) -> tuple[int, int]:
@@ -139,7 +142,12 @@ class TiffPyramidSink:
         p = self._pending
         while p and (wait_all or len(p) > self.max_pending or p[0][2].done()):
             level, idx, fut, release = p.popleft()
-            data = fut.result()
+            try:
+                data = fut.result()
+            except Exception as e:
+                ty, tx = divmod(idx, self.grid[level][1])
+                raise RuntimeError(f"TIFF level {level} tile ({ty}, {tx}): {self.compression} encoding failed: "
+                                   f"{e}") from e
             if release is not None:
                 release()
             self.offsets[level][idx] = self.pos
@@ -273,7 +281,7 @@ class PyramidTiffWriter(CascadeWriter):
         self._start(path, width, height, tile, min_size, workers, overwrite, "tiff-encode")
         self._out = AppendFile(self.tmp, direct=direct_io)
         try:
-            self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, tile, compression, quality, subsampling,
+            self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, self.cascade.tile, compression, quality, subsampling,
                                         predictor, synthetic_description(metadata, description), software,
                                         pool=self.pool, max_pending=max_pending or 8 * self.workers)
         except BaseException:

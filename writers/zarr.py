@@ -157,8 +157,8 @@ class OmeZarrWriter(CascadeWriter):
         self._start(path, width, height, tile, min_size, workers, overwrite, "zarr-encode")
         try:
             attrs = {"synthetic": True, "generator": "slidesynth", **(metadata or {})}
-            self.sink = ZarrPyramidSink(self.tmp, self.cascade.levels, mpp, tile, version, clevel, shuffle, attrs,
-                                        pool=self.pool, max_pending=8 * self.workers)
+            self.sink = ZarrPyramidSink(self.tmp, self.cascade.levels, mpp, self.cascade.tile, version, clevel,
+                                        shuffle, attrs, pool=self.pool, max_pending=8 * self.workers)
         except BaseException:
             self.abort()
             raise
