@@ -1,10 +1,12 @@
 """The FastAPI application factory."""
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from prometheus_client import Counter
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import ModelRegistry
@@ -69,6 +71,11 @@ class _TooLarge(Exception):
     pass
 
 
+async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The job store (Redis) cannot be reached: 503 with Retry-After, as POST /generate answers, not a 500."""
+    return JSONResponse({"detail": f"job store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "30"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -82,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)
+    for exc_type in (RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(exc_type, store_unavailable)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     if settings.cors_origin_list:
         # browsers may send X-API-Key cross-origin (OpenSeadragon's ajaxHeaders); no cookies are used

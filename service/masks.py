@@ -116,7 +116,8 @@ def decode_mask(data: bytes, info: MaskInfo) -> np.ndarray:
             arr = tifffile.imread(io.BytesIO(data), key=0)
         except Exception as exc:  # corrupt strips/tiles raise codec-specific errors
             raise MaskError(f"is not a readable TIFF ({exc.__class__.__name__}: {exc})") from exc
-    arr = np.squeeze(arr)
+    while arr.ndim > 2 and 1 in (arr.shape[0], arr.shape[-1]):  # single-sample axes, never 1-px rows/columns
+        arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
     if arr.ndim != 2:
         raise MaskError(f"must be a 2-D single-channel image, got shape {arr.shape}")
     if arr.dtype == bool:

@@ -28,6 +28,7 @@ SUBTYPE_ALIASES = {
 
 
 DEFAULT_GUIDANCE = 3.0  # DiffInfinite's notebook default ω, for cards that name none
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # embeddings are float32 in the engines
 
 
 class FieldError(ValueError):
@@ -94,8 +95,11 @@ def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]
             ("conditioning", "vector"),
             f"{card.name} expects {card.embedding_dim} numbers from {card.embedding_encoder!r}, got {len(cond.vector)}",
         )
-    if not all(math.isfinite(v) for v in cond.vector):
-        raise FieldError(("conditioning", "vector"), "contains non-finite values (NaN or infinity)")
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in cond.vector):
+        raise FieldError(("conditioning", "vector"), "contains non-finite values (NaN or infinity) or values "
+                         f"beyond float32 (|v| > {FLOAT32_MAX:.4g})")
+    if float(np.linalg.norm(np.asarray(cond.vector, np.float32))) < 1e-8:  # as the engine measures it
+        raise FieldError(("conditioning", "vector"), "is a zero vector: it has no direction to condition on")
     return list(map(float, cond.vector))
 
 

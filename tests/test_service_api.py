@@ -420,3 +420,64 @@ def test_cors_lets_a_viewer_on_another_origin_read_the_deep_zoom_endpoints(embed
         assert "access-control-allow-origin" not in c.get("/models", headers={"Origin": viewer}).headers
     with pytest.raises(ValidationError, match="cors_origins"):
         type(embedded_settings)(cors_origins="viewer.example.org")
+
+
+def test_review_edge_cases_get_4xx_or_work(client):
+    """Inputs a black-box review found mishandled: each now gets a 4xx naming the field, or works."""
+    big = client.get("/jobs", params={"offset": 10 ** 20})
+    assert big.status_code == 422 and error_locs(big) == [["query", "offset"]]
+    body = {"conditioning": {"type": "subtype", "subtype": "LUSC"}, "width": 256, "height": 128, "seed": 1}
+    mixed = client.post("/generate", content=json.dumps(body), headers={"content-type": "Application/JSON"})
+    assert mixed.status_code == 202, mixed.text  # media types are case-insensitive
+    base = {"model": "infinity-brush-untrained", "width": 256, "height": 256}
+    for vector in ([0.0] * 512, [1e308] * 512, [1e-30] * 512):
+        bad = client.post("/generate", json={**base, "conditioning": {"type": "embedding", "vector": vector}})
+        assert bad.status_code == 422 and error_locs(bad) == [["body", "conditioning", "vector"]], vector[0]
+    one_row = post_mask(client, png_bytes(make_mask(1, 64)), {"mask_mpp": 8.0})  # 16 × 1024 px at 0.5 µm/px
+    assert one_row.status_code == 202, one_row.text
+    assert client.store.get(one_row.json()["id"]).spec.height == 16
+    files = [("mask", ("m.png", png_bytes(make_mask(64, 64)), "image/png"))] * 3
+    three = client.post("/generate", files=files, data={"params": "{}"})
+    assert three.status_code == 422 and error_locs(three) == [["body", "mask"]]
+
+
+def test_store_down_answers_503_with_retry_after(embedded_settings):
+    from service.app import create_app
+
+    settings = embedded_settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})  # nothing listens
+    with TestClient(create_app(settings)) as c:
+        for path in ("/jobs", "/jobs/abc123"):
+            resp = c.get(path)
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "30", (path, resp.text)
+            assert resp.json()["detail"].startswith("job store unavailable")
+        assert c.get("/healthz").status_code == 503
+
+
+def test_slide_head_bad_range_and_zarr_listing(client, finished_job):
+    from writers.zarr import OmeZarrWriter
+    from slidesynth.jobs import JobStatus
+    from tests.slide_helpers import iter_tiles
+
+    job_id, image = finished_job
+    tiff = client.store.job_dir(job_id) / "slide.tiff"
+    head = client.head(f"/jobs/{job_id}/slide.tiff")
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == tiff.stat().st_size and head.headers["accept-ranges"] == "bytes"
+    for junk in ("garbage", "bytes=5-1"):  # malformed: ignored, the whole file
+        whole = client.get(f"/jobs/{job_id}/slide.tiff", headers={"Range": junk})
+        assert whole.status_code == 200 and whole.content == tiff.read_bytes(), junk
+    part = client.get(f"/jobs/{job_id}/slide.tiff", headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == tiff.read_bytes()[:10]
+
+    small = image[:600, :700]
+    with OmeZarrWriter(client.store.job_dir(job_id) / "slide.zarr", 700, 600, mpp=0.5) as w:
+        for ty, tx, t in iter_tiles(small):
+            w.write_tile(ty, tx, t)
+    client.store.update(job_id, status=JobStatus.succeeded, outputs={"tiff": "slide.tiff", "zarr": "slide.zarr"})
+    link = client.get(f"/jobs/{job_id}").json()["links"]["zarr"]
+    root = client.get(link)
+    assert root.status_code == 200 and root.json()["path"] == "" and "0/" in root.json()["entries"]
+    assert ".zattrs" in root.json()["entries"]
+    attrs = client.get(f"/jobs/{job_id}/slide.zarr/.zattrs")
+    assert attrs.status_code == 200 and "multiscales" in attrs.json()
+    assert client.get(f"/jobs/{job_id}/slide.zarr/nope").status_code == 404

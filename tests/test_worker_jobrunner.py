@@ -229,3 +229,12 @@ def test_a_checkpoint_that_cannot_resume_this_job_is_ignored(ctx):
     ctx.store.update("old1", attempts=1)  # this run is the second delivery: it looks for a checkpoint
     assert run_job("old1", ctx) == JobStatus.succeeded, ctx.store.get("old1").error
     assert job.spec.seed == 3
+
+
+def test_a_slide_too_small_for_the_fidelity_classifier_succeeds_without_the_metric(ctx):
+    """A side under the classifier's 64-px window: nothing to score, and no reason to fail the job."""
+    from worker.jobrunner import run_job
+
+    submit(ctx, "tiny", steps=2, size=32, outputs=["tiff"])
+    assert run_job("tiny", ctx) == JobStatus.succeeded, ctx.store.get("tiny").error
+    assert "balanced_accuracy" not in ctx.store.get("tiny").metrics

@@ -88,7 +88,10 @@ def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[in
         classifier = _fidelity_classifier()
     except FileNotFoundError:  # a deployment without the shipped classifier: no fidelity metrics
         return None
-    return SlideScorer(labels, classifier, label_map=label_map, boundaries=boundaries)
+    try:
+        return SlideScorer(labels, classifier, label_map=label_map, boundaries=boundaries)
+    except ValueError:  # no classifier window fits the slide (a side under 64 px): nothing to score
+        return None
 
 
 def fidelity_metrics(scorer) -> dict[str, float]:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.deps import Services, get_services, get_tenant
 from service.errors import from_field_error, from_validation_error, unprocessable
@@ -90,7 +91,7 @@ def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | 
 async def generate(request: Request, response: Response, tenant: str = Depends(get_tenant),
                    services: Services = Depends(get_services)) -> JobCreated:
     settings = services.settings
-    ctype = request.headers.get("content-type", "")
+    ctype = request.headers.get("content-type", "").lower()  # media types are case-insensitive
     mask_png: bytes | None = None
     try:
         if ctype.startswith("application/json"):
@@ -102,7 +103,12 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
             card = resolve_model(body.model, cards, settings)
             spec = build_spec(body, card, settings, conditioning=body.conditioning)
         elif ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
+            try:
+                form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
+            except StarletteHTTPException as exc:  # Starlette's multipart limits: a 422 naming the part, not a 400
+                raise unprocessable(("mask",) if "files" in str(exc.detail) else ("params",),
+                                    f"multipart body refused: {exc.detail} (one mask file and one params part "
+                                    f"of at most 1 MiB)") from None
             upload = form.get("mask")
             if not isinstance(upload, UploadFile):
                 raise unprocessable(("mask",), "a mask file part is required")

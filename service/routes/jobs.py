@@ -5,7 +5,8 @@ import shutil
 import time
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.responses import MalformedRangeHeader
 
 from service import deepzoom
 from service.deps import Services, get_services, get_tenant
@@ -14,7 +15,7 @@ from service.views import job_view
 from slidesynth.jobs import JobRecord, JobStatus
 from worker.pipeline import OUTPUT_FILES
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses={503: {"description": "Job store unavailable (Retry-After)"}})
 
 NOT_FOUND = {404: {"description": "No such job (for this caller)"}}
 NOT_READY = {409: {"description": "The job has not succeeded (yet)"}}
@@ -33,7 +34,7 @@ def get_job(job_id: str, tenant: str = Depends(get_tenant), services: Services =
 
 
 @router.get("/jobs", response_model=JobList, summary="The caller's jobs, newest first")
-def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=100), tenant: str = Depends(get_tenant),
+def list_jobs(offset: int = Query(0, ge=0, le=10 ** 9), limit: int = Query(20, ge=1, le=100), tenant: str = Depends(get_tenant),
               services: Services = Depends(get_services)) -> JobList:
     jobs, total = services.store.list(tenant, offset, limit)
     return JobList(items=[job_view(j) for j in jobs], total=total, offset=offset, limit=limit)
@@ -76,6 +77,17 @@ def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant
     return job_view(store.get(job_id) or job)
 
 
+class DownloadResponse(FileResponse):
+    """A file with HTTP Range support that ignores a malformed Range header and sends the whole file, as RFC 9110
+    §14.2 allows (Starlette answers it with a plain-text 400)."""
+
+    def _parse_range_header(self, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []  # no ranges: the whole file, 200
+
+
 def _output(job_id: str, kind: str, tenant: str, services: Services):
     job = _own_job(job_id, tenant, services)
     if job.status != JobStatus.succeeded:
@@ -85,14 +97,22 @@ def _output(job_id: str, kind: str, tenant: str, services: Services):
     return services.store.job_dir(job_id) / job.outputs[kind]
 
 
-@router.get("/jobs/{job_id}/slide.tiff", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
-            200: {"content": {"image/tiff": {}}, "description": "Pyramidal BigTIFF; HTTP Range supported"},
-            206: {"content": {"image/tiff": {}}, "description": "The requested byte range (Range header)"},
-            416: {"description": "Range not satisfiable"}},
+@router.get("/jobs/{job_id}/slide.tiff", response_class=FileResponse,
+            responses={**NOT_FOUND, **NOT_READY,
+                       200: {"content": {"image/tiff": {}},
+                             "description": "Pyramidal BigTIFF; HTTP Range supported (HEAD: headers only)"},
+                       206: {"content": {"image/tiff": {}}, "description": "The requested byte range (Range header)"},
+                       416: {"description": "Range not satisfiable (empty body, `Content-Range: bytes */size`)"}},
             summary="Download the pyramidal TIFF")
 def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
     path = _output(job_id, "tiff", tenant, services)
-    return FileResponse(path, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
+    return DownloadResponse(path, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
+
+
+# HEAD: the size and Accept-Ranges before ranged reads (GDAL, HTTP range readers); the same handler, headers only
+router.add_api_route("/jobs/{job_id}/slide.tiff", download_slide, methods=["HEAD"], response_class=FileResponse,
+                     operation_id="head_slide", summary="Headers of the pyramidal TIFF (size, Accept-Ranges)",
+                     responses={**NOT_FOUND, **NOT_READY})
 
 
 DEEPZOOM_CACHE = "private, max-age=86400"  # a job's slide never changes; deleting the job removes it
@@ -138,14 +158,20 @@ def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Serv
 
 
 @router.get("/jobs/{job_id}/slide.zarr/{path:path}", response_class=FileResponse,
-            responses={**NOT_FOUND, **NOT_READY}, summary="OME-Zarr files (metadata and chunks)")
+            responses={**NOT_FOUND, **NOT_READY,
+                       200: {"description": "A file of the OME-Zarr (metadata or chunk), or for a folder (e.g. the "
+                                            "root, `slide.zarr/`) a JSON listing of its entries"}},
+            summary="OME-Zarr files (metadata and chunks)")
 def download_zarr(job_id: str, path: str, tenant: str = Depends(get_tenant),
                   services: Services = Depends(get_services)):
     root = _output(job_id, "zarr", tenant, services).resolve()
     target = (root / path).resolve()
+    if target.is_relative_to(root) and target.is_dir():  # what is under the link the job gives, and below
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
+        return JSONResponse({"path": path, "entries": entries})
     if not target.is_relative_to(root) or not target.is_file():
         raise HTTPException(404, detail=f"no file {path!r} in the Zarr output")
-    return FileResponse(target)
+    return DownloadResponse(target)
 
 
 assert set(OUTPUT_FILES) >= {"tiff", "zarr", "thumbnail", "mask"}

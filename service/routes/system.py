@@ -28,7 +28,8 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
     return ModelList(default=settings.default_model, models=infos)
 
 
-@router.get("/healthz", response_model=Health, tags=["system"], summary="Liveness and job-store reachability")
+@router.get("/healthz", response_model=Health, tags=["system"], summary="Liveness and job-store reachability",
+            responses={503: {"model": Health, "description": "The job store is unreachable (status degraded)"}})
 def healthz(response: Response, services: Services = Depends(get_services)) -> Health:
     ok = services.store.ping()
     if not ok:
