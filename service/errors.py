@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import HTTPException
 from pydantic import ValidationError
 
+from service.schemas import UNION_TAGS
 from service.validation import FieldError
 
 
@@ -15,9 +16,17 @@ def from_field_error(err: FieldError, prefix: tuple = ()) -> HTTPException:
     return unprocessable(prefix + tuple(err.loc), err.msg)
 
 
+def json_path(loc: tuple) -> tuple:
+    """pydantic's ``loc`` without the tag it inserts after a tagged union (``conditioning.subtype.subtype``
+    → ``conditioning.subtype``): the field's path in the JSON the client sent."""
+    if len(loc) > 2 and loc[1] in UNION_TAGS.get(loc[0], ()):
+        return (loc[0], *loc[2:])
+    return tuple(loc)
+
+
 def from_validation_error(err: ValidationError, prefix: tuple = ()) -> HTTPException:
     detail = [
-        {"loc": ["body", *prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        {"loc": ["body", *prefix, *json_path(e["loc"])], "msg": e["msg"], "type": e["type"]}
         for e in err.errors(include_url=False, include_context=False, include_input=False)
     ]
     return HTTPException(status_code=422, detail=detail)

@@ -9,7 +9,9 @@ from slidesynth.jobs import DECODE_TILE, TUKEY_OVERLAP
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown fields refused, and JSON types as the contract declares them: "256" or true for an integer is a
+    # 422, not coerced (an integer is still a valid number)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SubtypeConditioning(_Strict):
@@ -24,6 +26,7 @@ class EmbeddingConditioning(_Strict):
 
 
 Conditioning = Annotated[Union[SubtypeConditioning, EmbeddingConditioning], Field(discriminator="type")]
+UNION_TAGS = {"conditioning": {"subtype", "embedding"}}  # the tags pydantic puts into error locations
 
 
 class GenerateParams(_Strict):

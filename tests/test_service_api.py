@@ -481,3 +481,24 @@ def test_slide_head_bad_range_and_zarr_listing(client, finished_job):
     attrs = client.get(f"/jobs/{job_id}/slide.zarr/.zattrs")
     assert attrs.status_code == 200 and "multiscales" in attrs.json()
     assert client.get(f"/jobs/{job_id}/slide.zarr/nope").status_code == 404
+
+
+def test_types_are_the_contracts_and_locations_are_json_paths(client):
+    """No coercion of strings or booleans into numbers; a 422's loc is the path in the JSON that was sent
+    (no pydantic union tag in it), the same path the service's own checks use."""
+    base = {"conditioning": {"type": "subtype", "subtype": "LUSC"}, "width": 256, "height": 128}
+    for field, value in (("width", "256"), ("width", True), ("steps", "2"), ("seed", "3"), ("mpp", "0.5")):
+        resp = client.post("/generate", json={**base, field: value})
+        assert resp.status_code == 422 and error_locs(resp) == [["body", field]], (field, value, resp.text)
+    missing = client.post("/generate", json={**base, "conditioning": {"type": "subtype"}})
+    assert missing.status_code == 422 and error_locs(missing) == [["body", "conditioning", "subtype"]]
+    extra = client.post("/generate", json={**base, "conditioning": {"type": "subtype", "subtype": "LUSC", "x": 1}})
+    assert error_locs(extra) == [["body", "conditioning", "x"]]
+    text = client.post("/generate", json={**base, "model": "infinity-brush-untrained",
+                                          "conditioning": {"type": "embedding", "vector": "0.1"}})
+    short = client.post("/generate", json={**base, "model": "infinity-brush-untrained",
+                                           "conditioning": {"type": "embedding", "vector": [0.1]}})
+    assert error_locs(text) == error_locs(short) == [["body", "conditioning", "vector"]]
+    params = post_mask(client, png_bytes(make_mask(64, 64)), {"steps": "2"})
+    assert params.status_code == 422 and error_locs(params) == [["body", "params", "steps"]]
+    assert_nothing_created(client)
