@@ -70,15 +70,27 @@ def resolve_subtype(name: str, card: ModelCard) -> tuple[str, int]:
     raise FieldError(("conditioning", "subtype"), f"unknown subtype {name!r} for {card.name}; known: {known}")
 
 
-def _require_text_encoder(settings: Settings) -> None:
+def text_encoder_available(settings: Settings) -> bool:
     """∞-Brush turns subtypes into embeddings with QuiltNet's text tower, loaded from a local folder."""
     from models.infbrush.text import DEFAULT_DIRNAME
 
-    folder = settings.models_dir / DEFAULT_DIRNAME
-    if not (folder / "open_clip_config.json").is_file():
+    return (settings.models_dir / DEFAULT_DIRNAME / "open_clip_config.json").is_file()
+
+
+def usable_conditioning(card: ModelCard, settings: Settings) -> list[str]:
+    """The conditioning kinds this deployment can serve for ``card`` (what ``GET /models`` lists)."""
+    return [c for c in card.conditioning
+            if not (c == "subtype" and card.engine == "infinity-brush" and not text_encoder_available(settings))]
+
+
+def _require_text_encoder(settings: Settings) -> None:
+    from models.infbrush.text import DEFAULT_DIRNAME
+
+    if not text_encoder_available(settings):  # the folder relative to the models dir: no server paths in answers
         raise FieldError(("conditioning", "type"),
-                         f"subtype prompts for ∞-Brush need the QuiltNet text encoder in {folder} "
-                         "(an OpenCLIP local-dir folder), which this deployment lacks; send an embedding instead")
+                         f"subtype prompts for ∞-Brush need the QuiltNet text encoder (an OpenCLIP local-dir folder "
+                         f"{DEFAULT_DIRNAME}/ in SLIDESYNTH_MODELS_DIR), which this deployment lacks; send an "
+                         "embedding instead")
 
 
 def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]:

@@ -254,6 +254,10 @@ def test_infinity_brush_embedding_checks(client):
     # Subtype prompts need QuiltNet's text tower, which this test deployment lacks: refused up front.
     sub = client.post("/generate", json={**base, "conditioning": {"type": "subtype", "subtype": "luad"}})
     assert sub.status_code == 422 and "quiltnet-b-32" in sub.text
+    assert str(client.settings.models_dir) not in sub.text  # no server paths in answers
+    # ... and /models does not offer what would be refused
+    card = {m["name"]: m for m in client.get("/models").json()["models"]}["infinity-brush-untrained"]
+    assert card["conditioning"] == ["embedding"]
 
 
 def test_lost_running_job_is_canceled_at_once(client):

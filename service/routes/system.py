@@ -6,7 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import Services, get_services
 from service.schemas import Health, ModelInfo, ModelList
-from service.validation import DEFAULT_GUIDANCE
+from service.validation import DEFAULT_GUIDANCE, usable_conditioning
 
 router = APIRouter()
 
@@ -18,7 +18,7 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
     for card in services.registry.cards().values():
         infos.append(ModelInfo(
             name=card.name, engine=card.engine, trained=card.trained, description=card.description,
-            classes=card.classes, fidelity_classes=card.fidelity_classes, subtypes=card.subtypes, conditioning=list(card.conditioning),
+            classes=card.classes, fidelity_classes=card.fidelity_classes, subtypes=card.subtypes, conditioning=usable_conditioning(card, settings),
             native_mpp=card.native_mpp, max_width=min(card.max_width, settings.max_width),
             max_height=min(card.max_height, settings.max_height), default_steps=card.steps_default,
             default_guidance=card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE,
