@@ -34,8 +34,8 @@ def get_job(job_id: str, tenant: str = Depends(get_tenant), services: Services =
 
 
 @router.get("/jobs", response_model=JobList, summary="The caller's jobs, newest first")
-def list_jobs(offset: int = Query(0, ge=0, le=10 ** 9), limit: int = Query(20, ge=1, le=100), tenant: str = Depends(get_tenant),
-              services: Services = Depends(get_services)) -> JobList:
+def list_jobs(offset: int = Query(0, ge=0, le=10 ** 9), limit: int = Query(20, ge=1, le=100),
+              tenant: str = Depends(get_tenant), services: Services = Depends(get_services)) -> JobList:
     jobs, total = services.store.list(tenant, offset, limit)
     return JobList(items=[job_view(j) for j in jobs], total=total, offset=offset, limit=limit)
 
@@ -82,6 +82,7 @@ class DownloadResponse(FileResponse):
     §14.2 allows (Starlette answers it with a plain-text 400)."""
 
     def _parse_range_header(self, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        # Starlette's own (private) parsing hook; test_slide_head_bad_range_and_zarr_listing notices if it changes
         try:
             return super()._parse_range_header(http_range, file_size)
         except MalformedRangeHeader:
