@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory:
         m = figures["memory"]
         print(f"memory, 1024 x {args.memory_width} px strip (tile 64, overlap 6), peak RSS growth while decoding:")
-        for name, key in (("ours (streaming bands)", "ours"), ("diffusers tiled_decode", "reference_diffusers_tiled_decode"),
+        for name, key in (("ours (streaming bands)", "ours"),
+                          ("diffusers tiled_decode", "reference_diffusers_tiled_decode"),
                           ("ours, four-pass", "ours_four_pass")):
             r = m[key]
             print(f"  {name:<24} {r['rss_growth_mb']:>8.1f} MB  {r['decoder_forwards']:>5} forwards  {r['wall_s']:>6.1f} s")

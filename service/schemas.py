@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API (pydantic models; the OpenAPI contract is built from them)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,8 +25,10 @@ class EmbeddingConditioning(_Strict):
     encoder: str = Field("quilt-vit-b-32", description="Id of the encoder that produced the vector.")
 
 
-Conditioning = Annotated[Union[SubtypeConditioning, EmbeddingConditioning], Field(discriminator="type")]
-UNION_TAGS = {"conditioning": {"subtype", "embedding"}}  # the tags pydantic puts into error locations
+CONDITIONING_KINDS = (SubtypeConditioning, EmbeddingConditioning)
+Conditioning = Annotated[Union[CONDITIONING_KINDS], Field(discriminator="type")]
+# the tags pydantic puts into error locations after a tagged union: each kind's `type` literal
+UNION_TAGS = {"conditioning": {get_args(kind.model_fields["type"].annotation)[0] for kind in CONDITIONING_KINDS}}
 
 
 class GenerateParams(_Strict):

@@ -314,7 +314,8 @@ for band in dec.iter_bands(latent):
 print(json.dumps({"growth_mb": hwm() - base, "rows": rows, "corner": corner}))
 '''
     res = subprocess.run([sys.executable, "-c", code, window, str(tile), str(overlap)], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["rows"] == 320

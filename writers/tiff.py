@@ -281,8 +281,8 @@ class PyramidTiffWriter(CascadeWriter):
         self._start(path, width, height, tile, min_size, workers, overwrite, "tiff-encode")
         self._out = AppendFile(self.tmp, direct=direct_io)
         try:
-            self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, self.cascade.tile, compression, quality, subsampling,
-                                        predictor, synthetic_description(metadata, description), software,
+            self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, self.cascade.tile, compression, quality,
+                                        subsampling, predictor, synthetic_description(metadata, description), software,
                                         pool=self.pool, max_pending=max_pending or 8 * self.workers)
         except BaseException:
             self.abort()

@@ -18,7 +18,8 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
     for card in services.registry.cards().values():
         infos.append(ModelInfo(
             name=card.name, engine=card.engine, trained=card.trained, description=card.description,
-            classes=card.classes, fidelity_classes=card.fidelity_classes, subtypes=card.subtypes, conditioning=usable_conditioning(card, settings),
+            classes=card.classes, fidelity_classes=card.fidelity_classes, subtypes=card.subtypes,
+            conditioning=usable_conditioning(card, settings),
             native_mpp=card.native_mpp, max_width=min(card.max_width, settings.max_width),
             max_height=min(card.max_height, settings.max_height), default_steps=card.steps_default,
             default_guidance=card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE,
