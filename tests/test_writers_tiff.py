@@ -387,3 +387,42 @@ def test_a_narrow_slide_is_reduced_below_1024_px(tmp_path, size):
         for lvl, r in enumerate(ref):
             got = np.asarray(s.read_region((0, 0), lvl, (r.shape[1], r.shape[0])).convert("RGB"))
             assert np.array_equal(got, r), lvl
+
+
+def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path):
+    """The cascade's resizes run on the feeding thread while the encode threads hold the cores: OpenCV's own
+    pool is off while any writer is open (nested writers included) and comes back after the last one."""
+    import cv2
+
+    from writers.outputs import SlideOutputs
+    from writers.zarr import OmeZarrWriter
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        img = he_like(600, 700, seed=9, grain=0)
+        a = PyramidTiffWriter(tmp_path / "a.tif", 700, 600, mpp=0.5)
+        assert cv2.getNumThreads() == 1  # what OpenCV reports once threading is off (setNumThreads(0))
+        with OmeZarrWriter(tmp_path / "b.zarr", 700, 600, mpp=0.5) as b:
+            for ty, tx, tile in iter_tiles(img, 512):
+                b.write_tile(ty, tx, tile)
+        assert cv2.getNumThreads() == 1  # a is still open
+        for ty, tx, tile in iter_tiles(img, 512):
+            a.write_tile(ty, tx, tile)
+        a.close()
+        assert cv2.getNumThreads() == 3
+        with pytest.raises(ValueError, match="shape"):
+            with PyramidTiffWriter(tmp_path / "c.tif", 700, 600, mpp=0.5) as c:
+                c.write_tile(0, 0, img[:10, :10])  # aborts
+        assert cv2.getNumThreads() == 3
+        with SlideOutputs(700, 600, mpp=0.5, tiff_path=tmp_path / "d.tif") as d:
+            assert cv2.getNumThreads() == 1
+            d.write_band(img)
+        assert cv2.getNumThreads() == 3
+        with pytest.raises(ValueError, match="incomplete"):
+            with SlideOutputs(700, 600, mpp=0.5, tiff_path=tmp_path / "e.tif") as e:
+                e.write_band(img[:100])
+        assert cv2.getNumThreads() == 3
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.zarr", "d.tif"]
+    finally:
+        cv2.setNumThreads(before)

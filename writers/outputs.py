@@ -22,7 +22,8 @@ import numpy as np
 
 from writers.atomic import check_target, commit, partial_path, remove_path
 from writers.appendfile import AppendFile
-from writers.pyramid import BandTiler, PyramidCascade, TileBuffers, default_workers, tile_size_for
+from writers.pyramid import (BandTiler, PyramidCascade, SerialOpenCV, TileBuffers, default_workers,
+                             tile_size_for)
 from writers.tiff import TiffPyramidSink, check_codec, synthetic_description
 from writers.zarr import NGFF_VERSIONS, ZarrPyramidSink
 
@@ -62,6 +63,7 @@ class SlideOutputs:
         self._zarr: ZarrPyramidSink | None = None
         self.workers = max(1, int(workers)) if workers else default_workers()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="slide-encode")
+        self._serial = SerialOpenCV()
         try:
             self.cascade = PyramidCascade(self.width, self.height, self._on_tile, tile=tile, min_size=min_size)
             self.tiler = BandTiler(self.width, self.height, self.cascade.push_tile, tile=tile)
@@ -133,6 +135,7 @@ class SlideOutputs:
                 remove_path(path)
             raise
         self._state = "closed"
+        self._serial.release()
         self.thumbnail = self.cascade.smallest
 
     def abort(self) -> None:
@@ -144,6 +147,7 @@ class SlideOutputs:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self._out is not None:
             self._out.abort()
+        self._serial.release()
         remove_path(self._tiff_tmp)
         remove_path(self._zarr_tmp)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Callable
 
 import cv2
@@ -70,6 +71,39 @@ def downsample2x(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if res is not out:  # a layout OpenCV could not write into (e.g. a 1-channel 3-D view): copy its result
         out[...] = res.reshape(shape)
     return out
+
+
+class SerialOpenCV:
+    """OpenCV's own thread pool is off (``cv2.setNumThreads(0)``) while at least one of these is held;
+    the previous setting comes back when the last one is released (reference-counted, thread-safe).
+
+    Why: a writer's 2×2 means run on the thread that feeds it while its encode threads keep every core
+    busy.  OpenCV would split each 512² resize over its own threads, which then wait for a core: that cost
+    10–15 % of the TIFF writer's throughput on 2 cores (``python -m bench.writer``); serial, the resize
+    of a 512² tile takes ~70 µs.  Other OpenCV calls in the process (mask resizing) run serially meanwhile.
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+    _saved: int | None = None
+
+    def __init__(self) -> None:
+        with SerialOpenCV._lock:
+            if SerialOpenCV._holders == 0:
+                SerialOpenCV._saved = cv2.getNumThreads()
+                cv2.setNumThreads(0)
+            SerialOpenCV._holders += 1
+        self._held = True
+
+    def release(self) -> None:
+        """Give this hold back (idempotent)."""
+        with SerialOpenCV._lock:
+            if not self._held:
+                return
+            self._held = False
+            SerialOpenCV._holders -= 1
+            if SerialOpenCV._holders == 0:
+                cv2.setNumThreads(SerialOpenCV._saved)
 
 
 def rows_contiguous(a: np.ndarray) -> bool:
@@ -337,6 +371,7 @@ class CascadeWriter:
         self.workers = max(1, int(workers)) if workers else default_workers()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix=thread_name)
         self._buffers = TileBuffers(tile)
+        self._serial = SerialOpenCV()
         self._lent = False  # the level-0 tile being pushed is lent by the caller (write_tile(copy=False))
 
     @property
@@ -391,6 +426,7 @@ class CascadeWriter:
             raise
         self._closed = True
         self.pool.shutdown(wait=True)
+        self._serial.release()
         return self.path
 
     def abort(self) -> None:
@@ -405,6 +441,9 @@ class CascadeWriter:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._release()
+        serial = getattr(self, "_serial", None)
+        if serial is not None:
+            serial.release()
         remove_path(self.tmp)
 
     def __enter__(self):

@@ -279,8 +279,8 @@ class PyramidTiffWriter(CascadeWriter):
         check_codec(compression, quality, subsampling)
         self.thumbnail: np.ndarray | None = None
         self._start(path, width, height, tile, min_size, workers, overwrite, "tiff-encode")
-        self._out = AppendFile(self.tmp, direct=direct_io)
         try:
+            self._out = AppendFile(self.tmp, direct=direct_io)
             self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, self.cascade.tile, compression, quality,
                                         subsampling, predictor, synthetic_description(metadata, description), software,
                                         pool=self.pool, max_pending=max_pending or 8 * self.workers)
