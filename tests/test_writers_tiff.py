@@ -368,7 +368,7 @@ def test_resolution_tags_keep_the_mpp():
     rng = np.random.default_rng(0)
     for mpp in [0.123456789, 0.0515146, 0.25, 1 / 3] + list(rng.uniform(0.05, 100, 2000)):
         for level in (0, 5):
-            n, d = resolution_px_per_cm(float(mpp), level)
+            n, d = resolution_px_per_cm(float(mpp), 2 ** level)
             assert 0 < n < 2 ** 32 and 0 < d < 2 ** 32
             assert abs(1e4 / (n / d) / 2 ** level - mpp) <= 1e-11 * mpp, (mpp, level, n, d)
 
@@ -387,6 +387,24 @@ def test_a_narrow_slide_is_reduced_below_1024_px(tmp_path, size):
         for lvl, r in enumerate(ref):
             got = np.asarray(s.read_region((0, 0), lvl, (r.shape[1], r.shape[0])).convert("RGB"))
             assert np.array_equal(got, r), lvl
+    # pixel size per axis: a 1-px side is not halved, so its µm/px stops doubling (TIFF tags and NGFF scales)
+    from writers.zarr import ngff_multiscale
+
+    def expected_um(sides: list[int], lvl: int) -> float:
+        first_1px = next((i for i, side in enumerate(sides) if side == 1), len(sides))
+        return 0.5 * 2 ** min(lvl, first_1px)
+
+    widths, heights = [lv[0] for lv in w.levels], [lv[1] for lv in w.levels]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ngff_multiscale(w.levels, 0.5, "0.4")["datasets"]]
+    with tifffile.TiffFile(path) as tf:
+        pages = [p for p in tf.pages if p.is_tiled]
+        assert len(pages) == len(w.levels)
+        for lvl, page in enumerate(pages):
+            for tag, sides, axis in (("XResolution", widths, 2), ("YResolution", heights, 1)):
+                n, d = page.tags[tag].value
+                assert 1e4 * d / n == pytest.approx(expected_um(sides, lvl), rel=1e-9), (lvl, tag)
+                assert scales[lvl][axis] == pytest.approx(expected_um(sides, lvl), rel=1e-12), (lvl, axis)
+    assert min(widths + heights) == 1  # the case under test
 
 
 def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path):

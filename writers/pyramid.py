@@ -42,6 +42,16 @@ def pyramid_levels(width: int, height: int, min_size: int = 1024) -> list[tuple[
     return levels
 
 
+def level_downsamples(levels: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(x, y) level-0 pixels per pixel of every level of :func:`pyramid_levels`: doubles per level, except
+    along a side that had already reached 1 px (it is not halved, so its factor stops growing)."""
+    factors = [(1, 1)]
+    for (pw, ph), _ in zip(levels, levels[1:]):
+        fx, fy = factors[-1]
+        factors.append((fx * 2 if pw > 1 else fx, fy * 2 if ph > 1 else fy))
+    return factors
+
+
 def tile_size_for(width: int, height: int, tile: int = 512) -> int:
     """The tile side a slide of ``width`` × ``height`` px is written with: ``tile``, except for slides so small
     that libvips would refuse the file — it rejects tiles longer than twice the longest side rounded up to

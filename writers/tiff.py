@@ -2,7 +2,8 @@
 
 Layout (reference wsi_formats §2–3): BigTIFF; every level a tiled page in the main IFD chain (no SubIFDs),
 level 0 first, reduced levels with NewSubfileType = 1 down to a longest side < 1024 px; X/YResolution =
-10⁴ / (mpp · 2^level) px/cm with ResolutionUnit = CENTIMETER; the ImageDescription of page 0 starts with
+10⁴ / (mpp · 2^level) px/cm (along a side already at 1 px, which is not halved, the factor stops growing)
+with ResolutionUnit = CENTIMETER; the ImageDescription of page 0 starts with
 ``SYNTHETIC`` and carries the generation metadata as JSON; a stripped thumbnail page (the smallest level,
 NewSubfileType = 1) ends the chain — OpenSlide's generic-tiff backend ignores stripped pages, and tifffile
 keeps it out of the pyramid series because it is not a further 2× reduction.
@@ -34,7 +35,7 @@ import imagecodecs
 import numpy as np
 
 from writers.appendfile import AppendFile
-from writers.pyramid import CascadeWriter, cancel_futures
+from writers.pyramid import CascadeWriter, cancel_futures, level_downsamples
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -83,9 +84,10 @@ def _rational(x: Fraction) -> tuple[int, int]:
     return max(1, f.numerator), f.denominator
 
 
-def resolution_px_per_cm(mpp: float, level: int = 0) -> tuple[int, int]:
-    """X/YResolution for µm/px ``mpp`` at ``level`` as a TIFF RATIONAL (px per cm)."""
-    return _rational(Fraction(10000) / (Fraction(repr(float(mpp))) * 2 ** level))
+def resolution_px_per_cm(mpp: float, downsample: int = 1) -> tuple[int, int]:
+    """X- or YResolution as a TIFF RATIONAL (px per cm) for µm/px ``mpp`` at level 0 and a level holding
+    one pixel per ``downsample`` level-0 pixels along that axis."""
+    return _rational(Fraction(10000) / (Fraction(repr(float(mpp))) * downsample))
 
 
 class TiffPyramidSink:
@@ -112,6 +114,7 @@ class TiffPyramidSink:
         self.pool = pool or ThreadPoolExecutor(2, thread_name_prefix="tiff-encode")
         self.max_pending = max_pending
         self.grid = [(math.ceil(h / tile), math.ceil(w / tile)) for (w, h) in levels]
+        self.downsamples = level_downsamples(levels)
         self.offsets = [np.zeros(r * c, np.uint64) for r, c in self.grid]
         self.counts = [np.zeros(r * c, np.uint64) for r, c in self.grid]
         self.written = [0] * len(levels)
@@ -172,7 +175,7 @@ class TiffPyramidSink:
 
     def _page_tags(self, level: int, width: int, height: int) -> list[tuple[int, int, Any]]:
         photometric = 6 if self.compression == "jpeg" else 2
-        res = resolution_px_per_cm(self.mpp, level)
+        fx, fy = self.downsamples[level]
         tags: list[tuple[int, int, Any]] = [
             (254, LONG, [0 if level == 0 else 1]),
             (256, LONG, [width]),
@@ -181,8 +184,8 @@ class TiffPyramidSink:
             (259, SHORT, [COMPRESSION_TAGS[self.compression]]),
             (262, SHORT, [photometric]),
             (277, SHORT, [3]),
-            (282, RATIONAL, [res]),
-            (283, RATIONAL, [res]),
+            (282, RATIONAL, [resolution_px_per_cm(self.mpp, fx)]),
+            (283, RATIONAL, [resolution_px_per_cm(self.mpp, fy)]),
             (284, SHORT, [1]),
             (296, SHORT, [3]),
             (339, SHORT, [1, 1, 1]),

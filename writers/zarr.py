@@ -20,22 +20,23 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from writers.pyramid import CascadeWriter, cancel_futures
+from writers.pyramid import CascadeWriter, cancel_futures, level_downsamples
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
 def ngff_multiscale(levels: list[tuple[int, int]], mpp: float, version: str) -> dict[str, Any]:
-    """The ``multiscales[0]`` object for an RGB pyramid (c, y, x) with doubling pixel size per level."""
+    """The ``multiscales[0]`` object for an RGB pyramid (c, y, x) with doubling pixel size per level (along
+    a side not yet at 1 px; see :func:`writers.pyramid.level_downsamples`)."""
     ms: dict[str, Any] = {
         "name": "slide",
         "axes": [{"name": "c", "type": "channel"},
                  {"name": "y", "type": "space", "unit": "micrometer"},
                  {"name": "x", "type": "space", "unit": "micrometer"}],
         "datasets": [{"path": str(i), "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, float(mpp) * 2 ** i, float(mpp) * 2 ** i]}]}
-            for i in range(len(levels))],
+            {"type": "scale", "scale": [1.0, float(mpp) * fy, float(mpp) * fx]}]}
+            for i, (fx, fy) in enumerate(level_downsamples(levels))],
         "type": "mean",
         "metadata": {"description": "exact rounded 2x2 box mean of the level above (floor halving)",
                      "method": "cv2.resize INTER_AREA"},
