@@ -415,6 +415,9 @@ def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path
     from writers.outputs import SlideOutputs
     from writers.zarr import OmeZarrWriter
 
+    from writers.pyramid import SerialOpenCV
+
+    assert SerialOpenCV._holders == 0, "an earlier test left a writer open"
     before = cv2.getNumThreads()
     cv2.setNumThreads(3)
     try:
@@ -444,3 +447,47 @@ def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.zarr", "d.tif"]
     finally:
         cv2.setNumThreads(before)
+
+
+def test_the_opencv_hold_is_given_back_by_dropped_writers_and_failing_aborts(tmp_path, monkeypatch):
+    """A writer that is never closed gives its hold back when it is garbage-collected; an abort whose cleanup
+    raises still gives it back and removes the temporary file; so does a constructor whose file cannot be
+    created."""
+    import gc
+
+    import cv2
+
+    from writers.outputs import SlideOutputs
+    from writers.pyramid import SerialOpenCV
+
+    assert SerialOpenCV._holders == 0, "an earlier test left a writer open"
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        w = PyramidTiffWriter(tmp_path / "dropped.tif", 100, 100, mpp=0.5)
+        assert cv2.getNumThreads() == 1
+        w.pool.shutdown()
+        del w
+        gc.collect()
+        assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
+
+        out = SlideOutputs(100, 100, mpp=0.5, tiff_path=tmp_path / "e.tif")
+
+        def failing_cancel():
+            raise RuntimeError("cancel failed")
+
+        monkeypatch.setattr(out._tiff, "cancel", failing_cancel)
+        with pytest.raises(RuntimeError, match="cancel failed"):
+            with out:
+                out.write_band(np.zeros((10, 100, 3), np.uint8))
+                raise KeyError("the job failed")
+        assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
+        assert not (tmp_path / "e.tif").exists()
+
+        with pytest.raises(OSError):
+            PyramidTiffWriter(tmp_path / "no-such-folder" / "x.tif", 100, 100, mpp=0.5)
+        assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+    # nothing else is left (a dropped writer, never closed or aborted, does keep its partial file)
+    assert [p.name for p in tmp_path.iterdir() if "dropped" not in p.name] == []

@@ -63,7 +63,7 @@ class SlideOutputs:
         self._zarr: ZarrPyramidSink | None = None
         self.workers = max(1, int(workers)) if workers else default_workers()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="slide-encode")
-        self._serial = SerialOpenCV()
+        self._serial = SerialOpenCV(self)
         try:
             self.cascade = PyramidCascade(self.width, self.height, self._on_tile, tile=tile, min_size=min_size)
             self.tiler = BandTiler(self.width, self.height, self.cascade.push_tile, tile=tile)
@@ -141,15 +141,17 @@ class SlideOutputs:
     def abort(self) -> None:
         """Stop encoding and remove temporary outputs (idempotent; final paths are never touched)."""
         self._state = "aborted"
-        for sink in (self._tiff, self._zarr):
-            if sink is not None:
-                sink.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self._out is not None:
-            self._out.abort()
-        self._serial.release()
-        remove_path(self._tiff_tmp)
-        remove_path(self._zarr_tmp)
+        try:
+            for sink in (self._tiff, self._zarr):
+                if sink is not None:
+                    sink.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            if self._out is not None:
+                self._out.abort()
+        finally:  # whatever failed above, the hold is given back and no partial output stays
+            self._serial.release()
+            remove_path(self._tiff_tmp)
+            remove_path(self._zarr_tmp)
 
     def __enter__(self) -> "SlideOutputs":
         return self

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from typing import Callable
 
 import cv2
@@ -45,7 +46,7 @@ def pyramid_levels(width: int, height: int, min_size: int = 1024) -> list[tuple[
 def level_downsamples(levels: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(x, y) level-0 pixels per pixel of every level of :func:`pyramid_levels`: doubles per level, except
     along a side that had already reached 1 px (it is not halved, so its factor stops growing)."""
-    factors = [(1, 1)]
+    factors = [(1, 1)] if levels else []
     for (pw, ph), _ in zip(levels, levels[1:]):
         fx, fy = factors[-1]
         factors.append((fx * 2 if pw > 1 else fx, fy * 2 if ph > 1 else fy))
@@ -85,25 +86,30 @@ def downsample2x(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 class SerialOpenCV:
     """OpenCV's own thread pool is off (``cv2.setNumThreads(0)``) while at least one of these is held;
-    the previous setting comes back when the last one is released (reference-counted, thread-safe).
+    the previous setting comes back when the last one is released (reference-counted, thread-safe) —
+    unless other code changed the setting meanwhile, which is then left as it is.
 
     Why: a writer's 2×2 means run on the thread that feeds it while its encode threads keep every core
     busy.  OpenCV would split each 512² resize over its own threads, which then wait for a core: that cost
     10–15 % of the TIFF writer's throughput on 2 cores (``python -m bench.writer``); serial, the resize
     of a 512² tile takes ~70 µs.  Other OpenCV calls in the process (mask resizing) run serially meanwhile.
+
+    The hold is released by :meth:`release` or, for an owner dropped without it (a writer never closed),
+    when ``owner`` is garbage-collected.
     """
 
-    _lock = threading.Lock()
+    _lock = threading.RLock()  # re-entrant: a finalizer may run on a thread that is inside the lock
     _holders = 0
     _saved: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, owner: object) -> None:
         with SerialOpenCV._lock:
             if SerialOpenCV._holders == 0:
                 SerialOpenCV._saved = cv2.getNumThreads()
                 cv2.setNumThreads(0)
             SerialOpenCV._holders += 1
-        self._held = True
+            self._held = True
+        weakref.finalize(owner, self.release)
 
     def release(self) -> None:
         """Give this hold back (idempotent)."""
@@ -112,7 +118,7 @@ class SerialOpenCV:
                 return
             self._held = False
             SerialOpenCV._holders -= 1
-            if SerialOpenCV._holders == 0:
+            if SerialOpenCV._holders == 0 and cv2.getNumThreads() == 1:  # 1: still serial, as set above
                 cv2.setNumThreads(SerialOpenCV._saved)
 
 
@@ -381,7 +387,7 @@ class CascadeWriter:
         self.workers = max(1, int(workers)) if workers else default_workers()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix=thread_name)
         self._buffers = TileBuffers(tile)
-        self._serial = SerialOpenCV()
+        self._serial = SerialOpenCV(self)
         self._lent = False  # the level-0 tile being pushed is lent by the caller (write_tile(copy=False))
 
     @property
@@ -444,17 +450,19 @@ class CascadeWriter:
         from writers.atomic import remove_path
 
         self._closed = True
-        sink = getattr(self, "sink", None)
-        if sink is not None:
-            sink.cancel()
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        self._release()
-        serial = getattr(self, "_serial", None)
-        if serial is not None:
-            serial.release()
-        remove_path(self.tmp)
+        try:
+            sink = getattr(self, "sink", None)
+            if sink is not None:
+                sink.cancel()
+            pool = getattr(self, "pool", None)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._release()
+        finally:  # whatever failed above, the hold is given back and no partial file stays
+            serial = getattr(self, "_serial", None)
+            if serial is not None:
+                serial.release()
+            remove_path(self.tmp)
 
     def __enter__(self):
         return self

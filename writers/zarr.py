@@ -2,7 +2,8 @@
 
 * NGFF **0.4 on Zarr v2** (default; what QuPath's jzarr-based reader opens) or **0.5 on Zarr v3**.
 * One array per pyramid level (paths ``"0"``, ``"1"``, …), shape (3, H_l, W_l), axes c (channel), y, x
-  (space, micrometer); chunks (3, tile, tile); blosc-zstd with bit-shuffle; scale [1, mpp·2^l, mpp·2^l].
+  (space, micrometer); chunks (3, tile, tile); blosc-zstd with bit-shuffle; scale [1, mpp·2^l, mpp·2^l]
+  (a side already at 1 px stops doubling).
 * Group and array metadata are created through zarr-python; chunk files are encoded (numcodecs Blosc) and
   written straight to their keys by the encode thread pool as tiles arrive (about 3× faster than array
   slice assignment, reference wsi_formats §6.3).  Edge chunks are stored at full chunk shape (spec).
