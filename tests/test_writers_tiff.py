@@ -410,6 +410,8 @@ def test_a_narrow_slide_is_reduced_below_1024_px(tmp_path, size):
 def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path):
     """The cascade's resizes run on the feeding thread while the encode threads hold the cores: OpenCV's own
     pool is off while any writer is open (nested writers included) and comes back after the last one."""
+    import gc
+
     import cv2
 
     from writers.outputs import SlideOutputs
@@ -417,6 +419,7 @@ def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path
 
     from writers.pyramid import SerialOpenCV
 
+    gc.collect()  # writers earlier tests dropped give their holds back
     assert SerialOpenCV._holders == 0, "an earlier test left a writer open"
     before = cv2.getNumThreads()
     cv2.setNumThreads(3)
@@ -460,6 +463,7 @@ def test_the_opencv_hold_is_given_back_by_dropped_writers_and_failing_aborts(tmp
     from writers.outputs import SlideOutputs
     from writers.pyramid import SerialOpenCV
 
+    gc.collect()  # writers earlier tests dropped give their holds back
     assert SerialOpenCV._holders == 0, "an earlier test left a writer open"
     before = cv2.getNumThreads()
     cv2.setNumThreads(3)
