@@ -10,7 +10,8 @@ is the default ``copy=True``, for callers that reuse their tile buffer); pyvips 
 in-memory image, ``replicate``d and cropped lazily (a streamed source: libvips never holds the canvas).
 Same codec settings: JPEG Q90, 4:2:0 chroma subsampling (pyvips ``subsample_mode="on"``; libvips would
 otherwise switch to 4:4:4 at Q ≥ 90), 512² tiles, BigTIFF, full pyramid.  Each measurement runs in its
-own process so peak RSS (``ru_maxrss``) is that writer's alone (interpreter and libraries included).
+own process so peak RSS (VmHWM, :mod:`bench.memory`) is that writer's alone (interpreter and libraries
+included).
 Throughput = level-0 megapixels ÷ wall seconds of the write.
 
 "encoder only" encodes as many tiles as the pyramid holds with the same encoder, settings and threads and
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Pyramidal TIFF write, JPEG Q90 4:2:0, 512² tiles, BigTIFF; {args.workers} encode threads; "
           f"{os.cpu_count()} CPUs; best of {args.repeat}")
-    names = {"ours": "ours Q90", "ours-copy": "ours, copying", "ours-q89": "ours Q89", "pyvips89": "pyvips Q89", "pyvips90": "pyvips Q90",
-             "encoder": "encoder only"}
+    names = {"ours": "ours Q90", "ours-copy": "ours, copying", "ours-q89": "ours Q89", "pyvips89": "pyvips Q89",
+             "pyvips90": "pyvips Q90", "encoder": "encoder only"}
     print(f"{'size':>8} {'writer':<13} {'chroma':<20} {'wall s':>8} {'Mpx/s':>8} {'CPU s':>7} {'Mpx/CPU-s':>9} "
           f"{'peak RSS MB':>12} "
           f"{'start RSS MB':>12} {'file MB':>9} {'levels':>7}")

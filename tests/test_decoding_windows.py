@@ -290,16 +290,9 @@ def test_a_wide_strip_decodes_without_a_full_width_float_tile_row(window, tile, 
     from pathlib import Path
 
     code = r'''
-import json, os, sys, torch, torch.nn.functional as F
+import json, sys, torch, torch.nn.functional as F
+from bench.memory import peak_rss_mb, rss_mb
 from models.decoding import TiledDecoder
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))
 
 def decode(z):
     return torch.sigmoid(F.interpolate(z[:, :3], scale_factor=8, mode="nearest"))
@@ -307,11 +300,11 @@ def decode(z):
 latent = torch.rand(1, 4, 40, 12500, generator=torch.Generator().manual_seed(0))
 window, tile, overlap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 dec = TiledDecoder(decode, scale=8, tile=tile, overlap=overlap, window=window, batch_size=4)
-base, rows, corner = rss(), 0, None
+base, rows, corner = rss_mb(), 0, None
 for band in dec.iter_bands(latent):
     rows += band.shape[0]
     corner = band[-1, -1].tolist()
-print(json.dumps({"growth_mb": hwm() - base, "rows": rows, "corner": corner}))
+print(json.dumps({"growth_mb": peak_rss_mb() - base, "rows": rows, "corner": corner}))
 '''
     res = subprocess.run([sys.executable, "-c", code, window, str(tile), str(overlap)], capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],

@@ -407,15 +407,12 @@ def test_a_narrow_slide_is_reduced_below_1024_px(tmp_path, size):
     assert min(widths + heights) == 1  # the case under test
 
 
-def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path):
-    """The cascade's resizes run on the feeding thread while the encode threads hold the cores: OpenCV's own
-    pool is off while any writer is open (nested writers included) and comes back after the last one."""
+@pytest.fixture
+def opencv_threads():
+    """OpenCV set to 3 threads (a value no writer sets) with no writer holding it serial; restored after."""
     import gc
 
     import cv2
-
-    from writers.outputs import SlideOutputs
-    from writers.zarr import OmeZarrWriter
 
     from writers.pyramid import SerialOpenCV
 
@@ -423,36 +420,45 @@ def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path
     assert SerialOpenCV._holders == 0, "an earlier test left a writer open"
     before = cv2.getNumThreads()
     cv2.setNumThreads(3)
-    try:
-        img = he_like(600, 700, seed=9, grain=0)
-        a = PyramidTiffWriter(tmp_path / "a.tif", 700, 600, mpp=0.5)
-        assert cv2.getNumThreads() == 1  # what OpenCV reports once threading is off (setNumThreads(0))
-        with OmeZarrWriter(tmp_path / "b.zarr", 700, 600, mpp=0.5) as b:
-            for ty, tx, tile in iter_tiles(img, 512):
-                b.write_tile(ty, tx, tile)
-        assert cv2.getNumThreads() == 1  # a is still open
+    yield
+    cv2.setNumThreads(before)
+
+
+def test_writers_run_opencv_serially_while_open_and_restore_its_threads(tmp_path, opencv_threads):
+    """The cascade's resizes run on the feeding thread while the encode threads hold the cores: OpenCV's own
+    pool is off while any writer is open (nested writers included) and comes back after the last one."""
+    import cv2
+
+    from writers.outputs import SlideOutputs
+    from writers.zarr import OmeZarrWriter
+
+    img = he_like(600, 700, seed=9, grain=0)
+    a = PyramidTiffWriter(tmp_path / "a.tif", 700, 600, mpp=0.5)
+    assert cv2.getNumThreads() == 1  # what OpenCV reports once threading is off (setNumThreads(0))
+    with OmeZarrWriter(tmp_path / "b.zarr", 700, 600, mpp=0.5) as b:
         for ty, tx, tile in iter_tiles(img, 512):
-            a.write_tile(ty, tx, tile)
-        a.close()
-        assert cv2.getNumThreads() == 3
-        with pytest.raises(ValueError, match="shape"):
-            with PyramidTiffWriter(tmp_path / "c.tif", 700, 600, mpp=0.5) as c:
-                c.write_tile(0, 0, img[:10, :10])  # aborts
-        assert cv2.getNumThreads() == 3
-        with SlideOutputs(700, 600, mpp=0.5, tiff_path=tmp_path / "d.tif") as d:
-            assert cv2.getNumThreads() == 1
-            d.write_band(img)
-        assert cv2.getNumThreads() == 3
-        with pytest.raises(ValueError, match="incomplete"):
-            with SlideOutputs(700, 600, mpp=0.5, tiff_path=tmp_path / "e.tif") as e:
-                e.write_band(img[:100])
-        assert cv2.getNumThreads() == 3
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.zarr", "d.tif"]
-    finally:
-        cv2.setNumThreads(before)
+            b.write_tile(ty, tx, tile)
+    assert cv2.getNumThreads() == 1  # a is still open
+    for ty, tx, tile in iter_tiles(img, 512):
+        a.write_tile(ty, tx, tile)
+    a.close()
+    assert cv2.getNumThreads() == 3
+    with pytest.raises(ValueError, match="shape"):
+        with PyramidTiffWriter(tmp_path / "c.tif", 700, 600, mpp=0.5) as c:
+            c.write_tile(0, 0, img[:10, :10])  # aborts
+    assert cv2.getNumThreads() == 3
+    with SlideOutputs(700, 600, mpp=0.5, tiff_path=tmp_path / "d.tif") as d:
+        assert cv2.getNumThreads() == 1
+        d.write_band(img)
+    assert cv2.getNumThreads() == 3
+    with pytest.raises(ValueError, match="incomplete"):
+        with SlideOutputs(700, 600, mpp=0.5, tiff_path=tmp_path / "e.tif") as e:
+            e.write_band(img[:100])
+    assert cv2.getNumThreads() == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.zarr", "d.tif"]
 
 
-def test_the_opencv_hold_is_given_back_by_dropped_writers_and_failing_aborts(tmp_path, monkeypatch):
+def test_the_opencv_hold_is_given_back_by_dropped_writers_and_failing_aborts(tmp_path, monkeypatch, opencv_threads):
     """A writer that is never closed gives its hold back when it is garbage-collected; an abort whose cleanup
     raises still gives it back and removes the temporary file; so does a constructor whose file cannot be
     created."""
@@ -463,35 +469,28 @@ def test_the_opencv_hold_is_given_back_by_dropped_writers_and_failing_aborts(tmp
     from writers.outputs import SlideOutputs
     from writers.pyramid import SerialOpenCV
 
-    gc.collect()  # writers earlier tests dropped give their holds back
-    assert SerialOpenCV._holders == 0, "an earlier test left a writer open"
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(3)
-    try:
-        w = PyramidTiffWriter(tmp_path / "dropped.tif", 100, 100, mpp=0.5)
-        assert cv2.getNumThreads() == 1
-        w.pool.shutdown()
-        del w
-        gc.collect()
-        assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
+    w = PyramidTiffWriter(tmp_path / "dropped.tif", 100, 100, mpp=0.5)
+    assert cv2.getNumThreads() == 1
+    w.pool.shutdown()
+    del w
+    gc.collect()
+    assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
 
-        out = SlideOutputs(100, 100, mpp=0.5, tiff_path=tmp_path / "e.tif")
+    out = SlideOutputs(100, 100, mpp=0.5, tiff_path=tmp_path / "e.tif")
 
-        def failing_cancel():
-            raise RuntimeError("cancel failed")
+    def failing_cancel():
+        raise RuntimeError("cancel failed")
 
-        monkeypatch.setattr(out._tiff, "cancel", failing_cancel)
-        with pytest.raises(RuntimeError, match="cancel failed"):
-            with out:
-                out.write_band(np.zeros((10, 100, 3), np.uint8))
-                raise KeyError("the job failed")
-        assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
-        assert not (tmp_path / "e.tif").exists()
+    monkeypatch.setattr(out._tiff, "cancel", failing_cancel)
+    with pytest.raises(RuntimeError, match="cancel failed"):
+        with out:
+            out.write_band(np.zeros((10, 100, 3), np.uint8))
+            raise KeyError("the job failed")
+    assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
+    assert not (tmp_path / "e.tif").exists()
 
-        with pytest.raises(OSError):
-            PyramidTiffWriter(tmp_path / "no-such-folder" / "x.tif", 100, 100, mpp=0.5)
-        assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
-    finally:
-        cv2.setNumThreads(before)
+    with pytest.raises(OSError):
+        PyramidTiffWriter(tmp_path / "no-such-folder" / "x.tif", 100, 100, mpp=0.5)
+    assert SerialOpenCV._holders == 0 and cv2.getNumThreads() == 3
     # nothing else is left (a dropped writer, never closed or aborted, does keep its partial file)
     assert [p.name for p in tmp_path.iterdir() if "dropped" not in p.name] == []
