@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,6 +41,47 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 WINDOWS = ("hann", "tukey", "four-pass")
+
+
+@runtime_checkable
+class TileDecoder(Protocol):
+    """What :class:`TiledDecoder` decodes tiles with when a tile's pixels depend on more than its own latent
+    (e.g. :class:`models.context_decoding.SlideContextDecoder`). ``prepare`` runs once per latent, before the
+    first tile; ``prepare_cost`` is its work in tiles (for progress); ``decode_tiles`` returns the pixels
+    [B, C, tile·scale, tile·scale] of the tiles of side ``tile`` at latent ``positions`` (y, x)."""
+
+    latent_channels: int
+
+    def check_latent(self, latent: torch.Tensor) -> None: ...
+
+    def prepare_cost(self, h: int, w: int, tile: int) -> int: ...
+
+    def prepare(self, latent: torch.Tensor, cancel: CancelFn | None = None,
+                progress: ProgressFn | None = None) -> None: ...
+
+    def decode_tiles(self, latent: torch.Tensor, positions: Sequence[tuple[int, int]], tile: int) -> torch.Tensor: ...
+
+
+class FunctionTileDecoder:
+    """A :class:`TileDecoder` from a plain ``decode_fn`` of latent tiles [B, C, t, t] → pixels: each tile is
+    decoded from its own latent alone (no preparation)."""
+
+    def __init__(self, decode_fn: DecodeFn, latent_channels: int | None = None):
+        self.decode_fn = decode_fn
+        self.latent_channels = latent_channels
+
+    def check_latent(self, latent: torch.Tensor) -> None:
+        if self.latent_channels is not None and latent.shape[1] != self.latent_channels:
+            raise ValueError(f"latent has {latent.shape[1]} channels; this decoder decodes {self.latent_channels}")
+
+    def prepare_cost(self, h: int, w: int, tile: int) -> int:
+        return 0
+
+    def prepare(self, latent, cancel=None, progress=None) -> None:
+        return None
+
+    def decode_tiles(self, latent: torch.Tensor, positions: Sequence[tuple[int, int]], tile: int) -> torch.Tensor:
+        return self.decode_fn(torch.stack([latent[0, :, y:y + tile, x:x + tile] for y, x in positions]))
 
 
 def rising_ramp(length: int) -> np.ndarray:
@@ -126,7 +167,8 @@ class TiledDecoder:
     """Decode a latent [1, C, h, w] tile by tile into row-major bands of the (scale·h) × (scale·w) image.
 
     ``decode_fn`` maps a batch of latent tiles [B, C, t, t] to images [B, 3, scale·t, scale·t] with values in
-    [0, 1].  ``tile``/``overlap`` are in latent px.  ``batch_size`` tiles go through one ``decode_fn`` call
+    [0, 1], or is a :class:`TileDecoder` (prepared once per latent, given the tiles' positions).
+    ``tile``/``overlap`` are in latent px.  ``batch_size`` tiles go through one ``decode_fn`` call
     (tiles of one tile row).  ``backend`` selects the overlap-add implementation (``auto``: Triton kernel on
     CUDA when importable, torch otherwise).
     """
@@ -152,6 +194,7 @@ class TiledDecoder:
                              f"got {margin_px}")
         self.margin_px = margin_px if window != "four-pass" else 0
         self.decode_fn = decode_fn
+        self.tiles: TileDecoder = decode_fn if isinstance(decode_fn, TileDecoder) else FunctionTileDecoder(decode_fn)
         self.scale = scale
         self.tile = tile
         self.overlap = tile // 2 if window == "four-pass" else overlap
@@ -194,6 +237,28 @@ class TiledDecoder:
         py, px = self.plans(h, w)
         return py.count * px.count
 
+    def count_work(self, h: int, w: int) -> int:
+        """Progress units of a run over an h × w latent: the tile decoder's preparation (in tiles) and the tiles."""
+        if self.window == "four-pass":
+            hp, wp = math.ceil(max(h, self.tile) / self.tile) * self.tile, math.ceil(max(w, self.tile) / self.tile) * self.tile
+        else:
+            hp, wp = max(h, self.tile), max(w, self.tile)
+        return self.tiles.prepare_cost(hp, wp, self.tile) + self.count_tiles(h, w)
+
+    def _prepare(self, lat: torch.Tensor, cancel, progress) -> int:
+        """Prepare the tile decoder for the (padded) latent; returns the progress units it took."""
+        cost = self.tiles.prepare_cost(lat.shape[2], lat.shape[3], self.tile)
+        total = cost + self.count_tiles(*self._latent_hw)
+
+        def sub(done: int, of: int) -> None:
+            if progress is not None:
+                progress(cost * done // max(of, 1), total)
+
+        if progress is not None:
+            progress(0, total)
+        self.tiles.prepare(lat, cancel=cancel, progress=sub)
+        return cost
+
     def overhead(self, h: int, w: int) -> float:
         """Decoded tiles ÷ non-overlapping tile count ceil(h/t)·ceil(w/t)."""
         return self.count_tiles(h, w) / (math.ceil(h / self.tile) * math.ceil(w / self.tile))
@@ -206,18 +271,26 @@ class TiledDecoder:
             raise ValueError(f"latent must have shape [1, C, h, w] with h, w ≥ 1, got {tuple(latent.shape)}")
         if not latent.is_floating_point():
             raise ValueError(f"latent must be a floating-point tensor, got {latent.dtype}")
+        self.tiles.check_latent(latent)
+        bad = ~torch.isfinite(latent)
+        if bool(bad.any()):
+            kinds = " and ".join(n for n, t in (("NaN", torch.isnan(latent)), ("Inf", torch.isinf(latent)))
+                                 if bool(t.any()))
+            y, x = (int(v) for v in torch.nonzero(bad[0].any(0))[0])
+            raise ValueError(f"latent contains {kinds} ({int(bad.sum())} values, first at latent (y, x) = "
+                             f"({y}, {x})); refusing to decode it")
 
-    def _decode(self, batch: torch.Tensor, where: list[tuple[int, int]], label: str) -> torch.Tensor:
-        out = self.decode_fn(batch)
+    def _decode(self, lat: torch.Tensor, where: list[tuple[int, int]], label: str) -> torch.Tensor:
+        out = self.tiles.decode_tiles(lat, where, self.tile)
         tp = self.tile * self.scale
-        expected = (batch.shape[0], self.out_channels, tp, tp)
+        expected = (len(where), self.out_channels, tp, tp)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"decode_fn returned {got} for {label} tiles at latent (y, x) {where}; "
                              f"expected {expected}")
         if not bool(torch.isfinite(out).all()):
             raise ValueError(f"decode_fn returned non-finite values for {label} tiles at latent (y, x) {where}")
-        self.decoder_calls += batch.shape[0]
+        self.decoder_calls += len(where)
         self.decode_fn_calls += 1
         return out
 
@@ -230,6 +303,10 @@ class TiledDecoder:
         the same shape, unclamped (for tests and measurements).  ``crop=(height, width)`` keeps only the
         top-left height × width pixels (for slide sizes that are not multiples of ``scale``); the bands then
         cover exactly ``height`` rows of ``width`` pixels.
+
+        The latent and the arguments are checked when this is called (a ValueError names what is wrong), the
+        decoding happens as the bands are taken; a :class:`TileDecoder`'s preparation comes first and counts
+        in ``progress``.
         """
         self._check_latent(latent)
         if output not in ("uint8", "float32"):
@@ -241,6 +318,10 @@ class TiledDecoder:
                 raise ValueError(f"crop {crop} must lie within the decoded {full_h} x {full_w} px image")
         else:
             ch, cw = full_h, full_w
+        return self._bands(latent, cancel, progress, output, (ch, cw), (full_h, full_w))
+
+    def _bands(self, latent, cancel, progress, output, crop, full) -> Iterator[np.ndarray]:
+        (ch, cw), (full_h, full_w) = crop, full
         self.decoder_calls = 0
         self.decode_fn_calls = 0
         bands = (self._iter_four_pass(latent, cancel, progress, output) if self.window == "four-pass"
@@ -257,7 +338,7 @@ class TiledDecoder:
             if rows >= ch:
                 bands.close()  # stop decoding: the rest would be cropped away
                 if progress is not None:
-                    total = self.count_tiles(latent.shape[2], latent.shape[3])
+                    total = self.count_work(latent.shape[2], latent.shape[3])
                     progress(total, total)
                 return
 
@@ -294,19 +375,19 @@ class TiledDecoder:
         h, w = latent.shape[2], latent.shape[3]
         py, px = self.plans(h, w)
         lat = self._padded(latent, py.length, px.length)
+        self._latent_hw = (h, w)
+        prepared = self._prepare(lat, cancel, progress)
         out_h, out_w = h * s, w * s
         row_act = [py.active(k) for k in range(py.count)]  # tile-local non-zero ranges of the windows
         col_act = [px.active(k) for k in range(px.count)]
         rows = [(y * s + lo, y * s + hi) for y, (lo, hi) in zip(py.starts, row_act)]  # the same on the canvas
         cols = [(x * s + lo, x * s + hi) for x, (lo, hi) in zip(px.starts, col_act)]
         carry_h = max([rows[r][1] - rows[r + 1][0] for r in range(py.count - 1)], default=0)
-        total = py.count * px.count
+        total = prepared + py.count * px.count
         wx_all = torch.from_numpy(px.windows)
         carry: torch.Tensor | None = None  # [C, carry_h, width]: rows below the last band, from the row above
         held = 0                           # rows of ``carry`` holding data for the current tile row
-        done = 0
-        if progress is not None:
-            progress(0, total)
+        done = prepared
         for r, y in enumerate(py.starts):
             top, bottom = rows[r]
             split = rows[r + 1][0] if r + 1 < py.count else bottom  # rows [top, split) are final after row r
@@ -318,9 +399,8 @@ class TiledDecoder:
             for c0 in range(0, px.count, self.batch_size):
                 check_cancel(cancel)
                 batch_cols = list(range(c0, min(c0 + self.batch_size, px.count)))
-                batch = torch.stack([lat[0, :, y:y + t, px.starts[c]:px.starts[c] + t] for c in batch_cols])
                 where = [(y, px.starts[c]) for c in batch_cols]
-                tiles = self._decode(batch, where, f"row {r}")
+                tiles = self._decode(lat, where, f"row {r}")
                 if carry is None and carry_h:
                     carry = torch.empty(self.out_channels, carry_h, px.length * s, dtype=torch.float32,
                                         device=tiles.device)
@@ -382,12 +462,12 @@ class TiledDecoder:
         h, w = latent.shape[2], latent.shape[3]
         ny, nx = math.ceil(max(h, t) / t), math.ceil(max(w, t) / t)
         lat = self._padded(latent, ny * t, nx * t)
+        self._latent_hw = (h, w)
+        prepared = self._prepare(lat, cancel, progress)
         out_h, out_w = h * s, w * s
         wp = nx * tp
-        total = (2 * ny - 1) * (2 * nx - 1)
-        done = 0
-        if progress is not None:
-            progress(0, total)
+        total = prepared + (2 * ny - 1) * (2 * nx - 1)
+        done = prepared
         c, dev = self.out_channels, lat.device
         hann = torch.from_numpy(paper_hann(tp).astype(np.float32)).to(dev)
         wx = hann.repeat(nx - 1)  # over the inner columns [half, wp − half)
@@ -401,8 +481,7 @@ class TiledDecoder:
                 return []
             check_cancel(cancel)
             where = [(y, j * t + shift) for j in range(j0, j1)]
-            batch = torch.stack([lat[0, :, y:y + t, x:x + t] for _, x in where])
-            out = self._decode(batch, where, f"pass {name} row {row}").to(dev, torch.float32)
+            out = self._decode(lat, where, f"pass {name} row {row}").to(dev, torch.float32)
             done += j1 - j0
             if progress is not None:
                 progress(done, total)
