@@ -55,12 +55,14 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 NEAR_RADIUS = 8        # latent px of exact attention around each query
 NEAR_RAMP = 4
-LEVEL_POOL = 4         # each level pools 4× more per axis than the one before
+LEVEL_POOL = 4         # beyond the fixed first levels, each level pools 4× more per axis than the one before
+LOCAL_POOL = 4         # levels pooling ≤ 4×4 px are built from each stage-A window; coarser ones once per slide
 QUERY_BLOCK = 16       # queries per attention call (a computation grouping only: results do not depend on it)
 SAMPLE_INTERIOR = 8    # latent px: side of each statistics crop's counted interior
 SAMPLE_MARGIN = 2      # latent px decoded around it (stage B)
 PASS_WINDOW = (64, 256)  # latent rows × columns per window of the streamed statistics passes
 STATS_CROPS = (64, 256)  # the sample: one crop per 4096 latent px, within these bounds
+EXACT_TOKENS = 64 * 64  # latents up to this many px get exact statistics and exact global attention
 # Measured on the demo model (2048², 64-px block means vs exact statistics): 30 crops 4.5 grey levels, 64
 # crops 1.3; a context margin beyond the convolutions' (the exact attention level) changed nothing.
 
@@ -188,23 +190,30 @@ class AttentionLevel:
 
 def attention_levels(height: int, width: int, near_radius: int = NEAR_RADIUS,
                      near_ramp: int = NEAR_RAMP) -> list[AttentionLevel]:
-    """The hierarchy for an height × width latent: exact keys within ``near_radius``; pool 4 to 32 px; then
-    pool 4ˡ to 16·4ˡ px (ramp a quarter of it), until a level's flat part covers the slide (that level, and
-    any level whose block is as large as the slide, covers everything)."""
+    """The hierarchy for an height × width latent: exact keys within ``near_radius``; keys pooled 2×2 to
+    2·near_radius, 4×4 to 6·near_radius, 8×8 to 16·near_radius; then pools and radii growing 4× a level, until
+    a level's flat part covers the slide (that level, or one whose block is the slide's size, covers
+    everything). Every level's taper contains the previous one's, so each key's weights are non-negative
+    and sum to one. Keys per query: ≈ 1024 exact + 3,500 pooled (+ ≤ 1,100 per further level at gigapixel)."""
     if near_radius < 1 or not 1 <= near_ramp <= near_radius:
         raise ValueError(f"near_radius must be ≥ 1 and near_ramp in [1, near_radius], got {near_radius}, {near_ramp}")
     side = max(int(height), int(width))
-    levels = [AttentionLevel(1, near_radius, near_ramp)]
     if near_radius - near_ramp >= side:
         return [AttentionLevel(1, None, 0)]
-    pool, radius, ramp = LEVEL_POOL, max(32, 4 * near_radius), max(8, near_radius)
+    r = near_radius
+    schedule = [(2, 2 * r, max(1, r // 2)), (4, 6 * r, 2 * r), (8, 16 * r, 4 * r)]
+    levels = [AttentionLevel(1, near_radius, near_ramp)]
+    k = 0
     while True:
+        if k < len(schedule):
+            pool, radius, ramp = schedule[k]
+        else:
+            pool, radius, ramp = pool * LEVEL_POOL, radius * LEVEL_POOL, ramp * LEVEL_POOL
+        k += 1
         if radius - ramp >= side or pool >= side:
             levels.append(AttentionLevel(pool, None, 0))
             return levels
         levels.append(AttentionLevel(pool, radius, ramp))
-        pool *= LEVEL_POOL
-        radius, ramp = 16 * pool, 4 * pool
 
 
 def taper(distance: Tensor, radius: int | None, ramp: int) -> Tensor:
@@ -219,13 +228,32 @@ def taper(distance: Tensor, radius: int | None, ramp: int) -> Tensor:
 @dataclass
 class PooledLevel:
     """A level's pooled keys and values [heads, Hp, Wp, d], the log-partition correction λ [heads, Hp, Wp]
-    and the number of latent px in each block [Hp, Wp]."""
+    and the number of latent px in each block [Hp, Wp]; block (0, 0) starts at canvas px ``origin`` (a
+    multiple of the pool) and the pooled px end at canvas rows/columns ``limit``."""
 
     level: AttentionLevel
     keys: Tensor
     values: Tensor
     correction: Tensor
     count: Tensor
+    origin: tuple[int, int]
+    limit: tuple[int, int]
+
+
+def pool_keys(keys: Tensor, values: Tensor, origin: tuple[int, int], spec: AttentionLevel, q_mean: Tensor,
+              q_var: Tensor, scale: float) -> PooledLevel:
+    """One level from the keys and values [heads, h, w, d] of the px at canvas ``origin`` (a multiple of the
+    pool): block means and λ = log mean exp(q̄·Δk·scale + Σ σ²Δk²·scale²/2) over each block's px."""
+    p = spec.pool
+    nh, h, w, d = keys.shape
+    kk, vv = keys.permute(0, 3, 1, 2).float(), values.permute(0, 3, 1, 2).float()  # [heads, d, h, w]
+    count = _pool_sum(torch.ones(h, w, device=keys.device), p)
+    k_mean = _pool_sum(kk, p) / count
+    v_mean = _pool_sum(vv, p) / count
+    dk = kk - k_mean.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, :h, :w]
+    corr = _pool_logmeanexp(_spread_exponent(dk, q_mean, q_var, scale), p, count)
+    return PooledLevel(spec, k_mean.permute(0, 2, 3, 1).contiguous(), v_mean.permute(0, 2, 3, 1).contiguous(),
+                       corr, count, origin, (origin[0] + h, origin[1] + w))
 
 
 def _pool_sum(x: Tensor, pool: int) -> Tensor:
@@ -239,30 +267,36 @@ def _pool_sum(x: Tensor, pool: int) -> Tensor:
 class HierarchicalAttnProcessor:
     """Attention processor for the decoder's mid-block ``Attention`` (diffusers' processor interface).
 
-    It computes, for the query positions inside :attr:`query_box` of its input, attention over the exact keys
-    of the input itself within the near radius and over :attr:`levels` pooled keys beyond; the input's canvas
-    position is :attr:`origins` (one (y, x) per batch element). Outside the query box the output is the input
-    (the residual), which callers crop away. ``mode="maps"`` instead hands the normalised input's keys to
-    :attr:`on_keys` and ends the forward.
+    For the query positions inside :attr:`query_box` of its input, it attends over the input's own keys:
+    exactly within the near radius and pooled for the local levels (pool ≤ ``LOCAL_POOL``), and over the
+    slide-wide pooled levels :attr:`stored` beyond. The input's canvas position is :attr:`origins` (one (y, x)
+    per batch element, multiples of ``LOCAL_POOL``). Outside the query box the output is the input (the
+    residual), which callers crop away. ``mode="maps"`` instead hands the normalised input to :attr:`on_keys`
+    and ends the forward.
     """
 
     def __init__(self, canvas: tuple[int, int], levels: Sequence[AttentionLevel]):
         self.canvas = canvas
         self.level_specs = list(levels)
-        self.levels: list[PooledLevel] = []
+        self.local_specs = [lv for lv in self.level_specs[1:] if lv.pool <= LOCAL_POOL]
+        self.stored: list[PooledLevel] = []
+        self.q_mean: Tensor | None = None   # [heads, d] and [heads, d]: the slide's query moments, for λ
+        self.q_var: Tensor | None = None
         self.origins: list[tuple[int, int]] = [(0, 0)]
         self.query_box: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) in input coordinates
         self.mode = "attend"
-        self.on_keys: Callable[[Any, Tensor, Tensor], None] | None = None
+        self.on_keys: Callable[[Any, Tensor], None] | None = None
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs) -> Tensor:
         if hidden_states.dim() != 4 or encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("the hierarchical attention processor takes 4-D self-attention inputs only")
+        if not attn.residual_connection:
+            raise ValueError("the decoder's mid-block attention is expected to have a residual connection")
         residual = hidden_states
         normed = attn.group_norm(hidden_states) if attn.group_norm is not None else hidden_states
         if self.mode == "maps":
-            self.on_keys(attn, normed, hidden_states)
+            self.on_keys(attn, normed)
             raise _Collected
         b, c, h, w = normed.shape
         y0, y1, x0, x1 = self.query_box if self.query_box is not None else (0, h, 0, w)
@@ -273,49 +307,47 @@ class HierarchicalAttnProcessor:
             keys = _heads(attn.to_k(tokens[i]), heads)      # [heads, h, w, d]
             values = _heads(attn.to_v(tokens[i]), heads)
             queries = _heads(attn.to_q(tokens[i, y0:y1, x0:x1]), heads)
-            o = self._attend(attn, queries, keys, values, self.origins[i], (y0, x0))
+            oy, ox = self.origins[i]
+            local = [pool_keys(keys, values, (oy, ox), spec, self.q_mean, self.q_var, attn.scale)
+                     for spec in self.local_specs]
+            o = self._attend(attn, queries, keys, values, (oy, ox), (y0, x0), local + self.stored)
             o = attn.to_out[0](o.permute(1, 2, 0, 3).reshape(y1 - y0, x1 - x0, -1))
             o = attn.to_out[1](o)
             out[i, :, y0:y1, x0:x1] = (o.permute(2, 0, 1) + residual[i, :, y0:y1, x0:x1]).to(out.dtype)
-        if not attn.residual_connection:
-            raise ValueError("the decoder's mid-block attention is expected to have a residual connection")
         return out / attn.rescale_output_factor
 
     def _attend(self, attn, queries: Tensor, keys: Tensor, values: Tensor, origin: tuple[int, int],
-                q_offset: tuple[int, int]) -> Tensor:
-        """queries [heads, qh, qw, d] at input offset q_offset; keys/values [heads, h, w, d] of the input."""
+                q_offset: tuple[int, int], pooled: Sequence[PooledLevel]) -> Tensor:
+        """queries [heads, qh, qw, d] at input offset ``q_offset``; keys/values [heads, h, w, d] of the input,
+        whose px (0, 0) is canvas px ``origin``; ``pooled``: the pooled levels, innermost first."""
         nh, qh, qw, d = queries.shape
         out = torch.empty_like(queries)
         oy, ox = origin
         _, kh, kw, _ = keys.shape
         dev = queries.device
-        specs = self.level_specs
+        near = self.level_specs[0]
+        r = near.radius
         for by in range(0, qh, QUERY_BLOCK):
             for bx in range(0, qw, QUERY_BLOCK):
                 qy = torch.arange(by, min(by + QUERY_BLOCK, qh), device=dev) + q_offset[0]  # input coordinates
                 qx = torch.arange(bx, min(bx + QUERY_BLOCK, qw), device=dev) + q_offset[1]
-                ks, vs, biases = [], [], []
-                near = specs[0]
                 # exact level: the input's own keys within the near radius
-                r = near.radius
                 ky0, ky1 = (0, kh) if r is None else (max(0, int(qy[0]) - r), min(kh, int(qy[-1]) + r + 1))
                 kx0, kx1 = (0, kw) if r is None else (max(0, int(qx[0]) - r), min(kw, int(qx[-1]) + r + 1))
-                ky, kx = torch.arange(ky0, ky1, device=dev), torch.arange(kx0, kx1, device=dev)
-                ty = taper(qy[:, None] - ky[None], near.radius, near.ramp)
-                tx = taper(qx[:, None] - kx[None], near.radius, near.ramp)
+                ty = taper(qy[:, None] - torch.arange(ky0, ky1, device=dev)[None], near.radius, near.ramp)
+                tx = taper(qx[:, None] - torch.arange(kx0, kx1, device=dev)[None], near.radius, near.ramp)
                 w = ty[:, None, :, None] * tx[None, :, None, :]
-                biases.append(_log_weight(w.reshape(len(qy) * len(qx), -1))[None].expand(nh, -1, -1))
-                ks.append(keys[:, ky0:ky1, kx0:kx1].reshape(nh, -1, d))
-                vs.append(values[:, ky0:ky1, kx0:kx1].reshape(nh, -1, d))
-                # pooled levels, in canvas coordinates
-                cy, cx = qy + oy, qx + ox
-                prev = near
-                for lvl in self.levels:
-                    bias, k, v = self._level_terms(lvl, prev, cy, cx)
+                biases = [_log_weight(w.reshape(len(qy) * len(qx), -1))[None].expand(nh, -1, -1)]
+                ks = [keys[:, ky0:ky1, kx0:kx1].reshape(nh, -1, d)]
+                vs = [values[:, ky0:ky1, kx0:kx1].reshape(nh, -1, d)]
+                cy, cx = qy + oy, qx + ox  # canvas coordinates
+                inner = near
+                for lvl in pooled:
+                    bias, k, v = self._level_terms(lvl, inner, cy, cx)
                     biases.append(bias)
                     ks.append(k)
                     vs.append(v)
-                    prev = lvl.level
+                    inner = lvl.level
                 q = queries[:, by:by + len(qy), bx:bx + len(qx)].reshape(nh, -1, d)
                 o = F.scaled_dot_product_attention(q[None], torch.cat(ks, 1)[None].to(q.dtype),
                                                    torch.cat(vs, 1)[None].to(q.dtype),
@@ -324,28 +356,32 @@ class HierarchicalAttnProcessor:
                 out[:, by:by + len(qy), bx:bx + len(qx)] = o.reshape(nh, len(qy), len(qx), d)
         return out
 
-    def _level_terms(self, pooled: PooledLevel, inner: AttentionLevel, cy: Tensor, cx: Tensor):
+    @staticmethod
+    def _level_terms(pooled: PooledLevel, inner: AttentionLevel, cy: Tensor, cx: Tensor):
         """Bias [heads, nq, nb], keys and values [heads, nb, d] of one pooled level for queries at canvas
-        rows ``cy`` × columns ``cx``: block weight = Σ over its px of (this level's taper − the inner level's)."""
+        rows ``cy`` × columns ``cx``: block weight = Σ over its px of (this level's taper − the inner level's),
+        separable in rows and columns, times exp(λ)."""
         lvl = pooled.level
         p = lvl.pool
-        H, W = self.canvas
+        (oy, ox), (ly, lx) = pooled.origin, pooled.limit
         hp, wp = pooled.count.shape
         if lvl.radius is None:
             b0y, b1y, b0x, b1x = 0, hp, 0, wp
         else:
-            b0y, b1y = max(0, (int(cy[0]) - lvl.radius) // p), min(hp, (int(cy[-1]) + lvl.radius) // p + 1)
-            b0x, b1x = max(0, (int(cx[0]) - lvl.radius) // p), min(wp, (int(cx[-1]) + lvl.radius) // p + 1)
+            b0y = max(0, (int(cy[0]) - lvl.radius - oy) // p)
+            b1y = min(hp, (int(cy[-1]) + lvl.radius - oy) // p + 1)
+            b0x = max(0, (int(cx[0]) - lvl.radius - ox) // p)
+            b1x = min(wp, (int(cx[-1]) + lvl.radius - ox) // p + 1)
         dev = cy.device
-        rows = torch.arange(b0y * p, min(b1y * p, H), device=dev)
-        cols = torch.arange(b0x * p, min(b1x * p, W), device=dev)
+        rows = torch.arange(oy + b0y * p, min(oy + b1y * p, ly), device=dev)
+        cols = torch.arange(ox + b0x * p, min(ox + b1x * p, lx), device=dev)
+        ny, nx = b1y - b0y, b1x - b0x
 
         def block_sums(q: Tensor, px: Tensor, level: AttentionLevel, n: int) -> Tensor:
             t = taper(q[:, None] - px[None], level.radius, level.ramp)
             t = F.pad(t, (0, n * p - t.shape[1]))
             return t.reshape(t.shape[0], n, p).sum(-1)
 
-        ny, nx = b1y - b0y, b1x - b0x
         outer = block_sums(cy, rows, lvl, ny)[:, None, :, None] * block_sums(cx, cols, lvl, nx)[None, :, None, :]
         inner_w = block_sums(cy, rows, inner, ny)[:, None, :, None] * block_sums(cx, cols, inner, nx)[None, :, None, :]
         w = (outer - inner_w).reshape(len(cy) * len(cx), ny * nx)
@@ -370,10 +406,11 @@ def _log_weight(w: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------- the decoder
 @dataclass(frozen=True)
 class _Crop:
-    """A statistics crop: its window (canvas rows/columns of the stage-A input) and, inside it, the
-    stage-B crop's top-left (by, bx) and the counted interior [iy0, iy1, ix0, ix1] (window coordinates)."""
+    """A statistics crop: the canvas region (y0, y1, x0, x1) whose attention output it takes (the stage-B
+    crop and the convolutions after the attention around it), the stage-B crop's offset in that region, and
+    the counted interior in region coordinates."""
 
-    window: tuple[int, int, int, int]
+    region: tuple[int, int, int, int]
     stage_b: tuple[int, int]
     interior: tuple[int, int, int, int]
 
@@ -391,7 +428,8 @@ class SlideContextDecoder:
                  near_radius: int = NEAR_RADIUS, near_ramp: int = NEAR_RAMP,
                  stats_crops: tuple[int, int] = STATS_CROPS, sample_interior: int = SAMPLE_INTERIOR,
                  sample_margin: int = SAMPLE_MARGIN, pass_window: tuple[int, int] = PASS_WINDOW,
-                 sample_context: int | None = None):
+                 sample_context: int | None = None, exact_tokens: int = EXACT_TOKENS,
+                 levels: Callable[[int, int], list[AttentionLevel]] | None = None):
         self.vae = vae
         self.decoder = vae.decoder
         self.latent_channels = int(vae.config.latent_channels)
@@ -402,21 +440,26 @@ class SlideContextDecoder:
         self.stats_crops = stats_crops
         self.sample_interior, self.sample_margin = int(sample_interior), int(sample_margin)
         self.pass_window = pass_window
+        self.exact_tokens = int(exact_tokens)
+        self.levels_for = levels
         mid = self.decoder.mid_block
-        self.attention = mid.attentions[0] if getattr(mid, "attentions", None) and mid.attentions[0] is not None \
-            else None
+        attentions = [a for a in (getattr(mid, "attentions", None) or []) if a is not None]
+        if len(attentions) > 1:
+            raise NotImplementedError("decoders with more than one mid-block attention are not supported")
+        self.attention = attentions[0] if attentions else None
         self.slots = _norm_slots(self.decoder)           # (module, attribute) of every GroupNorm, in forward order
         self.wrappers = [SlideGroupNorm(getattr(m, a)) for m, a in self.slots]
         self.prefix = self._prefix_count()                # norms with exact streamed statistics
         in_mid = {id(m) for m in mid.modules()}
         self.mid_norms = sum(1 for m, _ in self.slots if id(m) in in_mid)  # norms of stage A
-        # stage-A margin: conv_in (1) + the convolutions of the mid-block's resnets (2 each) + the exact level
-        n_res = len(mid.resnets)
-        self.margin = 1 + 2 * n_res + (self.near_radius if self.attention is not None else 0)
-        # the sample's stage-A windows cover the convolutions only: its statistics do not need the exact level
-        self.sample_context = 1 + 2 * n_res if sample_context is None else int(sample_context)
+        self.conv_margin = 1 + 2 * len(mid.resnets)      # conv_in and the mid-block resnets' convolutions
+        self.after = 2 * (len(mid.resnets) - 1)          # convolutions after the attention
+        # the sample's windows: the convolutions and the exact level (measured: a wider context for the local
+        # levels changes its statistics by < 0.1 grey level of the result, and costs 4× the sample's time)
+        self.sample_context = self.conv_margin + self.near_radius if sample_context is None else int(sample_context)
         self.processor: HierarchicalAttnProcessor | None = None
         self.canvas: tuple[int, int] | None = None
+        self.tile_margin = self.conv_margin
         self.prepared_for: Tensor | None = None
         self.sample_size = 0
 
@@ -457,10 +500,21 @@ class SlideContextDecoder:
         s = s.reshape(1, -1, 1, 1) if s.dim() == 1 else s
         return (z.float() * s).to(p.device, p.dtype)
 
-    def _stage_a(self, z: Tensor) -> Tensor:
-        """conv_in and the mid-block on a (scaled) latent window, with the installed norms/processor."""
+    # stage A = conv_in and the mid-block (UNetMidBlock2D.forward: resnet, then attention and resnet pairs)
+    def _attention_input(self, z: Tensor) -> Tensor:
         h = self.decoder.conv_in(self.vae.post_quant_conv(z) if self.vae.post_quant_conv is not None else z)
-        return self.decoder.mid_block(h)
+        return self.decoder.mid_block.resnets[0](h, None)
+
+    def _attend(self, h: Tensor) -> Tensor:
+        return self.attention(h) if self.attention is not None else h
+
+    def _after_attention(self, h: Tensor) -> Tensor:
+        for resnet in self.decoder.mid_block.resnets[1:]:
+            h = resnet(h, None)
+        return h
+
+    def _stage_a(self, z: Tensor) -> Tensor:
+        return self._after_attention(self._attend(self._attention_input(z)))
 
     @staticmethod
     def _stage_b_layout(h: Tensor) -> Tensor:
@@ -499,24 +553,39 @@ class SlideContextDecoder:
         lo, hi = self.stats_crops
         return int(min(hi, max(lo, round(h * w / 4096))))
 
+    def _levels(self, h: int, w: int) -> list[AttentionLevel]:
+        if h * w <= self.exact_tokens:
+            return [AttentionLevel(1, None, 0)]
+        if self.levels_for is not None:
+            return self.levels_for(h, w)
+        return attention_levels(h, w, self.near_radius, self.near_ramp)
+
     def prepare_cost(self, h: int, w: int, tile: int) -> int:
-        """The preparation's work in decode-tile equivalents (for progress and ETA): streamed passes ≈ 10 % of
-        decoding every latent px once; the sample ≈ its crops' stage-B area plus a fifth of their windows."""
+        """The preparation's work in decode-tile equivalents (for progress and ETA): the streamed passes ≈ 15 %
+        of decoding every latent px once; the sample ≈ its crops' stage-B area plus a fifth of their windows."""
+        if h * w <= self.exact_tokens or self._single_crop(h, w):
+            return max(1, math.ceil(1.1 * h * w / (tile * tile)))
         s = self.sample_interior + 2 * self.sample_margin
-        win = s + 2 * self.sample_context
+        win = s + 2 * (self.after + self.sample_context)
         n = self.sample_crop_count(h, w)
-        return max(1, math.ceil((0.1 * h * w + n * (s * s + 0.2 * win * win)) / (tile * tile)))
+        return max(1, math.ceil((0.15 * h * w + n * (s * s + 0.2 * win * win)) / (tile * tile)))
 
     @torch.no_grad()
     def prepare(self, latent: Tensor, cancel: CancelFn | None = None, progress: ProgressFn | None = None) -> None:
-        """Statistics of every GroupNorm and the pooled attention levels for ``latent`` [1, C, h, w]."""
+        """Statistics of every GroupNorm and the slide-wide pooled attention levels for ``latent`` [1, C, h, w]."""
         self.check_latent(latent)
         z = latent.to(self._param().device)
         h, w = z.shape[2:]
         self.canvas = (h, w)
-        self.processor = HierarchicalAttnProcessor((h, w), attention_levels(h, w, self.near_radius, self.near_ramp))
+        levels = self._levels(h, w)
+        self.processor = HierarchicalAttnProcessor((h, w), levels)
+        # each stage-A window holds the keys of the exact and local levels around its queries
+        local = [levels[0]] + self.processor.local_specs
+        reach = max(h, w) if any(lv.radius is None for lv in local) else max(lv.radius for lv in local)
+        self.tile_margin = self.conv_margin + (reach if self.attention is not None else 0)
         windows = list(self._pass_windows(h, w))
-        passes = self.prefix + (1 if self.attention is not None else 0)
+        stored = [lv for lv in levels[1:] if lv.pool > LOCAL_POOL]
+        passes = self.prefix + (1 if stored else 0)
         total = passes * len(windows) + 1
         done = 0
 
@@ -535,7 +604,9 @@ class SlideContextDecoder:
             for k in range(self.prefix):
                 self._exact_pass(z, k, windows, step)
             if self.attention is not None:
-                self._pooled_levels(z, windows, step)
+                self.processor.q_mean, self.processor.q_var = self._query_moments()
+                if stored:
+                    self._stored_levels(z, windows, stored, step)
             self._sample_pass(z)
             step()
             for wr in self.wrappers:
@@ -543,17 +614,20 @@ class SlideContextDecoder:
         self.prepared_for = latent
 
     def _pass_windows(self, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
-        """Regions (y0, y1, x0, x1) of the streamed passes, aligned to the first pooled level's blocks."""
-        rh, rw = (max(LEVEL_POOL, r // LEVEL_POOL * LEVEL_POOL) for r in self.pass_window)
+        """Regions (y0, y1, x0, x1) of the streamed passes; multiples of 64 px, so every stored level's blocks
+        up to 64² lie within one region."""
+        rh, rw = (max(64, r // 64 * 64) for r in self.pass_window)
         for y0 in range(0, h, rh):
             for x0 in range(0, w, rw):
                 yield y0, min(h, y0 + rh), x0, min(w, x0 + rw)
 
-    def _window(self, z: Tensor, region: tuple[int, int, int, int], margin: int):
-        """The latent window around ``region`` (clipped to the canvas) and the region inside it."""
+    def _window(self, z: Tensor, region: tuple[int, int, int, int], margin: int, align: int = 1):
+        """The latent window around ``region`` (its origin a multiple of ``align``, clipped to the canvas) and
+        the region inside it."""
         y0, y1, x0, x1 = region
         h, w = z.shape[2:]
-        wy0, wy1, wx0, wx1 = max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
+        wy0, wx0 = max(0, y0 - margin) // align * align, max(0, x0 - margin) // align * align
+        wy1, wx1 = min(h, y1 + margin), min(w, x1 + margin)
         return z[:, :, wy0:wy1, wx0:wx1], (wy0, wx0), (y0 - wy0, y1 - wy0, x0 - wx0, x1 - wx0)
 
     @staticmethod
@@ -573,13 +647,12 @@ class SlideContextDecoder:
         norm = self.wrappers[k]
         norm.mode, norm.moments = "collect", GroupMoments.zeros(norm.groups)
         is_attention_norm = self.attention is not None and k == self.prefix - 1
-        q_moments = _ChannelMoments() if is_attention_norm else None
-        if q_moments is not None:
-            norm.on_collect = q_moments.add
-        margin = 1 + 2 * len(self.decoder.mid_block.resnets)
+        moments = _ChannelMoments() if is_attention_norm else None
+        if moments is not None:
+            norm.on_collect = moments.add
         self.processor.mode = "attend"
         for region in windows:
-            zw, _, box = self._window(z, region, margin)
+            zw, _, box = self._window(z, region, self.conv_margin)
             norm.region = self._boxes([box], zw.shape[2:])
             try:
                 self._stage_a(self._scaled(zw))
@@ -588,63 +661,32 @@ class SlideContextDecoder:
             else:
                 raise RuntimeError(f"decoder norm {k} was not reached by the mid-block")
             step()
-        norm.mode, norm.stats, norm.on_collect = "fixed", norm.moments.mean_var(), None
-        if q_moments is not None:
-            self._channel_moments = q_moments
+        norm.mode, norm.stats, norm.on_collect, norm.region = "fixed", norm.moments.mean_var(), None, None
+        if moments is not None:
+            self._channel_moments = moments
 
-    def _pooled_levels(self, z: Tensor, windows, step) -> None:
-        """Stream the attention's normalised input once more: pooled keys, values and λ of the first pooled
-        level, then each coarser level from the one below."""
+    def _stored_levels(self, z: Tensor, windows, specs: Sequence[AttentionLevel], step) -> None:
+        """Stream the attention's normalised input once more: the first stored level's pooled keys, values and
+        λ from the px, then each coarser level from the one below."""
         attn = self.attention
-        specs = self.processor.level_specs
-        if len(specs) == 1:  # the exact level covers the slide: nothing pooled
-            self.processor.levels = []
-            step_count = len(windows)
-            for _ in range(step_count):
-                step()
-            return
+        proc = self.processor
+        p = specs[0].pool
         h, w = z.shape[2:]
-        heads = attn.heads
-        q_mean, q_var = self._query_moments()
-        p = specs[1].pool
-        hp, wp = -(-h // p), -(-w // p)
-        d = None
-        maps: dict[str, Tensor] = {}
-        dev = z.device
+        parts: list[PooledLevel] = []
         current: dict[str, Any] = {}
 
-        def on_keys(attn_mod, normed: Tensor, _raw: Tensor) -> None:
-            nonlocal d
+        def on_keys(attn_mod, normed: Tensor) -> None:
             y0, y1, x0, x1 = current["box"]
             tokens = normed[0, :, y0:y1, x0:x1].permute(1, 2, 0)
-            keys = _heads(attn_mod.to_k(tokens), heads).float()      # [heads, h, w, d]
-            values = _heads(attn_mod.to_v(tokens), heads).float()
-            d = keys.shape[-1]
-            ones = torch.ones(y1 - y0, x1 - x0, device=keys.device)
-            count = _pool_sum(ones, p)
-            k_mean = _pool_sum(keys.permute(0, 3, 1, 2), p) / count   # [heads, d, bh, bw]
-            v_mean = _pool_sum(values.permute(0, 3, 1, 2), p) / count
-            up = k_mean.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, :y1 - y0, :x1 - x0]
-            dk = keys.permute(0, 3, 1, 2) - up
-            e = _spread_exponent(dk, q_mean, q_var, attn_mod.scale)        # [heads, h, w]
-            corr = _pool_logmeanexp(e, p, count)
-            by, bx = current["origin"][0] // p, current["origin"][1] // p
-            sl = (slice(by, by + count.shape[0]), slice(bx, bx + count.shape[1]))
-            if not maps:
-                maps["keys"] = torch.zeros(heads, d, hp, wp, device=dev)
-                maps["values"] = torch.zeros(heads, d, hp, wp, device=dev)
-                maps["correction"] = torch.zeros(heads, hp, wp, device=dev)
-                maps["count"] = torch.zeros(hp, wp, device=dev)
-            maps["keys"][:, :, sl[0], sl[1]] = k_mean
-            maps["values"][:, :, sl[0], sl[1]] = v_mean
-            maps["correction"][:, sl[0], sl[1]] = corr
-            maps["count"][sl] = count
+            keys = _heads(attn_mod.to_k(tokens), attn_mod.heads)
+            values = _heads(attn_mod.to_v(tokens), attn_mod.heads)
+            parts.append(pool_keys(keys, values, current["origin"], specs[0], proc.q_mean, proc.q_var,
+                                   attn_mod.scale))
 
-        self.processor.mode, self.processor.on_keys = "maps", on_keys
-        margin = 1 + 2 * len(self.decoder.mid_block.resnets)
+        proc.mode, proc.on_keys = "maps", on_keys
         try:
             for region in windows:
-                zw, _, box = self._window(z, region, margin)
+                zw, _, box = self._window(z, region, self.conv_margin)
                 current["box"], current["origin"] = box, (region[0], region[2])
                 try:
                     self._stage_a(self._scaled(zw))
@@ -652,88 +694,85 @@ class SlideContextDecoder:
                     pass
                 step()
         finally:
-            self.processor.mode, self.processor.on_keys = "attend", None
-        first = PooledLevel(specs[1], maps["keys"].permute(0, 2, 3, 1).contiguous(),
-                            maps["values"].permute(0, 2, 3, 1).contiguous(), maps["correction"], maps["count"])
+            proc.mode, proc.on_keys = "attend", None
+        first = _assemble(parts, specs[0], (h, w))
         levels = [first]
-        for spec in specs[2:]:
-            levels.append(_coarser(levels[-1], spec, q_mean, q_var, attn.scale))
-        self.processor.levels = levels
+        for spec in specs[1:]:
+            levels.append(_coarser(levels[-1], spec, proc.q_mean, proc.q_var, attn.scale))
+        proc.stored = levels
 
     def _query_moments(self) -> tuple[Tensor, Tensor]:
-        """Mean query [heads, d] and mean per-dimension query variance [heads] over the slide, from the
-        exact moments of the attention's input (queries are affine in it)."""
+        """Mean query and per-dimension query variance [heads, d] over the slide, from the exact moments of
+        the attention's input (queries are affine in it)."""
         attn = self.attention
-        cm = self._channel_moments
-        mean, cov = cm.mean_cov()
+        mean, cov = self._channel_moments.mean_cov()
         a, b = self.wrappers[self.prefix - 1].folded()  # the attention's GroupNorm as x·a + b
         wq = attn.to_q.weight.detach().double().cpu()
         bq = attn.to_q.bias.detach().double().cpu() if attn.to_q.bias is not None \
             else torch.zeros(wq.shape[0], dtype=torch.float64)
         q_mean = wq @ (a * mean + b) + bq
         m = wq * a[None, :]
-        q_cov_diag = ((m @ cov) * m).sum(1)
+        q_var = ((m @ cov) * m).sum(1)
         heads = attn.heads
         dev = self._param().device
-        return (q_mean.reshape(heads, -1).float().to(dev), q_cov_diag.reshape(heads, -1).mean(1).float().to(dev))
+        return q_mean.reshape(heads, -1).float().to(dev), q_var.reshape(heads, -1).float().to(dev)
+
+    def _single_crop(self, h: int, w: int) -> bool:
+        side = self.sample_interior + 2 * self.sample_margin + 2 * self.after
+        return h * w <= self.exact_tokens or h < side or w < side
 
     def _sample_crops(self, h: int, w: int) -> list[_Crop]:
-        """The statistics sample: a lattice of crops over the latent (depends on its size only)."""
+        """The statistics sample: a lattice of crops over the latent (depends on its size only); a latent of
+        at most ``exact_tokens`` px, or too small for a crop, is its own single crop (exact statistics)."""
+        if self._single_crop(h, w):
+            return [_Crop((0, h, 0, w), (0, 0), (0, h, 0, w))]
         n = self.sample_crop_count(h, w)
-        s, m = self.sample_interior, self.sample_margin
-        side_b = s + 2 * m
+        s, m, a = self.sample_interior, self.sample_margin, self.after
+        side = s + 2 * m
         ny = max(1, min(h, round(math.sqrt(n * h / w))))
         nx = max(1, min(w, round(n / ny)))
         crops = []
         for i in range(ny):
             for j in range(nx):
                 cy, cx = (2 * i + 1) * h // (2 * ny), (2 * j + 1) * w // (2 * nx)
-                iy0 = min(max(0, cy - s // 2), max(0, h - s))
-                ix0 = min(max(0, cx - s // 2), max(0, w - s))
-                iy1, ix1 = min(h, iy0 + s), min(w, ix0 + s)
-                by0 = min(max(0, iy0 - m), max(0, h - side_b))  # the stage-B crop, shifted inside the canvas
-                bx0 = min(max(0, ix0 - m), max(0, w - side_b))
-                sb_h, sb_w = min(side_b, h), min(side_b, w)
-                a = self.sample_context
-                wy0 = min(max(0, by0 - a), max(0, h - (sb_h + 2 * a)))
-                wx0 = min(max(0, bx0 - a), max(0, w - (sb_w + 2 * a)))
-                wy1, wx1 = min(h, wy0 + sb_h + 2 * a), min(w, wx0 + sb_w + 2 * a)
-                crops.append(_Crop((wy0, wy1, wx0, wx1), (by0 - wy0, bx0 - wx0),
-                                   (iy0 - wy0, iy1 - wy0, ix0 - wx0, ix1 - wx0)))
+                by = min(max(a, cy - side // 2), h - side - a)  # the stage-B crop, `after` px inside the canvas
+                bx = min(max(a, cx - side // 2), w - side - a)
+                crops.append(_Crop((by - a, by + side + a, bx - a, bx + side + a), (a, a),
+                                   (a + m, a + m + s, a + m, a + m + s)))
         return crops
 
     def _sample_pass(self, z: Tensor) -> None:
-        """Statistics of the norms after the attention, pooled over the sample crops' interiors: stage A on the
-        crops' windows (norms inside the mid-block), then stage B on their stage-B crops (the rest)."""
+        """Statistics of the norms after the attention, pooled over the sample crops' interiors: each crop's
+        attention output in its own window, then one batch through the rest of stage A (norms inside the
+        mid-block) and stage B (the rest)."""
         h, w = z.shape[2:]
         crops = self._sample_crops(h, w)
         self.sample_size = len(crops)
-        wy0, wy1, wx0, wx1 = crops[0].window
-        size = (wy1 - wy0, wx1 - wx0)
-        side = self.sample_interior + 2 * self.sample_margin
-        sb_h, sb_w = min(side, h), min(side, w)
+        attended = []
+        for c in crops:
+            y0, y1, x0, x1 = c.region
+            zw, origin, box = self._window(z, c.region, self.sample_context, LOCAL_POOL)
+            if len(crops) == 1:
+                zw, origin, box = z, (0, 0), c.region
+            self.processor.origins = [origin]
+            self.processor.query_box = box
+            try:
+                out = self._attend(self._attention_input(self._scaled(zw)))
+            finally:
+                self.processor.query_box = None
+            attended.append(out[:, :, box[0]:box[1], box[2]:box[3]])
+        batch = torch.cat(attended)
+        ry, rx = batch.shape[2:]
         stage_a, stage_b = self.wrappers[self.prefix:self.mid_norms], self.wrappers[self.mid_norms:]
         for wr in stage_a:
-            wr.mode, wr.region = "pooled", self._boxes([c.interior for c in crops], size)
-        # attention queries: each stage-B crop and what the convolutions after the attention read around it
-        after = 2 * (len(self.decoder.mid_block.resnets) - 1)
-        qy0 = max(0, min(c.stage_b[0] for c in crops) - after)
-        qy1 = min(size[0], max(c.stage_b[0] for c in crops) + sb_h + after)
-        qx0 = max(0, min(c.stage_b[1] for c in crops) - after)
-        qx1 = min(size[1], max(c.stage_b[1] for c in crops) + sb_w + after)
-        batch = torch.cat([z[:, :, c.window[0]:c.window[1], c.window[2]:c.window[3]] for c in crops])
-        self.processor.origins = [(c.window[0], c.window[2]) for c in crops]
-        self.processor.query_box = (qy0, qy1, qx0, qx1)
-        try:
-            feats = self._stage_a(self._scaled(batch))
-        finally:
-            self.processor.query_box = None
+            wr.mode, wr.region = "pooled", self._boxes([c.interior for c in crops], (ry, rx))
+        feats = self._after_attention(batch)
         for wr in stage_a:
             wr.mode, wr.region = "fixed", None
-        tiles = torch.stack([feats[i, :, by:by + sb_h, bx:bx + sb_w] for i, (by, bx) in
-                             enumerate(c.stage_b for c in crops)])
-        inner = [(c.interior[0] - c.stage_b[0], c.interior[1] - c.stage_b[0],
-                  c.interior[2] - c.stage_b[1], c.interior[3] - c.stage_b[1]) for c in crops]
+        by, bx = crops[0].stage_b
+        sb_h, sb_w = ry - 2 * by, rx - 2 * bx
+        tiles = feats[:, :, by:by + sb_h, bx:bx + sb_w]
+        inner = [(c.interior[0] - by, c.interior[1] - by, c.interior[2] - bx, c.interior[3] - bx) for c in crops]
         for wr in stage_b:
             wr.mode, wr.region = "pooled", self._boxes(inner, (sb_h, sb_w))
         self._stage_b(self._stage_b_layout(tiles))
@@ -754,11 +793,11 @@ class SlideContextDecoder:
             for group in _row_runs(positions, tile):
                 y = group[0][0]
                 x0, x1 = group[0][1], group[-1][1] + tile
-                zw, origin, box = self._window(z, (y, y + tile, x0, x1), self.margin)
-                after = 2 * (len(self.decoder.mid_block.resnets) - 1)
+                zw, origin, box = self._window(z, (y, y + tile, x0, x1), self.tile_margin, LOCAL_POOL)
+                a = self.after
                 self.processor.origins = [origin]
-                self.processor.query_box = (max(0, box[0] - after), min(zw.shape[2], box[1] + after),
-                                            max(0, box[2] - after), min(zw.shape[3], box[3] + after))
+                self.processor.query_box = (max(0, box[0] - a), min(zw.shape[2], box[1] + a),
+                                            max(0, box[2] - a), min(zw.shape[3], box[3] + a))
                 try:
                     feats = self._stage_a(self._scaled(zw))
                 finally:
@@ -807,7 +846,7 @@ def _spread_exponent(dk: Tensor, q_mean: Tensor, q_var: Tensor, scale: float) ->
     """q̄·Δk·scale + σ²‖Δk‖²·scale²/2 for key deviations Δk [heads, d, h, w] → [heads, h, w]: the log of the
     expected exp(q·Δk·scale) for queries with mean q̄ and per-dimension variance σ² (Gaussian)."""
     lin = torch.einsum("hdyx,hd->hyx", dk, q_mean) * scale
-    return lin + 0.5 * q_var[:, None, None] * (dk * dk).sum(1) * scale * scale
+    return lin + 0.5 * torch.einsum("hdyx,hd->hyx", dk * dk, q_var) * scale * scale
 
 
 def _pool_logmeanexp(e: Tensor, pool: int, count: Tensor) -> Tensor:
@@ -834,7 +873,28 @@ def _coarser(fine: PooledLevel, spec: AttentionLevel, q_mean: Tensor, q_var: Ten
     e = torch.where(w[None] > 0, e, torch.full_like(e, float("-inf")))
     corr = _pool_logmeanexp(e, f, torch.ones_like(count)) - count.log()
     return PooledLevel(spec, keys.permute(0, 2, 3, 1).contiguous(), values.permute(0, 2, 3, 1).contiguous(),
-                       corr, count)
+                       corr, count, fine.origin, fine.limit)
+
+
+def _assemble(parts: Sequence[PooledLevel], spec: AttentionLevel, canvas: tuple[int, int]) -> PooledLevel:
+    """One slide-wide level from the levels of the pass windows (each window a whole number of blocks)."""
+    p = spec.pool
+    hp, wp = -(-canvas[0] // p), -(-canvas[1] // p)
+    first = parts[0]
+    nh, d = first.keys.shape[0], first.keys.shape[-1]
+    dev = first.keys.device
+    keys = torch.zeros(nh, hp, wp, d, device=dev)
+    values = torch.zeros(nh, hp, wp, d, device=dev)
+    corr = torch.zeros(nh, hp, wp, device=dev)
+    count = torch.zeros(hp, wp, device=dev)
+    for part in parts:
+        by, bx = part.origin[0] // p, part.origin[1] // p
+        ny, nx = part.count.shape
+        keys[:, by:by + ny, bx:bx + nx] = part.keys
+        values[:, by:by + ny, bx:bx + nx] = part.values
+        corr[:, by:by + ny, bx:bx + nx] = part.correction
+        count[by:by + ny, bx:bx + nx] = part.count
+    return PooledLevel(spec, keys, values, corr, count, (0, 0), canvas)
 
 
 def _norm_slots(decoder: nn.Module) -> list[tuple[nn.Module, str]]:

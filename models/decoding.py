@@ -224,6 +224,28 @@ class TiledDecoder:
             return sorted(p for p in lines if 0 < p < n * self.scale)
         return axis(h), axis(w)
 
+    def cut_zones(self, h: int, w: int, width_px: int = 64) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Output-pixel zones [a, b) of rows and columns where one tile hands over to the next, for the quilt
+        score (:mod:`evaluation.quilt`): each cross-fade ramp, or its central ``width_px`` when it is longer
+        (Hann at 50 % fades everywhere); the four-pass mode's tile edges as zero-width zones."""
+        if self.window == "four-pass":
+            rows, cols = self.boundary_lines(h, w)
+            return [(p, p) for p in rows], [(p, p) for p in cols]
+        lp = self.overlap * self.scale - 2 * self.margin_px
+        zone = min(lp, width_px)
+
+        def axis(n: int) -> list[tuple[int, int]]:
+            plan = plan_axis(n, self.tile, self.overlap, self.scale, self.margin_px)
+            tp = self.tile * self.scale
+            out = []
+            for k in range(1, plan.count):
+                a = plan.starts[k - 1] * self.scale + tp - self.margin_px - lp
+                c0 = a + (lp - zone) // 2
+                if 0 < c0 and c0 + zone < n * self.scale:
+                    out.append((c0, c0 + zone))
+            return out
+        return axis(h), axis(w)
+
     def plans(self, h: int, w: int) -> tuple[AxisPlan, AxisPlan]:
         """Row and column tile plans for an h × w latent (overlap modes)."""
         return (plan_axis(h, self.tile, self.overlap, self.scale, self.margin_px),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -249,3 +249,27 @@ class LatentCodec:
     def decode_mask(self, z: Tensor) -> Tensor:
         """Convenience: decode and quantise (no tiling) → labels [B, 8h, 8w]."""
         return self.quantize_mask(self.decode_mask_values(z))
+
+    # ---------------------------------------------------------------- tiled decoding
+    def tile_decoder(self, kind: Literal["image", "mask"] = "image", context: Literal["slide", "tile"] = "slide"):
+        """What :class:`models.decoding.TiledDecoder` decodes this codec's image or mask latents with.
+
+        ``context="slide"``: :class:`models.context_decoding.SlideContextDecoder` — the decoder's GroupNorms use
+        statistics of the whole latent and its mid-block attention a hierarchy of keys spanning it, so the
+        result does not depend on the tiling; ``"tile"``: every tile decoded on its own (the paper's code; a
+        quilt of tile-wise statistics).
+        """
+        if kind not in ("image", "mask"):
+            raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
+        if context == "tile":
+            from models.decoding import FunctionTileDecoder
+
+            fn = self.decode_image if kind == "image" else self.decode_mask_values
+            return FunctionTileDecoder(fn, self.latent_channels)
+        if context != "slide":
+            raise ValueError(f"context must be 'slide' or 'tile', got {context!r}")
+        from models.context_decoding import SlideContextDecoder
+
+        if kind == "image":
+            return SlideContextDecoder(self.vae, self.latent_scale, lambda y: y.clamp_(0.0, 1.0))
+        return SlideContextDecoder(self.vae, self.mask_divisors, lambda y: ((y + 1.0) * 0.5).clamp_(0.0, 1.0))

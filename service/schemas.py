@@ -72,6 +72,13 @@ class GenerateParams(_Strict):
         description=f"Overlap of neighbouring decode tiles in latent px; default {TUKEY_OVERLAP} (at most tile/2) for `tukey` (0 … tile/2), "
         "tile/2 for `hann` (the only value at which Hann windows sum to one) and `four-pass` (which shifts by tile/2).",
     )
+    decode_context: Literal["slide", "tile"] = Field(
+        "slide",
+        description="Tiled VAE decoding: what the decoder's GroupNorms and mid-block attention see. `slide`: "
+        "statistics of the whole slide and attention over a hierarchy of pooled keys spanning it, so the slide "
+        "does not depend on how it was tiled; `tile`: each tile on its own, as the paper's code decodes (a "
+        "visible quilt of decode tiles).",
+    )
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")

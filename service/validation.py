@@ -194,7 +194,8 @@ def build_spec(
         model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
         guidance=params.guidance if params.guidance is not None else (
             card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE),
-        eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0), sampler=params.sampler, decoder=params.decoder,
+        eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0),
+        sampler=params.sampler, decoder=params.decoder, decode_context=params.decode_context,
         **decode_geometry(params), outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

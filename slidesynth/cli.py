@@ -69,7 +69,8 @@ def _generate_params(args: argparse.Namespace):
 
     fields = dict(model=args.model, mpp=args.mpp, mask_mpp=args.mask_mpp, seed=args.seed, steps=args.steps,
                   guidance=args.guidance, eta=args.eta, sampler=args.sampler, decoder=args.decoder,
-                  decode_tile=args.decode_tile, decode_overlap=args.decode_overlap, compression=args.compression,
+                  decode_tile=args.decode_tile, decode_overlap=args.decode_overlap,
+                  decode_context=args.decode_context, compression=args.compression,
                   quality=args.quality, outputs=["tiff"] + (["zarr"] if args.zarr else []))
     if not args.mask:
         fields.update(width=args.width, height=args.height)
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", choices=["tukey", "hann", "four-pass"])
     p.add_argument("--decode-tile", type=int, help="decode tile side in latent px (default 64)")
     p.add_argument("--decode-overlap", type=int, help="decode tile overlap in latent px (default: 6 tukey (at most tile/2), tile/2 otherwise)")
+    p.add_argument("--decode-context", choices=["slide", "tile"],
+                   help="decoder GroupNorm statistics and attention: of the whole slide (default) or per tile")
     p.add_argument("--compression", choices=["jpeg", "deflate", "zstd"])
     p.add_argument("--quality", type=int)
     p.add_argument("--device")

@@ -306,7 +306,7 @@ def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None,
     opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=eta, mode=sampler,
                            seed=seed)
     latent = pipe.sample_latents(labels, options=opts)
-    dec = slide_decoder(models.codec.decode_image, models.codec.scale_factor, decoder)
+    dec = slide_decoder(models.codec.tile_decoder("image"), models.codec.scale_factor, decoder)
     img = dec.decode(latent)
     return (img, dec.boundary_lines(latent.shape[2], latent.shape[3])) if with_seams else img
 

@@ -73,6 +73,7 @@ class JobSpec(BaseModel):
     decoder: Literal["tukey", "hann", "four-pass"] = "tukey"
     decode_tile: int = DECODE_TILE  # latent px
     decode_overlap: int | None = None  # latent px; None: the window's default (6 for tukey, else tile/2)
+    decode_context: Literal["slide", "tile"] = "slide"  # GroupNorm statistics and attention: whole slide / tile
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"])
     compression: Literal["jpeg", "deflate", "zstd"] = "jpeg"
     quality: int = 90

@@ -27,8 +27,10 @@ ReportFn = Callable[[Stage, float, "int | None"], None]
 
 def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey", tile: int = DECODE_TILE,
                   overlap: int | None = None):
-    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio lines);
-    ``tile``/``overlap`` in latent px, overlap by default :func:`~slidesynth.jobs.default_decode_overlap`."""
+    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio and quilt
+    lines); ``decode_fn``: a tile function or a :class:`models.decoding.TileDecoder` (e.g. the codec's
+    ``tile_decoder``); ``tile``/``overlap`` in latent px, overlap by default
+    :func:`~slidesynth.jobs.default_decode_overlap`."""
     from models.decoding import TiledDecoder
 
     overlap = default_decode_overlap(window, tile) if overlap is None else overlap
@@ -92,6 +94,24 @@ def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[in
         return SlideScorer(labels, classifier, label_map=label_map, boundaries=boundaries)
     except ValueError:  # no classifier window fits the slide (a side under 64 px): nothing to score
         return None
+
+
+def quilt_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple[list, list]]):
+    """Streaming quilt score (:mod:`evaluation.quilt`) over the pipeline's cut lines, within label regions."""
+    from evaluation.quilt import QuiltScorer
+
+    if not any(rows or cols for rows, cols in cuts.values()):
+        return None
+    return QuiltScorer(spec.height, spec.width, cuts, labels)
+
+
+def quilt_metrics(scorer) -> dict[str, float]:
+    """``quilt_score`` (the largest over the kinds of cut) and ``quilt_score_<kind>`` per kind with segments."""
+    result = scorer.result()
+    metrics = {f"quilt_score_{kind}": v["score"] for kind, v in result["by_kind"].items() if v["score"] is not None}
+    if result["quilt_score"] is not None:
+        metrics["quilt_score"] = result["quilt_score"]
+    return metrics
 
 
 def fidelity_metrics(scorer) -> dict[str, float]:
@@ -171,7 +191,8 @@ def generate_slide(
         else:
             report(Stage.mask, 0.0, None)
             labels = pipe.sample_mask(subtype=spec.subtype_id, height=spec.height, width=spec.width, options=opts,
-                                      progress=stage_progress(Stage.mask), cancel=cancel)
+                                      progress=stage_progress(Stage.mask), cancel=cancel,
+                                      decode_context=spec.decode_context)
         pipe.validate_labels(labels)
         if resume_state is not None and pipe.state_mismatch(resume_state, labels, opts) is not None:
             resume_state = None  # a checkpoint of another sampler version or setting: start over, don't fail
@@ -179,16 +200,21 @@ def generate_slide(
         latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(Stage.sampling), cancel=cancel,
                                      state=resume_state, on_step=on_checkpoint)
         t_sampled = time.perf_counter()
-        decoder = slide_decoder(models.codec.decode_image, models.codec.scale_factor, spec.decoder,
-                                spec.decode_tile, spec.decode_overlap)
+        decoder = slide_decoder(models.codec.tile_decoder("image", spec.decode_context), models.codec.scale_factor,
+                                spec.decoder, spec.decode_tile, spec.decode_overlap)
+        # checks the latent (channels, NaN/Inf) now, before any output file exists
         bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(Stage.decoding),
                                    crop=(spec.height, spec.width))
         rows, cols = decoder.boundary_lines(latent.shape[2], latent.shape[3])
         seam_lines = ([p for p in rows if p < spec.height], [p for p in cols if p < spec.width])
+        cuts = {"decode": decoder.cut_zones(latent.shape[2], latent.shape[3])}
+        sampler_cuts = pipe.sampler_cut_lines(labels, opts)
+        if sampler_cuts is not None:
+            cuts["sampler"] = sampler_cuts
     else:
         from models.infbrush import InfBrushPipeline
 
-        labels = seam_lines = None
+        labels = seam_lines = cuts = None
         pipe = InfBrushPipeline(models, device)
         embedding = spec.embedding if spec.embedding is not None else pipe.embed_subtype(spec.subtype)
         report(Stage.sampling, 0.0, 0)
@@ -200,6 +226,7 @@ def generate_slide(
 
     check_cancel(cancel)
     scorer = fidelity_scorer(labels, spec, models.card.fidelity_classes, seam_lines)
+    quilt = quilt_scorer(spec, labels, cuts) if cuts else None
     with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=outputs["tiff"],
                       zarr_path=outputs["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:
@@ -209,6 +236,8 @@ def generate_slide(
             out.write_band(band)
             if scorer is not None:
                 scorer.add_band(band)
+            if quilt is not None:
+                quilt.add_band(band)
         report(Stage.writing, 0.0, None)
     _save_png(out.thumbnail, job_dir / OUTPUT_FILES["thumbnail"])
     result.outputs["thumbnail"] = OUTPUT_FILES["thumbnail"]
@@ -220,6 +249,8 @@ def generate_slide(
         result.outputs["mask"] = OUTPUT_FILES["mask"]
     if scorer is not None:
         result.metrics.update(fidelity_metrics(scorer))
+    if quilt is not None:
+        result.metrics.update(quilt_metrics(quilt))
     result.metrics["seconds_total"] = round(time.perf_counter() - t0, 3)
     if t_sampled is not None:
         result.metrics["seconds_sampling"] = round(t_sampled - t0, 3)

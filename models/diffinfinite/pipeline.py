@@ -242,14 +242,16 @@ class DiffInfinitePipeline:
         return sampler.sample(canvas, options.seed, self.device, progress=progress, cancel=cancel)
 
     def decode_mask_latents(self, latent: torch.Tensor, height: int, width: int, options: SamplingOptions,
-                            cancel: CancelFn | None = None) -> np.ndarray:
-        """Hann-tiled decode of a mask latent and quantisation → raw labels at mask resolution (H/4, W/4)."""
+                            cancel: CancelFn | None = None, decode_context: str = "slide") -> np.ndarray:
+        """Hann-tiled decode of a mask latent and quantisation → raw labels at mask resolution (H/4, W/4).
+        ``decode_context``: the decoder's GroupNorm statistics and attention of the whole mask latent
+        (``"slide"``) or of each tile (``"tile"``, the official code)."""
         codec = self.models.codec
         f = self.scale_factor
         hm, wm = int(height) // MASK_SCALE, int(width) // MASK_SCALE
         tile = options.mask_patch
-        dec = TiledDecoder(codec.decode_mask_values, scale=f, tile=tile, overlap=tile // 2, window="hann",
-                           batch_size=options.decode_batch_size)
+        dec = TiledDecoder(codec.tile_decoder("mask", decode_context), scale=f, tile=tile, overlap=tile // 2,
+                           window="hann", batch_size=options.decode_batch_size)
         out = np.empty((latent.shape[2] * f, latent.shape[3] * f), dtype=np.uint8)
         r = 0
         for band in dec.iter_bands(latent.to(codec.device), cancel=cancel, output="float32"):
@@ -260,7 +262,7 @@ class DiffInfinitePipeline:
 
     def sample_mask(self, subtype: int | np.ndarray = 0, height: int = 2048, width: int = 2048,
                     options: SamplingOptions | None = None, progress: ProgressFn | None = None,
-                    cancel: CancelFn | None = None) -> np.ndarray:
+                    cancel: CancelFn | None = None, decode_context: str = "slide") -> np.ndarray:
         """Generate a label mask (H, W) uint8 at output resolution (mask model at H/4 × W/4, cleaned, ×4)."""
         options = options or SamplingOptions()
         self._check_size(height, width, "output")
@@ -273,7 +275,7 @@ class DiffInfinitePipeline:
 
         latent = self.sample_mask_latents(subtype, height, width, options, sub_progress, cancel)
         check_cancel(cancel)
-        raw = self.decode_mask_latents(latent, height, width, options, cancel)
+        raw = self.decode_mask_latents(latent, height, width, options, cancel, decode_context)
         cleaned = clean_mask(raw, options.mask_pool)
         labels = upsample_labels(cleaned, MASK_SCALE)
         if progress is not None:
@@ -289,6 +291,21 @@ class DiffInfinitePipeline:
         f = self.scale_factor
         t = downsample_label_mask(torch.from_numpy(lab)[None, None], (lab.shape[0] // f, lab.shape[1] // f))
         return np.ascontiguousarray(t[0, 0].numpy())
+
+    def sampler_cut_lines(self, labels: np.ndarray | torch.Tensor,
+                          options: SamplingOptions) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+        """Output-pixel rows and columns where the image sampler's last step cut the canvas into cells, as
+        zero-width zones for the quilt score; None in ``random`` mode (its crops leave no straight lines)."""
+        if options.mode != "tiled":
+            return None
+        sampler = self.image_sampler(options)
+        lab = sampler._prepare_labels(self.latent_labels(labels))
+        crops = sampler.plan(lab, options.seed, sampler.stop_at - 1)
+        f = self.scale_factor
+        h, w = lab.shape
+        rows = sorted({c.cell[0] for c in crops if c.cell is not None} - {0})
+        cols = sorted({c.cell[1] for c in crops if c.cell is not None} - {0})
+        return [(r * f, r * f) for r in rows if r < h], [(c * f, c * f) for c in cols if c < w]
 
     def new_state(self, labels: np.ndarray | torch.Tensor, options: SamplingOptions) -> SamplerState:
         return self.image_sampler(options).init_state(self.latent_labels(labels), options.seed, self.device)

@@ -1,0 +1,107 @@
+"""Quilt score (evaluation/quilt.py): block-mean jumps across the pipeline's cut lines against other lines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.quilt import QuiltScorer, pair_zones, quilt_score, zones_from_lines
+from models.decoding import TiledDecoder, rising_ramp
+
+SIZE, TILE_PX, RAMP_PX = 1536, 512, 48
+
+
+def texture(seed: int, size: int = SIZE) -> np.ndarray:
+    """Band-limited RGB texture around mid grey, uint8: mostly cell-sized detail, weak at the block scale (32-px
+    block means jump by ~1 grey level, as on the demo model's tissue)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros((size, size, 3), np.float32)
+    for sigma, amp in ((1, 25), (4, 6), (16, 1.5)):
+        noise = rng.normal(size=(size, size, 3)).astype(np.float32)
+        field = cv2.GaussianBlur(noise, (0, 0), sigma)
+        out += amp * field / field.std()
+    return np.clip(128 + out, 0, 255).astype(np.uint8)
+
+
+def decode_cuts(size: int = SIZE):
+    """The cut zones of a Tukey tiling with 512-px tiles and 48-px ramps (tile 64, overlap 6 latent px)."""
+    dec = TiledDecoder(lambda z: z, scale=8, tile=TILE_PX // 8, overlap=RAMP_PX // 8, window="tukey")
+    return {"decode": dec.cut_zones(size // 8, size // 8)}
+
+
+def quilted(img: np.ndarray, offset: float, seed: int = 5) -> np.ndarray:
+    """``img`` with a random per-tile brightness offset (± ``offset`` grey levels) cross-faded like the decoder."""
+    dec = TiledDecoder(lambda z: z, scale=8, tile=TILE_PX // 8, overlap=RAMP_PX // 8, window="tukey")
+    py, px = dec.plans(img.shape[0] // 8, img.shape[1] // 8)
+    rng = np.random.default_rng(seed)
+    shift = np.zeros(img.shape[:2], np.float32)
+    for r, y in enumerate(py.starts):
+        for c, x in enumerate(px.starts):
+            w = np.outer(py.windows[r], px.windows[c])
+            shift[y * 8:y * 8 + w.shape[0], x * 8:x * 8 + w.shape[1]] += w * rng.uniform(-offset, offset)
+    return np.clip(img + shift[:, :, None], 0, 255).astype(np.uint8)
+
+
+def test_separates_a_quilted_image_from_a_clean_one():
+    clean = texture(1)
+    s_clean = quilt_score(clean, decode_cuts())["quilt_score"]
+    s_quilt = quilt_score(quilted(clean, 10.0), decode_cuts())["quilt_score"]
+    assert 0.9 < s_clean < 1.1, s_clean
+    assert s_quilt > 1.5, s_quilt
+
+
+def test_a_region_border_on_a_cut_is_not_a_quilt():
+    """Two tissues meeting exactly on a cut line: a jump, but between regions, not within one."""
+    img = texture(2).astype(np.int16)
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    zone = decode_cuts()["decode"][1][0]  # the first vertical ramp
+    mid = (zone[0] + zone[1]) // 2
+    labels[:, mid:] = 1
+    img[:, mid:] += 40
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    assert quilt_score(img, decode_cuts())["quilt_score"] > 1.5  # blind to regions: flagged
+    assert 0.9 < quilt_score(img, decode_cuts(), labels)["quilt_score"] < 1.1
+
+
+def test_streaming_in_any_bands_equals_the_whole_image():
+    img = quilted(texture(3), 3.0)
+    whole = quilt_score(img, decode_cuts())
+    scorer = QuiltScorer(SIZE, SIZE, decode_cuts())
+    r = 0
+    for rows in (1, 7, 300, 64, 1000, 164):
+        scorer.add_band(img[r:r + rows])
+        r += rows
+    assert scorer.result() == whole
+
+
+def test_several_kinds_and_hard_lines():
+    img = quilted(texture(4), 10.0)
+    cuts = decode_cuts()
+    cuts["sampler"] = (zones_from_lines(range(384, SIZE, 384)), zones_from_lines(range(384, SIZE, 384)))
+    result = quilt_score(img, cuts)
+    assert set(result["by_kind"]) == {"decode", "sampler"}
+    assert result["by_kind"]["decode"]["score"] > 1.5
+    assert result["quilt_score"] == max(v["score"] for v in result["by_kind"].values())
+
+
+def test_pair_zones_and_bad_input():
+    assert pair_zones([10, 58, 474, 522]) == [(10, 58), (474, 522)]
+    with pytest.raises(ValueError, match="pairs"):
+        pair_zones([1, 2, 3])
+    with pytest.raises(ValueError, match="ends before it starts"):
+        QuiltScorer(100, 100, {"decode": ([(50, 40)], [])})
+    with pytest.raises(ValueError, match="labels must be"):
+        QuiltScorer(100, 100, {"decode": ([], [])}, labels=np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="reserved"):
+        QuiltScorer(100, 100, {"control:0": ([], [])})
+    scorer = QuiltScorer(100, 100, {"decode": ([(40, 40)], [])})
+    with pytest.raises(ValueError, match="uint8"):
+        scorer.add_band(np.zeros((10, 100, 3), np.float32))
+    with pytest.raises(ValueError, match="rows were scored"):
+        scorer.result()
+
+
+def test_ramp_profile_is_the_decoders():
+    # the synthetic quilt blends with the decoder's own raised-cosine ramps
+    assert np.allclose(rising_ramp(4), np.sin(np.pi * np.arange(4) / 8) ** 2)
