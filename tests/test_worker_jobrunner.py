@@ -238,3 +238,36 @@ def test_a_slide_too_small_for_the_fidelity_classifier_succeeds_without_the_metr
     submit(ctx, "tiny", steps=2, size=32, outputs=["tiff"])
     assert run_job("tiny", ctx) == JobStatus.succeeded, ctx.store.get("tiny").error
     assert "balanced_accuracy" not in ctx.store.get("tiny").metrics
+
+
+def test_both_decode_contexts_run_and_report_the_quilt_score(ctx):
+    from worker.jobrunner import run_job
+
+    for context in ("slide", "tile"):
+        submit(ctx, f"c{context}", steps=2, size=640, classes=(1, 3), decode_context=context,
+               compression="deflate")
+        assert run_job(f"c{context}", ctx) == JobStatus.succeeded, ctx.store.get(f"c{context}").error
+        metrics = ctx.store.get(f"c{context}").metrics
+        # a 640-px slide holds one decode-tile ramp per axis, and the tiled sampler's last cells
+        assert metrics["quilt_score"] == max(metrics["quilt_score_decode"], metrics["quilt_score_sampler"])
+        assert metrics["quilt_score"] > 0
+
+
+def test_a_latent_with_nan_fails_before_any_output_file(ctx, monkeypatch):
+    import torch
+
+    from models.diffinfinite.pipeline import DiffInfinitePipeline
+    from worker.jobrunner import run_job
+
+    def nan_latents(self, labels, options=None, **kw):
+        z = torch.zeros(1, 4, labels.shape[0] // 8, labels.shape[1] // 8)
+        z[0, 2, 3, 1] = float("nan")
+        return z
+
+    monkeypatch.setattr(DiffInfinitePipeline, "sample_latents", nan_latents)
+    submit(ctx, steps=2, outputs=["tiff", "zarr"])
+    assert run_job("job1", ctx) == JobStatus.failed
+    job = ctx.store.get("job1")
+    assert "latent contains NaN" in job.error and "(3, 1)" in job.error, job.error
+    remaining = {p.name for p in ctx.store.job_dir("job1").iterdir()}
+    assert remaining <= {"mask.png", "job.json", "job.lock", "cancel"}, remaining
