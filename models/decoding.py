@@ -84,6 +84,17 @@ class FunctionTileDecoder:
         return self.decode_fn(torch.stack([latent[0, :, y:y + tile, x:x + tile] for y, x in positions]))
 
 
+def check_finite(latent: torch.Tensor) -> None:
+    """ValueError naming NaN / Inf values of a latent [1, C, h, w] and where the first one is."""
+    bad = ~torch.isfinite(latent)
+    if bool(bad.any()):
+        kinds = " and ".join(n for n, t in (("NaN", torch.isnan(latent)), ("Inf", torch.isinf(latent)))
+                             if bool(t.any()))
+        y, x = (int(v) for v in torch.nonzero(bad[0].any(0))[0])
+        raise ValueError(f"latent contains {kinds} ({int(bad.sum())} values, first at latent (y, x) = "
+                         f"({y}, {x})); refusing to decode it")
+
+
 def rising_ramp(length: int) -> np.ndarray:
     """Raised-cosine rise ``sin²(π j / 2L)``, j = 0 … L−1 (the first half of a periodic Hann of 2L)."""
     j = np.arange(length, dtype=np.float64)
@@ -294,13 +305,7 @@ class TiledDecoder:
         if not latent.is_floating_point():
             raise ValueError(f"latent must be a floating-point tensor, got {latent.dtype}")
         self.tiles.check_latent(latent)
-        bad = ~torch.isfinite(latent)
-        if bool(bad.any()):
-            kinds = " and ".join(n for n, t in (("NaN", torch.isnan(latent)), ("Inf", torch.isinf(latent)))
-                                 if bool(t.any()))
-            y, x = (int(v) for v in torch.nonzero(bad[0].any(0))[0])
-            raise ValueError(f"latent contains {kinds} ({int(bad.sum())} values, first at latent (y, x) = "
-                             f"({y}, {x})); refusing to decode it")
+        check_finite(latent)
 
     def _decode(self, lat: torch.Tensor, where: list[tuple[int, int]], label: str) -> torch.Tensor:
         out = self.tiles.decode_tiles(lat, where, self.tile)
