@@ -128,7 +128,7 @@ def demo_slide_latent(size: int, steps: int, source: str, seed: int = 0):
     from evaluation.fidelity import labels_for_classes, map_labels
     from models.diffinfinite.loading import load_diffinfinite
     from procedural.tissue import render_tile
-    from service.masks import resize_labels
+    from models.labels import resize_labels
     from slidesynth.demo import demo_mask
 
     repo = Path(__file__).resolve().parents[1]

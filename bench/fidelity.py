@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from evaluation.fidelity import labels_for_classes, load_classifier, score_slide
     from evaluation.quilt import quilt_score
-    from worker.pipeline import slide_decoder
+    from models.diffinfinite.engine import slide_decoder
     from procedural.tissue import render_tile
-    from service.masks import resize_labels
-    from slidesynth.settings import get_settings
+    from models.labels import resize_labels
+    from core.settings import get_settings
 
     from models.cards import ModelCard
 

@@ -23,7 +23,7 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     name: str = Field(description="Model id used in requests (`model` field).")
-    engine: Literal["diffinfinite", "infinity-brush"] = Field(description="Which engine runs it.")
+    engine: str = Field(description="Which engine runs it (a name in the engine registry, `models.engine`).")
     trained: bool = Field(description="False for seeded random weights: outputs are not tissue.")
     description: str = ""
     classes: dict[int, str] = Field(default_factory=dict, description="Label id → name; 0 = unknown.")
@@ -47,13 +47,6 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="Command, device, duration, steps.")
     files: dict[str, str] = Field(default_factory=dict, description="Weight file name → sha256.")
     config: dict[str, Any] = Field(default_factory=dict, description="Engine-specific network configuration.")
-
-    @property
-    def steps_default(self) -> int:
-        """The card's default steps, else the paper's: 250 (DiffInfinite) or 50 (∞-Brush)."""
-        if self.default_steps:
-            return self.default_steps
-        return 250 if self.engine == "diffinfinite" else 50
 
     @classmethod
     def load(cls, folder: str | Path) -> "ModelCard":

@@ -9,39 +9,10 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from models.cards import CARD_FILENAME, ModelCard
-
-UNTRAINED_SEED = 0
-
-
-def _untrained_diffinfinite(device):
-    from models.diffinfinite.loading import untrained_diffinfinite
-
-    return untrained_diffinfinite(seed=UNTRAINED_SEED, device=device)
-
-
-def _untrained_infbrush(device):
-    from models.infbrush import untrained_infbrush
-
-    return untrained_infbrush(seed=UNTRAINED_SEED, device=device)
-
-
-BUILTIN: dict[str, Callable[[Any], Any]] = {
-    "diffinfinite-untrained": _untrained_diffinfinite,
-    "infinity-brush-untrained": _untrained_infbrush,
-}
-
-
-def _load_folder(card: ModelCard, folder: Path, device):
-    if card.engine == "diffinfinite":
-        from models.diffinfinite.loading import load_diffinfinite
-
-        return load_diffinfinite(folder, device=device)
-    from models.infbrush import load_infbrush
-
-    return load_infbrush(folder, device=device)
+from models.engine import engines, get_engine
 
 
 class ModelRegistry:
@@ -56,14 +27,14 @@ class ModelRegistry:
 
     def _scan(self) -> dict[str, ModelCard]:
         cards: dict[str, ModelCard] = {}
-        for name, build in BUILTIN.items():
-            try:
-                cards[name] = build("cpu").card
-            except ImportError:  # an engine not installed in this deployment
-                continue
+        for engine in engines().values():  # cards read from files: no network is built
+            if engine.untrained_name is not None:
+                cards[engine.untrained_name] = engine.untrained_card()
         if self.models_dir.is_dir():
             for card_path in sorted(self.models_dir.glob(f"*/{CARD_FILENAME}")):
                 card = ModelCard.load(card_path.parent)
+                if card.engine not in engines():  # a model of an engine this deployment lacks
+                    continue
                 cards[card.name] = card
                 self._folders[card.name] = card_path.parent
         return cards
@@ -82,12 +53,9 @@ class ModelRegistry:
 
     def load(self, name: str, device) -> Any:
         """The engine's loaded models (e.g. ``DiffInfiniteModels``), cached per (name, device)."""
-        self.card(name)
+        card = self.card(name)
         key = (name, str(device))
         with self._lock:
             if key not in self._loaded:
-                if name in self._folders:
-                    self._loaded[key] = _load_folder(self._cards[name], self._folders[name], device)
-                else:
-                    self._loaded[key] = BUILTIN[name](device)
+                self._loaded[key] = get_engine(card.engine).load(self._folders.get(name), device)
             return self._loaded[key]

@@ -13,10 +13,10 @@ from models.registry import ModelRegistry
 from service.deps import Services
 from service.routes import generate, jobs, system
 from service.schemas import GenerateRequest, MultipartGenerate
-from slidesynth import __version__
-from slidesynth.jobs import open_store
-from slidesynth.settings import Settings, get_settings
-from worker.queue import make_celery
+from core import __version__
+from core.jobs import open_store
+from core.settings import Settings, get_settings
+from core.queue import make_celery
 
 REQUESTS = Counter("slidesynth_http_requests_total", "HTTP requests", ["method", "status"])
 

@@ -10,8 +10,8 @@ from fastapi.security import APIKeyHeader
 
 from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
-from slidesynth.jobs import JobStore
-from slidesynth.settings import Settings
+from core.jobs import JobStore
+from core.settings import Settings
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="Needed when the service sets SLIDESYNTH_API_KEYS.")

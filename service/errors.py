@@ -4,6 +4,8 @@ from __future__ import annotations
 from fastapi import HTTPException
 from pydantic import ValidationError
 
+from models.engine import engines
+
 from service.schemas import UNION_TAGS
 from service.validation import FieldError
 
@@ -26,7 +28,16 @@ def json_path(loc: tuple) -> tuple:
 
 def from_validation_error(err: ValidationError, prefix: tuple = ()) -> HTTPException:
     detail = [
-        {"loc": ["body", *prefix, *json_path(e["loc"])], "msg": e["msg"], "type": e["type"]}
+        {"loc": ["body", *prefix, *json_path(e["loc"])], "msg": _hint(e), "type": e["type"]}
         for e in err.errors(include_url=False, include_context=False, include_input=False)
     ]
     return HTTPException(status_code=422, detail=detail)
+
+
+def _hint(error: dict) -> str:
+    """The message, pointing an unknown top-level field that is an engine option at `options`."""
+    if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+        takers = sorted(name for name, engine in engines().items() if error["loc"][0] in engine.options_model.model_fields)
+        if takers:
+            return f"{error['msg']}: an option of the {', '.join(takers)} engine; send it in `options`"
+    return error["msg"]

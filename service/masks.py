@@ -134,12 +134,3 @@ def encode_png(labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(labels, mode="L").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize (labels must never be interpolated)."""
-    if labels.shape == (height, width):
-        return labels
-    import cv2
-
-    return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)

@@ -8,7 +8,7 @@ import yaml
 
 def render() -> str:
     from service.app import create_app
-    from slidesynth.settings import Settings
+    from core.settings import Settings
 
     # Defaults only: the contract must not depend on the machine's environment.
     app = create_app(Settings(_env_file=None, data_dir="/tmp/slidesynth-openapi"))

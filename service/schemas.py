@@ -1,11 +1,11 @@
 """Request and response bodies of the HTTP API (pydantic models; the OpenAPI contract is built from them)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from slidesynth.jobs import DECODE_TILE, TUKEY_OVERLAP
+from models.engine import engines
 
 
 class _Strict(BaseModel):
@@ -31,6 +31,23 @@ Conditioning = Annotated[Union[CONDITIONING_KINDS], Field(discriminator="type")]
 UNION_TAGS = {"conditioning": {get_args(kind.model_fields["type"].annotation)[0] for kind in CONDITIONING_KINDS}}
 
 
+def _engine_options_schema() -> dict[str, Any]:
+    """`options` in the contract: the options model of each registered engine (one is declared per engine, in
+    its module; the request is validated against the one of the requested model's engine)."""
+    kinds = []
+    for name, engine in sorted(engines().items()):
+        schema = engine.options_model.model_json_schema()
+        schema["title"] = f"{name} options"
+        kinds.append(schema)
+    return {"oneOf": kinds, "title": "Engine options",
+            "description": "Options of the requested model's engine (`engine` in `GET /models`): "
+                           + "; ".join(f"`{name}`: {e.options_model.__name__}" for name, e in sorted(engines().items()))
+                           + ". An option the engine does not take is a 422 naming it."}
+
+
+EngineOptionsField = Annotated[dict[str, Any] | None, WithJsonSchema(_engine_options_schema())]
+
+
 class GenerateParams(_Strict):
     """Parameters common to every request. With a mask, they travel as the `params` JSON part."""
 
@@ -52,33 +69,7 @@ class GenerateParams(_Strict):
         description="DDIM η (1 = stochastic, 0 = deterministic); default: the engine's paper value "
         "(1 for DiffInfinite, 0 for ∞-Brush).",
     )
-    sampler: Literal["random", "tiled"] = Field(
-        "tiled",
-        description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
-        "non-overlapping tiling per step (about a quarter of the official cost).",
-    )
-    decoder: Literal["tukey", "hann", "four-pass"] = Field(
-        "tukey",
-        description="Tiled VAE decoding (DiffInfinite): `tukey` (cosine ramps, ≈1.2× decodes), `hann` (50 % "
-        "overlap, ≈4×) or `four-pass` (the paper's scheme).",
-    )
-    decode_tile: int | None = Field(
-        None, ge=8, le=256,
-        description=f"Tiled VAE decoding: tile side in latent px (× the autoencoder's factor 8 in pixels); "
-        f"default {DECODE_TILE}.",
-    )
-    decode_overlap: int | None = Field(
-        None, ge=0, le=128,
-        description=f"Overlap of neighbouring decode tiles in latent px; default {TUKEY_OVERLAP} (at most tile/2) for `tukey` (0 … tile/2), "
-        "tile/2 for `hann` (the only value at which Hann windows sum to one) and `four-pass` (which shifts by tile/2).",
-    )
-    decode_context: Literal["slide", "tile"] = Field(
-        "slide",
-        description="Tiled VAE decoding: what the decoder's GroupNorms and mid-block attention see. `slide`: "
-        "statistics of the whole slide and attention over a hierarchy of pooled keys spanning it, so the slide "
-        "does not depend on how it was tiled; `tile`: each tile on its own, as the paper's code decodes (a "
-        "visible quilt of decode tiles).",
-    )
+    options: EngineOptionsField = None
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")
@@ -164,6 +155,7 @@ class ModelInfo(BaseModel):
     max_height: int
     default_steps: int
     default_guidance: float
+    options: dict[str, Any] = Field(description="JSON schema of the `options` this model's engine takes.")
     embedding_encoder: str | None
     embedding_dim: int | None
     training_data: str

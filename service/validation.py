@@ -10,11 +10,14 @@ import secrets
 
 import numpy as np
 
+from pydantic import ValidationError
+
+from core.jobs import JobSpec
+from core.settings import Settings
 from models.cards import ModelCard
+from models.engine import EngineOptions, OptionError, get_engine, steps_default
 from service.masks import MaskInfo
 from service.schemas import EmbeddingConditioning, GenerateParams, SubtypeConditioning
-from slidesynth.jobs import DECODE_TILE, JobSpec, default_decode_overlap
-from slidesynth.settings import Settings
 
 # Common names of the DiffInfinite mask model's two subtypes (TCGA codes and short forms).
 SUBTYPE_ALIASES = {
@@ -70,27 +73,16 @@ def resolve_subtype(name: str, card: ModelCard) -> tuple[str, int]:
     raise FieldError(("conditioning", "subtype"), f"unknown subtype {name!r} for {card.name}; known: {known}")
 
 
-def text_encoder_available(settings: Settings) -> bool:
-    """∞-Brush turns subtypes into embeddings with QuiltNet's text tower, loaded from a local folder."""
-    from models.infbrush.text import DEFAULT_DIRNAME
-
-    return (settings.models_dir / DEFAULT_DIRNAME / "open_clip_config.json").is_file()
-
-
 def usable_conditioning(card: ModelCard, settings: Settings) -> list[str]:
     """The conditioning kinds this deployment can serve for ``card`` (what ``GET /models`` lists)."""
-    return [c for c in card.conditioning
-            if not (c == "subtype" and card.engine == "infinity-brush" and not text_encoder_available(settings))]
+    engine = get_engine(card.engine)
+    return [c for c in card.conditioning if engine.serves(card, c, settings.models_dir) is None]
 
 
-def _require_text_encoder(settings: Settings) -> None:
-    from models.infbrush.text import DEFAULT_DIRNAME
-
-    if not text_encoder_available(settings):  # the folder relative to the models dir: no server paths in answers
-        raise FieldError(("conditioning", "type"),
-                         f"subtype prompts for ∞-Brush need the QuiltNet text encoder (an OpenCLIP local-dir folder "
-                         f"{DEFAULT_DIRNAME}/ in SLIDESYNTH_MODELS_DIR), which this deployment lacks; send an "
-                         "embedding instead")
+def _require_served(card: ModelCard, kind: str, settings: Settings) -> None:
+    why = get_engine(card.engine).serves(card, kind, settings.models_dir)
+    if why is not None:
+        raise FieldError(("mask",) if kind == "mask" else ("conditioning", "type"), why)
 
 
 def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]:
@@ -123,24 +115,22 @@ def check_labels(labels: np.ndarray, card: ModelCard) -> None:
         raise FieldError(("mask",), f"class values {unknown} are not classes of {card.name} ({names})")
 
 
-def decode_geometry(params: GenerateParams) -> dict[str, int]:
-    """Tile and overlap (latent px) of the tiled VAE decoder; ``FieldError`` for pairs the window can't blend."""
-    tile = params.decode_tile if params.decode_tile is not None else DECODE_TILE
-    overlap = params.decode_overlap
-    if params.decoder == "tukey":
-        overlap = default_decode_overlap("tukey", tile) if overlap is None else overlap
-        if overlap > tile // 2:
-            raise FieldError(("decode_overlap",), f"tukey windows need an overlap of at most decode_tile/2 = "
-                                                  f"{tile // 2} latent px, got {overlap}")
-        return {"decode_tile": tile, "decode_overlap": overlap}
-    if tile % 2:
-        raise FieldError(("decode_tile",), f"{params.decoder} decoding needs an even decode_tile, got {tile}")
-    if overlap is not None and overlap != tile // 2:
-        why = ("Hann windows sum to one only at 50 % overlap" if params.decoder == "hann"
-               else "four-pass decoding shifts its passes by half a tile")
-        raise FieldError(("decode_overlap",), f"must be decode_tile/2 = {tile // 2} for {params.decoder} ({why}), "
-                                              f"got {overlap}")
-    return {"decode_tile": tile, "decode_overlap": default_decode_overlap(params.decoder, tile)}
+def engine_options(params: GenerateParams, card: ModelCard) -> EngineOptions:
+    """The request's ``options`` validated by the options model of the card's engine, defaults resolved."""
+    engine = get_engine(card.engine)
+    try:
+        options = engine.options_model.model_validate(params.options or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        msg = (f"{engine.name} (the engine of {card.name}) takes no option {loc[-1]!r}; it takes: "
+               f"{', '.join(engine.options_model.model_fields) or 'none'}" if err["type"] == "extra_forbidden"
+               else err["msg"])
+        raise FieldError(("options", *loc), msg) from None
+    try:
+        return options.resolved()
+    except OptionError as exc:
+        raise FieldError(("options", exc.field), exc.msg) from None
 
 
 def build_spec(
@@ -152,14 +142,14 @@ def build_spec(
     mask: MaskInfo | None = None,
 ) -> JobSpec:
     """Validate everything but the mask's pixel values (see :func:`check_labels`)."""
+    engine = get_engine(card.engine)
     mpp = params.mpp or card.native_mpp
-    steps = params.steps or card.steps_default
+    steps = params.steps or steps_default(card)
     if steps > settings.max_steps:
         raise FieldError(("steps",), f"{steps} is over the maximum of {settings.max_steps}")
     extra: dict = {}
     if mask is not None:
-        if "mask" not in card.conditioning:
-            raise FieldError(("mask",), f"model {card.name} does not take a mask")
+        _require_served(card, "mask", settings)
         mask_mpp = params.mask_mpp or mask.mpp or mpp
         scale = mask_mpp / mpp
         width = max(8, int(round(mask.width * scale / 8)) * 8)
@@ -183,8 +173,7 @@ def build_spec(
         _check_size(width, height, card, settings)
         if isinstance(conditioning, SubtypeConditioning):
             name, idx = resolve_subtype(conditioning.subtype, card)
-            if card.engine == "infinity-brush":
-                _require_text_encoder(settings)
+            _require_served(card, "subtype", settings)
             extra = dict(conditioning="subtype", subtype=name, subtype_id=idx)
         else:
             extra = dict(conditioning="embedding", embedding=check_embedding(conditioning, card),
@@ -194,8 +183,7 @@ def build_spec(
         model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
         guidance=params.guidance if params.guidance is not None else (
             card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE),
-        eta=params.eta if params.eta is not None else (1.0 if card.engine == "diffinfinite" else 0.0),
-        sampler=params.sampler, decoder=params.decoder, decode_context=params.decode_context,
-        **decode_geometry(params), outputs=list(dict.fromkeys(params.outputs)),
+        eta=params.eta if params.eta is not None else engine.default_eta,
+        options=engine_options(params, card).model_dump(mode="json"), outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from service.schemas import Job, JobLinks
-from slidesynth.jobs import JobRecord, JobStatus, iso
+from core.jobs import JobRecord, JobStatus, iso
 
 
 def job_view(job: JobRecord) -> Job:

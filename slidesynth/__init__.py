@@ -1,2 +1,4 @@
-"""slidesynth: gigapixel whole-slide histopathology synthesis as a service."""
-__version__ = "0.1.0"
+"""slidesynth: gigapixel whole-slide histopathology synthesis as a service (the ``slidesynth`` command)."""
+from core import __version__
+
+__all__ = ["__version__"]

@@ -16,7 +16,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from slidesynth.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     worker = None
@@ -52,7 +52,7 @@ def _terminate_with_parent() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from slidesynth.settings import get_settings
+    from core.settings import get_settings
     from worker.celery_app import app
 
     settings = get_settings()
@@ -64,56 +64,93 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of every registered engine, declared by the engines' options models."""
+    from types import UnionType
+    from typing import Literal, Union, get_args, get_origin
+
+    from models.engine import engines
+
+    seen: set[str] = set()
+    for name, engine in sorted(engines().items()):
+        for field_name, info in engine.options_model.model_fields.items():
+            if field_name in seen:
+                continue
+            seen.add(field_name)
+            union = get_origin(info.annotation) in (Union, UnionType)
+            kinds = [a for a in (get_args(info.annotation) if union else (info.annotation,)) if a is not type(None)]
+            choices = [v for k in kinds if get_origin(k) is Literal for v in get_args(k)] or None
+            kind = next((k for k in kinds if k in (int, float)), str)
+            parser.add_argument(_option_flag(field_name), dest=f"option_{field_name}", type=kind, choices=choices,
+                                metavar=None if choices else field_name.upper(),
+                                help=f"{name} option: {info.description or field_name}".replace("%", "%%"))
+
+
 def _generate_params(args: argparse.Namespace):
     from service.schemas import GenerateParams
 
+    options = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
     fields = dict(model=args.model, mpp=args.mpp, mask_mpp=args.mask_mpp, seed=args.seed, steps=args.steps,
-                  guidance=args.guidance, eta=args.eta, sampler=args.sampler, decoder=args.decoder,
-                  decode_tile=args.decode_tile, decode_overlap=args.decode_overlap,
-                  decode_context=args.decode_context, compression=args.compression,
-                  quality=args.quality, outputs=["tiff"] + (["zarr"] if args.zarr else []))
+                  guidance=args.guidance, eta=args.eta, compression=args.compression, quality=args.quality,
+                  outputs=["tiff"] + (["zarr"] if args.zarr else []), options=options or None)
     if not args.mask:
         fields.update(width=args.width, height=args.height)
     return GenerateParams(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _conditioning(args: argparse.Namespace):
+    from service.schemas import EmbeddingConditioning, SubtypeConditioning
+
+    if args.subtype:
+        return SubtypeConditioning(type="subtype", subtype=args.subtype)
+    if args.embedding:
+        path = Path(args.embedding)
+        if path.suffix == ".npy":
+            import numpy as np
+
+            vector = np.load(path).astype(float).ravel().tolist()
+        else:
+            vector = json.loads(path.read_text())
+        return EmbeddingConditioning(type="embedding", vector=vector, encoder=args.encoder)
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    """One job in-process, no server: validation, pipeline and writers are the service's own."""
+    """One job in-process, no server: preparation, pipeline and writers are the service's own."""
+    from pydantic import ValidationError
     from tqdm import tqdm
 
+    from core.contract import overall_fraction
+    from core.settings import get_settings
+    from models.engine import get_engine
     from models.registry import ModelRegistry
     from models.runtime import pick_device
-    from service.masks import MaskError, decode_mask, encode_png, inspect_mask
-    from service.schemas import SubtypeConditioning
-    from service.validation import FieldError, build_spec, check_labels, resolve_model
-    from slidesynth.settings import get_settings
+    from service.preparation import prepare_job
+    from service.validation import FieldError
+    from worker.jobrunner import worker_runtime
     from worker.pipeline import generate_slide
 
     settings = get_settings()
     registry = ModelRegistry(settings.models_dir)
-    if bool(args.mask) == bool(args.subtype):
-        print("error: give exactly one of --mask or --subtype", file=sys.stderr)
+    if sum(bool(x) for x in (args.mask, args.subtype, args.embedding)) != 1:
+        print("error: give exactly one of --mask, --subtype or --embedding", file=sys.stderr)
         return 2
     try:
         params = _generate_params(args)
-        card = resolve_model(params.model, registry.cards(), settings)
-        mask_png = None
-        if args.mask:
-            data = Path(args.mask).read_bytes()
-            try:
-                info = inspect_mask(data, settings.max_mask_pixels)
-                labels = decode_mask(data, info)
-            except MaskError as exc:
-                raise FieldError(("mask",), str(exc)) from exc
-            spec = build_spec(params, card, settings, mask=info)
-            check_labels(labels, card)
-            mask_png = encode_png(labels)
-        else:
-            spec = build_spec(params, card, settings, conditioning=SubtypeConditioning(type="subtype",
-                                                                                      subtype=args.subtype))
-    except (FieldError, ValueError) as exc:
+        mask = Path(args.mask).read_bytes() if args.mask else None
+        job = prepare_job(params, registry.cards(), settings, conditioning=_conditioning(args), mask=mask)
+    except FieldError as exc:
+        flag = _option_flag(str(exc.loc[1])) if exc.loc[:1] == ("options",) and len(exc.loc) > 1 else None
+        print(f"error: {flag + ': ' + exc.msg if flag else exc}", file=sys.stderr)
+        return 2
+    except (ValidationError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    spec, engine = job.spec, get_engine(job.spec.engine)
     device = pick_device(args.device or settings.device)
     models = registry.load(spec.model, device)
     if not models.card.trained:
@@ -123,21 +160,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.zarr and Path(args.zarr).exists() and not _is_zarr(Path(args.zarr)):
         print(f"error: --zarr {args.zarr} exists and is not a Zarr folder; refusing to replace it", file=sys.stderr)
         return 2
+    stages = engine.stages(spec.conditioning)
     with tempfile.TemporaryDirectory(prefix="slidesynth-", dir=out.parent) as tmp:
         job_dir = Path(tmp)
-        if mask_png is not None:
-            (job_dir / "mask.png").write_bytes(mask_png)
+        if job.mask_png is not None:
+            (job_dir / "mask.png").write_bytes(job.mask_png)
         bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}")
 
         def report(stage, fraction, step):
-            from worker.pipeline import overall_fraction
-
-            has_mask = spec.conditioning == "subtype" and spec.engine == "diffinfinite"
-            bar.n = 100 * overall_fraction(stage, fraction, has_mask)
+            bar.n = 100 * overall_fraction(stage, fraction, stages)
             bar.set_postfix_str(stage.value + (f" step {step}/{spec.steps}" if step is not None else ""))
 
-        result = generate_slide(spec, models, job_dir, device=device, report=report, cancel=lambda: False,
-                                batch_size=settings.batch_size, precision=settings.precision)
+        result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
+                                cancel=lambda: False, runtime=worker_runtime(settings))
         bar.close()
         shutil.move(str(job_dir / result.outputs["tiff"]), out)
         if args.zarr:
@@ -171,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate one slide in-process (no server)")
     p.add_argument("--mask", help="label mask PNG/TIFF (pixel value = class index)")
-    p.add_argument("--subtype", help="cancer subtype for mask-then-image generation (e.g. LUAD, LUSC)")
+    p.add_argument("--subtype", help="cancer subtype prompt (e.g. LUAD, LUSC)")
+    p.add_argument("--embedding", help="image embedding: a .npy file or a JSON list of numbers")
+    p.add_argument("--encoder", default="quilt-vit-b-32", help="encoder of --embedding (default quilt-vit-b-32)")
     p.add_argument("--out", required=True, help="output pyramidal TIFF path")
     p.add_argument("--zarr", help="also write an OME-Zarr at this path")
     p.add_argument("--model")
@@ -183,12 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--eta", type=float)
-    p.add_argument("--sampler", choices=["random", "tiled"])
-    p.add_argument("--decoder", choices=["tukey", "hann", "four-pass"])
-    p.add_argument("--decode-tile", type=int, help="decode tile side in latent px (default 64)")
-    p.add_argument("--decode-overlap", type=int, help="decode tile overlap in latent px (default: 6 tukey (at most tile/2), tile/2 otherwise)")
-    p.add_argument("--decode-context", choices=["slide", "tile"],
-                   help="decoder GroupNorm statistics and attention: of the whole slide (default) or per tile")
+    add_engine_option_flags(p)
     p.add_argument("--compression", choices=["jpeg", "deflate", "zstd"])
     p.add_argument("--quality", type=int)
     p.add_argument("--device")

@@ -298,15 +298,16 @@ def generate_image(models: Any, labels: np.ndarray, *, steps: int | None = None,
     """The worker's DiffInfinite path (sample latents → tiled decode, the worker's default Tukey windows)
     for one label mask at the model's resolution; uint8 (H, W, 3) — and, with ``with_seams``, the decoder's
     blend edges (rows, columns) for the seam ratio."""
+    from models.diffinfinite.engine import DiffInfiniteOptions, slide_decoder
     from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
-    from worker.pipeline import slide_decoder
+    from models.engine import steps_default
 
     pipe = DiffInfinitePipeline(models, device=device)
     guidance = default_guidance(models.card) if guidance is None else guidance
-    opts = SamplingOptions(steps=steps or models.card.steps_default, guidance=guidance, eta=eta, mode=sampler,
+    opts = SamplingOptions(steps=steps or steps_default(models.card), guidance=guidance, eta=eta, mode=sampler,
                            seed=seed)
     latent = pipe.sample_latents(labels, options=opts)
-    dec = slide_decoder(models.codec.tile_decoder("image"), models.codec.scale_factor, decoder)
+    dec = slide_decoder(models.codec.tile_decoder("image"), models.codec.scale_factor, DiffInfiniteOptions(decoder=decoder))
     img = dec.decode(latent)
     return (img, dec.boundary_lines(latent.shape[2], latent.shape[3])) if with_seams else img
 
@@ -347,7 +348,7 @@ def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, sizes: tuple[
             [r["balanced_accuracy_tissue_classes"] for r in results])), 4),
         "seam_ratio_max": max((r["seam_ratio"] for r in results if r["seam_ratio"] is not None), default=None),
         "seam_ratio_at_2048": next((r["seam_ratio"] for r in results if r["size"] >= 2048), None),
-        "steps": steps or models.card.steps_default,
+        "steps": steps or steps_default(models.card),
         "guidance": default_guidance(models.card) if guidance is None else guidance,
         "eta": 1.0,
         "sampler": "tiled",
@@ -370,7 +371,7 @@ def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, A
 
     from evaluation.fidelity import score_slide
     from models.diffinfinite.loading import load_diffinfinite
-    from service.masks import resize_labels
+    from models.labels import resize_labels
     from slidesynth.demo import demo_mask
 
     models = load_diffinfinite(REPO / out)

@@ -77,7 +77,7 @@ def key_prefix() -> str:
 @pytest.fixture
 def embedded_settings(tmp_path, monkeypatch):
     """Settings for the embedded mode (no broker server), isolated in a temp data dir."""
-    from slidesynth.settings import Settings
+    from core.settings import Settings
 
     for key in list(os.environ):
         if key.startswith("SLIDESYNTH_"):

@@ -23,8 +23,8 @@ RECORDING = os.environ.get("SLIDESYNTH_RECORD_GOLDEN") == "1"  # read at import:
 MASK_PARAMS = {"model": "diffinfinite-demo", "seed": 11, "steps": 4, "guidance": 1.5, "compression": "deflate",
                "mask_mpp": 6.0}  # a 48 × 64 mask at 6 µm/px: a 576 × 768 slide, latent 72 × 96 (several patches)
 JOBS = {
-    "mask-tiled": {"mask": True, "params": {**MASK_PARAMS, "sampler": "tiled"}},
-    "mask-random": {"mask": True, "params": {**MASK_PARAMS, "sampler": "random"}},
+    "mask-tiled": {"mask": True, "params": {**MASK_PARAMS, "options": {"sampler": "tiled"}}},
+    "mask-random": {"mask": True, "params": {**MASK_PARAMS, "options": {"sampler": "random"}}},
     "infbrush-embedding": {"mask": False, "params": {
         "model": "infinity-brush-untrained", "width": 64, "height": 48, "seed": 5, "steps": 3,
         "compression": "deflate",

@@ -67,7 +67,7 @@ def api_server(embedded_settings, static_origin):
 
 
 def test_openseadragon_in_chromium_shows_the_slide(api_server, static_origin):
-    from slidesynth.jobs import JobStatus
+    from core.jobs import JobStatus
     from tests.slide_helpers import he_like, write_slide_tiff
 
     assert CHROMIUM, "Debian's chromium is missing: run `make test` (it installs it)"

@@ -25,7 +25,7 @@ def test_generate_command_writes_a_slide(tmp_path, capsys, monkeypatch):
     import openslide
 
     from slidesynth.cli import main
-    from slidesynth.settings import get_settings
+    from core.settings import get_settings
 
     for key, value in _clean_env(tmp_path).items():
         if key.startswith("SLIDESYNTH_"):
@@ -106,13 +106,29 @@ def test_embedded_serve_runs_a_job_without_any_server(tmp_path):
     assert not os.path.exists(f"/proc/{worker_pid}"), "the embedded worker outlived `slidesynth serve`"
 
 
-def test_generate_cli_passes_the_decode_geometry():
+def test_generate_cli_passes_engine_options_from_the_engines_options_models():
     from slidesynth.cli import _generate_params, build_parser
 
     args = build_parser().parse_args(["generate", "--subtype", "LUAD", "--width", "256", "--height", "256",
-                                      "--out", "x.tiff", "--decode-tile", "32", "--decode-overlap", "4"])
+                                      "--out", "x.tiff", "--decode-tile", "32", "--decode-overlap", "4",
+                                      "--sampler", "random", "--decode-context", "tile"])
     params = _generate_params(args)
-    assert (params.decode_tile, params.decode_overlap) == (32, 4)
+    assert params.options == {"decode_tile": 32, "decode_overlap": 4, "sampler": "random", "decode_context": "tile"}
     defaults = _generate_params(build_parser().parse_args(["generate", "--subtype", "LUAD", "--width", "256",
                                                            "--height", "256", "--out", "x.tiff"]))
-    assert (defaults.decode_tile, defaults.decode_overlap) == (None, None)
+    assert defaults.options is None
+    with pytest.raises(SystemExit):  # choices come from the options model's Literal
+        build_parser().parse_args(["generate", "--subtype", "LUAD", "--out", "x.tiff", "--sampler", "fast"])
+    with pytest.raises(SystemExit) as done:  # the options' descriptions are the flags' help
+        build_parser().parse_args(["generate", "--help"])
+    assert done.value.code == 0
+
+
+def test_generate_cli_refuses_an_option_the_models_engine_does_not_take(tmp_path, capsys):
+    from slidesynth.cli import main
+
+    vector = tmp_path / "e.json"
+    vector.write_text(json.dumps([1.0] * 512))
+    code = main(["generate", "--embedding", str(vector), "--model", "infinity-brush-untrained", "--width", "64",
+                 "--height", "64", "--out", str(tmp_path / "x.tiff"), "--sampler", "random"])
+    assert code == 2 and "--sampler" in capsys.readouterr().err and not (tmp_path / "x.tiff").exists()

@@ -63,7 +63,7 @@ def test_checkpoints_load_strictly_as_fp16(card):
 
 
 def test_demo_is_the_default_model(tmp_path):
-    from slidesynth.settings import Settings
+    from core.settings import Settings
 
     assert Settings(models_dir=REPO / "weights", data_dir=tmp_path).default_model == "diffinfinite-demo"
 

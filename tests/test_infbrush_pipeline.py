@@ -29,10 +29,13 @@ def test_untrained_default_card():
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_registry_builds_the_untrained_model():
-    from models.registry import BUILTIN
+def test_registry_builds_the_untrained_model(tmp_path):
+    from models.registry import ModelRegistry
 
-    assert BUILTIN["infinity-brush-untrained"]("cpu").card.engine == "infinity-brush"
+    registry = ModelRegistry(tmp_path)
+    models = registry.load("infinity-brush-untrained", "cpu")
+    # the card GET /models shows (read from the engine's JSON, no network built) is the built model's card
+    assert models.card == registry.card("infinity-brush-untrained") and models.card.engine == "infinity-brush"
 
 
 def test_validate_embedding_names_expected_encoder_and_dimension():

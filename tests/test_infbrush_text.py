@@ -119,13 +119,16 @@ def test_subtype_embedding_is_the_normalised_prompt_ensemble(tmp_path):
     pipe.validate_embedding(emb, encoder="quilt-vit-b-32")
 
 
-def test_default_folder_comes_from_models_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIDESYNTH_MODELS_DIR", str(tmp_path / "weights"))
-    assert default_encoder_dir() == tmp_path / "weights" / "quiltnet-b-32"
+def test_folder_comes_from_the_models_dir_passed_in(tmp_path, monkeypatch):
+    # models/ reads no environment: the folder is the one the service's settings pass in
+    monkeypatch.setenv("SLIDESYNTH_MODELS_DIR", str(tmp_path / "elsewhere"))
+    assert default_encoder_dir(tmp_path / "weights") == tmp_path / "weights" / "quiltnet-b-32"
+    assert default_encoder_dir().parent.name == "weights" and "elsewhere" not in str(default_encoder_dir())
     with pytest.raises(FileNotFoundError, match="quiltnet-b-32"):
-        embed_subtype("LUAD", backend="builtin")
+        embed_subtype("LUAD", default_encoder_dir(tmp_path / "weights"), backend="builtin")
     make_clip_folder(tmp_path / "weights" / "quiltnet-b-32")
-    assert InfBrushPipeline(untrained_infbrush(), "cpu").embed_subtype("LUSC").shape == (512,)
+    pipe = InfBrushPipeline(untrained_infbrush(), "cpu", text_encoder_dir=default_encoder_dir(tmp_path / "weights"))
+    assert pipe.embed_subtype("LUSC").shape == (512,)
 
 
 def test_prompt_set_is_versioned_and_matches_the_card():

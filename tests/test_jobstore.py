@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from slidesynth.jobs import FileJobStore, JobRecord, JobSpec, JobStatus, RedisJobStore, Stage
+from core.jobs import FileJobStore, JobRecord, JobSpec, JobStatus, RedisJobStore, Stage
 
 SPEC = JobSpec(model="m", engine="diffinfinite", conditioning="mask", width=64, height=64, mpp=0.5, seed=1,
                steps=3, guidance=3.0)

@@ -9,7 +9,7 @@ README = (REPO / "README.md").read_text()
 
 
 def test_every_setting_is_documented():
-    from slidesynth.settings import Settings
+    from core.settings import Settings
 
     missing = [f"SLIDESYNTH_{name.upper()}" for name in Settings.model_fields
                if f"SLIDESYNTH_{name.upper()}" not in README]
@@ -18,7 +18,7 @@ def test_every_setting_is_documented():
 
 def test_every_endpoint_is_documented():
     from service.app import create_app
-    from slidesynth.settings import Settings
+    from core.settings import Settings
 
     app = create_app(Settings(data_dir="/tmp/slidesynth-readme-test"))
     missing = []

@@ -263,7 +263,7 @@ def test_infinity_brush_embedding_checks(client):
 def test_lost_running_job_is_canceled_at_once(client):
     import time
 
-    from slidesynth.jobs import JobStatus
+    from core.jobs import JobStatus
 
     job_id = post_mask(client, png_bytes(make_mask(16, 16))).json()["id"]
     client.store.update(job_id, status=JobStatus.running, claim="c1",
@@ -290,44 +290,61 @@ def test_corrupt_tiff_and_png_data_are_422(client):
     assert_nothing_created(client)
 
 
-@pytest.mark.parametrize("params,loc,fragment", [
+@pytest.mark.parametrize("options,loc,fragment", [
     ({"decode_overlap": 40}, "decode_overlap", "at most decode_tile/2 = 32"),
     ({"decoder": "hann", "decode_overlap": 6}, "decode_overlap", "must be decode_tile/2 = 32 for hann"),
     ({"decoder": "four-pass", "decode_tile": 33}, "decode_tile", "even decode_tile"),
     ({"decode_tile": 4}, "decode_tile", "greater than or equal to 8"),
+    ({"decode_tile": "64"}, "decode_tile", "valid integer"),
+    ({"sampler": "fast"}, "sampler", "'random' or 'tiled'"),
+    ({"steps_per_tile": 3}, "steps_per_tile", "takes no option 'steps_per_tile'"),
 ])
-def test_decode_geometry_refused_with_the_field_named(client, params, loc, fragment):
-    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, **params}
+def test_engine_options_refused_with_the_field_named(client, options, loc, fragment):
+    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, "options": options}
     resp = client.post("/generate", json=body)
-    assert resp.status_code == 422 and error_locs(resp) == [["body", loc]] and fragment in resp.text, resp.text
-    resp = post_mask(client, png_bytes(make_mask(16, 16)), params)
-    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", loc]], resp.text
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "options", loc]] and fragment in resp.text, \
+        resp.text
+    resp = post_mask(client, png_bytes(make_mask(16, 16)), {"options": options})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params", "options", loc]], resp.text
     assert_nothing_created(client)
 
 
-@pytest.mark.parametrize("params,expected", [
+def test_an_option_of_another_engine_is_refused_naming_it(client):
+    body = {"model": "infinity-brush-untrained", "width": 64, "height": 64, "options": {"sampler": "random"},
+            "conditioning": {"type": "embedding", "vector": [1.0] * 512}}
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "options", "sampler"]], resp.text
+    assert "infinity-brush" in resp.text and "takes no option 'sampler'" in resp.text
+    # the flat fields of earlier versions are refused, pointing at `options`
+    resp = client.post("/generate", json={**body, "options": None, "sampler": "random"})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "sampler"]], resp.text
+    assert "options" in resp.text
+    assert_nothing_created(client)
+
+
+@pytest.mark.parametrize("options,expected", [
     ({}, ("tukey", 64, 6)),
     ({"decode_tile": 32, "decode_overlap": 4}, ("tukey", 32, 4)),
     ({"decode_tile": 8}, ("tukey", 8, 4)),  # the default overlap shrinks to what an 8-px tile's ramps allow
     ({"decoder": "hann", "decode_tile": 48}, ("hann", 48, 24)),
     ({"decoder": "four-pass"}, ("four-pass", 64, 32)),
 ])
-def test_decode_geometry_reaches_the_job_and_its_decoder(client, params, expected):
-    from worker.pipeline import slide_decoder
+def test_decode_geometry_reaches_the_job_and_its_decoder(client, options, expected):
+    from models.diffinfinite.engine import DiffInfiniteOptions, slide_decoder
 
-    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, **params}
+    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, "options": options}
     resp = client.post("/generate", json=body)
     assert resp.status_code == 202, resp.text
     spec = client.store.get(resp.json()["id"]).spec
-    assert (spec.decoder, spec.decode_tile, spec.decode_overlap) == expected
-    dec = slide_decoder(lambda z: z, 8, spec.decoder, spec.decode_tile, spec.decode_overlap)
+    assert (spec.options["decoder"], spec.options["decode_tile"], spec.options["decode_overlap"]) == expected
+    dec = slide_decoder(lambda z: z, 8, DiffInfiniteOptions.model_validate(spec.options))
     assert (dec.window, dec.tile, dec.overlap) == expected
 
 
 @pytest.fixture
 def finished_job(client):
     """A succeeded job whose TIFF (odd size, 3 TIFF levels) was written by our writer."""
-    from slidesynth.jobs import JobStatus
+    from core.jobs import JobStatus
     from tests.slide_helpers import he_like, write_slide_tiff
 
     job_id = post_mask(client, png_bytes(make_mask(64, 64)), {"seed": 3}).json()["id"]
@@ -459,7 +476,7 @@ def test_store_down_answers_503_with_retry_after(embedded_settings):
 
 def test_slide_head_bad_range_and_zarr_listing(client, finished_job):
     from writers.zarr import OmeZarrWriter
-    from slidesynth.jobs import JobStatus
+    from core.jobs import JobStatus
     from tests.slide_helpers import iter_tiles
 
     job_id, image = finished_job

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slidesynth.jobs import FileJobStore, JobRecord, JobSpec, JobStatus
+from core.jobs import FileJobStore, JobRecord, JobSpec, JobStatus
 from tests.conftest import make_mask, png_bytes
 
 

@@ -1,7 +1,7 @@
 """The worker's Celery app (``celery -A worker.celery_app``, or ``slidesynth worker``)."""
 from __future__ import annotations
 
-from worker.queue import TASK_GENERATE, make_celery
+from core.queue import TASK_GENERATE, make_celery
 
 app = make_celery()
 

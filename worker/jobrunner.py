@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from core.contract import OUTPUT_FILES, overall_fraction
+from core.jobs import JobStatus, JobStore, Stage, open_store
+from core.settings import Settings, get_settings
+from models.engine import Runtime, get_engine
 from models.registry import ModelRegistry
 from models.runtime import Canceled, pick_device
-from slidesynth.jobs import JobStatus, JobStore, Stage, open_store
-from slidesynth.settings import Settings, get_settings
-from worker.pipeline import OUTPUT_FILES, generate_slide, overall_fraction
+from worker.pipeline import generate_slide
 
 log = logging.getLogger("slidesynth.worker")
 
@@ -46,14 +48,14 @@ class WorkerContext:
 class ProgressRecorder:
     """Writes stage, progress fraction, step and ETA to the job store (every call: once per step)."""
 
-    def __init__(self, store: JobStore, job_id: str, has_mask_stage: bool, total_steps: int):
-        self.store, self.job_id, self.has_mask_stage = store, job_id, has_mask_stage
+    def __init__(self, store: JobStore, job_id: str, stages: tuple[Stage, ...], total_steps: int):
+        self.store, self.job_id, self.stages = store, job_id, stages
         self.total_steps = total_steps
         self.t0 = time.monotonic()
         self._last_eta: float | None = None
 
     def __call__(self, stage: Stage, fraction: float, step: int | None) -> None:
-        overall = overall_fraction(stage, fraction, self.has_mask_stage)
+        overall = overall_fraction(stage, fraction, self.stages)
         elapsed = time.monotonic() - self.t0
         eta = None
         if overall > 0.02 and elapsed > 0.5:
@@ -99,16 +101,9 @@ def worker_device(setting: str):
     return pick_device(setting)
 
 
-def _load_state(path: Path):
-    if not path.exists():
-        return None
-    try:
-        from models.diffinfinite.sampler import SamplerState
-
-        return SamplerState.load(path)
-    except Exception:  # a torn or stale checkpoint: start over rather than fail
-        log.warning("ignoring unreadable sampler checkpoint %s", path)
-        return None
+def worker_runtime(settings: Settings) -> Runtime:
+    """How this worker runs engines, from its settings."""
+    return Runtime(batch_size=settings.batch_size, precision=settings.precision, models_dir=settings.models_dir)
 
 
 def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
@@ -143,24 +138,31 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     mine = {"claim": claim}  # fencing: a run that lost its claim (the job was re-queued) cannot finish it
 
     spec = job.spec
+    try:
+        engine = get_engine(spec.engine)
+    except KeyError as exc:  # a job for an engine this worker lacks
+        if store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.failed,
+                            finished_at=time.time(), error=f"LookupError: {exc.args[0]}"):
+            remove_outputs(job_dir)
+        return JobStatus.failed
     state_path = job_dir / STATE_FILE
-    resume = _load_state(state_path) if attempts > 1 else None
+    resume = engine.load_state(state_path) if attempts > 1 else None
+    if attempts > 1 and resume is None and state_path.exists():
+        log.warning("ignoring unreadable sampler checkpoint %s", state_path)
 
     def checkpoint(state) -> None:
         every = settings.checkpoint_every
         if every and state.step % every == 0 and state.step > 0:
             state.save(state_path)  # atomic: temporary file, then rename
 
-    report = ProgressRecorder(store, job_id, spec.conditioning == "subtype" and spec.engine == "diffinfinite",
-                              spec.steps)
+    report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps)
     try:
         device = worker_device(settings.device)
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)
-        result = generate_slide(spec, models, job_dir, device=device, report=report,
-                                cancel=lambda: store.cancel_requested(job_id), resume_state=resume,
-                                on_checkpoint=checkpoint if spec.engine == "diffinfinite" else None,
-                                batch_size=settings.batch_size, precision=settings.precision)
+        result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
+                                cancel=lambda: store.cancel_requested(job_id), runtime=worker_runtime(settings),
+                                resume_state=resume, on_checkpoint=checkpoint)
     except Canceled:
         return _finish_canceled(store, job_id, job_dir, mine)
     except Exception as exc:  # the job fails; the worker lives on

@@ -1,59 +1,35 @@
 """The job pipeline, pure: a :class:`JobSpec` and loaded models in, slide files out.
 
-Knows nothing of Celery or the job store: it reports through ``report(stage, fraction, step)`` and asks
-``cancel()`` between sampling steps and decoded bands. Stages: ``mask`` (subtype jobs only) →
-``sampling`` → ``decoding`` (tiles decoded and streamed to the writers) → ``writing`` (pyramid levels
-finished, files renamed into place).
+Knows nothing of Celery or the job store, nor of any engine: it builds the engine's request, takes the bands the
+engine (:mod:`models.engine`) produces, streams them into the writers and scores them. It reports through
+``report(stage, fraction, step)`` and asks ``cancel()`` between decoded bands (engines ask between steps).
+Stages: ``mask`` (engines that make one) → ``sampling`` → ``decoding`` → ``writing`` (pyramid levels finished,
+files renamed into place).
 """
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from core import __version__
+from core.contract import OUTPUT_FILES
+from core.jobs import JobSpec
+from models.engine import Engine, ReportFn, Runtime, SlideBands, SlideRequest, Stage
 from models.runtime import CancelFn, check_cancel
-from slidesynth import __version__
-from slidesynth.jobs import DECODE_TILE, JobSpec, Stage, default_decode_overlap
-
-# Share of the whole job each stage takes, for one progress fraction (sampling dominates).
-STAGE_WEIGHTS = {Stage.mask: 0.10, Stage.sampling: 0.75, Stage.decoding: 0.13, Stage.writing: 0.02}
-
-ReportFn = Callable[[Stage, float, "int | None"], None]
-
-def slide_decoder(decode_fn, scale: int = 8, window: str = "tukey", tile: int = DECODE_TILE,
-                  overlap: int | None = None):
-    """The tiled decoder jobs decode image latents with (its geometry also places the seam-ratio and quilt
-    lines); ``decode_fn``: a tile function or a :class:`models.decoding.TileDecoder` (e.g. the codec's
-    ``tile_decoder``); ``tile``/``overlap`` in latent px, overlap by default
-    :func:`~slidesynth.jobs.default_decode_overlap`."""
-    from models.decoding import TiledDecoder
-
-    overlap = default_decode_overlap(window, tile) if overlap is None else overlap
-    return TiledDecoder(decode_fn, scale=scale, tile=tile, overlap=overlap, window=window)
 
 
 FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
-
-OUTPUT_FILES = {"tiff": "slide.tiff", "zarr": "slide.zarr", "thumbnail": "thumbnail.png", "mask": "mask-out.png"}
-
 
 @dataclass
 class SlideResult:
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def overall_fraction(stage: Stage, fraction: float, has_mask_stage: bool) -> float:
-    """Map a stage-local fraction onto the whole job."""
-    order = [s for s in Stage if has_mask_stage or s != Stage.mask]
-    total = sum(STAGE_WEIGHTS[s] for s in order)
-    before = sum(STAGE_WEIGHTS[s] for s in order[: order.index(stage)])
-    return min(1.0, (before + STAGE_WEIGHTS[stage] * min(max(fraction, 0.0), 1.0)) / total)
 
 
 def slide_description(spec: JobSpec, trained: bool) -> tuple[str, dict[str, Any]]:
@@ -126,14 +102,36 @@ def fidelity_metrics(scorer) -> dict[str, float]:
     return metrics
 
 
-def load_mask_labels(spec: JobSpec, job_dir: Path) -> np.ndarray:
-    from PIL import Image
+def engine_request(spec: JobSpec, engine: Engine, job_dir: Path) -> SlideRequest:
+    """The engine's view of a job: its options validated by the engine's model, the mask read at output size."""
+    labels = None
+    if spec.mask_file is not None:
+        from PIL import Image
 
-    from service.masks import resize_labels
+        from models.labels import resize_labels
 
-    with Image.open(job_dir / (spec.mask_file or "mask.png")) as im:
-        labels = np.array(im.convert("L"))
-    return resize_labels(labels, spec.height, spec.width)
+        with Image.open(job_dir / spec.mask_file) as im:
+            labels = resize_labels(np.array(im.convert("L")), spec.height, spec.width)
+    return SlideRequest(width=spec.width, height=spec.height, mpp=spec.mpp, seed=spec.seed, steps=spec.steps,
+                        guidance=spec.guidance, eta=spec.eta, conditioning=spec.conditioning, labels=labels,
+                        options=engine.options_model.model_validate(spec.options), subtype=spec.subtype,
+                        subtype_id=spec.subtype_id, embedding=spec.embedding, encoder=spec.encoder)
+
+
+def slide_scorers(spec: JobSpec, slide: SlideBands, card) -> dict[str, Any]:
+    """The streaming scorers this slide can be measured with, by metric family."""
+    scorers = {"fidelity": fidelity_scorer(slide.labels, spec, card.fidelity_classes, slide.seam_lines),
+               "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines) if slide.cut_lines else None}
+    return {kind: scorer for kind, scorer in scorers.items() if scorer is not None}
+
+
+def save_outputs(spec: JobSpec, slide: SlideBands, thumbnail: np.ndarray, job_dir: Path) -> dict[str, str]:
+    """Save the thumbnail and the label map; the names of every output file, by kind."""
+    _save_png(thumbnail, job_dir / OUTPUT_FILES["thumbnail"])
+    if slide.labels is not None:
+        _save_png(slide.labels, job_dir / OUTPUT_FILES["mask"])
+    kinds = ["thumbnail", *spec.outputs] + (["mask"] if slide.labels is not None else [])
+    return {kind: OUTPUT_FILES[kind] for kind in kinds}
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -144,116 +142,39 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
-def generate_slide(
-    spec: JobSpec,
-    models: Any,
-    job_dir: Path,
-    *,
-    device,
-    report: ReportFn,
-    cancel: CancelFn,
-    resume_state: Any = None,
-    on_checkpoint: Callable[[Any], None] | None = None,
-    batch_size: int = 8,
-    precision: str = "auto",
-) -> SlideResult:
+METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics}  # scorer → job metrics, by family
+
+
+def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine, device, report: ReportFn,
+                   cancel: CancelFn, runtime: Runtime | None = None, resume_state: Any = None,
+                   on_checkpoint: Callable[[Any], None] | None = None) -> SlideResult:
     """Run one job end to end; outputs land in ``job_dir`` only when complete."""
     from writers.outputs import SlideOutputs
 
     job_dir.mkdir(parents=True, exist_ok=True)
-    card = models.card
-    has_mask_stage = spec.conditioning == "subtype" and spec.engine == "diffinfinite"
-    result = SlideResult()
     t0 = time.perf_counter()
-
-    def stage_progress(stage: Stage) -> Callable[[int, int], None]:
-        def progress(done: int, total: int) -> None:
-            # Engines may count finer units than steps (∞-Brush counts coordinate chunks).
-            step = done * spec.steps // max(total, 1) if stage == Stage.sampling else None
-            report(stage, done / max(total, 1), step)
-
-        return progress
-
-    description, metadata = slide_description(spec, card.trained)
-    outputs = {"tiff": job_dir / OUTPUT_FILES["tiff"] if "tiff" in spec.outputs else None,
-               "zarr": job_dir / OUTPUT_FILES["zarr"] if "zarr" in spec.outputs else None}
-
-    if spec.engine == "diffinfinite":
-        from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
-
-        pipe = DiffInfinitePipeline(models, device=device)
-        if precision == "auto":
-            precision = "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
-        opts = SamplingOptions(steps=spec.steps, guidance=spec.guidance, eta=spec.eta, mode=spec.sampler,
-                               seed=spec.seed, batch_size=batch_size, precision=precision)
-        if spec.conditioning == "mask":
-            labels = load_mask_labels(spec, job_dir)
-        else:
-            report(Stage.mask, 0.0, None)
-            labels = pipe.sample_mask(subtype=spec.subtype_id, height=spec.height, width=spec.width, options=opts,
-                                      progress=stage_progress(Stage.mask), cancel=cancel,
-                                      decode_context=spec.decode_context)
-        pipe.validate_labels(labels)
-        if resume_state is not None and pipe.state_mismatch(resume_state, labels, opts) is not None:
-            resume_state = None  # a checkpoint of another sampler version or setting: start over, don't fail
-        report(Stage.sampling, 0.0, 0)
-        latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(Stage.sampling), cancel=cancel,
-                                     state=resume_state, on_step=on_checkpoint)
-        t_sampled = time.perf_counter()
-        decoder = slide_decoder(models.codec.tile_decoder("image", spec.decode_context), models.codec.scale_factor,
-                                spec.decoder, spec.decode_tile, spec.decode_overlap)
-        # checks the latent (channels, NaN/Inf) now, before any output file exists
-        bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(Stage.decoding),
-                                   crop=(spec.height, spec.width))
-        rows, cols = decoder.boundary_lines(latent.shape[2], latent.shape[3])
-        seam_lines = ([p for p in rows if p < spec.height], [p for p in cols if p < spec.width])
-        cuts = {"decode": decoder.cut_zones(latent.shape[2], latent.shape[3])}
-        sampler_cuts = pipe.sampler_cut_lines(labels, opts)
-        if sampler_cuts is not None:
-            cuts["sampler"] = sampler_cuts
-    else:
-        from models.infbrush import InfBrushPipeline
-
-        labels = seam_lines = cuts = None
-        pipe = InfBrushPipeline(models, device)
-        embedding = spec.embedding if spec.embedding is not None else pipe.embed_subtype(spec.subtype)
-        report(Stage.sampling, 0.0, 0)
-        # The API's guidance is ω in (1+ω)·ε(c) − ω·ε(∅) for every engine; ∞-Brush takes the scale s = 1+ω.
-        bands = pipe.sample_bands(height=spec.height, width=spec.width, embedding=embedding, seed=spec.seed,
-                                  steps=spec.steps, guidance=1.0 + spec.guidance, eta=spec.eta,
-                                  progress=stage_progress(Stage.sampling), cancel=cancel)
-        t_sampled = None
-
+    slide = engine.generate(models, engine_request(spec, engine, job_dir), device=device,
+                            runtime=runtime or Runtime(), report=report, cancel=cancel, state=resume_state,
+                            on_checkpoint=on_checkpoint)
     check_cancel(cancel)
-    scorer = fidelity_scorer(labels, spec, models.card.fidelity_classes, seam_lines)
-    quilt = quilt_scorer(spec, labels, cuts) if cuts else None
-    with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=outputs["tiff"],
-                      zarr_path=outputs["zarr"], description=description, metadata=metadata,
+    scorers = slide_scorers(spec, slide, models.card)
+    description, metadata = slide_description(spec, models.card.trained)
+    paths = {kind: job_dir / OUTPUT_FILES[kind] if kind in spec.outputs else None for kind in ("tiff", "zarr")}
+    with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=paths["tiff"],
+                      zarr_path=paths["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:
         report(Stage.decoding, 0.0, None)
-        for band in bands:
+        for band in slide.bands:
             check_cancel(cancel)
             out.write_band(band)
-            if scorer is not None:
+            for scorer in scorers.values():
                 scorer.add_band(band)
-            if quilt is not None:
-                quilt.add_band(band)
         report(Stage.writing, 0.0, None)
-    _save_png(out.thumbnail, job_dir / OUTPUT_FILES["thumbnail"])
-    result.outputs["thumbnail"] = OUTPUT_FILES["thumbnail"]
-    for kind in ("tiff", "zarr"):
-        if outputs[kind] is not None:
-            result.outputs[kind] = OUTPUT_FILES[kind]
-    if labels is not None:
-        _save_png(labels, job_dir / OUTPUT_FILES["mask"])
-        result.outputs["mask"] = OUTPUT_FILES["mask"]
-    if scorer is not None:
-        result.metrics.update(fidelity_metrics(scorer))
-    if quilt is not None:
-        result.metrics.update(quilt_metrics(quilt))
+    result = SlideResult(outputs=save_outputs(spec, slide, out.thumbnail, job_dir))
+    for kind, scorer in scorers.items():
+        result.metrics.update(METRICS[kind](scorer))
     result.metrics["seconds_total"] = round(time.perf_counter() - t0, 3)
-    if t_sampled is not None:
-        result.metrics["seconds_sampling"] = round(t_sampled - t0, 3)
+    result.metrics.update({f"seconds_{k}": round(v, 3) for k, v in slide.seconds.items()})
     (job_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
     report(Stage.writing, 1.0, None)
     return result

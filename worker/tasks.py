@@ -9,7 +9,7 @@ from celery.signals import worker_ready
 
 from worker.celery_app import TASK_GENERATE, app
 from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
-from worker.queue import enqueue
+from core.queue import enqueue
 
 log = logging.getLogger("slidesynth.worker")
 

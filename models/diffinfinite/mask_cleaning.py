@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.labels import resize_labels as resize_labels_nearest  # the one label resizer
+
 __all__ = ["find_boundaries", "min_pool", "clean_mask", "upsample_labels", "resize_labels_nearest"]
 
 
@@ -89,13 +91,3 @@ def upsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return lab.copy()
     return np.repeat(np.repeat(lab, factor, axis=0), factor, axis=1)
-
-
-def resize_labels_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest resize to any size (pixel centres: source index floor((i + ½)·H/h))."""
-    lab = _as_labels(labels)
-    if height < 1 or width < 1:
-        raise ValueError(f"target size must be positive, got {height}×{width}")
-    rows = np.minimum(((np.arange(height) + 0.5) * lab.shape[0] / height).astype(np.int64), lab.shape[0] - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * lab.shape[1] / width).astype(np.int64), lab.shape[1] - 1)
-    return np.ascontiguousarray(lab[rows][:, cols])

@@ -28,9 +28,16 @@ Public API (used by the worker)::
     for band in pipe.sample_bands(height=H, width=W, embedding=emb, seed=0, steps=50, guidance=1.0,
                                   chunk_pixels=65536, progress=..., cancel=...): ...
 """
-from models.infbrush.config import InfBrushConfig, paper_config, small_config, tiny_config
-from models.infbrush.pipeline import (InfBrushModels, InfBrushPipeline, load_infbrush, save_infbrush,
-                                      untrained_infbrush)
+from importlib import import_module
 
-__all__ = ["InfBrushConfig", "InfBrushModels", "InfBrushPipeline", "load_infbrush", "save_infbrush",
-           "untrained_infbrush", "tiny_config", "small_config", "paper_config"]
+# Lazy: importing models.infbrush (e.g. for its engine's options) must not import torch.
+_EXPORTS = {"InfBrushConfig": "config", "paper_config": "config", "small_config": "config", "tiny_config": "config",
+            "InfBrushModels": "pipeline", "InfBrushPipeline": "pipeline", "load_infbrush": "pipeline",
+            "save_infbrush": "pipeline", "untrained_infbrush": "pipeline"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"models.infbrush.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'models.infbrush' has no attribute {name!r}")

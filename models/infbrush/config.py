@@ -7,7 +7,16 @@ Where the paper is silent we follow ∞-Diff (Bond-Taylor & Willcocks); every su
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+TEXT_ENCODER_DIRNAME = "quiltnet-b-32"  # QuiltNet's OpenCLIP local-dir folder in the models dir (subtype prompts)
+
+
+def text_encoder_dir(models_dir: str | Path | None = None) -> Path:
+    """QuiltNet's folder in ``models_dir`` (the service passes its setting), else in the repository's weights/."""
+    root = Path(models_dir) if models_dir is not None else Path(__file__).resolve().parents[2] / "weights"
+    return root / TEXT_ENCODER_DIRNAME
 
 ENCODER_ID = "quilt-vit-b-32"
 EMBEDDING_DIM = 512

@@ -20,7 +20,6 @@ import gzip
 import html
 import importlib.util
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_DIRNAME = "quiltnet-b-32"
+from models.infbrush.config import TEXT_ENCODER_DIRNAME as DEFAULT_DIRNAME
+from models.infbrush.config import text_encoder_dir as default_encoder_dir
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin")
 N_MERGES = 49152 - 256 - 2           # CLIP's BPE uses the first 48,894 merges of the vocabulary file
@@ -313,13 +313,6 @@ def _open_clip_importable() -> bool:
     except Exception:
         return False
     return True
-
-
-def default_encoder_dir() -> Path:
-    root = os.environ.get("SLIDESYNTH_MODELS_DIR")
-    if root:
-        return Path(root) / DEFAULT_DIRNAME
-    return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_DIRNAME
 
 
 @lru_cache(maxsize=4)

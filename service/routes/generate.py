@@ -13,11 +13,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.deps import Services, get_services, get_tenant
 from service.errors import from_field_error, from_validation_error, unprocessable
-from service.masks import MaskError, decode_mask, encode_png, inspect_mask
+from core.jobs import JobRecord, JobStatus, new_job_id
+from core.queue import enqueue
+from service.preparation import prepare_job
 from service.schemas import GenerateParams, GenerateRequest, JobCreated, ValidationErrors
-from service.validation import FieldError, build_spec, check_labels, resolve_model
-from slidesynth.jobs import JobRecord, JobStatus, new_job_id
-from worker.queue import enqueue
+from service.validation import FieldError
 
 router = APIRouter(tags=["jobs"])
 
@@ -34,23 +34,6 @@ def _prefix_params(err: FieldError) -> FieldError:
     if err.loc and err.loc[0] in ("mask", "params"):
         return err
     return FieldError(("params", *err.loc), err.msg)
-
-
-def _check_mask(data: bytes, params: GenerateParams, services: Services):
-    """Header checks, then decode and class check (runs in a thread: decoding is CPU work)."""
-    settings = services.settings
-    card = resolve_model(params.model, services.registry.cards(), settings)
-    try:
-        info = inspect_mask(data, settings.max_mask_pixels)
-    except MaskError as exc:
-        raise FieldError(("mask",), str(exc)) from exc
-    spec = build_spec(params, card, settings, mask=info)
-    try:
-        labels = decode_mask(data, info)
-    except MaskError as exc:
-        raise FieldError(("mask",), str(exc)) from exc
-    check_labels(labels, card)
-    return spec, encode_png(labels)
 
 
 def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | None) -> None:
@@ -92,16 +75,14 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                    services: Services = Depends(get_services)) -> JobCreated:
     settings = services.settings
     ctype = request.headers.get("content-type", "").lower()  # media types are case-insensitive
-    mask_png: bytes | None = None
     try:
         if ctype.startswith("application/json"):
             try:
                 body = GenerateRequest.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise from_validation_error(exc) from None
-            cards = await run_in_threadpool(services.registry.cards)  # the first call builds the untrained defaults
-            card = resolve_model(body.model, cards, settings)
-            spec = build_spec(body, card, settings, conditioning=body.conditioning)
+            cards = await run_in_threadpool(services.registry.cards)  # the first call reads the cards' files
+            job = prepare_job(body, cards, settings, conditioning=body.conditioning)
         elif ctype.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
@@ -124,8 +105,8 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
             except ValidationError as exc:
                 raise from_validation_error(exc, ("params",)) from None
             data = await upload.read()
-            try:
-                spec, mask_png = await run_in_threadpool(_check_mask, data, params, services)
+            try:  # mask decoding is CPU work: in a thread
+                job = await run_in_threadpool(prepare_job, params, services.registry.cards(), settings, mask=data)
             except FieldError as exc:
                 raise from_field_error(_prefix_params(exc)) from None
         else:
@@ -133,10 +114,10 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
     except FieldError as exc:
         raise from_field_error(exc) from None
 
-    card = services.registry.card(spec.model)
     job_id = new_job_id()
-    record = JobRecord(id=job_id, tenant=tenant, spec=spec, untrained=not card.trained, created_at=time.time())
-    await run_in_threadpool(_store_and_enqueue, services, record, mask_png)
+    card = job.card
+    record = JobRecord(id=job_id, tenant=tenant, spec=job.spec, untrained=not card.trained, created_at=time.time())
+    await run_in_threadpool(_store_and_enqueue, services, record, job.mask_png)
     location = f"/jobs/{job_id}"
     response.headers["Location"] = location
     return JobCreated(id=job_id, status=JobStatus.queued.value, status_url=location, untrained=not card.trained)

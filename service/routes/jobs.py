@@ -12,8 +12,8 @@ from service import deepzoom
 from service.deps import Services, get_services, get_tenant
 from service.schemas import Job, JobList
 from service.views import job_view
-from slidesynth.jobs import JobRecord, JobStatus
-from worker.pipeline import OUTPUT_FILES
+from core.contract import OUTPUT_FILES
+from core.jobs import JobRecord, JobStatus
 
 router = APIRouter(tags=["jobs"], responses={503: {"description": "Job store unavailable (Retry-After)"}})
 

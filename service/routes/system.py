@@ -6,6 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import Services, get_services
 from service.schemas import Health, ModelInfo, ModelList
+from models.engine import get_engine, steps_default
 from service.validation import DEFAULT_GUIDANCE, usable_conditioning
 
 router = APIRouter()
@@ -21,10 +22,11 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
             classes=card.classes, fidelity_classes=card.fidelity_classes, subtypes=card.subtypes,
             conditioning=usable_conditioning(card, settings),
             native_mpp=card.native_mpp, max_width=min(card.max_width, settings.max_width),
-            max_height=min(card.max_height, settings.max_height), default_steps=card.steps_default,
+            max_height=min(card.max_height, settings.max_height), default_steps=steps_default(card),
             default_guidance=card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE,
             embedding_encoder=card.embedding_encoder, embedding_dim=card.embedding_dim,
             training_data=card.training_data,
+            options=get_engine(card.engine).options_model.model_json_schema(),
         ))
     return ModelList(default=settings.default_model, models=infos)
 

@@ -23,7 +23,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from models.engine import Stage, get_engine
 
 
 class JobStatus(str, Enum):
@@ -38,29 +40,13 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
-class Stage(str, Enum):
-    mask = "mask"
-    sampling = "sampling"
-    decoding = "decoding"
-    writing = "writing"
-
-
-DECODE_TILE = 64  # latent px: the image model's patch
-TUKEY_OVERLAP = 6  # latent px: cosine ramps that sum to one like Hann at 50 % but need ≈1.2× the decodes, not ≈4×
-
-
-def default_decode_overlap(window: str, tile: int) -> int:
-    """Overlap (latent px) of decode tiles when a job names none: Tukey's 6 (at most tile/2, the most its
-    ramps allow), else tile/2 — the only overlap at which Hann windows sum to one, and the half-tile shift of
-    DiffInfinite's four-pass scheme."""
-    return min(TUKEY_OVERLAP, tile // 2) if window == "tukey" else tile // 2
-
-
 class JobSpec(BaseModel):
-    """A validated, normalised request: everything the worker needs to run the job."""
+    """A validated, normalised request: everything the worker needs to run the job.
+
+    ``options``: the engine's options (its options model, :mod:`models.engine`), resolved and dumped to JSON."""
 
     model: str
-    engine: Literal["diffinfinite", "infinity-brush"]
+    engine: str
     conditioning: Literal["mask", "subtype", "embedding"]
     width: int
     height: int
@@ -69,11 +55,7 @@ class JobSpec(BaseModel):
     steps: int
     guidance: float
     eta: float = 1.0
-    sampler: Literal["random", "tiled"] = "tiled"
-    decoder: Literal["tukey", "hann", "four-pass"] = "tukey"
-    decode_tile: int = DECODE_TILE  # latent px
-    decode_overlap: int | None = None  # latent px; None: the window's default (6 for tukey, else tile/2)
-    decode_context: Literal["slide", "tile"] = "slide"  # GroupNorm statistics and attention: whole slide / tile
+    options: dict[str, Any] = Field(default_factory=dict)
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"])
     compression: Literal["jpeg", "deflate", "zstd"] = "jpeg"
     quality: int = 90
@@ -86,6 +68,24 @@ class JobSpec(BaseModel):
     mask_width: int | None = None
     mask_height: int | None = None
     mask_mpp: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_older_records(cls, data: Any) -> Any:
+        # records written before engine options existed kept DiffInfinite's as flat fields
+        if isinstance(data, dict) and any(k in data for k in _FLAT_DIFFINFINITE_OPTIONS):
+            data = dict(data)
+            flat = {k: data.pop(k) for k in _FLAT_DIFFINFINITE_OPTIONS if k in data}
+            try:
+                takes = get_engine(str(data.get("engine"))).options_model.model_fields
+            except KeyError:
+                takes = {}
+            if "options" not in data:  # only what the job's engine takes: the others were ignored then
+                data["options"] = {k: v for k, v in flat.items() if v is not None and k in takes}
+        return data
+
+
+_FLAT_DIFFINFINITE_OPTIONS = ("sampler", "decoder", "decode_tile", "decode_overlap", "decode_context")
 
 
 class JobRecord(BaseModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from slidesynth.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 TASK_GENERATE = "slidesynth.generate"
 

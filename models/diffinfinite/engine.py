@@ -1,0 +1,159 @@
+"""The DiffInfinite engine: mask-then-image latent diffusion with random-patch (or offset-tiled) sampling and a
+tiled VAE decode with slide-wide context (see :mod:`models.engine` for the contract).
+
+Its options (:class:`DiffInfiniteOptions`) are declared here once: the HTTP schema, the job record and the
+command line are built from them. Importing this module imports no ML library.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import Field
+
+from models.engine import (CancelFn, EngineBase, EngineOptions, OptionError, ReportFn, Runtime, SlideBands, SlideRequest,
+                           Stage, register_engine, stage_progress)
+
+DECODE_TILE = 64  # latent px: the image model's patch
+TUKEY_OVERLAP = 6  # latent px: cosine ramps that sum to one like Hann at 50 % but need ≈1.2× the decodes, not ≈4×
+
+
+def default_decode_overlap(window: str, tile: int) -> int:
+    """Overlap (latent px) of decode tiles when a job names none: Tukey's 6 (at most tile/2, the most its
+    ramps allow), else tile/2 — the only overlap at which Hann windows sum to one, and the half-tile shift of
+    DiffInfinite's four-pass scheme."""
+    return min(TUKEY_OVERLAP, tile // 2) if window == "tukey" else tile // 2
+
+
+class DiffInfiniteOptions(EngineOptions):
+    """Options of the DiffInfinite engine (`options` of a request for a DiffInfinite model)."""
+
+    sampler: Literal["random", "tiled"] = Field(
+        "tiled",
+        description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
+        "non-overlapping tiling per step (about a quarter of the official cost).")
+    decoder: Literal["tukey", "hann", "four-pass"] = Field(
+        "tukey",
+        description="Tiled VAE decoding: `tukey` (cosine ramps, ≈1.2× decodes), `hann` (50 % overlap, ≈4×) or "
+        "`four-pass` (the paper's scheme).")
+    decode_tile: int | None = Field(
+        None, ge=8, le=256,
+        description=f"Tiled VAE decoding: tile side in latent px (× the autoencoder's factor 8 in pixels); "
+        f"default {DECODE_TILE}.")
+    decode_overlap: int | None = Field(
+        None, ge=0, le=128,
+        description=f"Overlap of neighbouring decode tiles in latent px; default {TUKEY_OVERLAP} (at most tile/2) "
+        "for `tukey` (0 … tile/2), tile/2 for `hann` (the only value at which Hann windows sum to one) and "
+        "`four-pass` (which shifts by tile/2).")
+    decode_context: Literal["slide", "tile"] = Field(
+        "slide",
+        description="Tiled VAE decoding: what the decoder's GroupNorms and mid-block attention see. `slide`: "
+        "statistics of the whole slide and attention over a hierarchy of pooled keys spanning it, so the slide "
+        "does not depend on how it was tiled; `tile`: each tile on its own, as the paper's code decodes (a "
+        "visible quilt of decode tiles).")
+
+    def resolved(self) -> "DiffInfiniteOptions":
+        """These options with the decode geometry filled in; :class:`OptionError` for pairs the window can't
+        blend."""
+        tile = self.decode_tile if self.decode_tile is not None else DECODE_TILE
+        overlap = self.decode_overlap
+        if self.decoder == "tukey":
+            overlap = default_decode_overlap("tukey", tile) if overlap is None else overlap
+            if overlap > tile // 2:
+                raise OptionError("decode_overlap", f"tukey windows need an overlap of at most decode_tile/2 = "
+                                                    f"{tile // 2} latent px, got {overlap}")
+        else:
+            if tile % 2:
+                raise OptionError("decode_tile", f"{self.decoder} decoding needs an even decode_tile, got {tile}")
+            if overlap is not None and overlap != tile // 2:
+                why = ("Hann windows sum to one only at 50 % overlap" if self.decoder == "hann"
+                       else "four-pass decoding shifts its passes by half a tile")
+                raise OptionError("decode_overlap", f"must be decode_tile/2 = {tile // 2} for {self.decoder} "
+                                                    f"({why}), got {overlap}")
+            overlap = tile // 2
+        return self.model_copy(update={"decode_tile": tile, "decode_overlap": overlap})
+
+
+def slide_decoder(decode_fn, scale: int = 8, options: DiffInfiniteOptions | None = None):
+    """The tiled decoder slides are decoded with (its geometry also places the seam-ratio and quilt lines);
+    ``decode_fn``: a tile function or a :class:`models.decoding.TileDecoder` (e.g. the codec's
+    ``tile_decoder``)."""
+    from models.decoding import TiledDecoder
+
+    opts = (options or DiffInfiniteOptions()).resolved()
+    return TiledDecoder(decode_fn, scale=scale, tile=opts.decode_tile, overlap=opts.decode_overlap,
+                        window=opts.decoder)
+
+
+class DiffInfiniteEngine(EngineBase):
+    name: ClassVar[str] = "diffinfinite"
+    options_model: ClassVar[type[EngineOptions]] = DiffInfiniteOptions
+    conditioning = ("mask", "subtype")
+    default_steps: ClassVar[int] = 250  # the paper's
+    default_eta: ClassVar[float] = 1.0
+    untrained_name: ClassVar[str | None] = "diffinfinite-untrained"
+    untrained_card_file: ClassVar[Path | None] = Path(__file__).with_name("untrained_card.json")
+
+    def load(self, folder: Path | None, device: Any) -> Any:
+        from models.diffinfinite.loading import load_diffinfinite, untrained_diffinfinite
+
+        return untrained_diffinfinite(seed=0, device=device) if folder is None else load_diffinfinite(folder, device)
+
+    def stages(self, conditioning) -> tuple[Stage, ...]:
+        head = (Stage.mask,) if conditioning == "subtype" else ()  # a subtype job samples its mask first
+        return head + (Stage.sampling, Stage.decoding, Stage.writing)
+
+    def load_state(self, path: Path) -> Any:
+        if not path.exists():
+            return None
+        try:
+            from models.diffinfinite.sampler import SamplerState
+
+            return SamplerState.load(path)
+        except Exception:  # a torn or stale checkpoint: start over rather than fail
+            return None
+
+    def generate(self, models: Any, request: SlideRequest, *, device: Any, runtime: Runtime, report: ReportFn,
+                 cancel: CancelFn, state: Any = None,
+                 on_checkpoint: Callable[[Any], None] | None = None) -> SlideBands:
+        from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
+
+        t0 = time.perf_counter()
+        options: DiffInfiniteOptions = request.options.resolved()
+        pipe = DiffInfinitePipeline(models, device=device)
+        precision = runtime.precision
+        if precision == "auto":
+            precision = "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
+        opts = SamplingOptions(steps=request.steps, guidance=request.guidance, eta=request.eta, mode=options.sampler,
+                               seed=request.seed, batch_size=runtime.batch_size, precision=precision)
+        if request.labels is not None:
+            labels = request.labels
+        else:
+            report(Stage.mask, 0.0, None)
+            labels = pipe.sample_mask(subtype=request.subtype_id, height=request.height, width=request.width,
+                                      options=opts, progress=stage_progress(report, Stage.mask, request.steps),
+                                      cancel=cancel, decode_context=options.decode_context)
+        pipe.validate_labels(labels)
+        if state is not None and pipe.state_mismatch(state, labels, opts) is not None:
+            state = None  # a checkpoint of another sampler version or setting: start over, don't fail
+        report(Stage.sampling, 0.0, 0)
+        latent = pipe.sample_latents(labels, options=opts, progress=stage_progress(report, Stage.sampling, request.steps),
+                                     cancel=cancel, state=state, on_step=on_checkpoint)
+        seconds_sampling = time.perf_counter() - t0
+        decoder = slide_decoder(models.codec.tile_decoder("image", options.decode_context),
+                                models.codec.scale_factor, options)
+        # checks the latent (channels, NaN/Inf) now, before any output file exists
+        bands = decoder.iter_bands(latent, cancel=cancel, progress=stage_progress(report, Stage.decoding, request.steps),
+                                   crop=(request.height, request.width))
+        rows, cols = decoder.boundary_lines(latent.shape[2], latent.shape[3])
+        cuts = {"decode": decoder.cut_zones(latent.shape[2], latent.shape[3])}
+        sampler_cuts = pipe.sampler_cut_lines(labels, opts)
+        if sampler_cuts is not None:
+            cuts["sampler"] = sampler_cuts
+        return SlideBands(bands=bands, labels=labels, cut_lines=cuts,
+                          seam_lines=([p for p in rows if p < request.height], [p for p in cols if p < request.width]),
+                          seconds={"sampling": seconds_sampling})
+
+
+register_engine(DiffInfiniteEngine())

@@ -1,0 +1,57 @@
+"""The ∞-Brush engine: conditional diffusion in function space, sampled chunk by chunk straight to pixels (no
+VAE, so no decoder options); see :mod:`models.engine` for the contract. Imports no ML library at import time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from models.cards import ModelCard
+from models.engine import (CancelFn, EngineBase, EngineOptions, ReportFn, Runtime, SlideBands, SlideRequest, Stage,
+                           register_engine, stage_progress)
+from models.infbrush.config import TEXT_ENCODER_DIRNAME, text_encoder_dir
+
+
+class InfBrushOptions(EngineOptions):
+    """Options of the ∞-Brush engine: none yet (any option sent for an ∞-Brush model is refused, naming it)."""
+
+
+class InfBrushEngine(EngineBase):
+    name: ClassVar[str] = "infinity-brush"
+    options_model: ClassVar[type[EngineOptions]] = InfBrushOptions
+    conditioning = ("embedding", "subtype")
+    default_steps: ClassVar[int] = 50  # the paper's DDIM steps
+    default_eta: ClassVar[float] = 0.0
+    untrained_name: ClassVar[str | None] = "infinity-brush-untrained"
+    untrained_card_file: ClassVar[Path | None] = Path(__file__).with_name("untrained_card.json")
+
+    def load(self, folder: Path | None, device: Any) -> Any:
+        from models.infbrush.pipeline import load_infbrush, untrained_infbrush
+
+        return untrained_infbrush(seed=0, device=device) if folder is None else load_infbrush(folder, device=device)
+
+    def serves(self, card: ModelCard, conditioning, models_dir: Path) -> str | None:
+        why = super().serves(card, conditioning, models_dir)
+        if why is None and conditioning == "subtype" and not text_encoder_dir(models_dir).joinpath(
+                "open_clip_config.json").is_file():
+            # the folder relative to the models dir: no server paths in answers
+            return (f"subtype prompts for ∞-Brush need the QuiltNet text encoder (an OpenCLIP local-dir folder "
+                    f"{TEXT_ENCODER_DIRNAME}/ in SLIDESYNTH_MODELS_DIR), which this deployment lacks; send an "
+                    "embedding instead")
+        return why
+
+    def generate(self, models: Any, request: SlideRequest, *, device: Any, runtime: Runtime, report: ReportFn,
+                 cancel: CancelFn, state: Any = None,
+                 on_checkpoint: Callable[[Any], None] | None = None) -> SlideBands:
+        from models.infbrush.pipeline import InfBrushPipeline
+
+        pipe = InfBrushPipeline(models, device, text_encoder_dir=text_encoder_dir(runtime.models_dir))
+        embedding = request.embedding if request.embedding is not None else pipe.embed_subtype(request.subtype)
+        report(Stage.sampling, 0.0, 0)
+        # The API's guidance is ω in (1+ω)·ε(c) − ω·ε(∅) for every engine; ∞-Brush takes the scale s = 1+ω.
+        bands = pipe.sample_bands(height=request.height, width=request.width, embedding=embedding, seed=request.seed,
+                                  steps=request.steps, guidance=1.0 + request.guidance, eta=request.eta,
+                                  progress=stage_progress(report, Stage.sampling, request.steps), cancel=cancel)
+        return SlideBands(bands=bands)
+
+
+register_engine(InfBrushEngine())
