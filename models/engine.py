@@ -221,6 +221,11 @@ def get_engine(name: str) -> Engine:
     return known[name]
 
 
+def is_model_of(card: ModelCard, engine: str) -> bool:
+    """Whether ``card`` is a model of the engine named ``engine`` (loaders check a folder before reading it)."""
+    return card.engine == engine
+
+
 def steps_default(card: ModelCard) -> int:
     """Sampling steps when a request names none: the card's, else the engine's (the paper's)."""
     return card.default_steps or get_engine(card.engine).default_steps

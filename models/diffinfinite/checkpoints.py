@@ -421,6 +421,7 @@ def convert_official_checkpoint(
     mask-latent divisors when there is no image model in the folder yet; default 5.
     """
     from models.cards import CARD_FILENAME, ModelCard
+    from models.engine import is_model_of
     from models.diffinfinite.loading import default_class_names, make_card
     from models.vae import official_mask_divisors, resolve_vae_folder
 
@@ -435,7 +436,7 @@ def convert_official_checkpoint(
 
     out.mkdir(parents=True, exist_ok=True)
     card = ModelCard.load(out) if (out / CARD_FILENAME).is_file() else None
-    if card is not None and card.engine != "diffinfinite":
+    if card is not None and not is_model_of(card, "diffinfinite"):
         raise CheckpointError(f"{out} already holds a {card.engine} model card; convert into an empty folder")
     source = {"checkpoint": checkpoint.name, "weights": weights, **({"step": info["step"]} if "step" in info else {})}
     if kind == "image":

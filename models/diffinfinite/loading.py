@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from models.cards import ModelCard
+from models.engine import is_model_of
 from models.diffinfinite.checkpoints import (
     IMAGE_WEIGHTS,
     MASK_WEIGHTS,
@@ -124,7 +125,7 @@ def load_diffinfinite(
     if not folder.is_dir():
         raise FileNotFoundError(f"DiffInfinite model folder {folder} does not exist")
     card = ModelCard.load(folder)
-    if card.engine != "diffinfinite":
+    if not is_model_of(card, "diffinfinite"):
         raise ValueError(f"{folder}: model card engine is {card.engine!r}, not 'diffinfinite'")
     image_path = folder / IMAGE_WEIGHTS
     if not image_path.is_file():

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.cards import ModelCard
+from models.engine import is_model_of
 from models.infbrush.config import DESIGN_NOTES, InfBrushConfig, tiny_config
 from models.infbrush.denoiser import InfBrushDenoiser, token_positions
 from models.infbrush.noise import Mollifier
@@ -113,7 +114,7 @@ def load_infbrush(folder: str | Path, device: str | torch.device = "cpu") -> Inf
 
     folder = Path(folder)
     card = ModelCard.load(folder)
-    if card.engine != "infinity-brush":
+    if not is_model_of(card, "infinity-brush"):
         raise ValueError(f"{folder} holds a {card.engine!r} model, not infinity-brush")
     net = card.config.get("network")
     if not isinstance(net, dict):
