@@ -35,7 +35,6 @@ the model registry does not take it for a generator). :func:`train_classifier` r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.hashing import sha256_file
 from models.metrics import lines_ratio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,14 +83,6 @@ class FidelityNet(nn.Module):
         f = self.features((x - 0.5) * 4.0)
         pooled = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
         return self.head(pooled)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -33,7 +33,7 @@ are in µm, so ``mpp`` sets the scale (0.5 µm/px: the image models; 2 µm/px: t
 
 Datasets
 --------
-:func:`make_dataset` writes the tile-folder format of :mod:`models.diffinfinite.data`: ``<stem>.png`` (RGB)
+:func:`make_dataset` writes the tile-folder format of :mod:`training.diffinfinite_data`: ``<stem>.png`` (RGB)
 and ``<stem>_mask.png`` (mode L, pixel = class id), plus ``subtypes.csv`` for slide layouts and
 ``dataset.json`` (generator version and arguments).
 """
@@ -659,7 +659,7 @@ def _write_item(args) -> tuple[str, int | None, list[int]]:
 
 def make_dataset(out_dir: str | Path, n_tiles: int, size: int = 512, seed: int = 0, *,
                  kind: Literal["tile", "slide"] = "tile", mpp: float = 0.5, workers: int = 1) -> Path:
-    """Write ``n_tiles`` (image, mask) pairs in the tile-folder format of ``models.diffinfinite.data``:
+    """Write ``n_tiles`` (image, mask) pairs in the tile-folder format of ``training.diffinfinite_data``:
     ``<kind>_<i>.png`` (RGB) and ``<kind>_<i>_mask.png`` (L, pixel = class id); for slide layouts also
     ``subtypes.csv`` (mask-model training); and ``dataset.json`` (arguments, class pixel counts).
 

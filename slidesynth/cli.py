@@ -235,24 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_engine_commands(train, convert) -> None:
     try:
-        from models.diffinfinite.cli import add_convert_parsers, add_train_parsers
-
-        add_train_parsers(train)
-        add_convert_parsers(convert)
+        from training.cli import add_convert_parsers, add_train_parsers
     except ImportError:
-        pass
-    try:
-        from models.vae_cli import add_train_parsers as add_vae_train
-
-        add_vae_train(train)
-    except ImportError:
-        pass
-    try:
-        from models.infbrush.cli import add_train_parsers as add_infbrush_train
-
-        add_infbrush_train(train)
-    except ImportError:
-        pass
+        return
+    add_train_parsers(train)
+    add_convert_parsers(convert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,8 +169,9 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
     import torch
 
     from models.cards import ModelCard
-    from models.diffinfinite.checkpoints import IMAGE_WEIGHTS, MASK_WEIGHTS, load_network, save_network, sha256_file
+    from models.diffinfinite.checkpoints import IMAGE_WEIGHTS, MASK_WEIGHTS, load_network, save_network
     from models.diffinfinite.mask_unet import SUBTYPES
+    from models.hashing import sha256_file
     from models.vae import resolve_vae_folder
     from procedural.tissue import GENERATOR_VERSION
 
@@ -269,7 +270,7 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
 def verify_files(folder: str | Path) -> dict[str, str]:
     """sha256 of every file the card lists; ValueError naming the first mismatch or missing file."""
     from models.cards import ModelCard
-    from models.diffinfinite.checkpoints import sha256_file
+    from models.hashing import sha256_file
 
     folder = Path(folder)
     card = ModelCard.load(folder)

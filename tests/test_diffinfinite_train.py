@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from models.diffinfinite.checkpoints import official_layout_checkpoint
-from models.diffinfinite.cli import add_convert_parsers, add_train_parsers
-from models.diffinfinite.data import DataSpec, PairDataset, scan_slides, scan_tiles, split_holdout
 from models.diffinfinite.loading import load_diffinfinite
 from models.diffinfinite.mask_unet import MaskUNet, MaskUNetConfig
 from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
 from models.vae import build_vae, tiny_vae_config
+from training.cli import add_convert_parsers, add_train_parsers
+from training.diffinfinite_data import DataSpec, PairDataset, scan_slides, scan_tiles, split_holdout
 
 
 
@@ -122,7 +122,7 @@ def test_semi_supervised_sampling(data):
 
 def test_relabel_gives_a_stored_class_its_own_label(data):
     """--relabel 0:5: the stored 0 (e.g. glass) becomes a condition of its own; the null stays all-zero."""
-    from models.diffinfinite.data import DataError, parse_relabel
+    from training.diffinfinite_data import DataError, parse_relabel
 
     relabel = parse_relabel("0:5")
     assert relabel == ((0, 5),) and parse_relabel("1:2,2:1") == ((1, 2), (2, 1)) and parse_relabel(None) == ()

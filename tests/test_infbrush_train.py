@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from models.infbrush import InfBrushPipeline, load_infbrush
-from models.infbrush.cli import add_train_parsers
 from models.infbrush.config import tiny_config
 from models.infbrush.denoiser import InfBrushDenoiser
 from models.infbrush.schedule import CosineSchedule
-from models.infbrush.train import (ImageFolderDataset, SyntheticFunctions, TrainOptions, evaluate_loss, make_batch,
-                                   train_infbrush)
+from training.cli import add_train_parsers
+from training.infbrush import (ImageFolderDataset, SyntheticFunctions, TrainOptions, evaluate_loss, make_batch,
+                               train_infbrush)
 
 SIZES = ((32, 32), (24, 40))
 

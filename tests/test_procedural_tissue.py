@@ -120,7 +120,7 @@ def test_layout_subtypes_differ():
 
 
 def test_dataset_is_read_by_the_diffinfinite_data_loader(tmp_path):
-    from models.diffinfinite.data import scan_tiles
+    from training.diffinfinite_data import scan_tiles
 
     make_dataset(tmp_path / "tiles", 3, size=64, seed=1)
     make_dataset(tmp_path / "slides", 2, size=96, seed=2, kind="slide", mpp=4.0)

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models.vae import LatentCodec, load_vae
-from models.vae_cli import add_train_parsers
-from models.vae_training import VAETileDataset, VAETrainConfig, train_vae
+from training.cli import add_vae_train_parsers
+from training.vae import VAETileDataset, VAETrainConfig, train_vae
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def tiles(tmp_path_factory):
 
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="slidesynth")
-    add_train_parsers(parser.add_subparsers(dest="kind", required=True))
+    add_vae_train_parsers(parser.add_subparsers(dest="kind", required=True))
     args = parser.parse_args(["vae", *argv])
     return args.func(args)
 
@@ -109,7 +109,7 @@ def test_latent_normalisation_is_an_exact_reparametrisation(tiles):
     import copy
 
     from models.vae import build_vae, tiny_vae_config
-    from models.vae_training import normalize_latents
+    from training.vae import normalize_latents
 
     ds = VAETileDataset(tiles, crop=32, num_classes=5, mask_fraction=0.0, seed=0)
     vae = build_vae(tiny_vae_config(), seed=1)

@@ -28,7 +28,6 @@ placeholder (nothing from the file is imported or called), and we only read tens
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from models.diffinfinite.mask_unet import MaskUNet, MaskUNetConfig
 from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
+from models.hashing import sha256_file
 
 OFFICIAL_EMA_PREFIX = "ema_model.model."
 OFFICIAL_ONLINE_PREFIX = "model."  # inside ckpt["model"]
@@ -315,14 +315,6 @@ def network_from_state_dict(
 # ------------------------------------------------------------------------------------------------ files
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_network(net: ImageUNet | MaskUNet, path: str | Path) -> str:
     """Write ``net``'s weights as safetensors (config in the metadata); returns the file's sha256."""
     from safetensors.torch import save_file
@@ -554,12 +546,9 @@ def official_layout_checkpoint(
 
 def _schedule_buffers(T: int = 1000, s: float = 0.008) -> dict[str, Tensor]:
     """The 13 GaussianDiffusion buffers of the cosine schedule (float32), as stored in official files."""
-    import math
+    from models.schedules import cosine_betas
 
-    x = torch.linspace(0, T, T + 1, dtype=torch.float64)
-    ac = torch.cos(((x / T) + s) / (1 + s) * math.pi * 0.5) ** 2
-    ac = ac / ac[0]
-    betas = torch.clip(1 - (ac[1:] / ac[:-1]), 0, 0.999)
+    betas = cosine_betas(T, s, 0.999, normalize=True)
     alphas = 1.0 - betas
     acp = torch.cumprod(alphas, dim=0)
     acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])

@@ -19,16 +19,11 @@ from typing import Any
 import torch
 
 from models.cards import ModelCard
-from models.engine import is_model_of
-from models.diffinfinite.checkpoints import (
-    IMAGE_WEIGHTS,
-    MASK_WEIGHTS,
-    load_network,
-    save_network,
-    sha256_file,
-)
+from models.diffinfinite.checkpoints import IMAGE_WEIGHTS, MASK_WEIGHTS, load_network, save_network
 from models.diffinfinite.mask_unet import SUBTYPES, MaskUNet, MaskUNetConfig
 from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
+from models.engine import is_model_of
+from models.hashing import sha256_file
 from models.vae import LatentCodec, build_vae, load_vae, official_mask_divisors, tiny_vae_config
 
 OFFICIAL_CLASS_NAMES: dict[int, dict[int, str]] = {

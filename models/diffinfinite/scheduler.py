@@ -11,7 +11,8 @@ Conventions follow the DiffInfinite paper (Eq. 1, Table 6) and reference notes �
 
 The object is deliberately small and diffusers-like (``set_timesteps`` then ``step``) but it also takes the
 noise ``z`` explicitly, because the random-patch sampler draws its noise per canvas pixel, not per crop.
-All coefficients are computed in float64 and applied as Python scalars.
+All coefficients are computed in float64 and applied as Python scalars; ᾱ comes from
+:func:`models.schedules.cosine_alphas_cumprod` (f normalised by f(0), as the release does).
 """
 from __future__ import annotations
 
@@ -20,23 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from models.schedules import cosine_alphas_cumprod
+
 __all__ = ["DDIMScheduler", "DDIMStepOutput", "cosine_alphas_cumprod", "ddim_time_pairs"]
-
-
-def cosine_alphas_cumprod(num_train_timesteps: int = 1000, s: float = 0.008,
-                          max_beta: float = 0.999) -> torch.Tensor:
-    """ᾱ_t for t = 0 … T−1 of the cosine schedule (Nichol & Dhariwal), float64.
-
-    f(u) = cos²(((u/T) + s)/(1 + s) · π/2) on u = 0 … T; β_t = 1 − f(t+1)/f(t), clipped to [0, max_beta];
-    ᾱ_t = Π_{i ≤ t} (1 − β_i).
-    """
-    if num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be ≥ 1, got {num_train_timesteps}")
-    u = torch.arange(num_train_timesteps + 1, dtype=torch.float64)
-    f = torch.cos(((u / num_train_timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
-    f = f / f[0]
-    betas = (1.0 - f[1:] / f[:-1]).clamp(0.0, max_beta)
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 def ddim_time_pairs(num_steps: int, num_train_timesteps: int = 1000) -> list[tuple[int, int]]:

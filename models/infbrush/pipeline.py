@@ -1,7 +1,6 @@
 """Loading ∞-Brush models and sampling slides from them (the API the worker calls)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from models.cards import ModelCard
 from models.engine import is_model_of
+from models.hashing import sha256_file as _sha256
 from models.infbrush.config import DESIGN_NOTES, InfBrushConfig, tiny_config
 from models.infbrush.denoiser import InfBrushDenoiser, token_positions
 from models.infbrush.noise import Mollifier
@@ -66,14 +66,6 @@ def untrained_infbrush(seed: int = 0, device: str | torch.device = "cpu",
     card = make_card(cfg, name="infinity-brush-untrained", trained=False,
                      description=f"Untrained: seeded random weights (seed {seed}); the output is not tissue.")
     return InfBrushModels(card=card, denoiser=model)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_infbrush(models: InfBrushModels, folder: str | Path, state_dict: dict | None = None) -> Path:

@@ -8,13 +8,13 @@ import math
 
 import torch
 
+from models.schedules import cosine_betas
+
 
 class CosineSchedule:
     def __init__(self, timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
         self.T = int(timesteps)
-        t = torch.arange(self.T + 1, dtype=torch.float64) / self.T
-        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        betas = torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
+        betas = cosine_betas(self.T, s, max_beta, normalize=False)  # f not divided by f(0) (float64 ᾱ is read)
         self.betas = betas
         self.alpha_bar = torch.cumprod(1 - betas, dim=0)
 

@@ -145,7 +145,7 @@ class VAETileDataset(torch.utils.data.Dataset):
 
     def __init__(self, tiles: str | Path, crop: int, num_classes: int = 5, mask_fraction: float = 0.25,
                  augment: bool = True, seed: int = 0, relabel: tuple[tuple[int, int], ...] = ()):
-        from models.diffinfinite.data import scan_tiles
+        from training.diffinfinite_data import scan_tiles
 
         self.relabel = tuple(tuple(pair) for pair in relabel)
         self.records = scan_tiles(tiles, num_classes, self.relabel)
@@ -164,7 +164,7 @@ class VAETileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         from PIL import Image
 
-        from models.diffinfinite.data import DataError, _mask_array
+        from training.diffinfinite_data import DataError, _mask_array
 
         rng = np.random.default_rng([self.seed, int(index)])
         is_mask = bool(self.labelled) and rng.random() < self.mask_fraction
@@ -409,7 +409,7 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> VAETrainResult:
             csv.writer(f).writerows(rows)
 
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + int(cfg.stop_after))
-    from models.diffinfinite.data import IndexRange
+    from training.diffinfinite_data import IndexRange
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=IndexRange(step * cfg.batch_size, stop * cfg.batch_size),

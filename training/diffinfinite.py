@@ -1,6 +1,6 @@
 """DiffInfinite training (paper Algorithm 1) for the image and the mask denoiser.
 
-Per step: draw a batch of (image, mask) pairs (semi-supervised bucketing, :mod:`models.diffinfinite.data`),
+Per step: draw a batch of (image, mask) pairs (semi-supervised bucketing, :mod:`training.diffinfinite_data`),
 encode with the frozen VAE (images in [0, 1], latent / 50; masks with the per-channel divisors), draw
 t ~ U{0..T−1} and ε ~ N(0, I), form z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε on the cosine schedule (T = 1000,
 s = 0.008), and take an Adam step on ‖ε − ε_θ(z_t, t, c)‖² (uniform weighting, p2 γ = 0).
@@ -40,29 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.cards import CARD_FILENAME, ModelCard
-from models.diffinfinite.checkpoints import (
-    IMAGE_WEIGHTS,
-    MASK_WEIGHTS,
-    install_vae,
-    load_network,
-    save_network,
-    sha256_file,
-)
-from models.diffinfinite.data import DataSpec, IndexRange, PairDataset, scan_slides, scan_tiles, split_holdout
+from models.diffinfinite.checkpoints import IMAGE_WEIGHTS, MASK_WEIGHTS, install_vae, load_network, save_network
 from models.diffinfinite.mask_unet import MaskUNet, MaskUNetConfig
+from models.engine import is_model_of
 from models.diffinfinite.unet import ImageUNet, ImageUNetConfig, downsample_label_mask
+from models.hashing import sha256_file
 from models.runtime import pick_device
+from models.schedules import cosine_alphas_cumprod
 from models.vae import LatentCodec, load_vae
+from training.diffinfinite_data import DataSpec, IndexRange, PairDataset, scan_slides, scan_tiles, split_holdout
 
 Kind = Literal["image", "mask"]
-
-
-def cosine_alphas_cumprod(timesteps: int = 1000, s: float = 0.008) -> torch.Tensor:
-    """ᾱ_t, t = 0..T−1, of the cosine schedule with β clipped to 0.999 (float64)."""
-    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
-    f = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
-    betas = torch.clip(1 - f[1:] / f[:-1], 0, 0.999)
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 class EMA:
@@ -309,7 +297,7 @@ class _Trainer:
             torch.set_rng_state(self.state["rng_cpu"])
             if self.device.type == "cuda" and self.state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(self.state["rng_cuda"], self.device)
-        self.alphas_cumprod = cosine_alphas_cumprod(cfg.timesteps).float().to(self.device)
+        self.alphas_cumprod = cosine_alphas_cumprod(cfg.timesteps, normalize=False).float().to(self.device)
 
     # ----------------------------------------------------------------------------------------- steps
     def _latents(self, batch: dict[str, torch.Tensor]):
@@ -383,7 +371,7 @@ class _Trainer:
         net = self.ema.ema_model
         card_path = out / CARD_FILENAME
         card = ModelCard.load(out) if card_path.is_file() else None
-        if card is not None and card.engine != "diffinfinite":
+        if card is not None and not is_model_of(card, "diffinfinite"):
             raise ValueError(f"{out} holds a {card.engine} model card")
         if card is None:
             card = make_card(

@@ -1,0 +1,353 @@
+"""The ``slidesynth train …`` and ``slidesynth convert …`` commands (argparse parsers and their entry points).
+
+``slidesynth`` calls :func:`add_train_parsers` with the ``train`` sub-parser collection and
+:func:`add_convert_parsers` with the ``convert`` one; each parser sets ``func`` (called with the parsed args;
+returns an exit code). Commands:
+
+* ``train diffinfinite`` / ``train diffinfinite-mask`` (:mod:`training.diffinfinite`);
+* ``train vae``: the KL autoencoder from scratch on a tile folder (:mod:`training.vae`);
+* ``train infinity-brush`` (:mod:`training.infbrush`);
+* ``convert diffinfinite-official``: an official DiffInfinite checkpoint into a servable model folder (the
+  converter itself, :func:`models.diffinfinite.checkpoints.convert_official_checkpoint`, stays in ``models/``:
+  loading reads official checkpoints with the same code).
+
+Heavy imports (torch, the trainers) happen when a command runs, not when the parsers are built.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.infbrush.config import PRESETS, InfBrushConfig
+
+
+def add_train_parsers(train_subparsers) -> None:
+    """Add every training command: ``diffinfinite``, ``diffinfinite-mask``, ``vae``, ``infinity-brush``."""
+    add_diffinfinite_train_parsers(train_subparsers)
+    add_vae_train_parsers(train_subparsers)
+    add_infbrush_train_parsers(train_subparsers)
+
+
+def add_convert_parsers(convert_subparsers) -> None:
+    """Add every conversion command: ``diffinfinite-official``."""
+    add_diffinfinite_convert_parsers(convert_subparsers)
+
+
+# ------------------------------------------------------------------------------------------ DiffInfinite
+
+
+def _class_names(text: str | None) -> dict[int, str] | None:
+    """``'{"0": "Unknown", "1": "Tumour"}'``, a path to such a JSON file, or ``'Unknown,Tumour,…'``."""
+    if not text:
+        return None
+    p = Path(text)
+    raw = p.read_text() if p.is_file() else text
+    raw = raw.strip()
+    if raw.startswith("{"):
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--class-names: invalid JSON ({exc})") from exc
+        return {int(k): str(v) for k, v in data.items()}
+    return {i: name.strip() for i, name in enumerate(raw.split(","))}
+
+
+def _divisors(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--mask-divisors: expected 4 comma-separated numbers, got {text!r}") from exc
+    if len(vals) != 4 or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"--mask-divisors: expected 4 positive numbers, got {text!r}")
+    return vals
+
+
+def _add_common_train_args(p: argparse.ArgumentParser, kind: str) -> None:
+    defaults = {"image": (250_000, 25_000), "mask": (100_000, 20_000)}[kind]
+    p.add_argument("--tiles", type=Path, help="folder of tiles (<name>.png + optional <name>_mask.png label masks)")
+    p.add_argument("--slides", type=Path, help="folder of whole slides (OpenSlide) + optional <stem>_mask.png label masks")
+    p.add_argument("--vae", type=Path, required=True, help="local AutoencoderKL folder (SD 2 base 'vae')")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write (weights, card, vae/, logs, state)")
+    p.add_argument("--name", help="model name in the card (default: the folder name)")
+    p.add_argument("--network", choices=("official", "small", "tiny"), default="official",
+                   help="network size: official (the release), small (2.8 M parameters), tiny (tests); default official")
+    p.add_argument("--init", type=Path, help="start from these weights (our model folder, .safetensors or official .pt)")
+    p.add_argument("--num-classes", type=int, default=5, help="labels K incl. 0 = unknown (default 5)")
+    p.add_argument("--class-names", help="JSON {id: name}, a JSON file, or 'Unknown,Carcinoma,…'")
+    p.add_argument("--relabel", help="read mask value FROM as class TO, e.g. '0:5' (comma-separated FROM:TO pairs)")
+    p.add_argument("--steps", type=int, default=defaults[0], help=f"total steps (OneCycle length; default {defaults[0]})")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps in this run (resume later)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-beta", type=float, default=0.995)
+    p.add_argument("--ema-every", type=int, default=10)
+    p.add_argument("--ema-after", type=int, default=100)
+    p.add_argument("--p-unc", type=float, default=0.5, help="probability of an unconditional step (default 0.5)")
+    p.add_argument("--tile-size", type=int, default=512, help="training tile size in px (default 512)")
+    p.add_argument("--mask-downsample", type=int, default=4, help="image px per mask px (default 4: 512 → 128)")
+    p.add_argument("--mask-divisors", help="4 per-channel mask-latent divisors (default: official for K)")
+    p.add_argument("--latent-scale", type=float, default=50.0,
+                   help="image latents = raw VAE latents / this (default 50, the release's; a VAE trained with "
+                   "`slidesynth train vae` reports its own in vae_training.json)")
+    p.add_argument("--mpp", type=float, default=0.5, help="native µm/px of the model (default 0.5)")
+    p.add_argument("--slide-mpp", type=float, help="µm/px of slides that record none")
+    p.add_argument("--no-augment", action="store_true", help="disable flips / rot90")
+    p.add_argument("--save-every", type=int, default=defaults[1])
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction of sources (slides / tile folders) held out")
+    p.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (needs --holdout)")
+    p.add_argument("--val-samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-bf16", action="store_true", help="fp32 on GPU (default: bf16 autocast on CUDA)")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/<kind>-last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")
+    p.add_argument("--link-vae", action="store_true", help="symlink the VAE folder instead of copying it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace, kind: str):
+    from training.diffinfinite import TrainConfig
+    from training.diffinfinite_data import parse_relabel
+
+    return TrainConfig(
+        kind=kind, out_dir=args.out, vae=args.vae, tiles=args.tiles, slides=args.slides, network=args.network,
+        init=args.init, num_classes=args.num_classes, class_names=_class_names(args.class_names), steps=args.steps,
+        relabel=parse_relabel(args.relabel),
+        stop_after=args.stop_after, batch_size=args.batch_size, lr=args.lr, grad_clip=args.grad_clip,
+        ema_beta=args.ema_beta, ema_every=args.ema_every, ema_after=args.ema_after, p_unc=args.p_unc,
+        tile_size=args.tile_size, mask_downsample=args.mask_downsample, mask_divisors=_divisors(args.mask_divisors),
+        latent_scale=args.latent_scale,
+        native_mpp=args.mpp, slide_mpp=args.slide_mpp, augment=not args.no_augment, save_every=args.save_every,
+        holdout=args.holdout, val_every=args.val_every, val_samples=args.val_samples, seed=args.seed,
+        device=args.device, bf16=not args.no_bf16, workers=args.workers, threads=args.threads, resume=args.resume,
+        overwrite=args.overwrite, link_vae=args.link_vae, name=args.name,
+    )
+
+
+def _run_train(args: argparse.Namespace, kind: str) -> int:
+    from training.diffinfinite import train_diffinfinite
+
+    result = train_diffinfinite(_train_config(args, kind), progress=not args.quiet)
+    tail = result.losses[-10:]
+    msg = f"trained {kind} model to step {result.steps_done}: {result.weights}"
+    if tail:
+        msg += f" (mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f})"
+    print(msg)
+    return 0
+
+
+def add_diffinfinite_train_parsers(train_subparsers) -> None:
+    """Add ``diffinfinite`` (image model) and ``diffinfinite-mask`` (mask model) training commands."""
+    p = train_subparsers.add_parser(
+        "diffinfinite",
+        help="train the DiffInfinite image denoiser (Algorithm 1, semi-supervised)",
+        description="Train the mask-conditioned image UNet on (image, label mask) pairs; unlabelled tiles "
+        "train the null condition with probability --p-unc.",
+    )
+    _add_common_train_args(p, "image")
+    p.set_defaults(func=lambda args: _run_train(args, "image"))
+    q = train_subparsers.add_parser(
+        "diffinfinite-mask",
+        help="train the DiffInfinite mask denoiser (subtype-conditioned)",
+        description="Train the subtype-conditioned mask UNet on label masks (0 = adenocarcinoma, 1 = squamous).",
+    )
+    _add_common_train_args(q, "mask")
+    q.set_defaults(func=lambda args: _run_train(args, "mask"))
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from models.diffinfinite.checkpoints import convert_official_checkpoint
+
+    out = convert_official_checkpoint(
+        args.checkpoint, args.out_dir, vae=args.vae, link_vae=args.link_vae, name=args.name,
+        num_labels=args.num_labels, weights=args.weights, attn_heads=args.attn_heads,
+        class_names=_class_names(args.class_names),
+    )
+    print(f"converted {args.checkpoint} into {out}")
+    return 0
+
+
+def add_diffinfinite_convert_parsers(convert_subparsers) -> None:
+    """Add ``diffinfinite-official CHECKPOINT OUT_DIR``."""
+    p = convert_subparsers.add_parser(
+        "diffinfinite-official",
+        help="convert an official DiffInfinite checkpoint (image or mask model) into a servable model folder",
+        description="Reads the EMA weights (prefix 'ema_model.model.') of an official model-*.pt file; the model "
+        "kind and class count come from its keys and shapes. Convert the image and the mask checkpoint into "
+        "the same OUT_DIR and give --vae once.",
+    )
+    p.add_argument("checkpoint", type=Path, help="official .pt file (or a bare UNet state dict)")
+    p.add_argument("out_dir", type=Path, help="model folder to create or extend")
+    p.add_argument("--vae", type=Path, help="AutoencoderKL folder (SD 2 base 'vae') to copy into OUT_DIR/vae")
+    p.add_argument("--link-vae", action="store_true", help="symlink the VAE folder instead of copying")
+    p.add_argument("--name", help="model name (default: the folder name)")
+    p.add_argument("--num-labels", type=int, choices=(5, 10), help="K of the paired image model (mask checkpoints; default 5)")
+    p.add_argument("--weights", choices=("ema", "online"), default="ema", help="EMA (default) or the online weights")
+    p.add_argument("--attn-heads", type=int, help="attention heads (default: 4, as released)")
+    p.add_argument("--class-names", help="JSON {id: name}, a JSON file, or comma-separated names")
+    p.set_defaults(func=_run_convert)
+
+
+# ------------------------------------------------------------------------------------------ VAE
+
+
+def _run_vae(args: argparse.Namespace) -> int:
+    from training.diffinfinite_data import parse_relabel
+    from training.vae import VAETrainConfig, train_vae
+
+    cfg = VAETrainConfig(
+        tiles=args.tiles, out_dir=args.out, preset=args.config, crop=args.crop, batch_size=args.batch_size,
+        steps=args.steps, stop_after=args.stop_after, lr=args.lr, warmup=args.warmup,
+        lr_final_ratio=args.lr_final_ratio, grad_clip=args.grad_clip, l1_weight=args.l1_weight,
+        l2_weight=args.l2_weight, edge_weight=args.edge_weight, kl_weight=args.kl_weight,
+        mask_fraction=args.mask_fraction, num_classes=args.num_classes, ema_beta=args.ema_beta,
+        relabel=parse_relabel(args.relabel),
+        augment=not args.no_augment, save_every=args.save_every, stats_samples=args.stats_samples,
+        normalize_latents=args.normalize_latents,
+        save_dtype="float16" if args.fp16 else "float32", seed=args.seed, device=args.device,
+        threads=args.threads, resume=args.resume, overwrite=args.overwrite,
+    )
+    result = train_vae(cfg, progress=not args.quiet)
+    stats = result.info.get("stats", {})
+    print(json.dumps({
+        "out": str(result.out_dir), "steps": result.steps_done, "parameters": result.info["parameters"],
+        "final_loss_mean_last_50": result.info["final_loss_mean_last_50"], "wall_time_s": result.info["wall_time_s"],
+        "psnr_db": stats.get("psnr_db"), "mask_label_accuracy": stats.get("mask_label_accuracy"),
+        "latent_scale": stats.get("latent_scale"), "mask_divisors": stats.get("mask_divisors"),
+    }))
+    return 0
+
+
+def add_vae_train_parsers(train_subparsers) -> None:
+    """Add ``vae``: train a diffusers AutoencoderKL (4 latent channels, ×8) on a tile folder."""
+    p = train_subparsers.add_parser(
+        "vae",
+        help="train the KL autoencoder (diffusers AutoencoderKL, 4 latent channels, x8) from scratch",
+        description="Trains on random crops of the tiles (images in [0, 1]) and, with probability "
+        "--mask-fraction, of their *_mask.png label maps (encoded 2l/(K-1)-1, 3 channels). Writes a diffusers "
+        "folder (config.json + safetensors) usable as --vae, plus vae_training.json with the latent_scale and "
+        "mask_divisors to pass to `slidesynth train diffinfinite`.",
+    )
+    p.add_argument("--tiles", type=Path, required=True, help="folder of tiles (<name>.png + optional <name>_mask.png)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (diffusers AutoencoderKL)")
+    p.add_argument("--config", choices=("tiny", "small", "sd2"), default="small",
+                   help="architecture: tiny (0.26 M), small (2.7 M, default), sd2 (83.7 M, the SD 2 VAE)")
+    p.add_argument("--crop", type=int, default=128, help="training crop size in px (multiple of 8; default 128)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2000, help="total steps (learning-rate schedule length)")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps in this run (resume later)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay")
+    p.add_argument("--lr-final-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--l1-weight", type=float, default=1.0)
+    p.add_argument("--l2-weight", type=float, default=1.0)
+    p.add_argument("--edge-weight", type=float, default=0.5, help="L1 on finite differences (sharpness)")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="KL per latent element (small)")
+    p.add_argument("--mask-fraction", type=float, default=0.25, help="share of label-map samples (default 0.25)")
+    p.add_argument("--num-classes", type=int, default=5, help="labels K of the mask encoding (default 5)")
+    p.add_argument("--relabel", help="read label-map value FROM as class TO, e.g. '0:5' (comma-separated FROM:TO)")
+    p.add_argument("--ema-beta", type=float, default=0.0, help="EMA decay of the saved weights (0: no EMA)")
+    p.add_argument("--no-augment", action="store_true", help="disable flips / rot90")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--stats-samples", type=int, default=128, help="crops for the latent statistics (per kind)")
+    p.add_argument("--normalize-latents", type=float, default=0.0, metavar="TARGET",
+                   help="fold a per-channel shift/gain into the saved autoencoder so image latents are centred with "
+                   "each channel's 99.9th percentile |z| at TARGET (50: the release's latent/50 convention); 0: off")
+    p.add_argument("--fp16", action="store_true", help="save the weights as float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/vae-last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_vae)
+
+
+# ------------------------------------------------------------------------------------------ ∞-Brush
+
+
+def _infbrush_config(spec: str, overrides: dict) -> InfBrushConfig:
+    if spec in PRESETS:
+        cfg = PRESETS[spec]()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise SystemExit(f"--config: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+        d = json.loads(path.read_text())
+        cfg = InfBrushConfig.from_dict(d.get("network", d))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _run_infbrush(args: argparse.Namespace) -> int:
+    from training.infbrush import TrainOptions, train_infbrush
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    if args.points is not None:
+        overrides["n_points"] = args.points
+    if args.cond_drop is not None:
+        overrides["cond_drop"] = args.cond_drop
+    if args.train_resolution is not None:
+        overrides["train_resolution"] = args.train_resolution
+    cfg = _infbrush_config(args.config, overrides)
+    sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.synthetic_sizes.split(","))
+    opts = TrainOptions(
+        out=Path(args.out), config=cfg, data=Path(args.data) if args.data else None, synthetic=args.synthetic,
+        synthetic_sizes=tuple((h, w) for w, h in sizes), name=args.name, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, betas=(args.beta1, args.beta2), ema=args.ema,
+        ema_every=args.ema_every, grad_clip=args.grad_clip, save_every=args.save_every, log_every=args.log_every,
+        seed=args.seed, device=args.device, resume=args.resume, amp="bf16" if args.amp else None,
+        progress=not args.no_progress, native_mpp=args.mpp, command=" ".join(sys.argv))
+    result = train_infbrush(opts)
+    losses = result["losses"]
+    tail = sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan")
+    print(f"trained {result['steps']} steps; mean loss of the last 10: {tail:.5f}; model folder: {result['out']}")
+    return 0
+
+
+def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
+    """Add ``infinity-brush``: train ∞-Brush (:mod:`training.infbrush`)."""
+    p = train_subparsers.add_parser(
+        "infinity-brush", help="train ∞-Brush on pixel subsets of images of any size",
+        description="Train the ∞-Brush function-space diffusion model. Data: a folder of images (png/jpg/tif) each "
+                    "with a same-named .npy QuiltNet embedding ((512,) or (rows, cols, 512)), or --synthetic N.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="folder of images + .npy embeddings")
+    src.add_argument("--synthetic", type=int, default=0, help="train on N synthetic smooth functions (smoke runs)")
+    p.add_argument("--synthetic-sizes", default="64x64,80x48", help="WxH list of synthetic image sizes")
+    p.add_argument("--out", required=True, help="model folder to write (card, EMA weights, train_state/)")
+    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a JSON file")
+    p.add_argument("--name", default="infinity-brush", help="model name in the card")
+    p.add_argument("--points", type=int, default=None, help="pixels sampled per image (paper: 65536)")
+    p.add_argument("--train-resolution", type=int, default=None, help="side at which the mollifier σ is defined")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--ema-every", type=int, default=10)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--cond-drop", type=float, default=None, help="CFG condition dropout (default 0.1)")
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mpp", type=float, default=0.5, help="µm per pixel of the training images (model card)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_infbrush)
+    return p
