@@ -55,8 +55,8 @@ class PyramidSink(Protocol):
     * ``finish(thumbnail)`` after the last ``store_tile``: complete the output at ``target``
       (``thumbnail``: the smallest level, (h, w, 3) uint8, unpadded).
 
-    ``abort()`` may come at any point instead, more than once: release what the sink holds (the writer
-    removes ``target``).
+    ``abort()`` may come at any time instead, even before ``start`` and more than once: release what the
+    sink holds (the writer removes ``target``).
     """
 
     path: Path | None
@@ -178,7 +178,8 @@ class PyramidWriter:
     :func:`writers.pyramid.tile_size_for`: read it back as ``cascade.tile``); levels are halved while the
     longest side is ≥ ``min_size``.  ``workers`` encode threads (default :func:`default_workers`) and at
     most ``max_pending`` tiles in flight (default 8 per thread and sink) bound the memory.  With
-    ``overwrite=False`` an existing output is an error, raised before anything is written.
+    ``overwrite=False`` an existing output is an error, raised before anything is written.  After
+    :meth:`close`, ``thumbnail`` is the smallest level, (h, w, 3) uint8.
 
     Bad input (shape, dtype, order, too many rows) raises ``ValueError`` naming the tile or row and aborts.
     """
