@@ -1,4 +1,4 @@
-"""Streaming pyramidal BigTIFF writer (generic tiled layout that OpenSlide, tiffslide, QuPath and libvips read).
+"""Pyramidal BigTIFF sink (generic tiled layout that OpenSlide, tiffslide, QuPath and libvips read).
 
 Layout (reference wsi_formats §2–3): BigTIFF; every level a tiled page in the main IFD chain (no SubIFDs),
 level 0 first, reduced levels with NewSubfileType = 1 down to a longest side < 1024 px; X/YResolution =

@@ -1,4 +1,4 @@
-"""Streaming OME-Zarr (NGFF multiscales) writer.
+"""OME-Zarr (NGFF multiscales) sink.
 
 * NGFF **0.4 on Zarr v2** (default; what QuPath's jzarr-based reader opens) or **0.5 on Zarr v3**.
 * One array per pyramid level (paths ``"0"``, ``"1"``, …), shape (3, H_l, W_l), axes c (channel), y, x
