@@ -1,4 +1,5 @@
-"""SlideOutputs: band-fed TIFF + OME-Zarr, atomic commit, cancel/failure cleanup, decoder → writer."""
+"""SlideOutputs / PyramidWriter: band-fed TIFF + OME-Zarr, atomic commit, cancel/failure cleanup, decoder →
+writer, a third format plugged in as a sink."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+import tifffile
 import torch
 import zarr
 
@@ -16,6 +18,9 @@ from models.decoding import TiledDecoder
 from models.runtime import Canceled, check_cancel
 from tests.slide_helpers import he_like, listing, reference_pyramid
 from writers.outputs import SlideOutputs
+from writers.pyramid import pad_tile
+from writers.tiff import TiffSink
+from writers.writer import PyramidWriter
 
 W, H = 1500, 1100  # 2 levels (1500 → 750)
 
@@ -189,3 +194,66 @@ def test_a_failed_flush_fails_the_job_and_leaves_nothing(tmp_path, monkeypatch):
         with SlideOutputs(width=W, height=H, mpp=0.5, tiff_path=tif, zarr_path=zpath) as out:
             feed(out, img, [H])
     assert listing(tmp_path) == []  # neither the committed TIFF nor any temporary is left
+
+
+class TileCollector:
+    """A toy format: every tile of every level, kept in memory (no file: ``path`` is None)."""
+
+    path = None
+
+    def start(self, target, layout):
+        self.layout, self.tiles, self.aborted = layout, {}, False
+
+    def encode_tile(self, level, ty, tx, tile):
+        return tile.copy()
+
+    def store_tile(self, level, ty, tx, encoded):
+        self.tiles[level, ty, tx] = encoded
+
+    def finish(self, thumbnail):
+        self.thumbnail = thumbnail.copy()
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_a_new_format_is_a_new_sink_beside_the_tiff(tmp_path):
+    """A sink defined here, plugged in beside the TIFF sink, gets exactly the tiles the TIFF stores."""
+    img = he_like(H, W, seed=26)
+    toy, tif = TileCollector(), tmp_path / "t.tif"
+    with PyramidWriter(W, H, mpp=0.5, sinks=[TiffSink(tif, compression="zstd"), toy]) as w:
+        feed(w, img, [300])
+    assert listing(tmp_path) == ["t.tif"] and not toy.aborted
+    t = toy.layout.tile
+    with tifffile.TiffFile(tif) as tf:
+        pages = [p for p in tf.pages if p.is_tiled]
+        assert len(pages) == len(toy.layout.levels) == 2
+        for lvl, page in enumerate(pages):
+            rows, cols = toy.layout.grid[lvl]
+            assert len(page.dataoffsets) == rows * cols
+            assert sorted(k[1:] for k in toy.tiles if k[0] == lvl) == [(r, c) for r in range(rows) for c in range(cols)]
+            level = page.asarray()
+            for ty in range(rows):
+                for tx in range(cols):
+                    stored = pad_tile(level[ty * t:(ty + 1) * t, tx * t:(tx + 1) * t], t)  # as the TIFF holds it
+                    assert np.array_equal(toy.tiles[lvl, ty, tx], stored), (lvl, ty, tx)
+    assert np.array_equal(toy.thumbnail, w.thumbnail)
+
+
+def test_a_failing_sink_aborts_every_output_and_a_writer_takes_tiles_or_bands(tmp_path):
+    class Failing(TileCollector):
+        def store_tile(self, level, ty, tx, encoded):
+            if level == 1:
+                raise OSError("sink full")
+
+    img = he_like(H, W, seed=27, grain=0)
+    failing = Failing()
+    with pytest.raises(OSError, match="sink full"):
+        with PyramidWriter(W, H, mpp=0.5, sinks=[TiffSink(tmp_path / "f.tif"), failing]) as w:
+            feed(w, img, [H])
+    assert listing(tmp_path) == [] and failing.aborted
+    with pytest.raises(ValueError, match="fed bands; use write_band"):
+        with PyramidWriter(W, H, mpp=0.5, sinks=[TiffSink(tmp_path / "m.tif")]) as w:
+            w.write_band(img[:512])
+            w.write_tile(1, 0, img[512:1024, :512])
+    assert listing(tmp_path) == []

@@ -11,25 +11,18 @@ along the other axis only, ``(a + b + 1) >> 1``.
 ``on_tile(level, ty, tx, tile)`` as soon as it is complete.  It keeps, per reduced level, only the upper
 half of one tile row plus one tile (≈ 1.5 · tile · width · 3 bytes over all levels: 77 MB at 100k² with
 512-px tiles).  :class:`BandTiler` cuts full-width row bands of any height into level-0 tiles (one tile row
-of buffer).
+of buffer).  :class:`PyramidLayout` is the geometry a sink (:mod:`writers.writer`) is given.
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
-import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import cv2
 import numpy as np
 
 OnTile = Callable[[int, int, int, np.ndarray], None]
-
-
-def default_workers() -> int:
-    """Encode threads when not given: the CPU count, capped at 4 (2 on a 2-core machine)."""
-    return max(1, min(4, os.cpu_count() or 2))
 
 
 def pyramid_levels(width: int, height: int, min_size: int = 1024) -> list[tuple[int, int]]:
@@ -51,6 +44,26 @@ def level_downsamples(levels: list[tuple[int, int]]) -> list[tuple[int, int]]:
         fx, fy = factors[-1]
         factors.append((fx * 2 if pw > 1 else fx, fy * 2 if ph > 1 else fy))
     return factors
+
+
+@dataclass(frozen=True)
+class PyramidLayout:
+    """The pyramid a sink receives: ``levels``, (width, height) of every level, level 0 first (see
+    :func:`pyramid_levels`); ``tile``, the side of every (square) tile; ``mpp``, µm per level-0 pixel."""
+
+    levels: list[tuple[int, int]]
+    tile: int
+    mpp: float
+
+    @property
+    def grid(self) -> list[tuple[int, int]]:
+        """(tile rows, tile columns) of every level."""
+        return [(math.ceil(h / self.tile), math.ceil(w / self.tile)) for (w, h) in self.levels]
+
+    @property
+    def downsamples(self) -> list[tuple[int, int]]:
+        """(x, y) level-0 pixels per pixel of every level (:func:`level_downsamples`)."""
+        return level_downsamples(self.levels)
 
 
 def tile_size_for(width: int, height: int, tile: int = 512) -> int:
@@ -84,51 +97,6 @@ def downsample2x(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-class SerialOpenCV:
-    """OpenCV's own thread pool is off (``cv2.setNumThreads(0)``) while at least one of these is held;
-    the previous setting comes back when the last one is released (reference-counted, thread-safe) —
-    unless other code changed the setting meanwhile, which is then left as it is.
-
-    Why: a writer's 2×2 means run on the thread that feeds it while its encode threads keep every core
-    busy.  OpenCV would split each 512² resize over its own threads, which then wait for a core: that cost
-    10–15 % of the TIFF writer's throughput on 2 cores (``python -m bench.writer``); serial, the resize
-    of a 512² tile takes ~70 µs.  Other OpenCV calls in the process (mask resizing) run serially meanwhile.
-
-    The hold is released by :meth:`release` or, for an owner dropped without it (a writer never closed),
-    when ``owner`` is garbage-collected.
-    """
-
-    _lock = threading.RLock()  # re-entrant: a finalizer may run on a thread that is inside the lock
-    _holders = 0
-    _saved: int | None = None
-
-    def __init__(self, owner: object) -> None:
-        with SerialOpenCV._lock:
-            if SerialOpenCV._holders == 0:
-                SerialOpenCV._saved = cv2.getNumThreads()
-                cv2.setNumThreads(0)
-            SerialOpenCV._holders += 1
-            self._held = True
-        weakref.finalize(owner, self.release)
-
-    def release(self) -> None:
-        """Give this hold back (idempotent)."""
-        with SerialOpenCV._lock:
-            if not self._held:
-                return
-            self._held = False
-            SerialOpenCV._holders -= 1
-            if SerialOpenCV._holders == 0 and cv2.getNumThreads() == 1:  # 1: still serial, as set above
-                cv2.setNumThreads(SerialOpenCV._saved)
-
-
-def rows_contiguous(a: np.ndarray) -> bool:
-    """Whether each row of an (h, w, c) array is one run of memory, rows in order (what the JPEG encoder
-    reads without a copy); views that reverse or transpose axes are not."""
-    return a.strides[2] == a.itemsize and a.strides[1] == a.shape[2] * a.itemsize \
-        and a.strides[0] >= a.shape[1] * a.strides[1]
-
-
 def pad_tile(tile: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """C-contiguous (size, size, c) copy of ``tile``, edge tiles padded by edge replication.
 
@@ -144,39 +112,6 @@ def pad_tile(tile: np.ndarray, size: int, out: np.ndarray | None = None) -> np.n
     if th < size:
         out[th:] = out[th - 1:th]
     return out
-
-
-class TileBuffers:
-    """Recycled (size, size, c) uint8 buffers for padded tiles in flight to the encode threads.
-
-    Why: a fresh 0.8 MB array per tile is above glibc's mmap threshold, so every tile paid for an mmap,
-    192 page faults and an munmap — a fifth of the TIFF writer's CPU time in a fresh process.  A buffer
-    returns to the pool when its release function has been called once per user (one per sink it was sent
-    to); the number of buffers is bounded by the tiles in flight.  Not thread-safe: take and release on the
-    thread that feeds the writer (the sinks release in ``drain``, which runs there).
-    """
-
-    def __init__(self, size: int, channels: int = 3):
-        self.size, self.channels = size, channels
-        self._free: list[np.ndarray] = []
-        self.allocated = 0
-
-    def padded(self, tile: np.ndarray, users: int = 1) -> tuple[np.ndarray, Callable[[], None]]:
-        """Copy ``tile`` (edge-padded) into a free buffer; return it and its release function."""
-        if self._free:
-            buf = self._free.pop()
-        else:
-            buf = np.empty((self.size, self.size, self.channels), np.uint8)
-            self.allocated += 1
-        pad_tile(tile, self.size, out=buf)
-        left = [users]
-
-        def release() -> None:
-            left[0] -= 1
-            if left[0] == 0:
-                self._free.append(buf)
-
-        return buf, release
 
 
 class _Level:
@@ -344,132 +279,3 @@ class BandTiler:
     @property
     def complete(self) -> bool:
         return self.rows_done == self.height
-
-
-def cancel_futures(futures) -> None:
-    """Cancel pending encode/write futures and wait out the ones already running (errors ignored:
-    the output is being thrown away)."""
-    futures = list(futures)
-    for fut in futures:
-        fut.cancel()
-    for fut in futures:
-        if not fut.cancelled():
-            try:
-                fut.result()
-            except BaseException:
-                pass
-
-
-class CascadeWriter:
-    """Life cycle shared by the tile-fed writers (TIFF, OME-Zarr): tiles go through a
-    :class:`PyramidCascade` into the subclass's ``sink``; the output is written under a temporary name
-    and renamed into place by :meth:`close`; any error or :meth:`abort` removes the temporary output.
-
-    Subclasses set ``self.sink`` (an object with ``put_padded(level, ty, tx, padded, release)`` and
-    ``cancel()``; the padded copies come from this writer's :class:`TileBuffers`) and
-    implement :meth:`_finish` (complete the temporary output) and, if they hold resources, :meth:`_release`.
-    """
-
-    def _start(self, path, width: int, height: int, tile: int, min_size: int, workers: int | None,
-               overwrite: bool, thread_name: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-        from pathlib import Path
-
-        from writers.atomic import check_target, partial_path
-
-        self.path = Path(path)
-        check_target(self.path, overwrite)
-        self.overwrite = overwrite
-        tile = tile_size_for(width, height, tile)
-        self.cascade = PyramidCascade(width, height, self._on_tile, tile=tile, min_size=min_size)
-        self.tmp = partial_path(self.path)
-        self._closed = False
-        self.workers = max(1, int(workers)) if workers else default_workers()
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix=thread_name)
-        self._buffers = TileBuffers(tile)
-        self._serial = SerialOpenCV(self)
-        self._lent = False  # the level-0 tile being pushed is lent by the caller (write_tile(copy=False))
-
-    @property
-    def levels(self) -> list[tuple[int, int]]:
-        return self.cascade.levels
-
-    def _on_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        if level == 0 and self._lent and tile.shape[0] == tile.shape[1] == self.cascade.tile \
-                and rows_contiguous(tile):
-            self.sink.put_padded(0, ty, tx, tile, None)  # lent by the caller: encoded straight from its array
-            return
-        padded, release = self._buffers.padded(tile)
-        self.sink.put_padded(level, ty, tx, padded, release)
-
-    def write_tile(self, ty: int, tx: int, tile: np.ndarray, copy: bool = True) -> None:
-        """Feed the next full-resolution tile (row-major order); a bad tile aborts with a named error.
-
-        ``copy=True`` (default): the tile is copied before this returns, so the caller may reuse its array.
-        ``copy=False`` lends the array instead: a full-size tile is encoded straight from it, so it must stay
-        unchanged until :meth:`close` returns — pass a fresh array per tile, or views of an image that does
-        not change.  That saves one copy of the slide (a tenth of the TIFF writer's time on some CPUs).
-        Edge tiles, which need padding, and views whose rows are not contiguous in memory (e.g. channels
-        reversed, or a transposed image) are copied either way.
-        """
-        if self._closed:
-            raise ValueError(f"tile ({ty}, {tx}): writer for {self.path} is already closed or aborted")
-        self._lent = not copy
-        try:
-            self.cascade.push_tile(ty, tx, tile)
-        except BaseException:
-            self.abort()
-            raise
-
-    def _finish(self) -> None:
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        """Free what the subclass holds besides the pool and sink (called by :meth:`abort`)."""
-
-    def close(self):
-        """Finish the output and rename it into place; returns the final path."""
-        from writers.atomic import commit
-
-        if self._closed:
-            raise ValueError(f"writer for {self.path} is already closed or aborted")
-        try:
-            self.cascade.check_complete()
-            self._finish()
-            commit(self.tmp, self.path, self.overwrite)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-        self.pool.shutdown(wait=True)
-        self._serial.release()
-        return self.path
-
-    def abort(self) -> None:
-        """Stop, and remove the temporary output (idempotent)."""
-        from writers.atomic import remove_path
-
-        self._closed = True
-        try:
-            sink = getattr(self, "sink", None)
-            if sink is not None:
-                sink.cancel()
-            pool = getattr(self, "pool", None)
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            self._release()
-        finally:  # whatever failed above, the hold is given back and no partial file stays
-            serial = getattr(self, "_serial", None)
-            if serial is not None:
-                serial.release()
-            remove_path(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self.abort()
-            return False
-        self.close()
-        return False

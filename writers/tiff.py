@@ -1,4 +1,4 @@
-"""Streaming pyramidal BigTIFF writer (generic tiled layout that OpenSlide, tiffslide, QuPath and libvips read).
+"""Pyramidal BigTIFF sink (generic tiled layout that OpenSlide, tiffslide, QuPath and libvips read).
 
 Layout (reference wsi_formats §2–3): BigTIFF; every level a tiled page in the main IFD chain (no SubIFDs),
 level 0 first, reduced levels with NewSubfileType = 1 down to a longest side < 1024 px; X/YResolution =
@@ -11,11 +11,11 @@ keeps it out of the pyramid series because it is not a further 2× reduction.
 Codecs: JPEG (default; quality 90, YCbCr 4:2:0, libjpeg-turbo via imagecodecs), deflate or zstd (lossless,
 horizontal predictor).  WebP and JPEG 2000 are refused: OpenSlide cannot read them.
 
-Single streaming pass: tiles are encoded by a thread pool and appended to the file as they complete, in
-submission order (deterministic byte layout); tiles of all levels interleave in the file; tile offsets are
-kept in memory (16 bytes per tile) and the IFDs are written at the end.  The file is an
-:class:`writers.appendfile.AppendFile` (direct I/O, no page-cache churn), written under a temporary name
-and renamed into place by :class:`PyramidTiffWriter` only when complete.
+Single streaming pass: :class:`TiffSink` is a :class:`writers.writer.PyramidSink`; the writer's encode
+threads compress the tiles and the file gets them in submission order (deterministic byte layout); tiles of
+all levels interleave in the file; tile offsets are kept in memory (16 bytes per tile) and the IFDs are
+written at the end.  The file is an :class:`writers.appendfile.AppendFile` (direct I/O, no page-cache
+churn), written under a temporary name and renamed into place by the writer only when complete.
 
 (This is the "minimal writer that records offsets and writes IFDs at the end" of wsi_formats §5 rather than
 tifffile page writes with spooled lower levels: no spool files, no copy pass, one thread of control.)
@@ -25,17 +25,16 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import imagecodecs
 import numpy as np
 
 from writers.appendfile import AppendFile
-from writers.pyramid import CascadeWriter, cancel_futures, level_downsamples
+from writers.pyramid import PyramidLayout
+from writers.writer import PyramidWriter
 
 COMPRESSION_TAGS = {"jpeg": 7, "deflate": 8, "zstd": 50000}
 SUBSAMPLING = {"420": (2, 2), "422": (2, 1), "444": (1, 1)}
@@ -90,41 +89,40 @@ def resolution_px_per_cm(mpp: float, downsample: int = 1) -> tuple[int, int]:
     return _rational(Fraction(10000) / (Fraction(repr(float(mpp))) * downsample))
 
 
-class TiffPyramidSink:
-    """Receives padded tiles of every level (any interleaving across levels) and writes a BigTIFF.
+class TiffSink:
+    """Pyramidal BigTIFF at ``path``: a :class:`writers.writer.PyramidSink`.
 
-    ``out`` is a new, empty :class:`~writers.appendfile.AppendFile` (appends, and patches applied when it
-    is closed).  ``finish(thumbnail)`` writes the IFDs and patches the header; the caller then closes
-    ``out``.
+    ``compression`` jpeg (``quality`` 1..100, chroma ``subsampling`` "420", "422" or "444"), deflate or
+    zstd (with the horizontal ``predictor`` unless it is ``False``); page 0's ImageDescription is
+    :func:`synthetic_description` of ``metadata`` and ``description``.  ``direct_io=False`` writes
+    through the page cache (see :mod:`writers.appendfile`).  Codecs OpenSlide cannot read raise
+    ``ValueError`` here, before any file exists.
     """
 
-    def __init__(self, out: AppendFile, levels: list[tuple[int, int]], mpp: float, tile: int = 512,
-                 compression: str = "jpeg", quality: int = 90, subsampling: str = "420", predictor: bool = True,
-                 description: str = "", software: str = "slidesynth", pool: Executor | None = None,
-                 max_pending: int = 16, deflate_level: int = 6, zstd_level: int = 1):
+    def __init__(self, path: str | Path, compression: str = "jpeg", quality: int = 90, subsampling: str = "420",
+                 predictor: bool = True, description: str | None = None, metadata: dict[str, Any] | None = None,
+                 software: str = "slidesynth", direct_io: bool = True, deflate_level: int = 6, zstd_level: int = 1):
         check_codec(compression, quality, subsampling)
-        if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-            raise ValueError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
-        self.out, self.levels, self.mpp, self.tile = out, levels, float(mpp), tile
+        self.path = Path(path)
         self.compression, self.quality, self.subsampling = compression, int(quality), subsampling
         self.predictor = bool(predictor) and compression != "jpeg"
-        self.description, self.software = description, software
-        self.deflate_level, self.zstd_level = deflate_level, zstd_level
-        self._own_pool = pool is None
-        self.pool = pool or ThreadPoolExecutor(2, thread_name_prefix="tiff-encode")
-        self.max_pending = max_pending
-        self.grid = [(math.ceil(h / tile), math.ceil(w / tile)) for (w, h) in levels]
-        self.downsamples = level_downsamples(levels)
+        self.description, self.software = synthetic_description(metadata, description), software
+        self.direct_io, self.deflate_level, self.zstd_level = direct_io, deflate_level, zstd_level
+        self.out: AppendFile | None = None
+
+    def start(self, target: Path, layout: PyramidLayout) -> None:
+        """Create the file at ``target`` and write the header (its first-IFD offset is patched by :meth:`finish`)."""
+        self.levels, self.mpp, self.tile = layout.levels, layout.mpp, layout.tile
+        self.grid, self.downsamples = layout.grid, layout.downsamples
         self.offsets = [np.zeros(r * c, np.uint64) for r, c in self.grid]
         self.counts = [np.zeros(r * c, np.uint64) for r, c in self.grid]
-        self.written = [0] * len(levels)
-        self._pending: deque[tuple[int, int, Future, Callable[[], None] | None]] = deque()
         self.pos = 0
-        self._write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))  # BigTIFF header, first-IFD offset patched later
-        self.bytes_written = 0
+        self.out = AppendFile(target, direct=self.direct_io)
+        self._write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))  # BigTIFF header
 
     # ---------------------------------------------------------------- tiles
     def encode(self, tile: np.ndarray) -> bytes:
+        """The compressed bytes of one (tile or thumbnail) array."""
         if self.compression == "jpeg":
             return imagecodecs.jpeg8_encode(tile, level=self.quality, subsampling=self.subsampling)
         data = imagecodecs.delta_encode(tile, axis=1) if self.predictor else tile
@@ -132,37 +130,22 @@ class TiffPyramidSink:
             return imagecodecs.deflate_encode(data, level=self.deflate_level)
         return imagecodecs.zstd_encode(data, level=self.zstd_level)
 
-    def put_padded(self, level: int, ty: int, tx: int, padded: np.ndarray,
-                   release: Callable[[], None] | None = None) -> None:
-        """Queue an already padded (tile, tile, 3) array that nobody modifies until ``release()`` is called
-        (by :meth:`drain`, once its encode has finished)."""
+    def encode_tile(self, level: int, ty: int, tx: int, tile: np.ndarray) -> bytes:
+        try:
+            return self.encode(tile)
+        except Exception as e:
+            raise RuntimeError(f"TIFF level {level} tile ({ty}, {tx}): {self.compression} encoding failed: "
+                               f"{e}") from e
+
+    def store_tile(self, level: int, ty: int, tx: int, encoded: bytes) -> None:
         idx = ty * self.grid[level][1] + tx
-        self._pending.append((level, idx, self.pool.submit(self.encode, padded), release))
-        self.drain()
+        self.offsets[level][idx] = self.pos
+        self.counts[level][idx] = len(encoded)
+        self._write(encoded)
 
-    def drain(self, wait_all: bool = False) -> None:
-        """Append finished encodes to the file in submission order; block while too many are in flight."""
-        p = self._pending
-        while p and (wait_all or len(p) > self.max_pending or p[0][2].done()):
-            level, idx, fut, release = p.popleft()
-            try:
-                data = fut.result()
-            except Exception as e:
-                ty, tx = divmod(idx, self.grid[level][1])
-                raise RuntimeError(f"TIFF level {level} tile ({ty}, {tx}): {self.compression} encoding failed: "
-                                   f"{e}") from e
-            if release is not None:
-                release()
-            self.offsets[level][idx] = self.pos
-            self.counts[level][idx] = len(data)
-            self._write(data)
-            self.written[level] += 1
-
-    def cancel(self) -> None:
-        cancel_futures(fut for _, _, fut, _ in self._pending)
-        self._pending.clear()
-        if self._own_pool:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def abort(self) -> None:
+        if self.out is not None:
+            self.out.abort()
 
     # ---------------------------------------------------------------- file structure
     def _write(self, data) -> None:
@@ -237,71 +220,34 @@ class TiffPyramidSink:
         tags += [(273, LONG8, [offset]), (278, LONG, [h]), (279, LONG8, [nbytes])]
         return tags
 
-    def finish(self, thumbnail: np.ndarray | None = None) -> None:
-        """Flush all tiles, write the thumbnail strip and every IFD, link the chain, patch the header."""
-        self.drain(wait_all=True)
-        for i, (r, c) in enumerate(self.grid):
-            if self.written[i] != r * c:
-                raise RuntimeError(f"TIFF level {i}: {self.written[i]} of {r * c} tiles written")
+    def finish(self, thumbnail: np.ndarray) -> None:
+        """Write every IFD and the thumbnail strip, link the chain, patch the header, close the file."""
         ifds: list[tuple[int, int]] = []
         for i, (w, h) in enumerate(self.levels):
             tags = self._page_tags(i, w, h)
             tags += [(322, LONG, [self.tile]), (323, LONG, [self.tile]),
                      (324, LONG8, self.offsets[i]), (325, LONG8, self.counts[i])]
             ifds.append(self._write_ifd(tags))
-        if thumbnail is not None:
-            data = self.encode(np.ascontiguousarray(thumbnail))
-            self._align()
-            off = self.pos
-            self._write(data)
-            ifds.append(self._write_ifd(self._thumbnail_tags(thumbnail, off, len(data))))
+        data = self.encode(np.ascontiguousarray(thumbnail))
+        self._align()
+        off = self.pos
+        self._write(data)
+        ifds.append(self._write_ifd(self._thumbnail_tags(thumbnail, off, len(data))))
         self.out.patch(8, struct.pack("<Q", ifds[0][0]))
         for (_, next_field), (nxt, _) in zip(ifds[:-1], ifds[1:]):
             self.out.patch(next_field, struct.pack("<Q", nxt))
-        self.bytes_written = self.pos
-        if self._own_pool:
-            self.pool.shutdown(wait=True)
+        self.out.close()
 
 
-class PyramidTiffWriter(CascadeWriter):
-    """Tile-fed pyramidal BigTIFF writer: ``write_tile(ty, tx, tile)`` in row-major order, then ``close()``.
-
-    ``tile`` arrays are (th, tw, 3) uint8 with th = min(tile, H − ty·tile), tw likewise; they are copied
-    unless ``write_tile(..., copy=False)`` lends them.  Lower levels are computed from these full-resolution
-    pixels by the cascade.  The file appears at ``path`` only after a successful ``close()``; any error
-    (bad tile, disk full, …) or ``abort()`` removes the temporary file.
-    Use as a context manager to get that automatically.  ``direct_io=False`` writes through the page cache
-    (see :mod:`writers.appendfile`).
-    """
+class PyramidTiffWriter(PyramidWriter):
+    """A :class:`~writers.writer.PyramidWriter` with one :class:`TiffSink` at ``path``: same arguments as
+    those two, for callers that write only a TIFF.  ``sinks[0]`` is the sink."""
 
     def __init__(self, path: str | Path, width: int, height: int, mpp: float, tile: int = 512,
                  compression: str = "jpeg", quality: int = 90, subsampling: str = "420", predictor: bool = True,
                  description: str | None = None, metadata: dict[str, Any] | None = None,
                  software: str = "slidesynth", min_size: int = 1024, workers: int | None = None, overwrite: bool = True,
                  max_pending: int | None = None, direct_io: bool = True):
-        check_codec(compression, quality, subsampling)
-        self.thumbnail: np.ndarray | None = None
-        self._start(path, width, height, tile, min_size, workers, overwrite, "tiff-encode")
-        try:
-            self._out = AppendFile(self.tmp, direct=direct_io)
-            self.sink = TiffPyramidSink(self._out, self.cascade.levels, mpp, self.cascade.tile, compression, quality,
-                                        subsampling, predictor, synthetic_description(metadata, description), software,
-                                        pool=self.pool, max_pending=max_pending or 8 * self.workers)
-        except BaseException:
-            self.abort()
-            raise
-
-    def _finish(self) -> None:
-        self.sink.finish(self.cascade.smallest)
-        self._out.close()
-
-    def _release(self) -> None:
-        out = getattr(self, "_out", None)
-        if out is not None:
-            out.abort()
-
-    def close(self) -> Path:
-        """Finish the file and rename it into place; returns the final path."""
-        path = super().close()
-        self.thumbnail = self.cascade.smallest
-        return path
+        sink = TiffSink(path, compression, quality, subsampling, predictor, description, metadata, software, direct_io)
+        super().__init__(width, height, mpp, [sink], tile=tile, min_size=min_size, workers=workers,
+                         max_pending=max_pending, overwrite=overwrite)
