@@ -8,7 +8,7 @@
 4. image UNet with the random-patch sampler on the latent canvas (64×64 crops = 512 px), conditioned on the
    label map at latent resolution (the network's own nearest downsampling: one mask path, bug #10).
 
-The worker decodes the image latents itself (``models.decoding.TiledDecoder``).
+The engine (``models.diffinfinite.engine``) decodes the image latents with ``models.decoding.TiledDecoder``.
 """
 from __future__ import annotations
 
