@@ -13,20 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.labels import as_labels as _as_labels
 from models.labels import resize_labels as resize_labels_nearest  # the one label resizer
 
 __all__ = ["find_boundaries", "min_pool", "clean_mask", "upsample_labels", "resize_labels_nearest"]
-
-
-def _as_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D label map, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer labels, got {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise ValueError(f"{name} must lie in 0…255, got {int(arr.min())}…{int(arr.max())}")
-    return arr.astype(np.uint8, copy=False)
 
 
 def find_boundaries(labels: np.ndarray) -> np.ndarray:
