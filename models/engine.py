@@ -213,11 +213,18 @@ def engines() -> dict[str, Engine]:
     return dict(_ENGINES)
 
 
+class UnknownEngine(KeyError):
+    """No engine is registered under the name (its message names the registered ones)."""
+
+    def __str__(self) -> str:  # KeyError's own str() is the repr of its argument
+        return str(self.args[0])
+
+
 def get_engine(name: str) -> Engine:
-    """The engine registered as ``name``; KeyError naming the known ones otherwise."""
+    """The engine registered as ``name``; :class:`UnknownEngine` naming the known ones otherwise."""
     known = engines()
     if name not in known:
-        raise KeyError(f"no engine {name!r}; registered: {', '.join(sorted(known)) or 'none'}")
+        raise UnknownEngine(f"no engine {name!r}; registered: {', '.join(sorted(known)) or 'none'}")
     return known[name]
 
 

@@ -106,6 +106,21 @@ def test_a_new_engine_is_one_module_registered_and_runs_through_the_api(constant
     assert pixels.shape == (80, 96, 3) and (pixels == [10, 20, 30]).all()
 
 
+def test_a_job_of_an_engine_this_worker_lacks_fails_naming_it(embedded_settings):
+    from core.jobs import FileJobStore, JobRecord, JobSpec, JobStatus
+    from models.registry import ModelRegistry
+    from worker.jobrunner import WorkerContext, run_job
+
+    store = FileJobStore(embedded_settings.data_dir)
+    spec = JobSpec(model="m", engine="retired-engine", conditioning="embedding", width=64, height=64, mpp=0.5,
+                   seed=1, steps=2, guidance=1.0, embedding=[1.0])
+    store.create(JobRecord(id="j1", spec=spec))
+    ctx = WorkerContext(embedded_settings, store, ModelRegistry(embedded_settings.models_dir))
+    assert run_job("j1", ctx) == JobStatus.failed
+    error = store.get("j1").error
+    assert error.startswith("UnknownEngine: no engine 'retired-engine'; registered: ") and "diffinfinite" in error
+
+
 # --- layers ----------------------------------------------------------------------------------------------------
 
 def _imports(path: Path) -> set[str]:

@@ -138,25 +138,19 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     mine = {"claim": claim}  # fencing: a run that lost its claim (the job was re-queued) cannot finish it
 
     spec = job.spec
-    try:
-        engine = get_engine(spec.engine)
-    except KeyError as exc:  # a job for an engine this worker lacks
-        if store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.failed,
-                            finished_at=time.time(), error=f"LookupError: {exc.args[0]}"):
-            remove_outputs(job_dir)
-        return JobStatus.failed
     state_path = job_dir / STATE_FILE
-    resume = engine.load_state(state_path) if attempts > 1 else None
-    if attempts > 1 and resume is None and state_path.exists():
-        log.warning("ignoring unreadable sampler checkpoint %s", state_path)
 
     def checkpoint(state) -> None:
         every = settings.checkpoint_every
         if every and state.step % every == 0 and state.step > 0:
             state.save(state_path)  # atomic: temporary file, then rename
 
-    report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps)
     try:
+        engine = get_engine(spec.engine)  # UnknownEngine for a job of an engine this worker lacks: it fails
+        resume = engine.load_state(state_path) if attempts > 1 else None
+        if attempts > 1 and resume is None and state_path.exists():
+            log.warning("ignoring unreadable sampler checkpoint %s", state_path)
+        report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps)
         device = worker_device(settings.device)
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)

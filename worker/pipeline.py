@@ -121,7 +121,7 @@ def engine_request(spec: JobSpec, engine: Engine, job_dir: Path) -> SlideRequest
 def slide_scorers(spec: JobSpec, slide: SlideBands, card) -> dict[str, Any]:
     """The streaming scorers this slide can be measured with, by metric family."""
     scorers = {"fidelity": fidelity_scorer(slide.labels, spec, card.fidelity_classes, slide.seam_lines),
-               "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines) if slide.cut_lines else None}
+               "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines)}
     return {kind: scorer for kind, scorer in scorers.items() if scorer is not None}
 
 
