@@ -111,13 +111,15 @@ class SlideBands:
     ``bands`` yields uint8 arrays (rows, width, 3); the work happens as it is consumed. ``labels``: the label map
     the slide follows (requested or generated), for the fidelity score and the saved mask. ``seam_lines``:
     (rows, cols) where tiles were blended; ``cut_lines``: per kind of cut, the zones the quilt score compares.
-    ``seconds``: engine timings (e.g. ``sampling``) for the job metrics."""
+    ``seconds``: engine timings (e.g. ``sampling``) for the job metrics; ``notes``: other figures for them
+    (JSON values, e.g. network calls, a batch size halved after running out of GPU memory)."""
 
     bands: Iterator[np.ndarray]
     labels: np.ndarray | None = None
     seam_lines: tuple[list[int], list[int]] | None = None
     cut_lines: dict[str, tuple[list, list]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -139,6 +141,9 @@ class Engine(Protocol):
 
     def stages(self, conditioning: ConditioningKind) -> tuple[Stage, ...]:
         """The stages a job with this conditioning reports, in order."""
+
+    def steps_for(self, card: ModelCard, options: EngineOptions | None) -> int:
+        """Sampling steps when a request names none, for these (resolved) options (None: the defaults)."""
 
     def serves(self, card: ModelCard, conditioning: ConditioningKind, models_dir: Path) -> str | None:
         """None when this deployment can serve the conditioning with the card's model, else why not."""
@@ -167,6 +172,9 @@ class EngineBase:
 
     def stages(self, conditioning: ConditioningKind) -> tuple[Stage, ...]:
         return (Stage.sampling, Stage.decoding, Stage.writing)
+
+    def steps_for(self, card: ModelCard, options: EngineOptions | None) -> int:
+        return card.default_steps or self.default_steps
 
     def serves(self, card: ModelCard, conditioning: ConditioningKind, models_dir: Path) -> str | None:
         return None if conditioning in card.conditioning else f"model {card.name} does not take {conditioning} conditioning"
@@ -233,6 +241,7 @@ def is_model_of(card: ModelCard, engine: str) -> bool:
     return card.engine == engine
 
 
-def steps_default(card: ModelCard) -> int:
-    """Sampling steps when a request names none: the card's, else the engine's (the paper's)."""
-    return card.default_steps or get_engine(card.engine).default_steps
+def steps_default(card: ModelCard, options: EngineOptions | None = None) -> int:
+    """Sampling steps when a request names none: the engine's choice for the options (e.g. fewer for a
+    multistep solver), by default the card's, else the engine's (the paper's)."""
+    return get_engine(card.engine).steps_for(card, options)

@@ -144,7 +144,8 @@ def build_spec(
     """Validate everything but the mask's pixel values (see :func:`check_labels`)."""
     engine = get_engine(card.engine)
     mpp = params.mpp or card.native_mpp
-    steps = params.steps or steps_default(card)
+    options = engine_options(params, card)
+    steps = params.steps or steps_default(card, options)
     if steps > settings.max_steps:
         raise FieldError(("steps",), f"{steps} is over the maximum of {settings.max_steps}")
     extra: dict = {}
@@ -184,6 +185,6 @@ def build_spec(
         guidance=params.guidance if params.guidance is not None else (
             card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE),
         eta=params.eta if params.eta is not None else engine.default_eta,
-        options=engine_options(params, card).model_dump(mode="json"), outputs=list(dict.fromkeys(params.outputs)),
+        options=options.model_dump(mode="json"), outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

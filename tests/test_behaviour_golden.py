@@ -3,7 +3,7 @@ worker's job runner, must produce exactly the pixels they produced before (issue
 
 The record (``tests/data/golden_slides.json``) holds, per job, the sha256 of every pyramid level's decoded
 pixels — not of the file bytes, whose ImageDescription carries the software version and the job record's
-layout. Float results are those of one CPU kind and torch build: the record names both, and a machine with
+layout. Float results are those of one CPU kind, torch and numpy build: the record names them, and a machine with
 another is skipped (with the reason), not failed. ``SLIDESYNTH_RECORD_GOLDEN=1`` rewrites the record.
 """
 from __future__ import annotations
@@ -29,14 +29,17 @@ JOBS = {
         "model": "infinity-brush-untrained", "width": 64, "height": 48, "seed": 5, "steps": 3,
         "compression": "deflate",
         "conditioning": {"type": "embedding", "encoder": "quilt-vit-b-32",
-                         "vector": [float(np.cos(0.37 * i)) for i in range(512)]}}},
+                         # exact binary fractions: no libm or SIMD math whose last bit varies between builds
+                         "vector": [((37 * i) % 101) / 64.0 - 0.75 for i in range(512)]}}},
 }
 
 
 def _machine() -> dict:
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    # numpy too: its SIMD maths (masks, resizing) may change the last bit between releases
+    return {"torch": torch.__version__, "numpy": np.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _pixels_sha256(path) -> list[str]:

@@ -175,6 +175,7 @@ def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine,
         result.metrics.update(METRICS[kind](scorer))
     result.metrics["seconds_total"] = round(time.perf_counter() - t0, 3)
     result.metrics.update({f"seconds_{k}": round(v, 3) for k, v in slide.seconds.items()})
+    result.metrics.update(slide.notes)
     (job_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
     report(Stage.writing, 1.0, None)
     return result

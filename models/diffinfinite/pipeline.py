@@ -24,7 +24,8 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 from .guidance import ImageDenoiser, MaskDenoiser
 from .mask_cleaning import clean_mask, resize_labels_nearest, upsample_labels
-from .sampler import RandomPatchSampler, SamplerState
+from .sampler import TILE_EDGES, RandomPatchSampler, SamplerState
+from .solvers import SOLVERS
 from .unet import downsample_label_mask
 
 __all__ = ["SamplingOptions", "DiffInfinitePipeline", "IMAGE_STREAM", "MASK_STREAM", "MASK_SCALE"]
@@ -50,8 +51,13 @@ class SamplingOptions:
     ``final_tile_margin`` (default ``image_patch // 8``) applies to the last ``final_tile_steps`` steps (default
     10): the final steps leave the seams no later step smooths, so they get context on every cell edge
     (≈ +2 % crops over 250 steps; bench/sampler.py measures the seam ratio with and without).
-    ``tile_edges`` (tiled mode): "fit" samples the partial cells a random grid offset leaves at the canvas
-    border in windows just wide enough for them and their context (≥ half a patch), "full" in full patches.
+    ``tile_edges`` (tiled mode): how the partial cells a random grid offset leaves at the canvas border are
+    sampled: "bucket" (default) in windows of half a patch or a patch per axis — at most three window shapes
+    per step, the same in every step, so a step is a few full-batch network calls of fixed shapes; "fit" in
+    windows just wide enough for them and their context (≥ half a patch; fewest pixels, up to nine shapes);
+    "full" in full patches (one shape). See :func:`.sampler.plan_tiled`.
+    ``solver``: "ddim" (the paper's) or the multistep "dpmpp-2m" / "dpmpp-2m-sde" (:mod:`.solvers`), for
+    both stages; ``steps`` counts its steps (one network evaluation per pass and step either way).
     """
 
     steps: int = 250
@@ -73,7 +79,8 @@ class SamplingOptions:
     tile_margin: int = 0
     final_tile_margin: int | None = None
     final_tile_steps: int = 10
-    tile_edges: Literal["fit", "full"] = "fit"
+    tile_edges: Literal["bucket", "fit", "full"] = "bucket"
+    solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] = "ddim"
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,8 +107,10 @@ class SamplingOptions:
         for name in ("tile_margin", "final_tile_margin"):
             if 2 * int(getattr(self, name)) >= int(self.image_patch):
                 problems.append(f"{name} must be < image_patch/2 = {int(self.image_patch) / 2:g}, got {getattr(self, name)}")
-        if self.tile_edges not in ("fit", "full"):
-            problems.append(f"tile_edges must be 'fit' or 'full', got {self.tile_edges!r}")
+        if self.tile_edges not in TILE_EDGES:
+            problems.append(f"tile_edges must be one of {TILE_EDGES}, got {self.tile_edges!r}")
+        if self.solver not in SOLVERS:
+            problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.precision not in _PRECISIONS:
             problems.append(f"precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
         if problems:
@@ -124,6 +133,7 @@ class DiffInfinitePipeline:
     def __init__(self, models: Any, device: torch.device | str = torch.device("cpu")) -> None:
         self.models = models
         self.device = torch.device(device)
+        self.last_sampler: RandomPatchSampler | None = None  # the image sampler of the last sample_latents
         models.image_unet.to(self.device).eval()
         if getattr(models, "mask_unet", None) is not None:
             models.mask_unet.to(self.device).eval()
@@ -196,7 +206,7 @@ class DiffInfinitePipeline:
             multiple=int(_cfg_attr(unet, "downsample_factor", 1)),
             official_early_stop=options.official_early_stop, stream=IMAGE_STREAM,
             tile_margin=options.tile_margin, final_tile_margin=options.final_tile_margin,
-            final_tile_steps=options.final_tile_steps, tile_edges=options.tile_edges,
+            final_tile_steps=options.final_tile_steps, tile_edges=options.tile_edges, solver=options.solver,
         )
 
     def mask_sampler(self, options: SamplingOptions) -> RandomPatchSampler:
@@ -210,6 +220,7 @@ class DiffInfinitePipeline:
             steps=options.mask_steps or options.steps, eta=options.eta, guidance=options.mask_guidance,
             batch_size=options.mask_batch_size, multiple=int(_cfg_attr(unet, "downsample_factor", 1)),
             official_early_stop=options.official_early_stop, stream=MASK_STREAM, tile_edges=options.tile_edges,
+            solver=options.solver,
         )
 
     # ------------------------------------------------------------------ mask stage
@@ -338,4 +349,5 @@ class DiffInfinitePipeline:
                 raise ValueError(f"sampler state was made with seed {state.seed}, options say {options.seed}")
             if state.latents.device != self.device:
                 state = SamplerState.from_dict(state.to_dict(), device=self.device)
+        self.last_sampler = sampler
         return sampler.run(state, lat, progress=progress, cancel=cancel, on_step=on_step)

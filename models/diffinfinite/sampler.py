@@ -41,10 +41,11 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 from .guidance import ConditionalDenoiser, combine, passes_for
 from .scheduler import DDIMScheduler
+from .solvers import SOLVERS, DPMSolverPP2M, Solver
 
 __all__ = [
     "Crop", "SamplerState", "RandomPatchSampler", "plan_random", "plan_tiled", "tile_offset", "keyed_seed",
-    "NOISE_BLOCK", "STATE_VERSION",
+    "NOISE_BLOCK", "STATE_VERSION", "TILE_EDGES", "edge_buckets",
 ]
 
 Mode = Literal["random", "tiled"]
@@ -131,14 +132,17 @@ def plan_random(labels: np.ndarray, patch: tuple[int, int], rng: np.random.Gener
 
 
 def _axis_cells(size: int, patch: int, offset: int, cell: int, margin: int = 0, fit: bool = False,
-                multiple: int = 1, min_window: int = 0) -> list[tuple[int, int, int, int]]:
+                multiple: int = 1, min_window: int = 0,
+                buckets: tuple[int, ...] | None = None) -> list[tuple[int, int, int, int]]:
     """(cell start, cell end, window start, window length) along one axis: grid lines at offset + j·cell.
 
     ``fit=False``: every cell is sampled in a ``patch``-wide window centred on it and clamped into the canvas.
     ``fit=True``: a window only as wide as the cell plus its ``margin`` of context on each side that lies in
     the canvas, at least ``min_window``, rounded up to ``multiple``, at most ``patch`` — interior cells get the
     full patch as before, the partial cells a random offset leaves at the canvas border get a narrower
-    window instead of a full patch that mostly re-evaluates their neighbour."""
+    window instead of a full patch that mostly re-evaluates their neighbour. ``buckets`` (ascending, the
+    last = ``patch``): a fitted length is rounded up to the smallest bucket that holds it, so that windows
+    come in a few fixed shapes (one network call per shape and batch)."""
     if size <= patch:  # one window covers the axis: no seam at all
         return [(0, size, 0, size)]
     bounds = [0] + [b for b in range(offset % cell, size, cell) if b > 0] + [size]
@@ -148,29 +152,63 @@ def _axis_cells(size: int, patch: int, offset: int, cell: int, margin: int = 0, 
         if fit:
             need = min(b + margin, size) - max(a - margin, 0)
             win = min(patch, -(-max(need, min_window) // multiple) * multiple)
+            if buckets is not None:
+                win = next(v for v in buckets if v >= win)
         mid = (a + b) // 2
         out.append((a, b, min(max(mid - win // 2, 0), size - win), win))
     return out
 
 
+TileEdges = Literal["bucket", "fit", "full"]
+TILE_EDGES: tuple[str, ...] = ("bucket", "fit", "full")
+
+
+def edge_buckets(patch: int, multiple: int) -> tuple[int, ...]:
+    """Window lengths of the ``bucket`` border policy along one axis: half a patch (rounded up to the
+    network's divisor) and the patch."""
+    half = min(patch, -(-(patch // 2) // multiple) * multiple)
+    return (half, patch) if half < patch else (patch,)
+
+
 def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, int],
                margin: int | tuple[int, int] = 0, *, fit_edges: bool = False, multiple: int = 1,
-               min_window: int | None = None) -> list[Crop]:
+               min_window: int | None = None, edges: TileEdges | None = None) -> list[Crop]:
     """Non-overlapping grid of cells (grid lines at offset + j·cell, cell = patch − 2·margin); each cell owns
     exactly itself and is sampled in a window centred on it (≥ ``margin`` px of context on every side away
-    from the canvas border; border windows clamped inward). Windows are full patches, or with ``fit_edges``
-    narrower for the partial border cells (see :func:`_axis_cells`; ``min_window`` defaults to half the patch,
-    ``multiple`` is the network's spatial divisor). Crops come grouped by window shape, largest first, so
-    that batches mostly hold one shape."""
+    from the canvas border; border windows clamped inward).
+
+    ``edges`` says how the partial cells a grid offset leaves at the canvas border are sampled: ``"full"``
+    in full patches; ``"fit"`` in windows just wide enough for the cell and its context (see
+    :func:`_axis_cells`; ``min_window`` defaults to half the patch, ``multiple`` is the network's spatial
+    divisor) — the fewest pixels, but up to nine window shapes per step; ``"bucket"`` as ``fit`` rounded up
+    to half a patch or a patch per axis, and a corner window widened to the full patch along x, so a step
+    holds at most three shapes — (P, P), (P/2, P), (P, P/2) — the same few in every step (one network call
+    per shape and batch; fixed shapes for compiled and graph-captured GPU execution). ``fit_edges`` is the
+    older spelling of ``edges="fit"`` (``False`` = ``"full"``). Crops come grouped by window shape, largest
+    first, so that batches mostly hold one shape."""
+    if edges is None:
+        edges = "fit" if fit_edges else "full"
+    if edges not in TILE_EDGES:
+        raise ValueError(f"edges must be one of {TILE_EDGES}, got {edges!r}")
     hh, ww = labels.shape
     my, mx = (margin, margin) if isinstance(margin, int) else margin
     cy, cx = patch[0] - 2 * my, patch[1] - 2 * mx
     if cy < 1 or cx < 1:
         raise ValueError(f"tile margin {margin} leaves no cell inside a {patch} patch")
-    mins = (patch[0] // 2, patch[1] // 2) if min_window is None else (min_window, min_window)
+    fit = edges != "full"
+    bucket = edges == "bucket"
+    if bucket:
+        mins = (edge_buckets(patch[0], multiple)[0], edge_buckets(patch[1], multiple)[0])
+    else:
+        mins = (patch[0] // 2, patch[1] // 2) if min_window is None else (min_window, min_window)
+    by = edge_buckets(patch[0], multiple) if bucket else None
+    bx = edge_buckets(patch[1], multiple) if bucket else None
     crops: list[Crop] = []
-    for (ya, yb, wy, ph) in _axis_cells(hh, patch[0], offset[0], cy, my, fit_edges, multiple, mins[0]):
-        for (xa, xb, wx, pw) in _axis_cells(ww, patch[1], offset[1], cx, mx, fit_edges, multiple, mins[1]):
+    for (ya, yb, wy, ph) in _axis_cells(hh, patch[0], offset[0], cy, my, fit, multiple, mins[0], by):
+        for (xa, xb, wx, pw) in _axis_cells(ww, patch[1], offset[1], cx, mx, fit, multiple, mins[1], bx):
+            if bucket and ph < min(patch[0], hh) and pw < min(patch[1], ww):
+                pw = min(patch[1], ww)  # a corner: one of the border shapes, not a fourth
+                wx = min(max((xa + xb) // 2 - pw // 2, 0), ww - pw)
             labs = _owned_labels(labels[ya:yb, xa:xb], None)
             crops.append(Crop(wy, wx, ph, pw, labs, (yb - ya) * (xb - xa), (ya, xa, yb - ya, xb - xa)))
     crops.sort(key=lambda c: (-c.h * c.w, c.h, c.w))  # stable: row-major within a shape
@@ -206,7 +244,8 @@ class SamplerState:
     ``latents`` (1, C, H, W) float32 is the canvas at level ``step`` (steps completed); ``times`` (H, W) int16
     is the per-pixel time state: ``step`` for pixels not yet updated in the current step, ``step + 1`` for
     pixels whose guided ε̃ is already in ``eps`` (only non-None in the middle of a step); ``cursor`` counts the
-    crops of the current step already done. The RNG state is (seed, stream, step, cursor): every random draw
+    crops of the current step already done; ``x0_prev`` is the multistep solver's x̂0 canvas of the previous
+    step (None for DDIM). The RNG state is (seed, stream, step, cursor): every random draw
     is keyed by them. H, W are the sampler's internal (padded) canvas; ``shape`` is the requested one.
     """
 
@@ -225,6 +264,7 @@ class SamplerState:
     step: int = 0
     cursor: int = 0
     eps: torch.Tensor | None = None
+    x0_prev: torch.Tensor | None = None
     version: int = STATE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -242,6 +282,7 @@ class SamplerState:
             "latents": self.latents.detach().to("cpu", copy=True),
             "times": self.times.detach().to("cpu", copy=True),
             "eps": None if self.eps is None else self.eps.detach().to("cpu", copy=True),
+            "x0_prev": None if self.x0_prev is None else self.x0_prev.detach().to("cpu", copy=True),
             "extra": dict(self.extra),
         }
 
@@ -257,6 +298,7 @@ class SamplerState:
             labels_crc=int(d["labels_crc"]), step=int(d["step"]), cursor=int(d["cursor"]),
             latents=d["latents"].to(dev, copy=True), times=d["times"].to(dev, copy=True),
             eps=None if d.get("eps") is None else d["eps"].to(dev, copy=True),
+            x0_prev=None if d.get("x0_prev") is None else d["x0_prev"].to(dev, copy=True),
             extra=dict(d.get("extra") or {}),
         )
 
@@ -291,6 +333,8 @@ class StepStats:
     crops: int = 0
     forwards: int = 0  # UNet passes (a crop with L labels to predict takes L, +1 for the null)
     crop_pixels: int = 0  # Σ window areas of the crops
+    calls: int = 0  # network calls (one per window shape and batch)
+    batches: int = 0
 
 
 class RandomPatchSampler:
@@ -309,7 +353,7 @@ class RandomPatchSampler:
                  multiple: int = 1, official_early_stop: bool = False, stream: int = 0,
                  scheduler: DDIMScheduler | None = None, tile_offsets: Literal["random", "fixed"] = "random",
                  tile_margin: int = 0, final_tile_margin: int = 0, final_tile_steps: int = 0,
-                 tile_edges: Literal["fit", "full"] = "fit"):
+                 tile_edges: TileEdges = "fit", solver: Solver = "ddim"):
         if mode not in ("random", "tiled"):
             raise ValueError(f"mode must be 'random' or 'tiled', got {mode!r}")
         ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
@@ -321,8 +365,10 @@ class RandomPatchSampler:
             raise ValueError(f"patch {ph}×{pw} must be a multiple of the network divisor {multiple}")
         if tile_offsets not in ("random", "fixed"):
             raise ValueError(f"tile_offsets must be 'random' or 'fixed', got {tile_offsets!r}")
-        if tile_edges not in ("fit", "full"):
-            raise ValueError(f"tile_edges must be 'fit' or 'full', got {tile_edges!r}")
+        if tile_edges not in TILE_EDGES:
+            raise ValueError(f"tile_edges must be one of {TILE_EDGES}, got {tile_edges!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.denoiser = denoiser
         self.patch = (ph, pw)
         self.mode = mode
@@ -341,11 +387,14 @@ class RandomPatchSampler:
         self.tile_margin = int(tile_margin)
         self.final_tile_margin = int(final_tile_margin)
         self.final_tile_steps = int(final_tile_steps)
+        self.solver = solver
         self.scheduler = scheduler or DDIMScheduler(eta=self.eta)
         self.scheduler.set_timesteps(int(steps))
+        self.multistep = None if solver == "ddim" else DPMSolverPP2M(self.scheduler, sde=solver == "dpmpp-2m-sde")
         self.steps = int(steps)
         self.stop_at = self.steps - 1 if official_early_stop and self.steps > 1 else self.steps
         self.stats: dict[int, StepStats] = {}  # per step: crops done, UNet passes, crop pixels
+        self.batch_reductions: list[dict[str, int]] = []  # CUDA out-of-memory: {"step", "from", "to"}
 
     # -------------------------------------------------------------------------- canvas geometry
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -394,8 +443,7 @@ class RandomPatchSampler:
         m = self.tile_margin_at(step)
         cells = (self.patch[0] - 2 * m, self.patch[1] - 2 * m)
         offset = (0, 0) if self.tile_offsets == "fixed" else tile_offset(seed, self.stream, cells, step)
-        return plan_tiled(labels_padded, self.patch, offset, m, fit_edges=self.tile_edges == "fit",
-                          multiple=self.multiple)
+        return plan_tiled(labels_padded, self.patch, offset, m, edges=self.tile_edges, multiple=self.multiple)
 
     def tile_margin_at(self, step: int) -> int:
         """Context margin of the tiled mode at ``step`` (the last ``final_tile_steps`` use ``final_tile_margin``)."""
@@ -420,7 +468,8 @@ class RandomPatchSampler:
             mode=self.mode, seed=int(seed), stream=self.stream, steps=self.steps, stop_at=self.stop_at,
             patch=self.patch, shape=(int(shape[0]), int(shape[1])), guidance=self.guidance, eta=self.eta,
             labels_crc=labels_crc(lab), latents=latents,
-            times=torch.zeros((hp, wp), dtype=torch.int16, device=device), extra={"tiling": self._tiling()},
+            times=torch.zeros((hp, wp), dtype=torch.int16, device=device),
+            extra={"tiling": self._tiling(), "solver": self.solver},
         )
 
     def _tiling(self) -> list:
@@ -439,6 +488,7 @@ class RandomPatchSampler:
             "labels_crc": state.labels_crc,
         }
         expect["tiling"], got["tiling"] = self._tiling(), list(state.extra.get("tiling", []))
+        expect["solver"], got["solver"] = self.solver, state.extra.get("solver", "ddim")
         bad = [f"{k} (state {got[k]!r}, sampler {expect[k]!r})" for k in expect if got[k] != expect[k]]
         if tuple(state.latents.shape[2:]) != lab.shape:
             bad.append(f"canvas (state {tuple(state.latents.shape[2:])}, labels {lab.shape})")
@@ -453,8 +503,10 @@ class RandomPatchSampler:
         return self.run(state, labels, progress=progress, cancel=cancel, on_step=on_step)
 
     def run(self, state: SamplerState, labels: np.ndarray | torch.Tensor, *, progress: ProgressFn | None = None,
-            cancel: CancelFn | None = None, on_step: Callable[[SamplerState], None] | None = None) -> torch.Tensor:
-        """Advance ``state`` (in place) to the end; returns the (1, C, H, W) latents cropped to ``state.shape``.
+            cancel: CancelFn | None = None, on_step: Callable[[SamplerState], None] | None = None,
+            until: int | None = None) -> torch.Tensor:
+        """Advance ``state`` (in place) to the end, or to ``until`` steps completed; returns the (1, C, H, W)
+        latents cropped to ``state.shape``.
 
         ``cancel`` is checked before every step and every UNet batch; on :class:`~models.runtime.Canceled`
         the state is consistent (ends at the last finished crop) and can be saved and resumed.
@@ -463,7 +515,10 @@ class RandomPatchSampler:
         self.check_state(state, lab)
         device = state.latents.device
         lab_dev = torch.from_numpy(lab).to(device)
-        while not state.done:
+        stop = state.stop_at if until is None else min(int(until), state.stop_at)
+        if "batch_size" in state.extra:  # an earlier out-of-memory halving sticks to the job
+            self.batch_size = min(self.batch_size, int(state.extra["batch_size"]))
+        while state.step < stop:
             check_cancel(cancel)
             k = state.step
             crops = self.plan(lab, state.seed, k)
@@ -473,7 +528,7 @@ class RandomPatchSampler:
             self._eval_crops(state, crops, lab_dev, cancel)
             if bool((state.times != k + 1).any()):
                 raise RuntimeError(f"step {k}: some latent pixels were not updated (coverage bug)")
-            self._ddim_canvas(state)
+            self._update_canvas(state)
             if progress is not None:
                 progress(state.step, state.stop_at)
             if on_step is not None:
@@ -506,25 +561,26 @@ class RandomPatchSampler:
         stats = self.stats.setdefault(k, StepStats())
         pending: dict[int, dict[int | None, torch.Tensor]] = {}
         bs = self.batch_size
-        for b0 in range((first_job[state.cursor] // bs) * bs, len(jobs), bs):
+        b0 = (first_job[state.cursor] // bs) * bs
+        while b0 < len(jobs):
             check_cancel(cancel)
             batch = jobs[b0:b0 + bs]
-            shapes: dict[tuple[int, int], list[int]] = {}  # one network call per window shape in the batch
-            for j, (ci, _) in enumerate(batch):
-                shapes.setdefault((crops[ci].h, crops[ci].w), []).append(j)
-            eps: list[torch.Tensor | None] = [None] * len(batch)
-            for idx in shapes.values():
-                xs_, ls_ = [], []
-                for j in idx:
-                    ys, xs = crops[batch[j][0]].window
-                    xs_.append(state.latents[0, :, ys, xs])
-                    ls_.append(lab_dev[ys, xs])
-                x = torch.stack(xs_)
-                tt = torch.full((len(idx),), t, dtype=torch.long, device=x.device)
-                out = self.denoiser(x, tt, torch.stack(ls_), [batch[j][1] for j in idx])
-                for j, e in zip(idx, out):
-                    eps[j] = e
+            try:
+                eps = self._eval_batch(state, crops, batch, lab_dev, t, stats)
+            except torch.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                # halve and retry this batch: b0 is a multiple of the new size too, so the cut points stay
+                # those of a run started with it (a resumed job continues with it: state.extra)
+                self.batch_reductions.append({"step": k, "from": bs, "to": bs // 2})
+                bs = self.batch_size = bs // 2
+                state.extra["batch_size"] = bs
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            b0 += len(batch)
             stats.forwards += len(batch)
+            stats.batches += 1
             for (ci, u), e in zip(batch, eps):
                 if ci < state.cursor:  # finished before an interruption: recomputed only to keep batches aligned
                     continue
@@ -534,6 +590,27 @@ class RandomPatchSampler:
                     state.cursor = ci + 1
                     stats.crops += 1
                     stats.crop_pixels += crops[ci].h * crops[ci].w
+
+    def _eval_batch(self, state: SamplerState, crops: Sequence[Crop], batch: Sequence[tuple[int, int | None]],
+                    lab_dev: torch.Tensor, t: int, stats: StepStats) -> list[torch.Tensor]:
+        """ε of one batch of (crop, label) passes: one network call per window shape in the batch."""
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for j, (ci, _) in enumerate(batch):
+            shapes.setdefault((crops[ci].h, crops[ci].w), []).append(j)
+        eps: list[torch.Tensor | None] = [None] * len(batch)
+        for idx in shapes.values():
+            xs_, ls_ = [], []
+            for j in idx:
+                ys, xs = crops[batch[j][0]].window
+                xs_.append(state.latents[0, :, ys, xs])
+                ls_.append(lab_dev[ys, xs])
+            x = torch.stack(xs_)
+            tt = torch.full((len(idx),), t, dtype=torch.long, device=x.device)
+            out = self.denoiser(x, tt, torch.stack(ls_), [batch[j][1] for j in idx])
+            stats.calls += 1
+            for j, e in zip(idx, out):
+                eps[j] = e
+        return eps  # type: ignore[return-value]
 
     def _finalize(self, state: SamplerState, crop: Crop, preds: dict[int | None, torch.Tensor],
                   lab_dev: torch.Tensor, null_label: int | None) -> None:
@@ -551,20 +628,34 @@ class RandomPatchSampler:
         ew.copy_(torch.where(own, comb, ew))
         tw.masked_fill_(own, k + 1)
 
-    def _ddim_canvas(self, state: SamplerState) -> None:
-        """Pixel-wise DDIM update of the whole canvas with the step's ε̃, band by band (no cancel inside)."""
+    def _update_canvas(self, state: SamplerState) -> None:
+        """Pixel-wise update of the whole canvas with the step's ε̃ (DDIM, or the multistep solver with the
+        previous step's x̂0 canvas), band by band (no cancel inside)."""
         k = state.step
         t, t_next = self.scheduler.pairs[k]
         c, hp, wp = state.latents.shape[1:]
-        sigma = self.scheduler.coefficients(t, t_next, self.eta)[3]
+        if self.multistep is not None:
+            noisy = self.multistep.noisy(t, t_next)
+            t_prev = self.scheduler.pairs[k - 1][0] if k > 0 and state.x0_prev is not None else None
+            x0_new = torch.empty_like(state.latents) if t_next >= 0 else None
+        else:
+            noisy = self.scheduler.coefficients(t, t_next, self.eta)[3] > 0
         for r0 in range(0, hp, NOISE_BLOCK):
             r1 = min(r0 + NOISE_BLOCK, hp)
             z = None
-            if sigma > 0:
+            if noisy:
                 z = self._block_noise(state.seed, _TAG_NOISE, k, c, (r0, r1), wp, state.latents.device)[None]
             x = state.latents[:, :, r0:r1]
-            out = self.scheduler.step(state.eps[:, :, r0:r1], t, x, prev_timestep=t_next, noise=z, eta=self.eta)
+            if self.multistep is None:
+                out = self.scheduler.step(state.eps[:, :, r0:r1], t, x, prev_timestep=t_next, noise=z, eta=self.eta)
+            else:
+                prev = None if t_prev is None else state.x0_prev[:, :, r0:r1]
+                out = self.multistep.step(state.eps[:, :, r0:r1], t, x, t_next, x0_prev=prev, t_prev=t_prev, noise=z)
+                if x0_new is not None:
+                    x0_new[:, :, r0:r1] = out.pred_original_sample
             x.copy_(out.prev_sample)
+        if self.multistep is not None:
+            state.x0_prev = x0_new
         state.eps = None
         state.cursor = 0
         state.step = k + 1
