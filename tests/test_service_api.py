@@ -297,6 +297,7 @@ def test_corrupt_tiff_and_png_data_are_422(client):
     ({"decode_tile": 4}, "decode_tile", "greater than or equal to 8"),
     ({"decode_tile": "64"}, "decode_tile", "valid integer"),
     ({"sampler": "fast"}, "sampler", "'random' or 'tiled'"),
+    ({"solver": "euler"}, "solver", "'ddim', 'dpmpp-2m' or 'dpmpp-2m-sde'"),
     ({"steps_per_tile": 3}, "steps_per_tile", "takes no option 'steps_per_tile'"),
 ])
 def test_engine_options_refused_with_the_field_named(client, options, loc, fragment):
@@ -339,6 +340,21 @@ def test_decode_geometry_reaches_the_job_and_its_decoder(client, options, expect
     assert (spec.options["decoder"], spec.options["decode_tile"], spec.options["decode_overlap"]) == expected
     dec = slide_decoder(lambda z: z, 8, DiffInfiniteOptions.model_validate(spec.options))
     assert (dec.window, dec.tile, dec.overlap) == expected
+
+
+@pytest.mark.parametrize("options,steps,expected", [
+    ({}, None, ("ddim", 20)),  # the default (untrained) card's steps
+    ({"solver": "dpmpp-2m"}, None, ("dpmpp-2m", 25)),  # a multistep solver's own default
+    ({"solver": "dpmpp-2m-sde"}, 30, ("dpmpp-2m-sde", 30)),
+])
+def test_solver_and_its_default_steps_reach_the_job(client, options, steps, expected):
+    body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256, "options": options}
+    if steps is not None:
+        body["steps"] = steps
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 202, resp.text
+    spec = client.store.get(resp.json()["id"]).spec
+    assert (spec.options["solver"], spec.steps) == expected
 
 
 @pytest.fixture
