@@ -63,7 +63,8 @@ def read_level0(path: Path) -> np.ndarray:
 
 
 def generate(mask: np.ndarray, out_dir: Path, *, model: str | None, steps: int | None, seed: int,
-             mask_mpp: float, device: str | None, sampler: str | None) -> tuple[np.ndarray, float]:
+             mask_mpp: float, device: str | None, sampler: str | None,
+             solver: str | None = None) -> tuple[np.ndarray, float]:
     """Run ``slidesynth generate`` in-process; return the level-0 RGB image and the seconds it took."""
     from PIL import Image
 
@@ -74,7 +75,8 @@ def generate(mask: np.ndarray, out_dir: Path, *, model: str | None, steps: int |
     tiff = out_dir / "slide.tiff"
     argv = ["generate", "--mask", str(mask_path), "--out", str(tiff), "--mask-mpp", str(mask_mpp),
             "--seed", str(seed)]
-    for flag, value in (("--model", model), ("--steps", steps), ("--device", device), ("--sampler", sampler)):
+    for flag, value in (("--model", model), ("--steps", steps), ("--device", device), ("--sampler", sampler),
+                        ("--solver", solver)):
         if value is not None:
             argv += [flag, str(value)]
     t0 = time.perf_counter()
