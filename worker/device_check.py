@@ -88,14 +88,14 @@ def choose_batch_size(requested: int | None, measure: Callable[[int], float | No
         hint = (f"{fits} fits (or unset SLIDESYNTH_BATCH_SIZE to choose it automatically)" if fits
                 else "not even a batch of 1 fits beside the model")
         raise DeviceCheckError("SLIDESYNTH_BATCH_SIZE", requested,
-                               f"one forward of the default model's network at this batch runs out of memory on "
+                               f"one forward of the model's network at this batch runs out of memory on "
                                f"{device}; {hint}")
     fits, how = _fitting_batch(measure, free_bytes, sharers)
     if fits is None:
         return CPU_BATCH, "the engine has nothing to measure"
     if fits == 0:
-        raise DeviceCheckError("SLIDESYNTH_DEVICE", device, "too little free memory for one forward of the default "
-                               "model's network at batch 1")
+        raise DeviceCheckError("SLIDESYNTH_DEVICE", device, "too little free memory for one forward of the model's "
+                               "network at batch 1")
     return fits, how
 
 
@@ -231,13 +231,17 @@ def triton_imports() -> bool:
 
 def _cuda_measure(engine: Any, models: Any, device: torch.device, precision: str) -> Callable[[int], float | None]:
     """``measure(batch)`` for :func:`choose_batch_size`: the peak memory one probe forward allocates."""
+    probe = getattr(engine, "probe_batch", None)  # optional: engines not built on EngineBase may lack it
+
     def measure(batch: int) -> float | None:
+        if probe is None:
+            return None
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         try:
-            if not engine.probe_batch(models, device, batch, precision):
+            if not probe(models, device, batch, precision):
                 return None
             torch.cuda.synchronize(device)
             return float(torch.cuda.max_memory_allocated(device) - base)
@@ -259,7 +263,10 @@ def _cuda_batch_size(settings: Settings, device: torch.device, precision: str, r
         log.warning("could not load model %s to size the batch (%s); batch size %s", model, exc,
                     requested or CPU_BATCH)
         return requested or CPU_BATCH
-    free = lambda: float(torch.cuda.mem_get_info(device)[0])  # noqa: E731
+
+    def free() -> float:
+        return float(torch.cuda.mem_get_info(device)[0])
+
     batch, how = choose_batch_size(requested, _cuda_measure(engine, models, device, precision), free,
                                    device=str(device), sharers=sharers)
     log.info("batch size %d on %s (%s)", batch, device, how)
@@ -326,7 +333,7 @@ def worker_runtime(settings: Settings, device: torch.device, registry: ModelRegi
 
 def describe(device: str, runtime: Runtime) -> str:
     """One line for the worker's log: what it runs with on ``device``."""
-    onoff = lambda flag: "on" if flag else "off"  # noqa: E731
     compiled = f"on ({runtime.compile_mode})" if runtime.compile else "off"
     return (f"{device}: batch_size={runtime.batch_size} precision={runtime.precision} compile={compiled} "
-            f"fused_kernels={onoff(runtime.fused_kernels)} cudnn_benchmark={onoff(runtime.cudnn_benchmark)}")
+            f"fused_kernels={'on' if runtime.fused_kernels else 'off'} "
+            f"cudnn_benchmark={'on' if runtime.cudnn_benchmark else 'off'}")
