@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,9 +40,21 @@ class Settings(BaseSettings):
     )
     queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
     device: str = Field("auto", description="Worker torch device: auto, cpu, cuda, cuda:N.")
-    batch_size: int = Field(8, ge=1, description="Patches per denoiser call in the DiffInfinite sampler.")
+    batch_size: int | None = Field(
+        None, ge=0,
+        description="Patches per denoiser call in the DiffInfinite sampler. Unset or 0: chosen when the worker "
+        "starts — 8 on CPU; on CUDA the largest power of two ≤ 256 whose projected memory use stays within 60 % "
+        "of the free memory, measured with a trial forward of the default model's image network.")
     precision: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
-                           description="Sampling precision: auto = bfloat16 on CUDA, float32 on CPU.")
+                           description="Sampling precision: auto = bfloat16 on CUDA (float16 where the GPU has no "
+                           "bfloat16), float32 on CPU.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the networks: auto = on for CUDA (when Triton imports), off for CPU.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when compiling.")
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused Triton kernels: auto = on for CUDA when Triton imports; on needs both.")
+    cudnn_benchmark: bool = Field(True, description="Let cuDNN pick the fastest convolution algorithms (CUDA).")
     torch_threads: int = Field(0, ge=0, description="CPU threads per worker process for torch (0: torch's default).")
     key_prefix: str = Field("slidesynth", description="Prefix of the service's own Redis keys.")
 
@@ -71,6 +84,23 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes (one per GPU).")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _auto_batch(cls, value):
+        # an empty variable (``SLIDESYNTH_BATCH_SIZE=``) or ``auto`` reads as unset: chosen per device
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
+
+    @field_validator("compile", "fused_kernels", mode="before")
+    @classmethod
+    def _switch(cls, value):
+        # accept the boolean spellings pydantic accepts for flags, so `=true`/`=0` mean on/off
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(lowered, lowered)
+        return value
 
     @field_validator("data_dir", "models_dir")
     @classmethod

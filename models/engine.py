@@ -97,11 +97,17 @@ class SlideRequest:
 
 @dataclass
 class Runtime:
-    """How the worker runs engines: batch size of network calls, autocast precision, local folders."""
+    """How the worker runs engines: batch size of network calls, autocast precision, local folders, GPU fast
+    paths. The worker resolves every field for its device when it starts (``worker.device_check``); the
+    defaults are those of a plain CPU run."""
 
     batch_size: int = 8
-    precision: str = "auto"  # "auto": bfloat16 on CUDA, float32 elsewhere
+    precision: str = "auto"  # "auto": bfloat16 on CUDA, float32 elsewhere; the worker passes the resolved dtype
     models_dir: Path | None = None  # where auxiliary encoders live (e.g. ∞-Brush's QuiltNet text tower)
+    compile: bool = False  # torch.compile the networks
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead, max-autotune-no-cudagraphs
+    fused_kernels: bool = False  # use the fused Triton kernels
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (process-wide; the worker sets it)
 
 
 @dataclass
@@ -158,6 +164,10 @@ class Engine(Protocol):
     def load_state(self, path: Path) -> Any:
         """A saved resumable state, or None when there is none or it cannot be read."""
 
+    # Optional (EngineBase has a default): ``probe_batch(models, device, batch, precision) -> bool`` runs one
+    # forward of the network whose batch ``Runtime.batch_size`` sets, on ``batch`` items at ``precision``; the
+    # worker measures its memory at start to size and check the batch. False: the engine has no such network.
+
 
 class EngineBase:
     """Defaults for the optional parts of :class:`Engine`."""
@@ -181,6 +191,10 @@ class EngineBase:
 
     def load_state(self, path: Path) -> Any:
         return None
+
+    def probe_batch(self, models: Any, device: Any, batch: int, precision: str) -> bool:
+        """Nothing to probe: the worker keeps the default batch size and trusts an explicit one."""
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------

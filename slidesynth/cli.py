@@ -53,9 +53,18 @@ def _terminate_with_parent() -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from core.settings import get_settings
-    from worker.celery_app import app
+    from worker.device_check import DeviceCheckError, check_worker_start, describe
 
     settings = get_settings()
+    try:
+        runtimes = check_worker_start(settings)  # before the pool exists: a bad setting stops here, not mid-job
+    except DeviceCheckError as exc:
+        print(f"slidesynth worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    for device, runtime in runtimes.items():
+        print(f"slidesynth worker: {describe(device, runtime)}", flush=True)
+    from worker.celery_app import app
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     argv = ["worker", f"--loglevel={args.log_level}", "-Q", settings.queue, "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
@@ -128,10 +137,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from core.settings import get_settings
     from models.engine import get_engine
     from models.registry import ModelRegistry
-    from models.runtime import pick_device
     from service.preparation import prepare_job
     from service.validation import FieldError
-    from worker.jobrunner import worker_runtime
+    from worker.device_check import DeviceCheckError, resolve_device, resolve_runtime
     from worker.pipeline import generate_slide
 
     settings = get_settings()
@@ -151,7 +159,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spec, engine = job.spec, get_engine(job.spec.engine)
-    device = pick_device(args.device or settings.device)
+    try:
+        device = resolve_device(args.device or settings.device, variable="--device" if args.device else
+                                "SLIDESYNTH_DEVICE")
+        runtime = resolve_runtime(settings, device, registry, model=spec.model)
+    except DeviceCheckError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     models = registry.load(spec.model, device)
     if not models.card.trained:
         print(f"note: model {spec.model} is UNTRAINED (random weights): the slide will not look like tissue",
@@ -172,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(stage.value + (f" step {step}/{spec.steps}" if step is not None else ""))
 
         result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
-                                cancel=lambda: False, runtime=worker_runtime(settings))
+                                cancel=lambda: False, runtime=runtime)
         bar.close()
         shutil.move(str(job_dir / result.outputs["tiff"]), out)
         if args.zarr:

@@ -11,7 +11,7 @@ import shutil
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,8 @@ from core.jobs import JobStatus, JobStore, Stage, open_store
 from core.settings import Settings, get_settings
 from models.engine import Runtime, get_engine
 from models.registry import ModelRegistry
-from models.runtime import Canceled, pick_device
+from models.runtime import Canceled
+from worker.device_check import resolve_device, worker_runtime
 from worker.pipeline import generate_slide
 
 log = logging.getLogger("slidesynth.worker")
@@ -34,6 +35,7 @@ class WorkerContext:
     store: JobStore
     registry: ModelRegistry
     hostname: str = "worker"
+    _device_runtime: tuple[Any, Runtime] | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, hostname: str = "worker") -> "WorkerContext":
@@ -43,6 +45,14 @@ class WorkerContext:
 
             torch.set_num_threads(settings.torch_threads)
         return cls(settings, open_store(settings), ModelRegistry(settings.models_dir), hostname)
+
+    def device_runtime(self) -> tuple[Any, Runtime]:
+        """This process's torch device and Runtime, taken on its first job: a pool process initialises CUDA
+        itself, never the parent it is forked from."""
+        if self._device_runtime is None:
+            device = worker_device(self.settings.device)
+            self._device_runtime = device, worker_runtime(self.settings, device, self.registry)
+        return self._device_runtime
 
 
 class ProgressRecorder:
@@ -89,21 +99,10 @@ def remove_outputs(job_dir: Path) -> None:
 
 
 def worker_device(setting: str):
-    """The torch device of this worker process: with several GPUs and ``auto``, child N takes GPU N."""
-    if setting == "auto":
-        import torch
+    """The torch device of this worker process: with several GPUs and ``auto``, pool process N takes GPU N."""
+    from billiard.process import current_process
 
-        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-            from billiard.process import current_process
-
-            index = getattr(current_process(), "index", 0) or 0
-            return torch.device(f"cuda:{index % torch.cuda.device_count()}")
-    return pick_device(setting)
-
-
-def worker_runtime(settings: Settings) -> Runtime:
-    """How this worker runs engines, from its settings."""
-    return Runtime(batch_size=settings.batch_size, precision=settings.precision, models_dir=settings.models_dir)
+    return resolve_device(setting, index=getattr(current_process(), "index", 0) or 0)
 
 
 def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
@@ -151,11 +150,11 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         if attempts > 1 and resume is None and state_path.exists():
             log.warning("ignoring unreadable sampler checkpoint %s", state_path)
         report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps)
-        device = worker_device(settings.device)
+        device, runtime = ctx.device_runtime()
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)
         result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
-                                cancel=lambda: store.cancel_requested(job_id), runtime=worker_runtime(settings),
+                                cancel=lambda: store.cancel_requested(job_id), runtime=runtime,
                                 resume_state=resume, on_checkpoint=checkpoint)
     except Canceled:
         return _finish_canceled(store, job_id, job_dir, mine)

@@ -126,6 +126,25 @@ class DiffInfiniteEngine(EngineBase):
         except Exception:  # a torn or stale checkpoint: start over rather than fail
             return None
 
+    def probe_batch(self, models: Any, device: Any, batch: int, precision: str) -> bool:
+        """One image-UNet forward on ``batch`` sampler windows (the default patch, 64×64 latents) as the
+        sampler calls it: under ``precision``'s autocast, without autograd."""
+        import torch
+
+        from models.diffinfinite.guidance import ImageDenoiser
+        from models.diffinfinite.pipeline import SamplingOptions, _cfg_attr
+
+        opts = SamplingOptions(precision=precision)
+        unet = models.image_unet.to(device).eval()
+        channels = int(_cfg_attr(unet, "channels", 4))
+        denoiser = ImageDenoiser(unet, out_channels=channels, autocast_dtype=opts.autocast_dtype)
+        side = opts.image_patch
+        x = torch.randn(batch, channels, side, side, device=device)
+        t = torch.full((batch,), 999, dtype=torch.long, device=device)
+        labels = torch.zeros(batch, side, side, dtype=torch.long, device=device)
+        denoiser(x, t, labels, [None] * batch)  # the unconditional pass: the same network cost as a conditional one
+        return True
+
     def generate(self, models: Any, request: SlideRequest, *, device: Any, runtime: Runtime, report: ReportFn,
                  cancel: CancelFn, state: Any = None,
                  on_checkpoint: Callable[[Any], None] | None = None) -> SlideBands:
