@@ -342,8 +342,9 @@ def throughput(device: torch.device, batches: list[int], reps: int, dtype: torch
     return out
 
 
-def gpu_step_times(device: torch.device, side_px: int, steps_timed: int) -> dict[str, float]:
-    """Seconds per sampler step (official-size image UNet, bf16, ω = 3, 5-class mask) for both modes."""
+def gpu_step_times(device: torch.device, side_px: int, steps_timed: int, batch_size: int = 256) -> dict[str, float]:
+    """Seconds per sampler step (official-size image UNet, bf16, ω = 3, 5-class mask) for both modes: one
+    warm-up step, then ``steps_timed`` steps (``run(until=…)``: the job's own state, no hand-edited stop)."""
     from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
 
     torch.manual_seed(0)
@@ -352,24 +353,19 @@ def gpu_step_times(device: torch.device, side_px: int, steps_timed: int) -> dict
     out = {}
     for mode in ("random", "tiled"):
         s = RandomPatchSampler(ImageDenoiser(net, autocast_dtype=torch.bfloat16), patch=PATCH, mode=mode,
-                               steps=250, guidance=OMEGA, batch_size=64, multiple=4)
+                               steps=250, guidance=OMEGA, batch_size=batch_size, multiple=UNET_MULTIPLE,
+                               tile_edges="bucket")
         state = s.init_state(lab, seed=0, device=device)
-        stop = {"n": 0}
-
-        def on_step(_st, stop=stop):
-            stop["n"] += 1
-
-        # time steps 1..n after one warm-up step
-        s.stop_at = 1
-        s.run(state, lab)
-        torch.cuda.synchronize()
-        s.stop_at = 1 + steps_timed
-        state.stop_at = s.stop_at
+        s.run(state, lab, until=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        s.run(state, lab, on_step=on_step)
-        torch.cuda.synchronize()
+        s.run(state, lab, until=1 + steps_timed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         out[mode] = (time.perf_counter() - t0) / steps_timed
         out[mode + "_passes_per_step"] = s.stats[1].forwards
+        out[mode + "_network_calls_per_step"] = s.stats[1].calls
     return out
 
 
