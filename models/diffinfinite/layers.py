@@ -69,7 +69,8 @@ class WeightStandardizedConv2d(nn.Conv2d):
     """Conv2d whose kernel is standardised per output channel (zero mean, unit variance) before use.
 
     The standardised kernel is cached when no gradient is needed (eval mode or ``torch.no_grad``/inference
-    mode); see the module docstring for the invalidation rule.
+    mode); see the module docstring for the invalidation rule. Under ``torch.compile`` it is computed in the
+    graph on every call (no cache).
     """
 
     def __init__(self, *args, **kwargs):
@@ -88,6 +89,12 @@ class WeightStandardizedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         eps = _norm_eps(x.dtype)
+        if torch.compiler.is_compiling():
+            # in-graph: a Python-side cache keyed by data_ptr/_version would add guards that fail on every
+            # module (recompiles per ResBlock) and a side effect that breaks the graph; the compiler fuses the
+            # few small reductions instead
+            weight = self.standardized_weight(eps)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         can_cache = not (torch.is_grad_enabled() and self.weight.requires_grad) and not self.training
         if can_cache:
             key = self._cache_key(eps)
