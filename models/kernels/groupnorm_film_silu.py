@@ -34,7 +34,7 @@ from torch import Tensor
 
 from models.kernels.overlap_add import _interpret_mode, triton_available
 
-__all__ = ["groupnorm_film_silu", "groupnorm_film_silu_reference", "BACKENDS"]
+__all__ = ["groupnorm_film_silu", "groupnorm_film_silu_reference", "triton_importable", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -43,6 +43,7 @@ _KERNELS: dict[bool, tuple[object, object]] = {}
 _STATS_BLOCK_MAX = 1024  # elements per reduction step of the statistics kernel
 _APPLY_BLOCK_MAX = 1024  # elements per apply program
 _MAX_CHUNKS = 64  # chunks per group (bounds the apply kernel's merge vector)
+_BLOCK_MIN = 32  # no block narrower than a warp (masked lanes cost less than degenerate 1-wide blocks)
 
 
 def _get_kernels():
@@ -53,6 +54,9 @@ def _get_kernels():
     import triton
     import triton.language as tl
 
+    # Sums are tl.reduce(·, 0, tl.standard._sum_combine) — what tl.sum expands to — because tl.sum itself is a
+    # library @jit helper built when triton is first imported, which Triton's interpreter cannot call when
+    # TRITON_INTERPRET was set only afterwards (tests); the interpreter recognises _sum_combine and sums in numpy.
     @triton.jit
     def _gn_stats_kernel(x_ptr, mean_ptr, m2_ptr, group_size, n_chunks,
                          BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr):
@@ -68,10 +72,10 @@ def _get_kernels():
             offs = start + i * BLOCK + tl.arange(0, BLOCK)
             msk = offs < group_size
             v = tl.load(base + offs, mask=msk, other=0.0).to(tl.float32)
-            n_b = tl.sum(msk.to(tl.float32), axis=0)
-            mean_b = tl.sum(v, axis=0) / tl.maximum(n_b, 1.0)
+            n_b = tl.reduce(msk.to(tl.float32), 0, tl.standard._sum_combine)
+            mean_b = tl.reduce(v, 0, tl.standard._sum_combine) / tl.maximum(n_b, 1.0)
             d = tl.where(msk, v - mean_b, 0.0)
-            m2_b = tl.sum(d * d, axis=0)
+            m2_b = tl.reduce(d * d, 0, tl.standard._sum_combine)
             n = cnt + n_b
             delta = mean_b - mean
             frac = n_b / tl.maximum(n, 1.0)
@@ -96,9 +100,10 @@ def _get_kernels():
         p_mean = tl.load(mean_ptr + grp * n_chunks + k, mask=kmask, other=0.0)
         p_m2 = tl.load(m2_ptr + grp * n_chunks + k, mask=kmask, other=0.0)
         p_n = tl.where(kmask, tl.minimum(group_size - k * CHUNK, CHUNK), 0).to(tl.float32)
-        mean = tl.sum(p_n * p_mean, axis=0) * inv_n
+        mean = tl.reduce(p_n * p_mean, 0, tl.standard._sum_combine) * inv_n
         dev = p_mean - mean
-        var = (tl.sum(p_m2, axis=0) + tl.sum(p_n * dev * dev, axis=0)) * inv_n
+        var = (tl.reduce(p_m2, 0, tl.standard._sum_combine)
+               + tl.reduce(p_n * dev * dev, 0, tl.standard._sum_combine)) * inv_n
         a = 1.0 / tl.sqrt(var + eps)
         bias = tl.full([], 0.0, tl.float32)
         if HAS_AFFINE:
@@ -114,11 +119,25 @@ def _get_kernels():
         base = row.to(tl.int64) * HW
         v = tl.load(x_ptr + base + offs, mask=msk, other=0.0).to(tl.float32)
         y = (v - mean) * a + bias
-        y = y * tl.sigmoid(y)
+        # silu without overflow: e = exp(−|y|) ≤ 1 (tl.sigmoid is a library @jit helper: see the sums)
+        e = tl.exp(-tl.abs(y))
+        y = y * (tl.where(y >= 0, 1.0, e) / (1.0 + e))
         tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=msk)
 
     _KERNELS[mode] = (_gn_stats_kernel, _gn_apply_kernel)
     return _KERNELS[mode]
+
+
+_TRITON_OK: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no import traced into a graph
+def triton_importable() -> bool:
+    """:func:`triton_available`, asked once per process (``backend="auto"`` is resolved on every call)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        _TRITON_OK = triton_available()
+    return _TRITON_OK
 
 
 def _next_pow2(n: int) -> int:
@@ -127,6 +146,16 @@ def _next_pow2(n: int) -> int:
 
 def _triton_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
                  shift: Optional[Tensor], num_groups: int, eps: float, float32_out: bool) -> Tensor:
+    if not x.is_cuda and not _interpret_mode():
+        raise RuntimeError("the Triton groupnorm backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if x.is_cuda:
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            return _launch(x, weight, bias, scale, shift, num_groups, eps, float32_out)
+    return _launch(x, weight, bias, scale, shift, num_groups, eps, float32_out)
+
+
+def _launch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+            shift: Optional[Tensor], num_groups: int, eps: float, float32_out: bool) -> Tensor:
     stats_kernel, apply_kernel = _get_kernels()
     b, c = x.shape[0], x.shape[1]
     hw = x.numel() // max(b * c, 1)
@@ -134,7 +163,7 @@ def _triton_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sc
     if x.numel() == 0:
         return y
     group_size = (c // num_groups) * hw
-    block = min(_next_pow2(group_size), _STATS_BLOCK_MAX)
+    block = min(max(_next_pow2(group_size), _BLOCK_MIN), _STATS_BLOCK_MAX)
     blocks_per_chunk = _next_pow2(math.ceil(group_size / (block * _MAX_CHUNKS)))
     chunk = block * blocks_per_chunk
     n_chunks = math.ceil(group_size / chunk)
@@ -144,14 +173,14 @@ def _triton_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sc
                                             BLOCK=block, BLOCKS_PER_CHUNK=blocks_per_chunk)
     has_affine = weight is not None
     has_film = scale is not None
-    apply_block = min(_next_pow2(hw), _APPLY_BLOCK_MAX)
+    apply_block = min(max(_next_pow2(hw), _BLOCK_MIN), _APPLY_BLOCK_MAX)
     dummy = mean  # never read when the matching flag is off
     apply_kernel[(b * c, math.ceil(hw / apply_block))](
         x, y, mean, m2,
         weight if has_affine else dummy, bias if has_affine else dummy,
         scale if has_film else dummy, shift if has_film else dummy,
         c, hw, group_size, n_chunks, c // num_groups, 1.0 / group_size, float(eps),
-        CHUNK=chunk, NCHUNK_P2=_next_pow2(n_chunks), BLOCK=apply_block,
+        CHUNK=chunk, NCHUNK_P2=max(_next_pow2(n_chunks), 2), BLOCK=apply_block,
         HAS_AFFINE=has_affine, HAS_FILM=has_film)
     return y
 
@@ -182,7 +211,7 @@ def _groupnorm_film_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[
                             shift: Optional[Tensor], num_groups: int, eps: float, float32_out: bool,
                             backend: str) -> Tensor:
     if backend == "auto":
-        backend = "triton" if x.is_cuda and triton_available() else "torch"
+        backend = "triton" if x.is_cuda and triton_importable() else "torch"
     if backend == "torch":
         return _torch_impl(x, weight, bias, scale, shift, num_groups, eps, float32_out)
     return _triton_impl(x, weight, bias, scale, shift, num_groups, eps, float32_out)
@@ -229,7 +258,7 @@ def groupnorm_film_silu(x: Tensor, num_groups: int, weight: Tensor | None = None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
         raise RuntimeError("groupnorm_film_silu is inference-only (no autograd formula); "
                            "call it under torch.no_grad()/inference_mode or with tensors that need no grad")
-    if backend == "triton" and not triton_available():
+    if backend == "triton" and not triton_importable():
         raise RuntimeError("groupnorm backend 'triton' requested but triton is not importable")
     return _groupnorm_film_silu_op(x.contiguous(), weight, bias, scale, shift, int(num_groups), float(eps),
                                    out_dtype == torch.float32 and x.dtype != torch.float32, backend)
