@@ -16,7 +16,8 @@ Modes (:data:`MODES`):
 Compiled networks use dynamo's automatic dynamic shapes (``dynamic=None``): the first window shape compiles a
 specialised graph, a second shape a graph symbolic in the dimensions that changed; the dynamo recompile limit is
 raised to :data:`RECOMPILE_LIMIT` so a handful of fixed window shapes, batch sizes and autocast settings never
-fall back to eager.
+fall back to eager. ``fullgraph`` is left off: a graph break (none today, see ``tests/test_compile.py``) would
+cost speed, not a job.
 
 Cached entries hold their module alive until :func:`clear_inference_cache`.
 """
@@ -37,8 +38,11 @@ __all__ = [
 
 MODES = ("eager", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
-#: Dynamo recompile limit (per compiled function) set by :func:`inference_network` (never lowered).
-RECOMPILE_LIMIT = 32
+#: Dynamo recompile limit (per compiled code object) that :func:`inference_network` raises the limit to (never
+#: lowers it): window shapes cost at most one static and three symbolic graphs (batch, height, width) per
+#: autocast setting, and dynamo's default of 8 would leave no room for a second autocast dtype or the mask
+#: UNet's condition-dropout variants before falling back to eager.
+RECOMPILE_LIMIT = 16
 
 _CACHE: dict[tuple[int, str, str, bool | None, str], "InferenceNetwork"] = {}
 _LOCK = threading.Lock()

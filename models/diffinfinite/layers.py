@@ -12,7 +12,12 @@ Weight standardisation is recomputed on every call while training (the weights c
 cached in eval / no-grad mode: the standardised kernel is a pure function of the weight tensor, so the cache is
 keyed by the weight's storage, version counter, dtype and device and is invalidated by any in-place update
 (``load_state_dict``, ``copy_``, optimiser steps) or by replacing / moving the parameter (reference §16: the
-official code re-standardises on every forward, ≈30 % of a batch-1 image-UNet forward).
+official code re-standardises on every forward, ≈30 % of a batch-1 image-UNet forward). Under
+``torch.compile`` the kernel is standardised inside the graph instead (no cache, no guards on it).
+
+In inference, ``Block``'s GroupNorm → FiLM → SiLU runs as one fused kernel
+(:mod:`models.kernels.groupnorm_film_silu`) when :func:`set_fused_kernels` allows it — by default for CUDA
+tensors when Triton imports: these elementwise passes dominate the image UNet's GPU time.
 """
 from __future__ import annotations
 

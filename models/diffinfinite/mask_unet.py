@@ -47,7 +47,11 @@ class MaskUNetConfig(UNetConfigMethods):
 
 
 class MaskUNet(UNetSkeleton):
-    """ε-prediction network ``forward(x [B,4,h,w], time [B], classes [B], cond_drop_prob) → [B,4,h,w]``."""
+    """ε-prediction network ``forward(x [B,4,h,w], time [B], classes [B], cond_drop_prob) → [B,4,h,w]``.
+
+    ``forward`` has no host synchronisation (it compiles to one ``torch.compile`` graph); the subtypes are
+    checked by :meth:`check_labels`, which callers run once per job or new subtype.
+    """
 
     def __init__(self, config: MaskUNetConfig):
         super().__init__()

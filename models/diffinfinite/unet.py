@@ -23,8 +23,8 @@ dilation — but nearest-downsamples the mask to the latent size at sampling; re
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 import operator
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable
 
 import torch
@@ -253,7 +253,11 @@ def _check_label_dtype(labels: Tensor, what: str) -> None:
 
 
 class ImageUNet(UNetSkeleton):
-    """ε-prediction network ``forward(x [B,4,h,w], time [B], mask [B,1,H,W]) → [B,4,h,w]``."""
+    """ε-prediction network ``forward(x [B,4,h,w], time [B], mask [B,1,H,W]) → [B,4,h,w]``.
+
+    ``forward`` has no host synchronisation (it compiles to one ``torch.compile`` graph); the mask's label range
+    is checked by :meth:`check_labels`, which callers run once per job or new label.
+    """
 
     def __init__(self, config: ImageUNetConfig):
         super().__init__()
