@@ -155,7 +155,13 @@ def test_bad_inputs():
     net = _tiny_image()
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([1])
     with pytest.raises(ValueError, match=r"\[0, 4\]"):
-        net(x, t, torch.full((1, 1, 16, 16), 5))
+        net.check_labels(torch.full((1, 1, 16, 16), 5))
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        net.check_labels([0, 3, 5])
+    net.check_labels([0, 4])
+    net.check_labels(torch.zeros(1, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="integer"):
+        net.check_labels(torch.zeros(1, 1, 16, 16))
     with pytest.raises(TypeError, match="integer"):
         net(x, t, torch.zeros(1, 1, 16, 16))
     with pytest.raises(ValueError, match="multiples of 4"):
@@ -166,7 +172,10 @@ def test_bad_inputs():
         net(torch.randn(1, 3, 16, 16), t, torch.zeros(1, 1, 16, 16, dtype=torch.long))
     mnet = _tiny_mask()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        mnet(torch.randn(1, 4, 8, 8), t, torch.tensor([2]))
+        mnet.check_labels(torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mnet.check_labels([-1])
+    mnet.check_labels([0, 1])
     with pytest.raises(ValueError, match="cond_drop_prob"):
         mnet(torch.randn(1, 4, 8, 8), t, torch.tensor([0]), cond_drop_prob=1.5)
     assert downsample_label_mask(torch.arange(16).reshape(1, 4, 4), (2, 2)).tolist() == [[[[0, 2], [8, 10]]]]

@@ -301,6 +301,9 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------------- steps
     def _latents(self, batch: dict[str, torch.Tensor]):
+        # the networks do not range-check labels in forward (no host sync there); the batch is still on the
+        # host here, so checking it costs no device sync
+        self.net.check_labels(batch["labels"] if self.cfg.kind == "image" else batch["subtype"])
         if self.cfg.kind == "image":
             z0 = self.codec.encode_image(batch["image"].to(self.device))
             cond = downsample_label_mask(batch["labels"].to(self.device)[:, None], z0.shape[-2:])

@@ -83,13 +83,36 @@ class ConditionalDenoiser(Protocol):
         ...
 
 
+class _LabelCheck:
+    """Checks each label against the network's classes the first time an adapter sees it.
+
+    The networks' ``forward`` does not range-check labels (a host sync there would stall the GPU and break
+    ``torch.compile`` graphs); the adapters' labels are Python ints, so checking them here costs nothing on the
+    device, and only new labels reach the network's ``check_labels``.
+    """
+
+    unet: nn.Module
+    _checked_labels: set[int]
+
+    def check_labels(self, labels: Iterable[int | None]) -> None:
+        """Raise ``ValueError`` if a label (``None`` = the unconditional pass, always valid) is not a class of
+        the network; each label is checked once per adapter."""
+        new = {int(u) for u in labels if u is not None} - self._checked_labels
+        if not new:
+            return
+        check = getattr(self.unet, "check_labels", None)  # a torch.compile wrapper forwards the attribute
+        if check is not None:
+            check(sorted(new))
+        self._checked_labels.update(new)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class ImageDenoiser:
+class ImageDenoiser(_LabelCheck):
     """Adapter for the mask-conditioned image UNet ``unet(x, time, mask)``.
 
     The conditional pass for label u gets ``mask = (labels == u)·u`` (binary mask times the label; the network
@@ -103,10 +126,12 @@ class ImageDenoiser:
         self.unet = unet
         self.out_channels = out_channels
         self.autocast_dtype = autocast_dtype
+        self._checked_labels = set()
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, label_windows: torch.Tensor,
                  labels: Sequence[int | None]) -> torch.Tensor:
+        self.check_labels(labels)
         lab = torch.tensor([0 if u is None else int(u) for u in labels], dtype=torch.long, device=x.device)
         lab = lab.view(-1, 1, 1)
         mask = (label_windows.to(x.device).long() == lab).long() * lab  # zero everywhere for the null pass
@@ -115,7 +140,7 @@ class ImageDenoiser:
         return eps.float()
 
 
-class MaskDenoiser:
+class MaskDenoiser(_LabelCheck):
     """Adapter for the subtype-conditioned mask UNet ``unet(x, time, classes, cond_drop_prob)``.
 
     The conditional pass forces ``cond_drop_prob = 0`` (the official sampler leaves the training dropout on and
@@ -129,10 +154,12 @@ class MaskDenoiser:
         self.unet = unet
         self.out_channels = out_channels
         self.autocast_dtype = autocast_dtype
+        self._checked_labels = set()
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, label_windows: torch.Tensor,
                  labels: Sequence[int | None]) -> torch.Tensor:
+        self.check_labels(labels)
         out = torch.empty(x.shape[0], self.out_channels, *x.shape[2:], dtype=torch.float32, device=x.device)
         cond = [i for i, u in enumerate(labels) if u is not None]
         null = [i for i, u in enumerate(labels) if u is None]

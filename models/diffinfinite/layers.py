@@ -12,7 +12,12 @@ Weight standardisation is recomputed on every call while training (the weights c
 cached in eval / no-grad mode: the standardised kernel is a pure function of the weight tensor, so the cache is
 keyed by the weight's storage, version counter, dtype and device and is invalidated by any in-place update
 (``load_state_dict``, ``copy_``, optimiser steps) or by replacing / moving the parameter (reference §16: the
-official code re-standardises on every forward, ≈30 % of a batch-1 image-UNet forward).
+official code re-standardises on every forward, ≈30 % of a batch-1 image-UNet forward). Under
+``torch.compile`` the kernel is standardised inside the graph instead (no cache, no guards on it).
+
+In inference, ``Block``'s GroupNorm → FiLM → SiLU runs as one fused kernel
+(:mod:`models.kernels.groupnorm_film_silu`) when :func:`set_fused_kernels` allows it — by default for CUDA
+tensors when Triton imports: these elementwise passes dominate the image UNet's GPU time.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.kernels.groupnorm_film_silu import BACKENDS as FUSED_BACKENDS
+from models.kernels.groupnorm_film_silu import groupnorm_film_silu, triton_importable
 
 
 def _norm_eps(dtype: torch.dtype) -> float:
@@ -69,7 +77,8 @@ class WeightStandardizedConv2d(nn.Conv2d):
     """Conv2d whose kernel is standardised per output channel (zero mean, unit variance) before use.
 
     The standardised kernel is cached when no gradient is needed (eval mode or ``torch.no_grad``/inference
-    mode); see the module docstring for the invalidation rule.
+    mode); see the module docstring for the invalidation rule. Under ``torch.compile`` it is computed in the
+    graph on every call (no cache).
     """
 
     def __init__(self, *args, **kwargs):
@@ -88,6 +97,12 @@ class WeightStandardizedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         eps = _norm_eps(x.dtype)
+        if torch.compiler.is_compiling():
+            # in-graph: a Python-side cache keyed by data_ptr/_version would add guards that fail on every
+            # module (recompiles per ResBlock) and a side effect that breaks the graph; the compiler fuses the
+            # few small reductions instead
+            weight = self.standardized_weight(eps)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         can_cache = not (torch.is_grad_enabled() and self.weight.requires_grad) and not self.training
         if can_cache:
             key = self._cache_key(eps)
@@ -107,8 +122,61 @@ class WeightStandardizedConv2d(nn.Conv2d):
         return super()._apply(fn, *args, **kwargs)
 
 
+_FUSED_ENABLED: bool | None = None  # None: on for CUDA tensors when Triton imports
+_FUSED_BACKEND = "auto"
+
+
+def set_fused_kernels(enabled: bool | None, *, backend: str = "auto") -> None:
+    """Switch the fused GroupNorm → FiLM → SiLU kernel of :class:`Block` (inference only) for this process.
+
+    ``None`` (the default): on for CUDA tensors when Triton imports, off otherwise; ``True``: on for every
+    device (CPU tensors take the kernel's torch fallback unless ``backend="triton"`` under
+    ``TRITON_INTERPRET=1``); ``False``: off. ``backend`` is passed to
+    :func:`models.kernels.groupnorm_film_silu.groupnorm_film_silu`. Set it before ``torch.compile``: compiled
+    graphs guard on it and recompile when it changes.
+    """
+    global _FUSED_ENABLED, _FUSED_BACKEND
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"unknown fused-kernel backend {backend!r} ({', '.join(FUSED_BACKENDS)})")
+    _FUSED_ENABLED, _FUSED_BACKEND = enabled, backend
+
+
+def fused_kernels_enabled(device: torch.device) -> bool:
+    """Whether :class:`Block` fuses GroupNorm → FiLM → SiLU for tensors on ``device`` (see set_fused_kernels)."""
+    if _FUSED_ENABLED is None:
+        return device.type == "cuda" and triton_importable()
+    return _FUSED_ENABLED
+
+
+def _unfused_dtype(h: Tensor, scale_shift: tuple[Tensor, Tensor] | None) -> torch.dtype | None:
+    """The dtype the unfused GroupNorm → FiLM → SiLU returns (None: a case the fused kernel does not cover).
+
+    CUDA autocast runs ``group_norm`` in float32 (the FiLM terms then promote to float32 too); CPU autocast
+    leaves it in the input dtype; other devices' autocast policies are not assumed.
+    """
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        if dev == "cuda":
+            out = torch.float32
+        elif dev == "cpu":
+            out = h.dtype
+        else:
+            return None
+    else:
+        out = h.dtype
+    if scale_shift is not None:
+        out = torch.promote_types(torch.promote_types(out, scale_shift[0].dtype), scale_shift[1].dtype)
+    return out if out in (h.dtype, torch.float32) else None
+
+
 class Block(nn.Module):
-    """WS-conv 3×3 → GroupNorm → optional FiLM → SiLU → Dropout."""
+    """WS-conv 3×3 → GroupNorm → optional FiLM → SiLU → Dropout.
+
+    In eval mode with no gradient needed and fused kernels on (:func:`set_fused_kernels`), GroupNorm → FiLM →
+    SiLU is one fused kernel (statistics in float32, output in the dtype the unfused modules give).
+    """
 
     def __init__(self, dim: int, dim_out: int, groups: int, dropout: float):
         super().__init__()
@@ -118,11 +186,29 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
 
     def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = self.norm(self.proj(x))
+        x = self.proj(x)
+        if self._can_fuse(x, scale_shift):
+            out_dtype = _unfused_dtype(x, scale_shift)
+            if out_dtype is not None:
+                scale, shift = scale_shift if scale_shift is not None else (None, None)
+                return groupnorm_film_silu(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps,
+                                           scale, shift, out_dtype=out_dtype, backend=_FUSED_BACKEND)
+        x = self.norm(x)
         if scale_shift is not None:
             scale, shift = scale_shift
             x = x * (scale + 1) + shift
         return self.dropout(self.act(x))
+
+    def _can_fuse(self, h: Tensor, scale_shift: tuple[Tensor, Tensor] | None) -> bool:
+        if self.training or (self.dropout.training and self.dropout.p > 0) or h.dim() != 4:
+            return False
+        if not fused_kernels_enabled(h.device):
+            return False
+        if torch.is_grad_enabled():  # the kernel has no backward: only when nothing needs a gradient
+            tensors = (h, self.norm.weight, self.norm.bias, *(scale_shift or ()))
+            if any(t is not None and t.requires_grad for t in tensors):
+                return False
+        return True
 
 
 class ResnetBlock(nn.Module):

@@ -12,13 +12,14 @@ passes ``cond_drop_prob=1.0``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from models.diffinfinite.attention import Attention, LinearAttention
 from models.diffinfinite.layers import SinusoidalPosEmb, embedding_mlp
-from models.diffinfinite.unet import UNetConfigMethods, UNetSkeleton, _check_labels
+from models.diffinfinite.unet import UNetConfigMethods, UNetSkeleton, check_label_values
 
 SUBTYPES = {0: "adenocarcinoma", 1: "squamous cell carcinoma"}
 
@@ -46,7 +47,11 @@ class MaskUNetConfig(UNetConfigMethods):
 
 
 class MaskUNet(UNetSkeleton):
-    """ε-prediction network ``forward(x [B,4,h,w], time [B], classes [B], cond_drop_prob) → [B,4,h,w]``."""
+    """ε-prediction network ``forward(x [B,4,h,w], time [B], classes [B], cond_drop_prob) → [B,4,h,w]``.
+
+    ``forward`` has no host synchronisation (it compiles to one ``torch.compile`` graph); the subtypes are
+    checked by :meth:`check_labels`, which callers run once per job or new subtype.
+    """
 
     def __init__(self, config: MaskUNetConfig):
         super().__init__()
@@ -70,7 +75,11 @@ class MaskUNet(UNetSkeleton):
             level_attn=lambda d: LinearAttention(d, heads=heads, dim_head=dim_head),
             mid_attn=lambda d: Attention(d, heads=heads, dim_head=dim_head),
         )
-        self.validate_inputs = True
+
+    def check_labels(self, classes: Tensor | Iterable[int]) -> None:
+        """Raise ``ValueError`` unless every subtype in ``classes`` (tensor or Python ints) is a class of this
+        model. ``forward`` does not check (no host sync inside it): call this once per job / new subtype."""
+        check_label_values(classes, self.config.num_classes, "classes (subtype)")
 
     def forward(self, x: Tensor, time: Tensor, classes: Tensor, cond_drop_prob: float = 0.0) -> Tensor:
         cfg = self.config
@@ -83,8 +92,8 @@ class MaskUNet(UNetSkeleton):
             raise ValueError(f"classes must be [B]={b}, got {tuple(classes.shape)}")
         if not 0.0 <= float(cond_drop_prob) <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
-        if self.validate_inputs:
-            _check_labels(classes, cfg.num_classes, "classes (subtype)")
+        if classes.dtype.is_floating_point or classes.dtype.is_complex:
+            raise TypeError(f"classes (subtype) must be an integer (or bool) tensor, got {classes.dtype}")
         emb = self.classes_emb(classes.long())
         if cond_drop_prob >= 1.0:
             emb = self.null_classes_emb.to(emb.dtype).expand_as(emb)
@@ -93,4 +102,4 @@ class MaskUNet(UNetSkeleton):
             emb = torch.where(drop[:, None], self.null_classes_emb.to(emb.dtype).expand_as(emb), emb)
         t = self._time_embedding(time, b, x.device)
         cond = torch.cat((t, self.classes_mlp(emb)), dim=-1)
-        return self._run(x, cond, lambda feat: ())
+        return self._run(x, cond, lambda level: ())

@@ -23,8 +23,9 @@ dilation — but nearest-downsamples the mask to the latent size at sampling; re
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -161,24 +162,26 @@ class UNetSkeleton(nn.Module):
         self.final_res_block = block(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, channels, 1)
 
-    def _run(self, x: Tensor, cond: Tensor, attn_args: Callable[[Tensor], tuple]) -> Tensor:
+    def _run(self, x: Tensor, cond: Tensor, attn_args: Callable[[int], tuple]) -> Tensor:
+        """``attn_args(level)``: the extra attention arguments at level ``level`` (resolution ÷ 2**level)."""
         x = self.init_conv(x)
         stem = x
         skips: list[Tensor] = []
-        for block1, block2, attn, down in self.downs:
+        n = len(self.downs)
+        for level, (block1, block2, attn, down) in enumerate(self.downs):
             x = block1(x, cond)
             skips.append(x)
             x = block2(x, cond)
-            x = attn(x, *attn_args(x))
+            x = attn(x, *attn_args(level))
             skips.append(x)
             x = down(x)
         x = self.mid_block1(x, cond)
-        x = self.mid_attn(x, *attn_args(x))
+        x = self.mid_attn(x, *attn_args(n - 1))
         x = self.mid_block2(x, cond)
-        for block1, block2, attn, up in self.ups:
+        for i, (block1, block2, attn, up) in enumerate(self.ups):
             x = block1(torch.cat((x, skips.pop()), dim=1), cond)
             x = block2(torch.cat((x, skips.pop()), dim=1), cond)
-            x = attn(x, *attn_args(x))
+            x = attn(x, *attn_args(n - 1 - i))
             x = up(x)
         x = self.final_res_block(torch.cat((x, stem), dim=1), cond)
         return self.final_conv(x)
@@ -211,7 +214,7 @@ def downsample_label_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"mask must be [B, 1, H, W] or [B, H, W], got {tuple(mask.shape)}")
     H, W = mask.shape[-2:]
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]  # ints or SymInts: int() would specialise dynamic shapes under torch.compile
     if (H, W) == (h, w):
         return mask
     if h <= 0 or w <= 0 or H % h or W % w or H // h != W // w:
@@ -223,19 +226,38 @@ def downsample_label_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     return mask[:, :, ::f, ::f]
 
 
-def _check_labels(mask: Tensor, num_classes: int, what: str) -> None:
-    if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise TypeError(f"{what} must be an integer (or bool) tensor of labels, got {mask.dtype}")
-    if mask.numel() == 0:
-        return
-    lo, hi = torch.aminmax(mask.to(torch.int64))
-    lo, hi = int(lo), int(hi)
+def check_label_values(labels: Tensor | Iterable[int], num_classes: int, what: str) -> None:
+    """Raise unless every label lies in ``[0, num_classes)``; ``labels`` is an integer tensor or Python ints.
+
+    Kept out of the networks' ``forward``: reading a tensor's range back to the host stalls the GPU and breaks
+    ``torch.compile`` graphs, so callers check once per job / per new label instead (out-of-range labels would
+    otherwise index past the class embedding: a device-side assert on CUDA).
+    """
+    if isinstance(labels, Tensor):
+        _check_label_dtype(labels, what)
+        if labels.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(labels.to(torch.int64)))
+    else:
+        values = [operator.index(u) for u in labels]
+        if not values:
+            return
+        lo, hi = min(values), max(values)
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"{what} labels must lie in [0, {num_classes - 1}], found values in [{lo}, {hi}]")
 
 
+def _check_label_dtype(labels: Tensor, what: str) -> None:
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"{what} must be an integer (or bool) tensor of labels, got {labels.dtype}")
+
+
 class ImageUNet(UNetSkeleton):
-    """ε-prediction network ``forward(x [B,4,h,w], time [B], mask [B,1,H,W]) → [B,4,h,w]``."""
+    """ε-prediction network ``forward(x [B,4,h,w], time [B], mask [B,1,H,W]) → [B,4,h,w]``.
+
+    ``forward`` has no host synchronisation (it compiles to one ``torch.compile`` graph); the mask's label range
+    is checked by :meth:`check_labels`, which callers run once per job or new label.
+    """
 
     def __init__(self, config: ImageUNetConfig):
         super().__init__()
@@ -261,7 +283,11 @@ class ImageUNet(UNetSkeleton):
             level_attn=cross,
             mid_attn=cross,
         )
-        self.validate_inputs = True
+
+    def check_labels(self, mask_or_labels: Tensor | Iterable[int]) -> None:
+        """Raise ``ValueError`` unless every label of a mask (or of an iterable of Python ints) is a class of
+        this model. ``forward`` does not check (no host sync inside it): call this once per job / new label."""
+        check_label_values(mask_or_labels, self.config.num_classes, "mask")
 
     def set_attention_impl(self, impl: str) -> "ImageUNet":
         """``"linear"`` (default, exact O(N)) or ``"quadratic"`` (the official N×N computation)."""
@@ -273,11 +299,10 @@ class ImageUNet(UNetSkeleton):
         return self
 
     def latent_mask(self, mask: Tensor, size: tuple[int, int]) -> Tensor:
-        """The latent-size label mask the network conditions on (validated)."""
-        lat = downsample_label_mask(mask, size)
-        if self.validate_inputs:
-            _check_labels(lat, self.config.num_classes, "mask")
-        return lat
+        """The latent-size label mask the network conditions on (dtype-checked; label range: see
+        :meth:`check_labels`)."""
+        _check_label_dtype(mask, "mask")
+        return downsample_label_mask(mask, size)
 
     def forward(self, x: Tensor, time: Tensor, mask: Tensor) -> Tensor:
         cfg = self.config
@@ -291,16 +316,10 @@ class ImageUNet(UNetSkeleton):
         t = self._time_embedding(time, b, x.device)
         c = self.classes_mlp(self.classes_emb(classes))
         cond = torch.cat((t, c), dim=-1)
-        pooled: dict[int, Tensor] = {}
-
-        def attn_args(feat: Tensor) -> tuple:
-            fh = feat.shape[-2]
-            if fh not in pooled:
-                k = h // fh
-                pooled[fh] = binary if k == 1 else torch.nn.functional.max_pool2d(binary, k)
-            return (pooled[fh],)
-
-        return self._run(x, cond, attn_args)
+        # one binary mask per level, keyed by the level rather than the feature size (a size key would pin the
+        # latent size as a constant under torch.compile's dynamic shapes)
+        pooled = [binary] + [torch.nn.functional.max_pool2d(binary, 2 ** i) for i in range(1, len(self.downs))]
+        return self._run(x, cond, lambda level: (pooled[level],))
 
 
 def count_parameters(module: nn.Module) -> int:
