@@ -240,3 +240,36 @@ def test_bad_solver_and_edges():
         RandomPatchSampler(CountingDenoiser(), solver="euler")
     with pytest.raises(ValueError, match="tile_edges"):
         RandomPatchSampler(CountingDenoiser(), tile_edges="round")
+
+
+# ------------------------------------------------------------------------------------------ engine wiring
+def _engine_slide(runtime, options=None):
+    from models.diffinfinite.engine import DiffInfiniteEngine, DiffInfiniteOptions
+    from models.diffinfinite.loading import untrained_diffinfinite
+    from models.engine import SlideRequest
+
+    lab = np.zeros((128, 192), np.uint8)
+    lab[20:90, 30:120] = 1
+    lab[60:, 140:] = 3
+    req = SlideRequest(width=192, height=128, mpp=0.5, seed=3, steps=3, guidance=1.0, eta=1.0, conditioning="mask",
+                       options=DiffInfiniteOptions(**(options or {})).resolved(), labels=lab)
+    engine = DiffInfiniteEngine()
+    slide = engine.generate(untrained_diffinfinite(seed=0), req, device=torch.device("cpu"), runtime=runtime,
+                            report=lambda *a: None, cancel=lambda: False)
+    return np.concatenate(list(slide.bands)), slide.notes
+
+
+def test_engine_runs_through_the_inference_network_and_reports_its_work():
+    from models.acceleration import clear_inference_cache
+    from models.engine import Runtime
+
+    plain, notes = _engine_slide(Runtime())
+    assert notes["sampler_network_calls"] >= 3 and notes["sampler_passes"] >= notes["sampler_network_calls"]
+    assert "seconds_compile_warmup" not in notes and "batch_size_reductions" not in notes
+    try:
+        wrapped, notes = _engine_slide(Runtime(compile=True, compile_mode="eager"))
+    finally:
+        clear_inference_cache()
+    assert np.array_equal(plain, wrapped) and "seconds_compile_warmup" in notes
+    fewer, notes = _engine_slide(Runtime(), {"solver": "dpmpp-2m"})
+    assert fewer.shape == plain.shape and not np.array_equal(fewer, plain)

@@ -152,7 +152,10 @@ class DiffInfiniteEngine(EngineBase):
 
         t0 = time.perf_counter()
         options: DiffInfiniteOptions = request.options.resolved()
-        pipe = DiffInfinitePipeline(models, device=device)
+        from models.diffinfinite.layers import set_fused_kernels
+
+        set_fused_kernels(runtime.fused_kernels)  # process-wide, before any compiled graph is traced
+        pipe = DiffInfinitePipeline(models, device=device, compile_mode=runtime.compile_mode if runtime.compile else None)
         precision = runtime.precision
         if precision == "auto":
             precision = "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
@@ -178,8 +181,11 @@ class DiffInfiniteEngine(EngineBase):
             "sampler_passes": sum(st.forwards for st in sampler.stats.values()),
             "sampler_network_calls": sum(st.calls for st in sampler.stats.values()),
         }
+        if runtime.compile:  # compilation paid by this job (the first of its worker process, or a new shape)
+            notes["seconds_compile_warmup"] = round(pipe.warmup_seconds(), 3)
         if sampler.batch_reductions:  # CUDA ran out of memory: the batch was halved and the job went on
-            notes["batch_size_reductions"] = list(sampler.batch_reductions)
+            notes["batch_size_reductions"] = len(sampler.batch_reductions)
+            notes["batch_size"] = sampler.batch_size
         decoder = slide_decoder(models.codec.tile_decoder("image", options.decode_context),
                                 models.codec.scale_factor, options)
         # checks the latent (channels, NaN/Inf) now, before any output file exists

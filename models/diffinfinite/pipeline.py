@@ -130,9 +130,14 @@ class DiffInfinitePipeline:
     """Runs the DiffInfinite stages on one device. ``models`` carries ``image_unet``, ``mask_unet`` (or None),
     ``codec`` (:class:`models.vae.LatentCodec`) and ``card`` (:class:`models.cards.ModelCard`)."""
 
-    def __init__(self, models: Any, device: torch.device | str = torch.device("cpu")) -> None:
+    def __init__(self, models: Any, device: torch.device | str = torch.device("cpu"), *,
+                 compile_mode: str | None = None) -> None:
+        """``compile_mode``: None runs the networks eagerly; a mode of :data:`models.acceleration.MODES` runs
+        them through :func:`models.acceleration.inference_network` (compiled once per process and module)."""
         self.models = models
         self.device = torch.device(device)
+        self.compile_mode = compile_mode
+        self.networks: list[tuple[Any, float]] = []  # compiled networks used, with their warm-up seconds before
         self.last_sampler: RandomPatchSampler | None = None  # the image sampler of the last sample_latents
         models.image_unet.to(self.device).eval()
         if getattr(models, "mask_unet", None) is not None:
@@ -196,10 +201,26 @@ class DiffInfinitePipeline:
             raise ValueError(f"{what} {height}×{width} px: height and width must be positive multiples of {f}")
 
     # ------------------------------------------------------------------ samplers
+    def network(self, module: torch.nn.Module) -> Any:
+        """What the samplers call for ``module``: itself, or its compiled network (see ``compile_mode``)."""
+        if self.compile_mode is None:
+            return module
+        from models.acceleration import inference_network
+
+        net = inference_network(module, mode=self.compile_mode, device=self.device)
+        if all(n is not net for n, _ in self.networks):
+            self.networks.append((net, net.stats.warmup_s))
+        return net
+
+    def warmup_seconds(self) -> float:
+        """Seconds of first calls (compilation) this pipeline paid: a worker process compiles once per network
+        and input shape, so only its first jobs pay."""
+        return float(sum(n.stats.warmup_s - before for n, before in self.networks))
+
     def image_sampler(self, options: SamplingOptions) -> RandomPatchSampler:
         unet = self.models.image_unet
         return RandomPatchSampler(
-            ImageDenoiser(unet, out_channels=int(_cfg_attr(unet, "channels", 4)),
+            ImageDenoiser(self.network(unet), out_channels=int(_cfg_attr(unet, "channels", 4)),
                           autocast_dtype=options.autocast_dtype),
             patch=options.image_patch, mode=options.mode, steps=options.steps, eta=options.eta,
             guidance=options.guidance, batch_size=options.batch_size,
@@ -214,7 +235,7 @@ class DiffInfinitePipeline:
         if unet is None:
             raise ValueError("this model has no mask model: pass a label mask instead of a subtype")
         return RandomPatchSampler(
-            MaskDenoiser(unet, out_channels=int(_cfg_attr(unet, "channels", 4)),
+            MaskDenoiser(self.network(unet), out_channels=int(_cfg_attr(unet, "channels", 4)),
                          autocast_dtype=options.autocast_dtype),
             patch=options.mask_patch, mode=options.mask_mode or "random",
             steps=options.mask_steps or options.steps, eta=options.eta, guidance=options.mask_guidance,
