@@ -273,3 +273,27 @@ def test_engine_runs_through_the_inference_network_and_reports_its_work():
     assert np.array_equal(plain, wrapped) and "seconds_compile_warmup" in notes
     fewer, notes = _engine_slide(Runtime(), {"solver": "dpmpp-2m"})
     assert fewer.shape == plain.shape and not np.array_equal(fewer, plain)
+
+
+def test_padded_batches_run_few_sizes_and_equal_unpadded():
+    from models.diffinfinite.guidance import MaskDenoiser, batch_bucket
+    from models.diffinfinite.mask_unet import MaskUNet, MaskUNetConfig
+
+    assert [batch_bucket(n) for n in (1, 8, 9, 33, 256)] == [8, 8, 16, 64, 256]
+    torch.manual_seed(0)
+    unet = ImageUNet(ImageUNetConfig.tiny(5)).eval().requires_grad_(False)
+    seen = []
+    unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, 16, 16, generator=g)
+    t = torch.full((5,), 500)
+    lw = torch.randint(0, 4, (5, 16, 16), generator=g)
+    labels = [None, 1, 2, 3, 1]
+    plain = ImageDenoiser(unet)(x, t, lw, labels)
+    padded = ImageDenoiser(unet, pad_batches=True)(x, t, lw, labels)
+    assert seen == [5, 8] and padded.shape == plain.shape
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+    munet = MaskUNet(MaskUNetConfig.tiny()).eval().requires_grad_(False)
+    m_labels = [None, 0, 1, None, 1]
+    torch.testing.assert_close(MaskDenoiser(munet, pad_batches=True)(x, t, lw, m_labels),
+                               MaskDenoiser(munet)(x, t, lw, m_labels), rtol=1e-5, atol=1e-5)

@@ -112,6 +112,23 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def batch_bucket(n: int) -> int:
+    """The batch a padded network call runs: the next power of two ≥ ``n`` (at least 8)."""
+    return max(8, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _call_padded(fn, pad: bool, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``fn(*tensors, **kwargs)``; with ``pad`` the batch is padded to :func:`batch_bucket` with copies of the
+    first item and the padding dropped from the output — CUDA graphs are recorded per input shape, so a few
+    batch sizes keep their number (and memory) small whatever a step's remainder batch holds."""
+    n = tensors[0].shape[0]
+    if not pad or batch_bucket(n) == n:
+        return fn(*tensors, **kwargs)
+    extra = batch_bucket(n) - n
+    padded = [torch.cat((v, v[:1].expand(extra, *v.shape[1:]))) for v in tensors]
+    return fn(*padded, **kwargs)[:n]
+
+
 class ImageDenoiser(_LabelCheck):
     """Adapter for the mask-conditioned image UNet ``unet(x, time, mask)``.
 
@@ -122,10 +139,12 @@ class ImageDenoiser(_LabelCheck):
 
     null_label: int | None = 0
 
-    def __init__(self, unet: nn.Module, *, out_channels: int = 4, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, unet: nn.Module, *, out_channels: int = 4, autocast_dtype: torch.dtype | None = None,
+                 pad_batches: bool = False):
         self.unet = unet
         self.out_channels = out_channels
         self.autocast_dtype = autocast_dtype
+        self.pad_batches = pad_batches  # network calls at a few fixed batch sizes (CUDA graphs)
         self._checked_labels = set()
 
     @torch.inference_mode()
@@ -136,7 +155,7 @@ class ImageDenoiser(_LabelCheck):
         lab = lab.view(-1, 1, 1)
         mask = (label_windows.to(x.device).long() == lab).long() * lab  # zero everywhere for the null pass
         with _autocast(x.device, self.autocast_dtype):
-            eps = self.unet(x, t, mask.unsqueeze(1))
+            eps = _call_padded(self.unet, self.pad_batches, x, t, mask.unsqueeze(1))
         return eps.float()
 
 
@@ -150,10 +169,12 @@ class MaskDenoiser(_LabelCheck):
 
     null_label: int | None = None
 
-    def __init__(self, unet: nn.Module, *, out_channels: int = 4, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, unet: nn.Module, *, out_channels: int = 4, autocast_dtype: torch.dtype | None = None,
+                 pad_batches: bool = False):
         self.unet = unet
         self.out_channels = out_channels
         self.autocast_dtype = autocast_dtype
+        self.pad_batches = pad_batches  # network calls at a few fixed batch sizes (CUDA graphs)
         self._checked_labels = set()
 
     @torch.inference_mode()
@@ -167,11 +188,13 @@ class MaskDenoiser(_LabelCheck):
             if cond:
                 idx = torch.tensor(cond, device=x.device)
                 classes = torch.tensor([int(labels[i]) for i in cond], dtype=torch.long, device=x.device)
-                out[idx] = self.unet(x[idx], t[idx], classes, cond_drop_prob=0.0).float()
+                out[idx] = _call_padded(self.unet, self.pad_batches, x[idx], t[idx], classes,
+                                        cond_drop_prob=0.0).float()
             if null:
                 idx = torch.tensor(null, device=x.device)
                 classes = torch.zeros(len(null), dtype=torch.long, device=x.device)
-                out[idx] = self.unet(x[idx], t[idx], classes, cond_drop_prob=1.0).float()
+                out[idx] = _call_padded(self.unet, self.pad_batches, x[idx], t[idx], classes,
+                                        cond_drop_prob=1.0).float()
         return out
 
 

@@ -137,6 +137,8 @@ class DiffInfinitePipeline:
         self.models = models
         self.device = torch.device(device)
         self.compile_mode = compile_mode
+        # CUDA graphs record one graph per input shape: pad network calls to a few batch sizes
+        self.pad_batches = compile_mode == "reduce-overhead"
         self.networks: list[tuple[Any, float]] = []  # compiled networks used, with their warm-up seconds before
         self.last_sampler: RandomPatchSampler | None = None  # the image sampler of the last sample_latents
         models.image_unet.to(self.device).eval()
@@ -221,7 +223,7 @@ class DiffInfinitePipeline:
         unet = self.models.image_unet
         return RandomPatchSampler(
             ImageDenoiser(self.network(unet), out_channels=int(_cfg_attr(unet, "channels", 4)),
-                          autocast_dtype=options.autocast_dtype),
+                          autocast_dtype=options.autocast_dtype, pad_batches=self.pad_batches),
             patch=options.image_patch, mode=options.mode, steps=options.steps, eta=options.eta,
             guidance=options.guidance, batch_size=options.batch_size,
             multiple=int(_cfg_attr(unet, "downsample_factor", 1)),
@@ -236,7 +238,7 @@ class DiffInfinitePipeline:
             raise ValueError("this model has no mask model: pass a label mask instead of a subtype")
         return RandomPatchSampler(
             MaskDenoiser(self.network(unet), out_channels=int(_cfg_attr(unet, "channels", 4)),
-                         autocast_dtype=options.autocast_dtype),
+                         autocast_dtype=options.autocast_dtype, pad_batches=self.pad_batches),
             patch=options.mask_patch, mode=options.mask_mode or "random",
             steps=options.mask_steps or options.steps, eta=options.eta, guidance=options.mask_guidance,
             batch_size=options.mask_batch_size, multiple=int(_cfg_attr(unet, "downsample_factor", 1)),
