@@ -177,13 +177,14 @@ class DiffInfiniteEngine(EngineBase):
                                      cancel=cancel, state=state, on_step=on_checkpoint)
         seconds_sampling = time.perf_counter() - t0
         sampler = pipe.last_sampler
+        stats = list(sampler.stats.values()) if sampler is not None else []
         notes: dict[str, Any] = {
-            "sampler_passes": sum(st.forwards for st in sampler.stats.values()),
-            "sampler_network_calls": sum(st.calls for st in sampler.stats.values()),
+            "sampler_passes": sum(st.forwards for st in stats),
+            "sampler_network_calls": sum(st.calls for st in stats),
         }
         if runtime.compile:  # compilation paid by this job (the first of its worker process, or a new shape)
             notes["seconds_compile_warmup"] = round(pipe.warmup_seconds(), 3)
-        if sampler.batch_reductions:  # CUDA ran out of memory: the batch was halved and the job went on
+        if sampler is not None and sampler.batch_reductions:  # CUDA ran out of memory: the batch was halved and the job went on
             notes["batch_size_reductions"] = len(sampler.batch_reductions)
             notes["batch_size"] = sampler.batch_size
         decoder = slide_decoder(models.codec.tile_decoder("image", options.decode_context),
