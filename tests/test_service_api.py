@@ -343,8 +343,9 @@ def test_decode_geometry_reaches_the_job_and_its_decoder(client, options, expect
 
 
 @pytest.mark.parametrize("options,steps,expected", [
-    ({}, None, ("ddim", 20)),  # the default (untrained) card's steps
-    ({"solver": "dpmpp-2m"}, None, ("dpmpp-2m", 25)),  # a multistep solver's own default
+    ({}, None, ("dpmpp-2m-sde", 20)),  # the tiled sampler's default solver; the untrained card's 20 steps < 25
+    ({"sampler": "random"}, None, ("ddim", 20)),  # the paper's configuration: the (untrained) card's steps
+    ({"solver": "dpmpp-2m"}, None, ("dpmpp-2m", 20)),
     ({"solver": "dpmpp-2m-sde"}, 30, ("dpmpp-2m-sde", 30)),
 ])
 def test_solver_and_its_default_steps_reach_the_job(client, options, steps, expected):
@@ -355,6 +356,18 @@ def test_solver_and_its_default_steps_reach_the_job(client, options, steps, expe
     assert resp.status_code == 202, resp.text
     spec = client.store.get(resp.json()["id"]).spec
     assert (spec.options["solver"], spec.steps) == expected
+
+
+def test_default_steps_per_solver():
+    from models.diffinfinite.engine import MULTISTEP_STEPS, DiffInfiniteEngine, DiffInfiniteOptions
+
+    engine = DiffInfiniteEngine()
+    card = engine.untrained_card()
+    tiled, paper = DiffInfiniteOptions(), DiffInfiniteOptions(sampler="random")
+    for default_steps, want_tiled, want_paper in ((None, MULTISTEP_STEPS, 250), (50, MULTISTEP_STEPS, 50),
+                                                  (20, 20, 20)):
+        c = card.model_copy(update={"default_steps": default_steps})
+        assert (engine.steps_for(c, tiled), engine.steps_for(c, paper)) == (want_tiled, want_paper)
 
 
 @pytest.fixture

@@ -34,12 +34,13 @@ class DiffInfiniteOptions(EngineOptions):
         "tiled",
         description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
         "non-overlapping tiling per step (about a quarter of the official cost).")
-    solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] = Field(
-        "ddim",
+    solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] | None = Field(
+        None,
         description="`ddim`: the paper's DDIM (η from the request; default 250 steps, or the card's); `dpmpp-2m`: "
-        "DPM-Solver++(2M), a deterministic multistep solver that holds quality at "
-        f"{MULTISTEP_STEPS} steps (the default steps with it); `dpmpp-2m-sde`: its stochastic variant. η applies to "
-        "`ddim` only.")
+        "DPM-Solver++(2M), deterministic; `dpmpp-2m-sde`: its stochastic variant, which holds the quality of DDIM 50 "
+        f"at {MULTISTEP_STEPS} steps on the demo model (bench.solver). The multistep solvers default to "
+        f"{MULTISTEP_STEPS} steps (the card's when fewer); η applies to `ddim` only. Default: `dpmpp-2m-sde` with the `tiled` sampler, `ddim` "
+        "with `random` (the paper's configuration).")
     decoder: Literal["tukey", "hann", "four-pass"] = Field(
         "tukey",
         description="Tiled VAE decoding: `tukey` (cosine ramps, ≈1.2× decodes), `hann` (50 % overlap, ≈4×) or "
@@ -61,8 +62,9 @@ class DiffInfiniteOptions(EngineOptions):
         "visible quilt of decode tiles).")
 
     def resolved(self) -> "DiffInfiniteOptions":
-        """These options with the decode geometry filled in; :class:`OptionError` for pairs the window can't
-        blend."""
+        """These options with the solver and the decode geometry filled in; :class:`OptionError` for pairs the
+        window can't blend."""
+        solver = self.solver or ("dpmpp-2m-sde" if self.sampler == "tiled" else "ddim")
         tile = self.decode_tile if self.decode_tile is not None else DECODE_TILE
         overlap = self.decode_overlap
         if self.decoder == "tukey":
@@ -79,7 +81,7 @@ class DiffInfiniteOptions(EngineOptions):
                 raise OptionError("decode_overlap", f"must be decode_tile/2 = {tile // 2} for {self.decoder} "
                                                     f"({why}), got {overlap}")
             overlap = tile // 2
-        return self.model_copy(update={"decode_tile": tile, "decode_overlap": overlap})
+        return self.model_copy(update={"solver": solver, "decode_tile": tile, "decode_overlap": overlap})
 
 
 def slide_decoder(decode_fn, scale: int = 8, options: DiffInfiniteOptions | None = None):
@@ -112,8 +114,8 @@ class DiffInfiniteEngine(EngineBase):
         return head + (Stage.sampling, Stage.decoding, Stage.writing)
 
     def steps_for(self, card, options) -> int:
-        if options is not None and getattr(options, "solver", "ddim") != "ddim":
-            return MULTISTEP_STEPS
+        if options is not None and options.resolved().solver != "ddim":  # the card's steps when fewer (quick cards)
+            return min(MULTISTEP_STEPS, card.default_steps or MULTISTEP_STEPS)
         return card.default_steps or self.default_steps
 
     def load_state(self, path: Path) -> Any:
@@ -151,6 +153,8 @@ class DiffInfiniteEngine(EngineBase):
         from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
 
         t0 = time.perf_counter()
+        if request.options.solver is None:  # requests are stored resolved: a job recorded before solvers existed
+            request.options = request.options.model_copy(update={"solver": "ddim"})
         options: DiffInfiniteOptions = request.options.resolved()
         from models.diffinfinite.layers import set_fused_kernels
 
