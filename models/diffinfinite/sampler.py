@@ -615,15 +615,17 @@ class RandomPatchSampler:
     def _finalize(self, state: SamplerState, crop: Crop, preds: dict[int | None, torch.Tensor],
                   lab_dev: torch.Tensor, null_label: int | None) -> None:
         k = state.step
+        if crop.cell is not None:  # tiled: the crop owns exactly its cell (cells cover the canvas once per step)
+            cy, cx, ch, cw = crop.cell
+            ry, rx = slice(cy - crop.y0, cy - crop.y0 + ch), slice(cx - crop.x0, cx - crop.x0 + cw)
+            state.eps[0, :, cy:cy + ch, cx:cx + cw] = combine(
+                lab_dev[cy:cy + ch, cx:cx + cw], {u: p[:, ry, rx] for u, p in preds.items()}, self.guidance, null_label)
+            state.times[cy:cy + ch, cx:cx + cw] = k + 1
+            return
         ys, xs = crop.window
         comb = combine(lab_dev[ys, xs], preds, self.guidance, null_label)
         tw = state.times[ys, xs]
         own = tw == k  # first come: pixels no earlier crop of this step has updated
-        if crop.cell is not None:  # tiled: exactly the cell
-            cy, cx, ch, cw = crop.cell
-            in_cell = torch.zeros_like(own)
-            in_cell[cy - crop.y0:cy - crop.y0 + ch, cx - crop.x0:cx - crop.x0 + cw] = True
-            own = own & in_cell
         ew = state.eps[0, :, ys, xs]
         ew.copy_(torch.where(own, comb, ew))
         tw.masked_fill_(own, k + 1)
