@@ -153,9 +153,10 @@ class DiffInfiniteEngine(EngineBase):
         from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
 
         t0 = time.perf_counter()
-        if request.options.solver is None:  # requests are stored resolved: a job recorded before solvers existed
-            request.options = request.options.model_copy(update={"solver": "ddim"})
-        options: DiffInfiniteOptions = request.options.resolved()
+        options: DiffInfiniteOptions = request.options
+        if options.solver is None:  # requests are stored resolved: a job recorded before solvers existed
+            options = options.model_copy(update={"solver": "ddim"})
+        options = options.resolved()
         from models.diffinfinite.layers import set_fused_kernels
 
         set_fused_kernels(runtime.fused_kernels)  # process-wide, before any compiled graph is traced
