@@ -312,6 +312,42 @@ class SlideScorer:
         }
 
 
+class ClassShareScorer:
+    """Streaming class shares of a slide without a requested mask (e.g. an ∞-Brush slide conditioned on an
+    embedding): every whole ``window``² tile of the slide on a regular grid is classified and counted. Feed
+    full-width uint8 RGB bands top to bottom with :meth:`add_band`; :meth:`result` gives the share of windows
+    per classifier class (by name). Keeps at most one window row of pixels."""
+
+    def __init__(self, height: int, width: int, classifier: FidelityClassifier | None = None):
+        self.classifier = classifier if classifier is not None else load_classifier()
+        self.window = self.classifier.window
+        self.height, self.width = int(height), int(width)
+        self.cols = self.width // self.window
+        if self.height < self.window or self.cols == 0:
+            raise ValueError(f"a {self.height}×{self.width} slide holds no {self.window}² window")
+        self.counts = np.zeros(len(CLASS_NAMES), np.int64)
+        self._buf = np.empty((0, self.width, 3), np.uint8)
+
+    def add_band(self, band: np.ndarray) -> None:
+        band = np.asarray(band, dtype=np.uint8)
+        if band.ndim != 3 or band.shape[1:] != (self.width, 3):
+            raise ValueError(f"bands must be (rows, {self.width}, 3) RGB, got {band.shape}")
+        self._buf = np.concatenate([self._buf, band]) if len(self._buf) else band
+        w = self.window
+        while len(self._buf) >= w:
+            strip = self._buf[:w]
+            wins = strip[:, :self.cols * w].reshape(w, self.cols, w, 3).transpose(1, 0, 2, 3)
+            pred = self.classifier.predict(np.ascontiguousarray(wins))
+            self.counts += np.bincount(pred, minlength=len(self.counts))[:len(self.counts)]
+            self._buf = self._buf[w:]
+
+    def result(self) -> dict[str, float]:
+        total = int(self.counts.sum())
+        if total == 0:
+            raise ValueError("no window was classified")
+        return {CLASS_NAMES[i]: float(c) / total for i, c in enumerate(self.counts)}
+
+
 def score_slide(image_or_bands: np.ndarray | Iterable[np.ndarray], labels: np.ndarray,
                 classifier: FidelityClassifier | None = None, **kw) -> dict[str, Any]:
     """Fidelity of a slide to its mask: ``{"balanced_accuracy", "seam_ratio", "recall", …}``.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evaluation.fidelity import (
-    CARD_FILE, CLASSIFIER_DIR, WEIGHTS_FILE, SlideScorer, balanced_accuracy, load_classifier, score_slide,
+    CARD_FILE, CLASSIFIER_DIR, WEIGHTS_FILE, ClassShareScorer, SlideScorer, balanced_accuracy, load_classifier, score_slide,
     sha256_file, window_labels,
 )
 from procedural.tissue import random_layout, render_tile
@@ -144,3 +144,23 @@ def test_bad_input_is_named(clf):
         window_labels(np.zeros((32, 500), np.uint8))
     with pytest.raises(ValueError, match="outside 0..4"):
         window_labels(np.full((64, 64), 9, np.uint8))
+
+
+def test_class_shares_of_a_slide_without_a_mask(clf):
+    """An unseen procedural render: the shares follow its layout; streaming in odd bands changes nothing."""
+    labels = random_layout(320, 384, UNSEEN_SEED, "slide", mpp=0.5)
+    img = render_tile(labels, UNSEEN_SEED)
+    whole = ClassShareScorer(*img.shape[:2], clf)
+    whole.add_band(img)
+    banded = ClassShareScorer(*img.shape[:2], clf)
+    for r0 in range(0, img.shape[0], 37):
+        banded.add_band(img[r0:r0 + 37])
+    assert whole.result() == banded.result()
+    assert sum(whole.result().values()) == pytest.approx(1.0) and whole.counts.sum() == 5 * 6
+    # against the layout's own window classes (windows mostly of one class)
+    truth = window_labels(labels, clf.window, 0.0)
+    want = np.bincount(truth.ravel(), minlength=5) / truth.size
+    got = np.array([whole.result()[n] for n in ("unknown", "carcinoma", "necrosis", "tumor stroma", "others")])
+    assert np.abs(got - want).max() < 0.2
+    with pytest.raises(ValueError, match="no 64"):
+        ClassShareScorer(40, 400, clf)

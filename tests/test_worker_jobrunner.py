@@ -135,15 +135,20 @@ def test_infinity_brush_embedding_job(ctx):
 
     vec = np.random.default_rng(0).normal(size=512)
     vec = (vec / np.linalg.norm(vec)).tolist()
-    spec = JobSpec(model="infinity-brush-untrained", engine="infinity-brush", conditioning="embedding", width=48,
-                   height=40, mpp=0.5, seed=2, steps=3, guidance=1.5, embedding=vec, encoder="quilt-vit-b-32")
+    spec = JobSpec(model="infinity-brush-untrained", engine="infinity-brush", conditioning="embedding", width=136,
+                   height=72, mpp=0.5, seed=2, steps=3, guidance=1.5, embedding=vec, encoder="quilt-vit-b-32")
     ctx.store.create(JobRecord(id="ib1", spec=spec))
     assert run_job("ib1", ctx) == JobStatus.succeeded, ctx.store.get("ib1").error
     job = ctx.store.get("ib1")
     assert "mask" not in job.outputs and job.untrained
     slide = openslide.OpenSlide(str(ctx.store.job_dir("ib1") / job.outputs["tiff"]))
-    assert slide.dimensions == (48, 40)
+    assert slide.dimensions == (136, 72)
     assert sorted(set(ctx.store.steps_seen)) == [0, 1, 2, 3]
+    # no mask to agree with: the classifier's class shares over the slide's two 64² windows
+    shares = {k: v for k, v in job.metrics.items() if k.startswith("class_share_")}
+    assert set(shares) == {"class_share_unknown", "class_share_carcinoma", "class_share_necrosis",
+                           "class_share_tumor_stroma", "class_share_others"}
+    assert sum(shares.values()) == pytest.approx(1.0) and all(v in (0.0, 0.5, 1.0) for v in shares.values())
 
 
 @pytest.mark.parametrize("decoder", ["hann", "four-pass"])

@@ -72,6 +72,24 @@ def fidelity_scorer(labels: np.ndarray | None, spec: JobSpec, label_map: dict[in
         return None
 
 
+def class_share_scorer(labels: np.ndarray | None, spec: JobSpec):
+    """Class shares of the classifier's windows for slides without a requested mask (∞-Brush embedding jobs),
+    at the classifier's 0.5 µm/px."""
+    if labels is not None or abs(spec.mpp - FIDELITY_MPP) > 1e-6:
+        return None
+    from evaluation.fidelity import ClassShareScorer
+
+    try:
+        return ClassShareScorer(spec.height, spec.width, _fidelity_classifier())
+    except (FileNotFoundError, ValueError):  # no shipped classifier, or a slide smaller than one window
+        return None
+
+
+def class_share_metrics(scorer) -> dict[str, float]:
+    """``class_share_<class>``: the share of the slide's classifier windows taken for each tissue class."""
+    return {"class_share_" + name.replace(" ", "_"): round(v, 4) for name, v in scorer.result().items()}
+
+
 def quilt_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple[list, list]]):
     """Streaming quilt score (:mod:`evaluation.quilt`) over the pipeline's cut lines, within label regions."""
     from evaluation.quilt import QuiltScorer
@@ -121,7 +139,8 @@ def engine_request(spec: JobSpec, engine: Engine, job_dir: Path) -> SlideRequest
 def slide_scorers(spec: JobSpec, slide: SlideBands, card) -> dict[str, Any]:
     """The streaming scorers this slide can be measured with, by metric family."""
     scorers = {"fidelity": fidelity_scorer(slide.labels, spec, card.fidelity_classes, slide.seam_lines),
-               "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines)}
+               "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines),
+               "class_share": class_share_scorer(slide.labels, spec)}
     return {kind: scorer for kind, scorer in scorers.items() if scorer is not None}
 
 
@@ -142,7 +161,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
-METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics}  # scorer → job metrics, by family
+METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "class_share": class_share_metrics}  # scorer → job metrics, by family
 
 
 def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine, device, report: ReportFn,
