@@ -204,6 +204,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from core.settings import get_settings
     from models.encoders import DEFAULT_ENCODER, EncoderNotInstalled, encoder_card, load_encoder
+    from models.encoders.preprocess import prepare_tile
     from service.tiles import TileError, read_tile
 
     settings = get_settings()
@@ -217,10 +218,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if out is not None and out.suffix not in (".npy", ".json"):
         print(f"error: --out {args.out}: write a .npy or a .json file", file=sys.stderr)
         return 2
-    tiles = []
+    tiles, sizes = [], []  # each tile resized as soon as it is read: memory of one full tile at a time
     for name in args.tiles:
         try:
-            tiles.append(read_tile(Path(name).read_bytes(), settings.max_tile_pixels, card.min_tile_side()))
+            tile = read_tile(Path(name).read_bytes(), settings.max_tile_pixels, card.min_tile_side())
+            sizes.append((tile.shape[1], tile.shape[0]))
+            tiles.append(prepare_tile(tile, card.input_size, card.resize))
         except TileError as exc:
             print(f"error: tile {name} {exc}", file=sys.stderr)
             return 2
@@ -232,15 +235,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: encoder {encoder_id}: {exc}", file=sys.stderr)
         return 2
-    vectors = encoder.embed(tiles)
+    vectors = encoder.embed(np.stack(tiles))
     if out is not None and out.suffix == ".npy":
         np.save(out, vectors)
         print(json.dumps({"encoder": encoder.id, "dim": encoder.dim, "tiles": len(tiles), "out": str(out)}))
         return 0
     text = json.dumps({"encoder": encoder.id, "dim": encoder.dim, "input_size": encoder.input_size,
                        "mpp": encoder.mpp, "embeddings": vectors.tolist(),
-                       "tiles": [{"filename": Path(n).name, "width": t.shape[1], "height": t.shape[0]}
-                                 for n, t in zip(args.tiles, tiles)]})
+                       "tiles": [{"filename": Path(n).name, "width": w, "height": h}
+                                 for n, (w, h) in zip(args.tiles, sizes)]})
     if out is None:
         print(text)
     else:

@@ -7,6 +7,7 @@ before anything is sent, and nothing of the request is stored.
 """
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -14,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.embedding import EmbedFailed, NoWorkerAnswer, request_embeddings
 from models.encoders import DEFAULT_ENCODER, EncoderCard, installed_encoders
-from models.encoders.preprocess import prepare_tiles
+from models.encoders.preprocess import prepare_tile
 from service.deps import Services, get_services, get_tenant
 from service.errors import unprocessable
 from service.schemas import EmbeddedTile, Embeddings, EncoderInfo, EncoderList, ValidationErrors
@@ -45,17 +46,22 @@ def list_encoders(services: Services = Depends(get_services)) -> EncoderList:
 
 
 def _read_tiles(uploads: list[tuple[str | None, bytes]], card: EncoderCard, max_pixels: int):
-    """Check and decode every tile (all refusals at once, each naming its part), then resize them."""
-    tiles, problems = [], []
+    """Check, decode and resize every tile (all refusals at once, each naming its part) → the tiles' sizes and
+    uint8 (N, S, S, 3). One tile is decoded at a time and only its resized copy kept, so the API's memory is
+    bounded by one tile of SLIDESYNTH_MAX_TILE_PIXELS, not by the number of tiles."""
+    sizes, prepared, problems = [], [], []
     for i, (name, data) in enumerate(uploads):
         try:
-            tiles.append(read_tile(data, max_pixels, card.min_tile_side()))
+            tile = read_tile(data, max_pixels, card.min_tile_side())
         except TileError as exc:
             label = f"tile {name!r}" if name else "tile"
             problems.append({"loc": ["body", "tiles", i], "msg": f"{label} {exc}", "type": "value_error"})
+            continue
+        sizes.append((tile.shape[1], tile.shape[0]))
+        prepared.append(prepare_tile(tile, card.input_size, card.resize))
     if problems:
         raise HTTPException(422, detail=problems)
-    return tiles, prepare_tiles(tiles, card.input_size, card.resize)
+    return sizes, np.stack(prepared)
 
 
 @router.post(
@@ -105,7 +111,7 @@ async def embed(request: Request, tenant: str = Depends(get_tenant),
         if not isinstance(part, UploadFile):
             raise unprocessable(("tiles", i), "must be a file part (PNG, JPEG or TIFF), not a text field")
         uploads.append((part.filename, await part.read()))
-    raw, prepared = await run_in_threadpool(_read_tiles, uploads, card, settings.max_tile_pixels)
+    sizes, prepared = await run_in_threadpool(_read_tiles, uploads, card, settings.max_tile_pixels)
     try:
         vectors = await run_in_threadpool(request_embeddings, services.celery, services.replies, settings,
                                           encoder_id, prepared)
@@ -117,10 +123,9 @@ async def embed(request: Request, tenant: str = Depends(get_tenant),
         raise HTTPException(500, detail=f"the worker could not embed the tiles: {exc}") from None
     except Exception as exc:  # broker down
         raise HTTPException(503, detail=f"embedding queue unavailable: {exc}", headers={"Retry-After": "30"}) from None
-    if vectors.shape != (len(raw), card.dim):
-        raise HTTPException(500, detail=f"the worker answered {vectors.shape} embeddings for {len(raw)} tiles of "
-                                        f"dimension {card.dim}")
+    if vectors.shape != (len(sizes), card.dim):
+        raise HTTPException(500, detail=f"the worker answered {vectors.shape} embeddings for {len(sizes)} tiles "
+                                        f"of dimension {card.dim}")
     return Embeddings(encoder=encoder_id, dim=card.dim, input_size=card.input_size, mpp=card.mpp,
                       embeddings=vectors.tolist(),
-                      tiles=[EmbeddedTile(filename=name, width=t.shape[1], height=t.shape[0])
-                             for (name, _), t in zip(uploads, raw)])
+                      tiles=[EmbeddedTile(filename=name, width=w, height=h) for (name, _), (w, h) in zip(uploads, sizes)])
