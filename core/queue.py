@@ -16,6 +16,7 @@ from celery import Celery
 from core.settings import Settings, get_settings
 
 TASK_GENERATE = "slidesynth.generate"
+TASK_EMBED = "slidesynth.embed"  # tiles → embeddings (core.embedding), on the embed queue
 
 
 def broker_options(settings: Settings) -> tuple[str, dict]:
@@ -51,7 +52,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(30, settings.task_time_limit - 300),
         task_default_queue=settings.queue,
-        task_routes={TASK_GENERATE: {"queue": settings.queue}},
+        task_routes={TASK_GENERATE: {"queue": settings.queue}, TASK_EMBED: {"queue": settings.embed_queue_name}},
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_soft_shutdown_timeout=60.0,
         worker_hijack_root_logger=False,

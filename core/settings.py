@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         "in the models dir, else `diffinfinite-untrained`.",
     )
     queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
+    embed_queue: str = Field(
+        "", description="Celery queue of embedding requests (`POST /embed`); empty: `<queue>.embed`. Every "
+        "`slidesynth worker` consumes it beside the job queue unless given `--queues`.")
+    embed_timeout: float = Field(
+        60.0, gt=0, le=3600,
+        description="Seconds `POST /embed` waits for a worker's answer before a 503 (the request then expires "
+        "unrun).")
     device: str = Field("auto", description="Worker torch device: auto, cpu, cuda, cuda:N.")
     batch_size: int | None = Field(
         None, ge=0,
@@ -62,6 +69,8 @@ class Settings(BaseSettings):
     max_height: int = Field(16384, ge=8, description="Largest output height in pixels.")
     max_mask_pixels: int = Field(64_000_000, ge=1, description="Largest mask (from its header) accepted.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_tile_pixels: int = Field(16_777_216, ge=1, description="Largest tile for `POST /embed` (from its header).")
+    max_embed_tiles: int = Field(64, ge=1, le=4096, description="Most tiles in one `POST /embed` request.")
     max_steps: int = Field(1000, ge=1, description="Largest number of sampling steps accepted.")
     api_keys: str = Field(
         "",
@@ -118,6 +127,11 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when no broker is configured: filesystem transport and file job store."""
         return not self.broker_url
+
+    @property
+    def embed_queue_name(self) -> str:
+        """The queue embedding requests go to: the setting, else the job queue's name + ``.embed``."""
+        return self.embed_queue or f"{self.queue}.embed"
 
     @property
     def job_store_url(self) -> str | None:

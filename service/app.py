@@ -11,9 +11,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import ModelRegistry
 from service.deps import Services
-from service.routes import generate, jobs, system
-from service.schemas import GenerateRequest, MultipartGenerate
+from service.routes import embed, generate, jobs, system
+from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
 from core import __version__
+from core.embedding import open_reply_box
 from core.jobs import open_store
 from core.settings import Settings, get_settings
 from core.queue import make_celery
@@ -85,10 +86,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "download a pyramidal TIFF that opens in QuPath, OpenSlide-based tools and OpenSeadragon.",
     )
     app.state.services = Services(settings=settings, store=open_store(settings),
-                                  registry=ModelRegistry(settings.models_dir), celery=make_celery(settings))
+                                  registry=ModelRegistry(settings.models_dir), celery=make_celery(settings),
+                                  replies=open_reply_box(settings))
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)
+    app.include_router(embed.router)
     for exc_type in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(exc_type, store_unavailable)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
@@ -103,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (GenerateRequest, MultipartGenerate):
+            for model in (GenerateRequest, MultipartGenerate, MultipartEmbed):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, sub in model_schema.pop("$defs", {}).items():
                     components.setdefault(name, sub)

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, job store, model registry, Celery producer, open slides, caller identity."""
+"""FastAPI dependencies: settings, job store, model registry, Celery producer, reply box, open slides, caller
+identity."""
 from __future__ import annotations
 
 import hmac
@@ -10,6 +11,7 @@ from fastapi.security import APIKeyHeader
 
 from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
+from core.embedding import ReplyBox
 from core.jobs import JobStore
 from core.settings import Settings
 
@@ -23,6 +25,7 @@ class Services:
     store: JobStore
     registry: ModelRegistry
     celery: Celery
+    replies: ReplyBox | None = None  # where workers answer embedding requests (core.embedding)
     slides: DeepZoomSlides = field(default_factory=DeepZoomSlides)  # open TIFFs behind the Deep Zoom routes
 
 

@@ -166,6 +166,53 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class EncoderInfo(BaseModel):
+    id: str = Field(description="Encoder id for `POST /embed` (`encoder`) and for embedding conditioning.")
+    kind: str = Field(description="Network family: `tile-cnn` (the project's) or `openclip-vit` (QuiltNet).")
+    dim: int = Field(description="Length of an embedding.")
+    input_size: int = Field(description="Side in px of the square the encoder sees: a tile's shorter side is "
+                                        "resized to it, then the centred square is cut.")
+    min_tile_side: int = Field(description="Smallest tile side accepted, px (tiles are not magnified).")
+    mpp: float | None = Field(description="µm per pixel of its training tiles at input_size; null: mixed "
+                                          "magnifications.")
+    description: str
+    objective: str = Field(description="How it was trained (the card's training objective or recipe).")
+    prototypes: list[str] = Field(description="Classes with a shipped prototype (mean embedding).")
+    metrics: dict[str, Any] = Field(description="Held-out figures from its card.")
+
+
+class EncoderList(BaseModel):
+    default: str | None = Field(description="Encoder `POST /embed` uses when the request names none; null when "
+                                            "it is not installed.")
+    encoders: list[EncoderInfo]
+
+
+class EmbeddedTile(BaseModel):
+    filename: str | None
+    width: int
+    height: int
+
+
+class Embeddings(BaseModel):
+    encoder: str
+    dim: int
+    input_size: int
+    mpp: float | None
+    embeddings: list[list[float]] = Field(description="One unit-length vector per tile, in the order sent.")
+    tiles: list[EmbeddedTile] = Field(description="The tiles as received (before the resize to input_size).")
+
+
+class MultipartEmbed(BaseModel):
+    """`multipart/form-data` body of `POST /embed`."""
+
+    tiles: list[bytes] = Field(
+        json_schema_extra={"items": {"type": "string", "format": "binary"}},
+        description="One or more PNG, JPEG or TIFF tiles (a `tiles` part each; RGB, RGBA or greyscale, 8 or 16 "
+                    "bit). Each side must be ≥ the encoder's `min_tile_side`; at most SLIDESYNTH_MAX_TILE_PIXELS "
+                    "pixels (judged from the header) and SLIDESYNTH_MAX_EMBED_TILES tiles.")
+    encoder: str | None = Field(None, description="Encoder id from `GET /encoders`; default: `slidesynth-tile-v1`.")
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     store: bool

@@ -1,4 +1,4 @@
-"""The ``slidesynth`` command: serve, worker, generate, train, convert."""
+"""The ``slidesynth`` command: serve, worker, generate, embed, train, convert."""
 from __future__ import annotations
 
 import argparse
@@ -66,7 +66,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["worker", f"--loglevel={args.log_level}", "-Q", settings.queue, "-c", str(settings.worker_concurrency),
+    queues = args.queues or f"{settings.queue},{settings.embed_queue_name}"
+    argv = ["worker", f"--loglevel={args.log_level}", "-Q", queues, "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
             f"--statedb={settings.data_dir / 'worker-state'}"]
     app.worker_main(argv)
@@ -197,6 +198,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Tiles → embeddings in-process: the API's header checks and resize, the worker's encoder loading."""
+    import numpy as np
+
+    from core.settings import get_settings
+    from models.encoders import DEFAULT_ENCODER, EncoderNotInstalled, encoder_card, load_encoder
+    from models.encoders.preprocess import prepare_tile
+    from service.tiles import TileError, read_tile
+
+    settings = get_settings()
+    encoder_id = args.encoder or DEFAULT_ENCODER
+    try:
+        card = encoder_card(encoder_id, settings.models_dir)
+    except (EncoderNotInstalled, OSError, ValueError) as exc:
+        print(f"error: --encoder: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix not in (".npy", ".json"):
+        print(f"error: --out {args.out}: write a .npy or a .json file", file=sys.stderr)
+        return 2
+    tiles, sizes = [], []  # each tile resized as soon as it is read: memory of one full tile at a time
+    for name in args.tiles:
+        try:
+            tile = read_tile(Path(name).read_bytes(), settings.max_tile_pixels, card.min_tile_side())
+            sizes.append((tile.shape[1], tile.shape[0]))
+            tiles.append(prepare_tile(tile, card.input_size, card.resize))
+        except TileError as exc:
+            print(f"error: tile {name} {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: tile {name}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    try:
+        encoder = load_encoder(encoder_id, settings.models_dir, args.device or "cpu")
+    except (OSError, ValueError) as exc:
+        print(f"error: encoder {encoder_id}: {exc}", file=sys.stderr)
+        return 2
+    vectors = encoder.embed(np.stack(tiles))
+    if out is not None and out.suffix == ".npy":
+        np.save(out, vectors)
+        print(json.dumps({"encoder": encoder.id, "dim": encoder.dim, "tiles": len(tiles), "out": str(out)}))
+        return 0
+    text = json.dumps({"encoder": encoder.id, "dim": encoder.dim, "input_size": encoder.input_size,
+                       "mpp": encoder.mpp, "embeddings": vectors.tolist(),
+                       "tiles": [{"filename": Path(n).name, "width": w, "height": h}
+                                 for n, (w, h) in zip(args.tiles, sizes)]})
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text + "\n")
+        print(json.dumps({"encoder": encoder.id, "dim": encoder.dim, "tiles": len(tiles), "out": str(out)}))
+    return 0
+
+
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in (".zattrs", ".zgroup", "zarr.json"))
 
@@ -215,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Celery worker for the job queue")
     p.add_argument("--name", default="gpu")
+    p.add_argument("--queues", help="comma-separated queues to consume (default: SLIDESYNTH_QUEUE and the embed "
+                                    "queue, SLIDESYNTH_EMBED_QUEUE); e.g. only the embed queue for a worker that "
+                                    "answers POST /embed while the others run slides")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 
@@ -239,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int)
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("embed", help="embed image tiles with an encoder (no server)",
+                       description="Embed PNG/JPEG/TIFF tiles with an installed encoder (SLIDESYNTH_MODELS_DIR), as "
+                                   "POST /embed does: the same header checks and resize, in this process.")
+    p.add_argument("tiles", nargs="+", metavar="TILE", help="image tiles (each side ≥ the encoder's input size)")
+    p.add_argument("--encoder", help="encoder id (default slidesynth-tile-v1; `GET /encoders` lists them)")
+    p.add_argument("--out", help="write the embeddings to a .npy ((N, dim) float32) or .json file (default: "
+                                 "print the JSON)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.set_defaults(func=cmd_embed)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="model_kind", required=True)
     convert = sub.add_parser("convert", help="convert third-party checkpoints").add_subparsers(

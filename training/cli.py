@@ -7,6 +7,7 @@ returns an exit code). Commands:
 * ``train diffinfinite`` / ``train diffinfinite-mask`` (:mod:`training.diffinfinite`);
 * ``train vae``: the KL autoencoder from scratch on a tile folder (:mod:`training.vae`);
 * ``train infinity-brush`` (:mod:`training.infbrush`);
+* ``train tile-encoder``: the project's tile encoder on procedural tissue (:mod:`training.tile_encoder`);
 * ``convert diffinfinite-official``: an official DiffInfinite checkpoint into a servable model folder (the
   converter itself, :func:`models.diffinfinite.checkpoints.convert_official_checkpoint`, stays in ``models/``:
   loading reads official checkpoints with the same code).
@@ -24,10 +25,12 @@ from models.infbrush.config import PRESETS, InfBrushConfig
 
 
 def add_train_parsers(train_subparsers) -> None:
-    """Add every training command: ``diffinfinite``, ``diffinfinite-mask``, ``vae``, ``infinity-brush``."""
+    """Add every training command: ``diffinfinite``, ``diffinfinite-mask``, ``vae``, ``infinity-brush``,
+    ``tile-encoder``."""
     add_diffinfinite_train_parsers(train_subparsers)
     add_vae_train_parsers(train_subparsers)
     add_infbrush_train_parsers(train_subparsers)
+    add_tile_encoder_train_parsers(train_subparsers)
 
 
 def add_convert_parsers(convert_subparsers) -> None:
@@ -350,4 +353,46 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_infbrush)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ tile encoder
+
+
+def _run_tile_encoder(args: argparse.Namespace) -> int:
+    from training.tile_encoder import train_tile_encoder
+
+    card = train_tile_encoder(
+        args.out, encoder_id=args.id or Path(args.out).name, dim=args.dim, n_images=args.n_images,
+        per_image=args.per_image, steps=args.steps, batch=args.batch, lr=args.lr,
+        contrastive_weight=args.contrastive_weight, temperature=args.temperature, seed=args.seed,
+        threads=args.threads or None, log=(lambda _: None) if args.quiet else print)
+    m = card["metrics"]
+    print(f"encoder {card['id']}: nearest-prototype accuracy {m['nearest_prototype_accuracy']} on held-out "
+          f"procedural windows; {card['size_bytes'] / 1e6:.2f} MB; {card['training']['seconds']:.0f} s; "
+          f"folder {args.out}")
+    return 0
+
+
+def add_tile_encoder_train_parsers(train_subparsers) -> argparse.ArgumentParser:
+    """Add ``tile-encoder``: the project's CNN tile encoder on procedural tissue (:mod:`training.tile_encoder`)."""
+    p = train_subparsers.add_parser(
+        "tile-encoder", help="train the project's tile encoder (slidesynth-tile-v1) on procedural tissue",
+        description="Train a small CNN tile encoder on procedural H&E-like windows (supervised cosine classifier "
+                    "+ NT-Xent between two views), evaluate it on held-out layouts and write an encoder folder: "
+                    "encoder.safetensors, prototypes.json (mean embedding per class), encoder_card.json.")
+    p.add_argument("--out", required=True, help="encoder folder to write (e.g. weights/encoders/slidesynth-tile-v1)")
+    p.add_argument("--id", help="encoder id on the card (default: the folder name)")
+    p.add_argument("--dim", type=int, default=128, help="embedding length (default 128)")
+    p.add_argument("--n-images", type=int, default=640, help="procedural renders of 256² px (default 640)")
+    p.add_argument("--per-image", type=int, default=24, help="windows drawn per render (default 24)")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--contrastive-weight", type=float, default=0.5, help="weight of the NT-Xent term (default 0.5)")
+    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it; default 1)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_tile_encoder)
     return p

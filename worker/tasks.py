@@ -1,4 +1,5 @@
-"""Celery tasks: thin adapters from a job id to :func:`worker.jobrunner.run_job`."""
+"""Celery tasks: thin adapters from a job id to :func:`worker.jobrunner.run_job`, and from an embedding request
+to :func:`worker.embedding.answer_embed_request`."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,9 @@ from celery import Task
 from celery.signals import worker_ready
 
 from worker.celery_app import TASK_GENERATE, app
+from worker.embedding import answer_embed_request
 from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
-from core.queue import enqueue
+from core.queue import TASK_EMBED, enqueue
 
 log = logging.getLogger("slidesynth.worker")
 
@@ -35,6 +37,13 @@ class GenerateTask(Task):
 @app.task(name=TASK_GENERATE, base=GenerateTask, acks_late=True, reject_on_worker_lost=True)
 def generate(job_id: str) -> None:
     run_job(job_id, context())
+
+
+# Acked on receipt and short: the API waits seconds for the answer, and a request it gave up on expires unrun.
+@app.task(name=TASK_EMBED, acks_late=False, reject_on_worker_lost=False, ignore_result=True,
+          soft_time_limit=600, time_limit=660)
+def embed(request: dict) -> None:
+    answer_embed_request(request, context().settings)
 
 
 @worker_ready.connect
