@@ -40,6 +40,14 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
+class EmbeddingGrid(BaseModel):
+    """A grid of embeddings laid over the slide: ``vectors[r·cols + c]`` conditions cell (r, c)."""
+
+    rows: int
+    cols: int
+    vectors: list[list[float]]
+
+
 class JobSpec(BaseModel):
     """A validated, normalised request: everything the worker needs to run the job.
 
@@ -47,7 +55,7 @@ class JobSpec(BaseModel):
 
     model: str
     engine: str
-    conditioning: Literal["mask", "subtype", "embedding"]
+    conditioning: Literal["mask", "subtype", "embedding", "embedding_grid"]
     width: int
     height: int
     mpp: float
@@ -63,6 +71,7 @@ class JobSpec(BaseModel):
     subtype: str | None = None
     subtype_id: int | None = None
     embedding: list[float] | None = None
+    embedding_grid: EmbeddingGrid | None = None  # records from before grids have none
     encoder: str | None = None
     mask_file: str | None = None  # relative to the job directory
     mask_width: int | None = None

@@ -257,7 +257,7 @@ def test_infinity_brush_embedding_checks(client):
     assert str(client.settings.models_dir) not in sub.text  # no server paths in answers
     # ... and /models does not offer what would be refused
     card = {m["name"]: m for m in client.get("/models").json()["models"]}["infinity-brush-untrained"]
-    assert card["conditioning"] == ["embedding"]
+    assert card["conditioning"] == ["embedding", "embedding_grid"]
 
 
 def test_lost_running_job_is_canceled_at_once(client):
