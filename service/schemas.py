@@ -30,7 +30,7 @@ MAX_GRID_SIDE = 64  # rows and columns of an embedding grid (a model may take fe
 
 class EmbeddingGridConditioning(_Strict):
     """Different regions of the slide like different tiles: the slide is cut into rows × cols equal cells and
-    cell (r, c) is conditioned on vectors[r·cols + c]; the model blends neighbouring cells smoothly."""
+    vectors[r·cols + c] describes cell (r, c), placed at its centre (the paper's spatial control)."""
 
     type: Literal["embedding_grid"]
     encoder: str = Field("quilt-vit-b-32", description="Id of the encoder that produced the vectors.")
