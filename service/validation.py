@@ -128,7 +128,7 @@ def check_embedding_grid(cond: EmbeddingGridConditioning, card: ModelCard) -> Em
         raise FieldError(("conditioning", "vectors"), f"{cond.rows} rows × {cond.cols} cols need {cells} vectors "
                                                       f"(row-major), got {len(cond.vectors)}")
     vectors = [_check_vector(v, card, ("conditioning", "vectors", i)) for i, v in enumerate(cond.vectors)]
-    return EmbeddingGrid(rows=cond.rows, cols=cond.cols, vectors=vectors)
+    return EmbeddingGrid.from_vectors(cond.rows, cond.cols, vectors)
 
 
 def check_labels(labels: np.ndarray, card: ModelCard) -> None:

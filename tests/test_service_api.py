@@ -268,7 +268,8 @@ def test_infinity_brush_embedding_grid_checks(client):
     assert ok.status_code == 202, ok.text
     spec = client.store.get(ok.json()["id"]).spec
     assert spec.conditioning == "embedding_grid" and spec.encoder == "quilt-vit-b-32"
-    assert (spec.embedding_grid.rows, spec.embedding_grid.cols, spec.embedding_grid.vectors) == (2, 3, vectors)
+    assert (spec.embedding_grid.rows, spec.embedding_grid.cols, spec.embedding_grid.dim) == (2, 3, 512)
+    assert np.array_equal(spec.embedding_grid.array(), np.asarray(vectors, np.float32))  # row-major, float32
     assert spec.embedding is None
     client.delete(ok.json()["status_url"])
     client.delete(ok.json()["status_url"])

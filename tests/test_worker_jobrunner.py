@@ -158,18 +158,19 @@ def test_infinity_brush_embedding_grid_job(ctx):
     vectors = [(v / np.linalg.norm(v)).tolist() for v in rng.normal(size=(6, 512))]
     spec = JobSpec(model="infinity-brush-untrained", engine="infinity-brush", conditioning="embedding_grid",
                    width=64, height=40, mpp=0.5, seed=2, steps=2, guidance=1.5, encoder="quilt-vit-b-32",
-                   embedding_grid=EmbeddingGrid(rows=2, cols=3, vectors=vectors))
+                   embedding_grid=EmbeddingGrid.from_vectors(2, 3, vectors))
     ctx.store.create(JobRecord(id="grid1", spec=spec))
     assert run_job("grid1", ctx) == JobStatus.succeeded, ctx.store.get("grid1").error
     job = ctx.store.get("grid1")
-    assert job.spec.embedding_grid.vectors == vectors and job.untrained
+    assert np.array_equal(job.spec.embedding_grid.array(), np.float32(vectors)) and job.untrained
     job_dir = ctx.store.job_dir("grid1")
     assert openslide.OpenSlide(str(job_dir / job.outputs["tiff"])).dimensions == (64, 40)
     # the slide's metadata names the grid's shape, not its 3072 numbers
     params = json.loads((job_dir / "metadata.json").read_text())["parameters"]
-    assert params["embedding_grid"] == {"rows": 2, "cols": 3} and params["conditioning"] == "embedding_grid"
+    assert params["embedding_grid"] == {"rows": 2, "cols": 3, "dim": 512}
+    assert params["conditioning"] == "embedding_grid"
     # a grid the engine cannot use fails the job with the reason (the API refuses it before it gets here)
-    zero = EmbeddingGrid(rows=2, cols=3, vectors=vectors[:5] + [[0.0] * 512])
+    zero = EmbeddingGrid.from_vectors(2, 3, vectors[:5] + [[0.0] * 512])
     bad = spec.model_copy(update={"embedding_grid": zero})
     ctx.store.create(JobRecord(id="grid2", spec=bad))
     assert run_job("grid2", ctx) == JobStatus.failed and "zero vector" in ctx.store.get("grid2").error
