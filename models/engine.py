@@ -77,7 +77,8 @@ class SlideRequest:
     ``labels``: the label mask at output size (mask jobs); ``subtype`` / ``subtype_id``: a subtype prompt;
     ``embedding`` / ``encoder``: an image embedding; ``embedding_grid`` / ``encoder``: (rows, cols, vectors), a
     grid of embeddings laid over the slide, vectors (rows·cols, D) in row-major order. ``guidance`` is ω of the
-    API's convention (1+ω)·ε(c) − ω·ε(∅); an engine with another convention converts it. ``options``: the engine's options model.
+    API's convention (1+ω)·ε(c) − ω·ε(∅); an engine with another convention converts it. ``options``: the
+    engine's options model.
     """
 
     width: int
