@@ -40,6 +40,37 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
+class EmbeddingGrid(BaseModel):
+    """A grid of embeddings laid over the slide: row r·cols + c of :meth:`array` conditions cell (r, c).
+
+    The vectors are kept as base64 of little-endian float32 (the precision the engines compute in; the API has
+    checked they fit): a 64 × 64 grid of 512-d vectors is 11 MB in the record rather than ≈ 40 MB of decimal
+    JSON, and reading the record — every status poll and progress write — decodes one string, not two million
+    numbers."""
+
+    rows: int
+    cols: int
+    dim: int
+    data: str  # base64 of float32 little-endian, row-major (rows·cols, dim)
+
+    @classmethod
+    def from_vectors(cls, rows: int, cols: int, vectors) -> "EmbeddingGrid":
+        import base64
+
+        import numpy as np
+
+        arr = np.asarray(vectors, dtype="<f4").reshape(rows * cols, -1)
+        return cls(rows=rows, cols=cols, dim=arr.shape[1], data=base64.b64encode(arr.tobytes()).decode("ascii"))
+
+    def array(self):
+        """The vectors, a float32 numpy array (rows·cols, dim)."""
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(self.data), dtype="<f4").reshape(self.rows * self.cols, self.dim)
+
+
 class JobSpec(BaseModel):
     """A validated, normalised request: everything the worker needs to run the job.
 
@@ -47,7 +78,7 @@ class JobSpec(BaseModel):
 
     model: str
     engine: str
-    conditioning: Literal["mask", "subtype", "embedding"]
+    conditioning: Literal["mask", "subtype", "embedding", "embedding_grid"]
     width: int
     height: int
     mpp: float
@@ -63,6 +94,7 @@ class JobSpec(BaseModel):
     subtype: str | None = None
     subtype_id: int | None = None
     embedding: list[float] | None = None
+    embedding_grid: EmbeddingGrid | None = None  # records from before grids have none
     encoder: str | None = None
     mask_file: str | None = None  # relative to the job directory
     mask_width: int | None = None

@@ -40,7 +40,8 @@ class ModelCard(BaseModel):
         description="Label id → class of the fidelity classifier (0 glass, 1 carcinoma, 2 necrosis, 3 tumour stroma, "
                     "4 others) its regions should show; labels left out are not scored. Empty: labels 0–4 are "
                     "those classes.")
-    conditioning: list[Literal["mask", "subtype", "embedding"]] = Field(default_factory=lambda: ["mask"])
+    conditioning: list[Literal["mask", "subtype", "embedding", "embedding_grid"]] = Field(
+        default_factory=lambda: ["mask"])
     embedding_encoder: str | None = Field(None, description="Encoder id accepted for embeddings.")
     embedding_dim: int | None = None
     training_data: str = ""

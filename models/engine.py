@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from models.cards import ModelCard
 
-ConditioningKind = Literal["mask", "subtype", "embedding"]
+ConditioningKind = Literal["mask", "subtype", "embedding", "embedding_grid"]
 
 
 class Stage(str, Enum):
@@ -75,8 +75,10 @@ class SlideRequest:
     """One validated slide request as an engine sees it (built by the worker from a job record).
 
     ``labels``: the label mask at output size (mask jobs); ``subtype`` / ``subtype_id``: a subtype prompt;
-    ``embedding`` / ``encoder``: an image embedding. ``guidance`` is ω of the API's convention
-    (1+ω)·ε(c) − ω·ε(∅); an engine with another convention converts it. ``options``: the engine's options model.
+    ``embedding`` / ``encoder``: an image embedding; ``embedding_grid`` / ``encoder``: (rows, cols, vectors), a
+    grid of embeddings laid over the slide, vectors (rows·cols, D) in row-major order. ``guidance`` is ω of the
+    API's convention (1+ω)·ε(c) − ω·ε(∅); an engine with another convention converts it. ``options``: the
+    engine's options model.
     """
 
     width: int
@@ -93,6 +95,7 @@ class SlideRequest:
     subtype_id: int | None = None
     embedding: list[float] | None = None
     encoder: str | None = None
+    embedding_grid: tuple[int, int, np.ndarray] | None = None
 
 
 @dataclass
@@ -167,6 +170,8 @@ class Engine(Protocol):
     # Optional (EngineBase has a default): ``probe_batch(models, device, batch, precision) -> bool`` runs one
     # forward of the network whose batch ``Runtime.batch_size`` sets, on ``batch`` items at ``precision``; the
     # worker measures its memory at start to size and check the batch. False: the engine has no such network.
+    # ``max_embedding_grid(card) -> int | None``: the most rows (and columns) of an embedding grid the card's model
+    # takes, read from the card (the API refuses larger grids before storing a job); None: no limit of its own.
 
 
 class EngineBase:
@@ -195,6 +200,10 @@ class EngineBase:
     def probe_batch(self, models: Any, device: Any, batch: int, precision: str) -> bool:
         """Nothing to probe: the worker keeps the default batch size and trusts an explicit one."""
         return False
+
+    def max_embedding_grid(self, card: ModelCard) -> int | None:
+        """No limit of the engine's own on embedding grids (the API's bound still applies)."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

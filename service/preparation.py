@@ -12,7 +12,7 @@ from core.jobs import JobSpec
 from core.settings import Settings
 from models.cards import ModelCard
 from service.masks import MaskError, decode_mask, encode_png, inspect_mask
-from service.schemas import EmbeddingConditioning, GenerateParams, SubtypeConditioning
+from service.schemas import EmbeddingConditioning, EmbeddingGridConditioning, GenerateParams, SubtypeConditioning
 from service.validation import FieldError, build_spec, check_labels, resolve_model
 
 
@@ -24,7 +24,7 @@ class PreparedJob:
 
 
 def prepare_job(params: GenerateParams, cards: dict[str, ModelCard], settings: Settings, *,
-                conditioning: SubtypeConditioning | EmbeddingConditioning | None = None,
+                conditioning: SubtypeConditioning | EmbeddingConditioning | EmbeddingGridConditioning | None = None,
                 mask: bytes | None = None) -> PreparedJob:
     """Validate a request (a mask file's bytes, or a conditioning) into a job spec; FieldError otherwise."""
     card = resolve_model(params.model, cards, settings)

@@ -25,7 +25,24 @@ class EmbeddingConditioning(_Strict):
     encoder: str = Field("quilt-vit-b-32", description="Id of the encoder that produced the vector.")
 
 
-CONDITIONING_KINDS = (SubtypeConditioning, EmbeddingConditioning)
+MAX_GRID_SIDE = 64  # rows and columns of an embedding grid (a model may take fewer: GET /models, its engine)
+
+
+class EmbeddingGridConditioning(_Strict):
+    """Different regions of the slide like different tiles: the slide is cut into rows × cols equal cells and
+    vectors[r·cols + c] describes cell (r, c), placed at its centre (the paper's spatial control)."""
+
+    type: Literal["embedding_grid"]
+    encoder: str = Field("quilt-vit-b-32", description="Id of the encoder that produced the vectors.")
+    rows: int = Field(ge=1, le=MAX_GRID_SIDE, description="Cells from top to bottom.")
+    cols: int = Field(ge=1, le=MAX_GRID_SIDE, description="Cells from left to right.")
+    vectors: list[Annotated[list[float], Field(max_length=65536)]] = Field(
+        max_length=MAX_GRID_SIDE ** 2,
+        description="rows·cols image embeddings in row-major order (top row left to right, then the next), each "
+                    "of the model's `embedding_dim`.")
+
+
+CONDITIONING_KINDS = (SubtypeConditioning, EmbeddingConditioning, EmbeddingGridConditioning)
 Conditioning = Annotated[Union[CONDITIONING_KINDS], Field(discriminator="type")]
 # the tags pydantic puts into error locations after a tagged union: each kind's `type` literal
 UNION_TAGS = {"conditioning": {get_args(kind.model_fields["type"].annotation)[0] for kind in CONDITIONING_KINDS}}

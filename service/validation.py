@@ -12,12 +12,12 @@ import numpy as np
 
 from pydantic import ValidationError
 
-from core.jobs import JobSpec
+from core.jobs import EmbeddingGrid, JobSpec
 from core.settings import Settings
 from models.cards import ModelCard
 from models.engine import EngineOptions, OptionError, get_engine, steps_default
 from service.masks import MaskInfo
-from service.schemas import EmbeddingConditioning, GenerateParams, SubtypeConditioning
+from service.schemas import EmbeddingConditioning, EmbeddingGridConditioning, GenerateParams, SubtypeConditioning
 
 # Common names of the DiffInfinite mask model's two subtypes (TCGA codes and short forms).
 SUBTYPE_ALIASES = {
@@ -85,26 +85,50 @@ def _require_served(card: ModelCard, kind: str, settings: Settings) -> None:
         raise FieldError(("mask",) if kind == "mask" else ("conditioning", "type"), why)
 
 
-def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]:
-    if "embedding" not in card.conditioning:
-        raise FieldError(("conditioning", "type"), f"model {card.name} does not take embedding conditioning")
-    if card.embedding_encoder and cond.encoder != card.embedding_encoder:
+def _check_encoder(encoder: str, card: ModelCard, kind: str) -> None:
+    if kind not in card.conditioning:
+        raise FieldError(("conditioning", "type"), f"model {card.name} does not take {kind} conditioning")
+    if card.embedding_encoder and encoder != card.embedding_encoder:
         raise FieldError(
             ("conditioning", "encoder"),
             f"{card.name} expects embeddings from {card.embedding_encoder!r} "
-            f"({card.embedding_dim} numbers), not {cond.encoder!r}",
+            f"({card.embedding_dim} numbers), not {encoder!r}",
         )
-    if card.embedding_dim and len(cond.vector) != card.embedding_dim:
+
+
+def _check_vector(vector: list[float], card: ModelCard, loc: tuple[str | int, ...]) -> list[float]:
+    if card.embedding_dim and len(vector) != card.embedding_dim:
         raise FieldError(
-            ("conditioning", "vector"),
-            f"{card.name} expects {card.embedding_dim} numbers from {card.embedding_encoder!r}, got {len(cond.vector)}",
+            loc, f"{card.name} expects {card.embedding_dim} numbers from {card.embedding_encoder!r}, got {len(vector)}",
         )
-    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in cond.vector):
-        raise FieldError(("conditioning", "vector"), "contains non-finite values (NaN or infinity) or values "
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in vector):
+        raise FieldError(loc, "contains non-finite values (NaN or infinity) or values "
                          f"beyond float32 (|v| > {FLOAT32_MAX:.4g})")
-    if float(np.linalg.norm(np.asarray(cond.vector, np.float32))) < 1e-8:  # as the engine measures it
-        raise FieldError(("conditioning", "vector"), "is a zero vector: it has no direction to condition on")
-    return list(map(float, cond.vector))
+    if float(np.linalg.norm(np.asarray(vector, np.float32))) < 1e-8:  # as the engine measures it
+        raise FieldError(loc, "is a zero vector: it has no direction to condition on")
+    return list(map(float, vector))
+
+
+def check_embedding(cond: EmbeddingConditioning, card: ModelCard) -> list[float]:
+    _check_encoder(cond.encoder, card, "embedding")
+    return _check_vector(cond.vector, card, ("conditioning", "vector"))
+
+
+def check_embedding_grid(cond: EmbeddingGridConditioning, card: ModelCard) -> EmbeddingGrid:
+    """The grid's shape against the model's limit, then each vector as :func:`check_embedding` checks one
+    (the first bad one named by its index, ``conditioning.vectors.<i>``)."""
+    _check_encoder(cond.encoder, card, "embedding_grid")
+    limit = get_engine(card.engine).max_embedding_grid(card)
+    for name in ("rows", "cols"):
+        if limit is not None and getattr(cond, name) > limit:
+            raise FieldError(("conditioning", name), f"{getattr(cond, name)} is over the maximum of {limit} "
+                                                     f"for {card.name}")
+    cells = cond.rows * cond.cols
+    if len(cond.vectors) != cells:
+        raise FieldError(("conditioning", "vectors"), f"{cond.rows} rows × {cond.cols} cols need {cells} vectors "
+                                                      f"(row-major), got {len(cond.vectors)}")
+    vectors = [_check_vector(v, card, ("conditioning", "vectors", i)) for i, v in enumerate(cond.vectors)]
+    return EmbeddingGrid.from_vectors(cond.rows, cond.cols, vectors)
 
 
 def check_labels(labels: np.ndarray, card: ModelCard) -> None:
@@ -138,7 +162,7 @@ def build_spec(
     card: ModelCard,
     settings: Settings,
     *,
-    conditioning: SubtypeConditioning | EmbeddingConditioning | None = None,
+    conditioning: SubtypeConditioning | EmbeddingConditioning | EmbeddingGridConditioning | None = None,
     mask: MaskInfo | None = None,
 ) -> JobSpec:
     """Validate everything but the mask's pixel values (see :func:`check_labels`)."""
@@ -176,6 +200,9 @@ def build_spec(
             name, idx = resolve_subtype(conditioning.subtype, card)
             _require_served(card, "subtype", settings)
             extra = dict(conditioning="subtype", subtype=name, subtype_id=idx)
+        elif isinstance(conditioning, EmbeddingGridConditioning):
+            extra = dict(conditioning="embedding_grid", embedding_grid=check_embedding_grid(conditioning, card),
+                         encoder=conditioning.encoder)
         else:
             extra = dict(conditioning="embedding", embedding=check_embedding(conditioning, card),
                          encoder=conditioning.encoder)

@@ -112,20 +112,35 @@ def _generate_params(args: argparse.Namespace):
     return GenerateParams(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _embedding_conditioning(path: Path, encoder: str | None):
+    """``--embedding``: one vector ((D,) .npy or a JSON list) or a grid of them ((rows, cols, D) .npy or a JSON
+    object as the API's ``conditioning``, ``{"rows": R, "cols": C, "vectors": [[…], …]}``, ``type`` optional).
+    ``--encoder`` wins over the object's ``encoder``; neither: the API's default."""
+    from service.schemas import EmbeddingConditioning, EmbeddingGridConditioning
+
+    enc = {"encoder": encoder} if encoder else {}
+    if path.suffix == ".npy":
+        import numpy as np
+
+        arr = np.load(path, allow_pickle=False).astype(float)
+        if arr.ndim == 3:
+            return EmbeddingGridConditioning(type="embedding_grid", rows=arr.shape[0], cols=arr.shape[1],
+                                             vectors=arr.reshape(-1, arr.shape[2]).tolist(), **enc)
+        return EmbeddingConditioning(type="embedding", vector=arr.ravel().tolist(), **enc)
+    value = json.loads(path.read_text())
+    if isinstance(value, dict):
+        kind = EmbeddingConditioning if value.get("type") == "embedding" else EmbeddingGridConditioning
+        return kind.model_validate({"type": "embedding_grid", **value, **enc})
+    return EmbeddingConditioning(type="embedding", vector=value, **enc)
+
+
 def _conditioning(args: argparse.Namespace):
-    from service.schemas import EmbeddingConditioning, SubtypeConditioning
+    from service.schemas import SubtypeConditioning
 
     if args.subtype:
         return SubtypeConditioning(type="subtype", subtype=args.subtype)
     if args.embedding:
-        path = Path(args.embedding)
-        if path.suffix == ".npy":
-            import numpy as np
-
-            vector = np.load(path).astype(float).ravel().tolist()
-        else:
-            vector = json.loads(path.read_text())
-        return EmbeddingConditioning(type="embedding", vector=vector, encoder=args.encoder)
+        return _embedding_conditioning(Path(args.embedding), args.encoder)
     return None
 
 
@@ -279,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate one slide in-process (no server)")
     p.add_argument("--mask", help="label mask PNG/TIFF (pixel value = class index)")
     p.add_argument("--subtype", help="cancer subtype prompt (e.g. LUAD, LUSC)")
-    p.add_argument("--embedding", help="image embedding: a .npy file or a JSON list of numbers")
-    p.add_argument("--encoder", default="quilt-vit-b-32", help="encoder of --embedding (default quilt-vit-b-32)")
+    p.add_argument("--embedding", help="image embedding: a .npy file ((D,) one vector, (rows, cols, D) a grid over "
+                                       "the slide) or a JSON list of numbers or grid object {rows, cols, vectors}")
+    p.add_argument("--encoder", help="encoder of --embedding (default: the JSON object's, else quilt-vit-b-32)")
     p.add_argument("--out", required=True, help="output pyramidal TIFF path")
     p.add_argument("--zarr", help="also write an OME-Zarr at this path")
     p.add_argument("--model")

@@ -20,7 +20,7 @@ def test_untrained_default_card():
     assert c.name == "infinity-brush-untrained" and c.engine == "infinity-brush" and c.trained is False
     assert c.embedding_encoder == "quilt-vit-b-32" and c.embedding_dim == 512
     assert c.max_width == c.max_height == 8192
-    assert set(c.conditioning) == {"embedding", "subtype"}
+    assert set(c.conditioning) == {"embedding", "embedding_grid", "subtype"}
     assert InfBrushConfig.from_dict(c.config["network"]) == tiny_config()
     assert "∞-Diff" in c.description and "Philox" in c.description
     # seeded: same seed → same weights, another seed → others
@@ -52,7 +52,7 @@ def test_validate_embedding_names_expected_encoder_and_dimension():
     with pytest.raises(ValueError, match="zero"):
         pipe.validate_embedding(np.zeros(512))
     with pytest.raises(ValueError, match="exceeds"):
-        pipe.validate_embedding(np.ones((17, 1, 512)))
+        pipe.validate_embedding(np.ones((65, 1, 512)))
     with pytest.raises(ValueError, match="not numeric"):
         pipe.validate_embedding(["a"] * 512)
 

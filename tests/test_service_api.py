@@ -257,7 +257,65 @@ def test_infinity_brush_embedding_checks(client):
     assert str(client.settings.models_dir) not in sub.text  # no server paths in answers
     # ... and /models does not offer what would be refused
     card = {m["name"]: m for m in client.get("/models").json()["models"]}["infinity-brush-untrained"]
-    assert card["conditioning"] == ["embedding"]
+    assert card["conditioning"] == ["embedding", "embedding_grid"]
+
+
+def test_infinity_brush_embedding_grid_checks(client):
+    base = {"model": "infinity-brush-untrained", "width": 256, "height": 128}
+    vectors = [[0.05 * (i + 1)] * 512 for i in range(6)]
+    grid = {"type": "embedding_grid", "encoder": "quilt-vit-b-32", "rows": 2, "cols": 3, "vectors": vectors}
+    ok = client.post("/generate", json={**base, "conditioning": grid})
+    assert ok.status_code == 202, ok.text
+    spec = client.store.get(ok.json()["id"]).spec
+    assert spec.conditioning == "embedding_grid" and spec.encoder == "quilt-vit-b-32"
+    assert (spec.embedding_grid.rows, spec.embedding_grid.cols, spec.embedding_grid.dim) == (2, 3, 512)
+    assert np.array_equal(spec.embedding_grid.array(), np.asarray(vectors, np.float32))  # row-major, float32
+    assert spec.embedding is None
+    client.delete(ok.json()["status_url"])
+    client.delete(ok.json()["status_url"])
+    assert_nothing_created(client)
+
+    def refused(cond, loc, *words, raw=False):
+        body = {**base, "conditioning": {**grid, **cond}}
+        resp = (client.post("/generate", content=json.dumps(body), headers={"content-type": "application/json"})
+                if raw else client.post("/generate", json=body))
+        assert resp.status_code == 422 and error_locs(resp) == [["body", "conditioning", *loc]], resp.text
+        assert all(w in resp.text for w in words), resp.text
+        assert_nothing_created(client)
+
+    refused({"rows": 0}, ["rows"])
+    refused({"cols": 65}, ["cols"], "64")
+    refused({"rows": "2"}, ["rows"])
+    refused({"vectors": vectors[:5]}, ["vectors"], "6 vectors", "row-major")
+    refused({"vectors": vectors[:3] + [[0.1] * 511] + vectors[4:]}, ["vectors", 3], "512", "quilt-vit-b-32")
+    refused({"vectors": vectors[:1] + [[0.1] * 511 + [float("nan")]] + vectors[2:]}, ["vectors", 1], "non-finite",
+            raw=True)
+    refused({"vectors": vectors[:5] + [[0.0] * 512]}, ["vectors", 5], "zero vector")
+    refused({"vectors": vectors[:2] + [[0.1] * 511 + ["a"]] + vectors[3:]}, ["vectors", 2, 511])
+    refused({"encoder": "uni-vit-l"}, ["encoder"], "quilt-vit-b-32")
+    refused({"vector": vectors[0]}, ["vector"])                                  # an unknown field
+    # a model whose engine takes no grids (the DiffInfinite mask model) says so at conditioning.type
+    mask_model = client.post("/generate", json={"width": 64, "height": 64, "conditioning": grid})
+    assert mask_model.status_code == 422 and error_locs(mask_model) == [["body", "conditioning", "type"]]
+    assert "embedding_grid" in mask_model.text
+    assert_nothing_created(client)
+
+
+def test_embedding_grid_limit_of_the_model(embedded_settings):
+    """A model may take fewer rows or columns than the API's 64 (its engine reads the limit from the card)."""
+    from models.engine import get_engine
+    from service.schemas import EmbeddingGridConditioning
+    from service.validation import FieldError, check_embedding_grid
+
+    card = get_engine("infinity-brush").untrained_card()
+    assert get_engine("infinity-brush").max_embedding_grid(card) == 64
+    small = card.model_copy(update={"config": {**card.config, "network": {**card.config["network"],
+                                                                           "max_cond_grid": 4}}})
+    cond = EmbeddingGridConditioning(type="embedding_grid", rows=2, cols=5, vectors=[[1.0] * 512] * 10)
+    assert check_embedding_grid(cond, card).cols == 5
+    with pytest.raises(FieldError) as err:
+        check_embedding_grid(cond, small)
+    assert err.value.loc == ("conditioning", "cols") and "maximum of 4" in err.value.msg
 
 
 def test_lost_running_job_is_canceled_at_once(client):

@@ -151,6 +151,44 @@ def test_infinity_brush_embedding_job(ctx):
     assert sum(shares.values()) == pytest.approx(1.0) and all(v in (0.0, 0.5, 1.0) for v in shares.values())
 
 
+def test_infinity_brush_embedding_grid_job(ctx):
+    import json
+
+    import openslide
+
+    from core.jobs import EmbeddingGrid
+    from worker.jobrunner import run_job
+
+    rng = np.random.default_rng(1)
+    vectors = [(v / np.linalg.norm(v)).tolist() for v in rng.normal(size=(6, 512))]
+    spec = JobSpec(model="infinity-brush-untrained", engine="infinity-brush", conditioning="embedding_grid",
+                   width=64, height=40, mpp=0.5, seed=2, steps=2, guidance=1.5, encoder="quilt-vit-b-32",
+                   embedding_grid=EmbeddingGrid.from_vectors(2, 3, vectors))
+    ctx.store.create(JobRecord(id="grid1", spec=spec))
+    assert run_job("grid1", ctx) == JobStatus.succeeded, ctx.store.get("grid1").error
+    job = ctx.store.get("grid1")
+    assert np.array_equal(job.spec.embedding_grid.array(), np.float32(vectors)) and job.untrained
+    job_dir = ctx.store.job_dir("grid1")
+    assert openslide.OpenSlide(str(job_dir / job.outputs["tiff"])).dimensions == (64, 40)
+    # the slide's metadata names the grid's shape, not its 3072 numbers
+    params = json.loads((job_dir / "metadata.json").read_text())["parameters"]
+    assert params["embedding_grid"] == {"rows": 2, "cols": 3, "dim": 512}
+    assert params["conditioning"] == "embedding_grid"
+    # a grid the engine cannot use fails the job with the reason (the API refuses it before it gets here)
+    zero = EmbeddingGrid.from_vectors(2, 3, vectors[:5] + [[0.0] * 512])
+    bad = spec.model_copy(update={"embedding_grid": zero})
+    ctx.store.create(JobRecord(id="grid2", spec=bad))
+    assert run_job("grid2", ctx) == JobStatus.failed and "zero vector" in ctx.store.get("grid2").error
+
+
+def test_job_records_from_before_grids_load():
+    old = {"model": "infinity-brush-untrained", "engine": "infinity-brush", "conditioning": "embedding", "width": 48,
+           "height": 40, "mpp": 0.5, "seed": 2, "steps": 3, "guidance": 1.5, "eta": 0.0, "embedding": [1.0] * 512,
+           "encoder": "quilt-vit-b-32"}
+    record = JobRecord.model_validate({"id": "old", "spec": old})
+    assert record.spec.embedding_grid is None and record.spec.embedding == [1.0] * 512
+
+
 @pytest.mark.parametrize("decoder", ["hann", "four-pass"])
 def test_paper_decoders_are_selectable(ctx, decoder):
     import tifffile

@@ -289,6 +289,19 @@ def _infbrush_config(spec: str, overrides: dict) -> InfBrushConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def _import_function(spec: str):
+    """``package.module:function`` → the function (how a caller names its image encoder's ``embed``)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"--embed: {spec!r} is not MODULE:FUNCTION")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise SystemExit(f"--embed: {module} has no function {name!r}")
+    return fn
+
+
 def _run_infbrush(args: argparse.Namespace) -> int:
     from training.infbrush import TrainOptions, train_infbrush
 
@@ -303,11 +316,21 @@ def _run_infbrush(args: argparse.Namespace) -> int:
         overrides["cond_drop"] = args.cond_drop
     if args.train_resolution is not None:
         overrides["train_resolution"] = args.train_resolution
+    if args.encoder is not None:
+        overrides["embedding_encoder"] = args.encoder
+    if args.embedding_dim is not None:
+        overrides["embedding_dim"] = args.embedding_dim
+    if args.cond_field:
+        overrides["cond_field"] = True
     cfg = _infbrush_config(args.config, overrides)
     sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.synthetic_sizes.split(","))
+    grids = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.grids.split(","))
+    mosaic = tuple(int(v) for v in args.synthetic_mosaic.lower().split("x"))
     opts = TrainOptions(
         out=Path(args.out), config=cfg, data=Path(args.data) if args.data else None, synthetic=args.synthetic,
-        synthetic_sizes=tuple((h, w) for w, h in sizes), name=args.name, steps=args.steps,
+        synthetic_sizes=tuple((h, w) for w, h in sizes), synthetic_mosaic=(mosaic[1], mosaic[0]),
+        embed=_import_function(args.embed) if args.embed else None, grids=tuple((r, c) for c, r in grids),
+        tile_px=args.tile_px, name=args.name, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, betas=(args.beta1, args.beta2), ema=args.ema,
         ema_every=args.ema_every, grad_clip=args.grad_clip, save_every=args.save_every, log_every=args.log_every,
         seed=args.seed, device=args.device, resume=args.resume, amp="bf16" if args.amp else None,
@@ -324,11 +347,26 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
     p = train_subparsers.add_parser(
         "infinity-brush", help="train ∞-Brush on pixel subsets of images of any size",
         description="Train the ∞-Brush function-space diffusion model. Data: a folder of images (png/jpg/tif) each "
-                    "with a same-named .npy QuiltNet embedding ((512,) or (rows, cols, 512)), or --synthetic N.")
+                    "with a same-named .npy QuiltNet embedding ((512,) or (rows, cols, 512)), or --synthetic N; or "
+                    "conditions computed from the images' regions by an encoder (--embed, --grids).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="folder of images + .npy embeddings")
     src.add_argument("--synthetic", type=int, default=0, help="train on N synthetic smooth functions (smoke runs)")
     p.add_argument("--synthetic-sizes", default="64x64,80x48", help="WxH list of synthetic image sizes")
+    p.add_argument("--synthetic-mosaic", default="1x1",
+                   help="COLSxROWS cells of random classes per synthetic image (regions for --grids)")
+    p.add_argument("--embed", metavar="MODULE:FUNCTION",
+                   help="image encoder embed(tiles uint8 (N, H, W, 3)) → (N, D): conditions are computed from each "
+                        "image's regions (no .npy needed); with --synthetic and --grids, a colour-class stand-in")
+    p.add_argument("--grids", default="1x1",
+                   help="COLSxROWS layouts of the conditions from --embed, one drawn per step; 1x1 = a global "
+                        "vector, e.g. 1x1,2x2,4x4 for a model that follows a vector and grids")
+    p.add_argument("--tile-px", type=int, default=224, help="side each region is resized to for --embed")
+    p.add_argument("--encoder", help="encoder id of the conditions (model card; default quilt-vit-b-32)")
+    p.add_argument("--embedding-dim", type=int, help="dimension of the conditions (default 512)")
+    p.add_argument("--cond-field", action="store_true",
+                   help="also blend a grid's cells bilinearly into every point (a local condition; see "
+                        "models/infbrush/layers.py LocalCondition)")
     p.add_argument("--out", required=True, help="model folder to write (card, EMA weights, train_state/)")
     p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a JSON file")
     p.add_argument("--name", default="infinity-brush", help="model name in the card")

@@ -6,6 +6,11 @@ neighbours see the same noise); u_t = √ᾱ_t·A u₀ + √(1−ᾱ_t)·A ξ·n
 Adam (lr 5e-5, β 0.9/0.99), EMA 0.995 (updated every ``ema_every`` steps, ∞-Diff), gradient clipping 1.0 (∞-Diff),
 condition dropped with p = cond_drop for classifier-free guidance.
 
+Conditions come from the data (a sidecar .npy per image: a vector or a (rows, cols, D) grid) or are computed from
+each image's pixels by a caller's encoder (:class:`EncodedRegions`: the image cut into rows × cols regions, each
+region's embedding in its cell — the global vector is the 1 × 1 layout); a run may mix layouts (``grids``), one
+layout per step, so one model learns to follow a global vector and grids.
+
 Folder layout written by :func:`train_infbrush` (``--out``)::
 
     model_card.json, denoiser.safetensors    the EMA weights: a model folder load_infbrush() reads
@@ -21,14 +26,15 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from models.infbrush.config import InfBrushConfig
-from models.infbrush.denoiser import InfBrushDenoiser, token_positions
+from models.infbrush.denoiser import InfBrushDenoiser, canvas_window, token_positions
 from models.infbrush.geometry import pixel_to_unit, point_geometry, points_grid_pairs
 from models.infbrush.noise import Mollifier, gaussian_noise
 from models.infbrush.pipeline import InfBrushModels, check_state_dict, make_card, save_infbrush
@@ -41,15 +47,22 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 class ImageFolderDataset:
-    """Images of any size with a sidecar embedding each: ``a.png`` + ``a.npy`` ((D,) or (rows, cols, D))."""
+    """Images of any size with a sidecar embedding each: ``a.png`` + ``a.npy`` ((D,) or (rows, cols, D)).
 
-    def __init__(self, folder: str | Path, embedding_dim: int):
+    embeddings=False: images only (``item`` gives None for the embedding), for conditions computed from pixels."""
+
+    def __init__(self, folder: str | Path, embedding_dim: int, embeddings: bool = True):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"training data folder not found: {self.folder}")
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {self.folder}")
+        self.embeddings: list = [None] * len(self.files)
+        if embeddings:
+            self._load_embeddings(embedding_dim)
+
+    def _load_embeddings(self, embedding_dim: int) -> None:
         missing = [p.name for p in self.files if not p.with_suffix(".npy").is_file()]
         if missing:
             raise ValueError(f"{len(missing)} images have no embedding .npy next to them, e.g. {', '.join(missing[:5])}")
@@ -91,11 +104,15 @@ class SyntheticFunctions:
     """Smooth random RGB functions whose structure depends on a class; embedding = the class's fixed unit vector.
 
     Class c has its own colour and spatial frequency band; image sizes cycle through ``sizes`` (any size).
+    mosaic (rows, cols) > (1, 1): each image is cut into rows × cols equal cells of random classes (regions that
+    look different, for grid conditioning); its embedding is then the (rows, cols, D) grid of the cells' classes.
     """
 
-    def __init__(self, n: int, sizes=((64, 64),), classes: int = 2, seed: int = 0, embedding_dim: int = 512):
+    def __init__(self, n: int, sizes=((64, 64),), classes: int = 2, seed: int = 0, embedding_dim: int = 512,
+                 mosaic: tuple[int, int] = (1, 1)):
         g = torch.Generator().manual_seed(seed)
         self.n, self.sizes, self.classes = n, [tuple(s) for s in sizes], classes
+        self.mosaic = (int(mosaic[0]), int(mosaic[1]))
         self.class_vec = torch.nn.functional.normalize(torch.randn(classes, embedding_dim, generator=g), dim=-1)
         self.colours = torch.rand(classes, 3, generator=g) * 1.2 - 0.6
         self.seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=g).tolist()
@@ -103,22 +120,104 @@ class SyntheticFunctions:
     def __len__(self) -> int:
         return self.n
 
-    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = i % self.classes
-        H, W = self.sizes[i % len(self.sizes)]
-        g = torch.Generator().manual_seed(self.seeds[i])
-        side = max(H, W)
-        y = (torch.arange(H, dtype=torch.float32)[:, None] + 0.5 + (side - H) / 2) / side
-        x = (torch.arange(W, dtype=torch.float32)[None, :] + 0.5 + (side - W) / 2) / side
-        f = torch.zeros(3, H, W)
+    def _paint(self, c: int, y: torch.Tensor, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        f = torch.zeros(3, *torch.broadcast_shapes(y.shape, x.shape))
         for _ in range(4):
             freq = (1.0 + 2.0 * c) + torch.rand(2, generator=g) * 2.0
             phase = torch.rand(1, generator=g) * 2 * math.pi
             amp = torch.rand(3, 1, 1, generator=g) * 0.25
             f += amp * torch.sin(2 * math.pi * (freq[0] * y + freq[1] * x) + phase)
-        f += self.colours[c][:, None, None]
+        return f + self.colours[c][:, None, None]
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        H, W = self.sizes[i % len(self.sizes)]
+        g = torch.Generator().manual_seed(self.seeds[i])
+        side = max(H, W)
+        y = (torch.arange(H, dtype=torch.float32)[:, None] + 0.5 + (side - H) / 2) / side
+        x = (torch.arange(W, dtype=torch.float32)[None, :] + 0.5 + (side - W) / 2) / side
+        if self.mosaic == (1, 1):
+            c = i % self.classes
+            f, emb = self._paint(c, y, x, g), self.class_vec[c][None, None]
+        else:
+            R, C = self.mosaic
+            cls = torch.randint(0, self.classes, (R * C,), generator=g)
+            f = torch.zeros(3, H, W)
+            for k, ((r0, r1), (c0, c1)) in enumerate(region_bounds(H, W, R, C)):
+                f[:, r0:r1, c0:c1] = self._paint(int(cls[k]), y[r0:r1], x[:, c0:c1], g)
+            emb = self.class_vec[cls].reshape(R, C, -1)
         img = ((f.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return img, self.class_vec[c][None, None]
+        return img, emb
+
+    def colour_encoder(self):
+        """A stand-in image encoder for smoke runs and tests: each tile's mean colour → the class whose colour is
+        nearest → that class's vector (no learnt encoder needed to train on grids of these functions)."""
+        colours = self.colours
+
+        def embed(tiles: np.ndarray) -> np.ndarray:
+            mean = torch.as_tensor(np.asarray(tiles), dtype=torch.float32).mean(dim=(1, 2)) / 127.5 - 1
+            nearest = torch.cdist(mean, colours).argmin(dim=1)
+            return self.class_vec[nearest].numpy()
+
+        return embed
+
+
+def region_bounds(height: int, width: int, rows: int, cols: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """((r0, r1), (c0, c1)) of the rows × cols regions of an image, row-major: the cells of an embedding grid,
+    as the sampler lays them over a canvas (token_positions: cell centres at (i + ½)·H/rows)."""
+    rb = [round(r * height / rows) for r in range(rows + 1)]
+    cb = [round(c * width / cols) for c in range(cols + 1)]
+    return [((rb[r], rb[r + 1]), (cb[c], cb[c + 1])) for r in range(rows) for c in range(cols)]
+
+
+def region_tiles(img: torch.Tensor, rows: int, cols: int, tile_px: int) -> np.ndarray:
+    """uint8 image (3, H, W) → its rows × cols regions, each resized to tile_px² (antialiased), as the encoder
+    input (rows·cols, tile_px, tile_px, 3) uint8, row-major. Resizing the whole region follows the paper, which
+    embeds each 4096² training image resized to 256² (one vector per image = the 1 × 1 layout)."""
+    _, H, W = img.shape
+    if rows > H or cols > W:
+        raise ValueError(f"a {H}×{W} image cannot be cut into {rows}×{cols} regions")
+    out = []
+    for (r0, r1), (c0, c1) in region_bounds(H, W, rows, cols):
+        region = img[None, :, r0:r1, c0:c1].float()
+        t = torch.nn.functional.interpolate(region, size=(tile_px, tile_px), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        out.append(t[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
+    return torch.stack(out).numpy()
+
+
+class EncodedRegions:
+    """A dataset whose conditions are computed from its images' pixels by an encoder, for several grid layouts.
+
+    ``embed(tiles uint8 (N, H, W, 3)) → (N, D)`` is the caller's image encoder (the one whose embeddings the
+    model will be conditioned on at inference, e.g. a tile encoder's ``embed``). ``item(i, (rows, cols))`` gives
+    the image and the (rows, cols, D) grid of its regions' embeddings (see :func:`region_tiles`); results are
+    cached, so each region is embedded once per run.
+    """
+
+    def __init__(self, images, embed, embedding_dim: int, layouts=((1, 1),), tile_px: int = 224):
+        self.images, self.embed, self.dim, self.tile_px = images, embed, int(embedding_dim), int(tile_px)
+        self.layouts = [(int(r), int(c)) for r, c in layouts]
+        if not self.layouts or any(r < 1 or c < 1 for r, c in self.layouts):
+            raise ValueError(f"grid layouts must be (rows ≥ 1, cols ≥ 1), got {layouts}")
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def item(self, i: int, layout: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = layout or self.layouts[0]
+        img = self.images.item(i)[0]
+        key = (i, rows, cols)
+        if key not in self._cache:
+            tiles = region_tiles(img, rows, cols, self.tile_px)
+            emb = torch.as_tensor(np.asarray(self.embed(tiles), dtype=np.float32))
+            if emb.shape != (rows * cols, self.dim):
+                raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {rows * cols} tiles; the model "
+                                 f"expects ({rows * cols}, {self.dim})")
+            if not torch.isfinite(emb).all():
+                raise ValueError(f"the encoder gave non-finite embeddings for image {i}")
+            self._cache[key] = emb.reshape(rows, cols, self.dim)
+        return img, self._cache[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +240,7 @@ def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Gen
                t: list[int] | None = None, drop: list[bool] | None = None) -> dict:
     """Noisy smoothed values at sampled pixels and their targets for a list of (image uint8 (3,H,W), embedding)."""
     N = cfg.n_points
-    u_t, target, px, xy, ts, embs, poss, sizes = [], [], [], [], [], [], [], []
+    u_t, target, px, xy, ts, embs, poss, sizes, windows = [], [], [], [], [], [], [], [], []
     for b, (img, emb) in enumerate(items):
         _, H, W = img.shape
         if H * W < N:
@@ -163,6 +262,7 @@ def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Gen
         gh, gw = emb.shape[:2]
         embs.append(emb.reshape(gh * gw, -1))
         poss.append(token_positions(gh, gw, H, W))
+        windows.append(canvas_window(H, W))
         sizes.append((H, W))
     if len({e.shape for e in embs}) > 1:
         raise ValueError("all embeddings of a batch must have the same shape")
@@ -170,14 +270,16 @@ def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Gen
     dflags = (torch.rand(B, generator=gen) < cfg.cond_drop) if drop is None else torch.tensor(drop)
     return dict(u_t=torch.stack(u_t), target=torch.stack(target), px=torch.stack(px), xy=torch.stack(xy).to(device),
                 t=torch.tensor(ts, device=device), emb=torch.stack(embs).to(device),
-                pos=torch.stack(poss).to(device), drop=dflags.to(device), sizes=sizes)
+                pos=torch.stack(poss).to(device), drop=dflags.to(device), sizes=sizes, grid=(gh, gw),
+                window=torch.tensor(windows, dtype=torch.float32, device=device))
 
 
 def batch_loss(model: InfBrushDenoiser, batch: dict, cfg: InfBrushConfig, lam: torch.Tensor | None = None):
     hs, ws = [s[0] for s in batch["sizes"]], [s[1] for s in batch["sizes"]]
     geo = point_geometry(batch["px"], cfg.knn_k, hs, ws)
     pairs = points_grid_pairs(batch["px"], hs, ws, cfg.grid_size, cfg.grid_knn)
-    ctx = model.context(batch["t"], batch["emb"], batch["pos"], batch["drop"])
+    ctx = model.context(batch["t"], batch["emb"], batch["pos"], batch["drop"], grid=batch["grid"],
+                        window=batch["window"])
     pred = model(batch["u_t"], batch["xy"], ctx, geo, pairs)
     per_item = ((pred.float() - batch["target"]) ** 2).mean(dim=(1, 2))
     if lam is not None:
@@ -187,18 +289,23 @@ def batch_loss(model: InfBrushDenoiser, batch: dict, cfg: InfBrushConfig, lam: t
 
 @torch.no_grad()
 def evaluate_loss(model: InfBrushDenoiser, dataset, cfg: InfBrushConfig, n: int = 8, seed: int = 1234,
-                  device="cpu") -> float:
-    """Deterministic held-out loss: fixed items, points, noise and evenly spread timesteps, condition kept."""
+                  device="cpu", layout: tuple[int, int] | None = None) -> float:
+    """Deterministic held-out loss: fixed items, points, noise and evenly spread timesteps, condition kept.
+    layout: the grid layout of a dataset with several (:class:`EncodedRegions`)."""
     was = model.training
     model.eval()
     sched = CosineSchedule(cfg.timesteps)
     gen = torch.Generator().manual_seed(seed)
-    items = [dataset.item(i % len(dataset)) for i in range(n)]
+    items = [_item(dataset, i % len(dataset), layout) for i in range(n)]
     ts = [int((j + 0.5) * cfg.timesteps / n) for j in range(n)]
     batch = make_batch(items, cfg, sched, gen, device, t=ts, drop=[False] * n)
     loss = float(batch_loss(model, batch, cfg))
     model.train(was)
     return loss
+
+
+def _item(dataset, i: int, layout: tuple[int, int] | None):
+    return dataset.item(i) if layout is None else dataset.item(i, layout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,6 +318,10 @@ class TrainOptions:
     data: Path | None = None
     synthetic: int = 0
     synthetic_sizes: tuple = ((64, 64), (48, 80))
+    synthetic_mosaic: tuple = (1, 1)   # cells of random classes per synthetic image (regions for grids)
+    embed: Callable | None = None      # encoder embed(tiles uint8 (N, H, W, 3)) → (N, D): conditions from pixels
+    grids: tuple = ((1, 1),)           # layouts of those conditions, one drawn per step ((1, 1): a global vector)
+    tile_px: int = 224                 # side each region is resized to for the encoder
     name: str = "infinity-brush"
     steps: int = 1000
     batch_size: int = 4
@@ -232,13 +343,35 @@ class TrainOptions:
 
 
 def _dataset(opts: TrainOptions):
+    """(dataset, description, layouts it was trained on) — the conditions from sidecar files or the synthetic
+    classes, or computed from pixels by ``opts.embed`` in every layout of ``opts.grids``."""
+    cfg = opts.config
+    grids = tuple((int(r), int(c)) for r, c in opts.grids)
+    encode = opts.embed is not None or grids != ((1, 1),)
     if opts.data is not None:
-        return ImageFolderDataset(opts.data, opts.config.embedding_dim), str(opts.data)
-    if opts.synthetic > 0:
-        ds = SyntheticFunctions(opts.synthetic, sizes=opts.synthetic_sizes, seed=opts.seed,
-                                embedding_dim=opts.config.embedding_dim)
-        return ds, f"synthetic functions (n={opts.synthetic}, sizes={list(opts.synthetic_sizes)})"
-    raise ValueError("give --data FOLDER (images + .npy embeddings) or --synthetic N")
+        if encode and opts.embed is None:
+            raise ValueError("grids of conditions computed from pixels need an encoder (--embed); a folder's own "
+                             "grids are its (rows, cols, D) .npy files")
+        base, desc = ImageFolderDataset(opts.data, cfg.embedding_dim, embeddings=not encode), str(opts.data)
+    elif opts.synthetic > 0:
+        base = SyntheticFunctions(opts.synthetic, sizes=opts.synthetic_sizes, seed=opts.seed,
+                                  embedding_dim=cfg.embedding_dim, mosaic=tuple(opts.synthetic_mosaic))
+        desc = f"synthetic functions (n={opts.synthetic}, sizes={list(opts.synthetic_sizes)}"
+        desc += f", mosaic {opts.synthetic_mosaic[0]}×{opts.synthetic_mosaic[1]})" if base.mosaic != (1, 1) else ")"
+    else:
+        raise ValueError("give --data FOLDER (images + .npy embeddings) or --synthetic N")
+    if not encode:
+        layouts = {tuple(base.item(0)[1].shape[:2])} if isinstance(base, SyntheticFunctions) else \
+            {tuple(e.shape[:2]) for e in base.embeddings}
+        return base, desc, sorted(layouts)
+    embed = opts.embed if opts.embed is not None else base.colour_encoder() if isinstance(
+        base, SyntheticFunctions) else None
+    ds = EncodedRegions(base, embed, cfg.embedding_dim, layouts=grids, tile_px=opts.tile_px)
+    name = getattr(opts.embed, "__qualname__", "the synthetic colour encoder") if opts.embed else \
+        "the synthetic colour encoder"
+    desc += f"; conditions: {name} on regions resized to {opts.tile_px}², layouts " + \
+        ", ".join(f"{r}×{c}" for r, c in ds.layouts)
+    return ds, desc, ds.layouts
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -253,7 +386,10 @@ def train_infbrush(opts: TrainOptions) -> dict:
 
     cfg, out, device = opts.config, Path(opts.out), torch.device(opts.device)
     state_dir = out / "train_state"
-    dataset, data_desc = _dataset(opts)
+    dataset, data_desc, layouts = _dataset(opts)
+    # a model that never saw a grid has no reason to follow one: its card offers grids only when it did
+    conditioning = ["embedding", "embedding_grid", "subtype"] if any(r * c > 1 for r, c in layouts) else \
+        ["embedding", "subtype"]
     torch.manual_seed(opts.seed)
     model = InfBrushDenoiser(cfg).to(device)
     ema = copy.deepcopy(model).eval()
@@ -302,10 +438,12 @@ def train_infbrush(opts: TrainOptions) -> dict:
                     "ema_every": opts.ema_every, "grad_clip": opts.grad_clip, "seed": opts.seed,
                     "duration_s": round(elapsed, 1), "last_loss": losses[-1] if losses else None}
         card = make_card(cfg, name=opts.name, trained=True, training=training, training_data=data_desc,
-                         native_mpp=opts.native_mpp)
+                         native_mpp=opts.native_mpp, conditioning=conditioning)
         save_infbrush(InfBrushModels(card=card, denoiser=ema), out)
-        opt_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()
-                    if k not in ("config", "out", "data")}
+        # not asdict(): it would deep-copy the encoder behind opts.embed
+        opt_dict = {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(opts)
+                    if f.name not in ("config", "out", "data", "embed") for v in (getattr(opts, f.name),)}
+        opt_dict["embed"] = getattr(opts.embed, "__qualname__", None) if opts.embed is not None else None
         _write_json_atomic(state_dir / "state.json", {"step": step, "elapsed_s": elapsed, "config": cfg.to_dict(),
                                                       "options": json.loads(json.dumps(opt_dict, default=str))})
 
@@ -315,7 +453,10 @@ def train_infbrush(opts: TrainOptions) -> dict:
     while step < opts.steps:
         t0 = time.perf_counter()
         idx = torch.randint(0, len(dataset), (opts.batch_size,), generator=gen).tolist()
-        batch = make_batch([dataset.item(i) for i in idx], cfg, sched, gen, device)
+        layout = None  # one layout per step: a batch stacks its conditions
+        if isinstance(dataset, EncodedRegions):
+            layout = dataset.layouts[int(torch.randint(0, len(dataset.layouts), (1,), generator=gen))]
+        batch = make_batch([_item(dataset, i, layout) for i in idx], cfg, sched, gen, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = batch_loss(model, batch, cfg, lam)
         opt.zero_grad(set_to_none=True)

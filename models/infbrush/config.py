@@ -35,7 +35,8 @@ class InfBrushConfig:
     # --- conditioning
     embedding_dim: int = EMBEDDING_DIM
     embedding_encoder: str = ENCODER_ID
-    max_cond_grid: int = 16           # a spatial condition is at most max_cond_grid² tokens
+    max_cond_grid: int = 64           # a spatial condition (embedding grid) is at most max_cond_grid² tokens
+    cond_field: bool = False          # also blend the grid's cells bilinearly into every point (LocalCondition)
     # --- sparse level
     channels: int = 64                # point-feature width C
     knn_k: int = 9                    # neighbours of the kernel integral (tie-free on a lattice: 5, 9, 13, 21, 25, …)
@@ -153,7 +154,10 @@ DESIGN_NOTES = [
     "(∞-Diff), ties broken by raster order on a lattice; UNet-style UNO with timestep FiLM and vanilla softmax "
     "cross-attention to the condition tokens at the bottleneck; bilinear interpolation back to the points.",
     "Conditioning: one 512-d Quilt embedding or a grid of them (tokens carry a position embedding of their cell "
-    "centre); embeddings are L2-normalised inside the model; CFG with a learned null token, dropped with p = 0.1.",
+    "centre); embeddings are L2-normalised inside the model; CFG with a learned null token, dropped with p = 0.1. "
+    "With cond_field, the grid is also a function-valued condition (the paper's e ∈ H): per-cell features blended "
+    "bilinearly between cell centres (constant beyond the outer centres) and added to every point's lifted "
+    "features (zero for the null condition).",
     "Chunked sampling is exact: every global reduction (coordinate-branch sums, self-attention sums, the k-NN "
     "transfer to the fixed grid) is accumulated over the whole canvas in a first pass before any output is formed; "
     "local operators run on tiles with halos equal to their total stencil radius.",

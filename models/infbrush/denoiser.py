@@ -18,8 +18,8 @@ from torch import nn
 
 from models.infbrush.config import InfBrushConfig
 from models.infbrush.geometry import GridPairs, PointGeometry, Stencil, canvas_offsets, scatter_to_grid
-from models.infbrush.layers import (CANOBlock, CondEncoder, CoordEmbedding, LinearAttentionNO, SABlock, SparseBlock,
-                                    TimeEmbedding, UNO)
+from models.infbrush.layers import (CANOBlock, CondEncoder, CoordEmbedding, LinearAttentionNO, LocalCondition, SABlock,
+                                    SparseBlock, TimeEmbedding, UNO)
 
 
 def token_positions(gh: int, gw: int, height: int, width: int) -> torch.Tensor:
@@ -30,6 +30,12 @@ def token_positions(gh: int, gw: int, height: int, width: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(gh * gw, 2).float()
 
 
+def canvas_window(height: int, width: int) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1): the canvas in unit coordinates — the rectangle a condition grid's cells tile."""
+    side, oy, ox = canvas_offsets(height, width)
+    return oy / side, ox / side, (oy + height) / side, (ox + width) / side
+
+
 @dataclass
 class StepContext:
     """Everything about one network evaluation that is independent of the points."""
@@ -38,6 +44,8 @@ class StepContext:
     time_stats: tuple                  # CANO source sums of the timestep token
     cond_stats: tuple                  # CANO source sums of the condition tokens
     uno_ctx: torch.Tensor              # (B, T, ctx_dim)
+    cells: torch.Tensor | None = None  # LocalCondition cell features (B, C, rows, cols) when cfg.cond_field
+    window: torch.Tensor | None = None  # (B, 4) the canvas in unit coordinates, for a grid of several cells
 
 
 class InfBrushDenoiser(nn.Module):
@@ -65,6 +73,8 @@ class InfBrushDenoiser(nn.Module):
                                 for _ in range(cfg.up_blocks))
         self.out_norm = nn.LayerNorm(C)
         self.out = nn.Linear(C, 3)
+        # created last: a configuration without it draws the same initial weights as before it existed
+        self.local = LocalCondition(cfg.embedding_dim, C) if cfg.cond_field else None
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -79,18 +89,43 @@ class InfBrushDenoiser(nn.Module):
     def cano_attn(self) -> LinearAttentionNO:
         return self.cano.attn
 
-    def context(self, t: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, drop: torch.Tensor) -> StepContext:
-        """t (B,) timestep indices, emb (B, T, 512), pos (B, T, 2), drop (B,) bool (True → null condition)."""
+    def context(self, t: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, drop: torch.Tensor,
+                grid: tuple[int, int] | None = None, window=None) -> StepContext:
+        """t (B,) timestep indices, emb (B, T, 512), pos (B, T, 2), drop (B,) bool (True → null condition).
+
+        grid (rows, cols) with rows·cols = T and window (the canvas's :func:`canvas_window`, (4,) or (B, 4)):
+        the layout of a T > 1 condition, needed only by a model with a local condition (``cfg.cond_field``)."""
         temb = self.time_embed(t)
         attn = self.cano_attn
         time_stats = attn.stats(self.time_token(temb)[:, None, :])
         tok, ctx = self.cond(emb, pos, drop)
         cond_stats = attn.stats(tok)
-        return StepContext(temb=temb, time_stats=time_stats, cond_stats=cond_stats, uno_ctx=ctx)
+        cells = win = None
+        if self.local is not None:
+            T = emb.shape[1]
+            rows, cols = (1, 1) if T == 1 else (grid or (0, 0))
+            if rows * cols != T or (T > 1 and window is None):
+                raise ValueError(f"a local condition of {T} tokens needs its grid (rows, cols) and canvas window")
+            cells = self.local.cells(emb, drop, rows, cols)
+            if window is not None:
+                win = torch.as_tensor(window, dtype=torch.float32, device=emb.device).reshape(-1, 4)
+                win = win.expand(emb.shape[0], 4)
+        return StepContext(temb=temb, time_stats=time_stats, cond_stats=cond_stats, uno_ctx=ctx, cells=cells,
+                           window=win)
+
+    def local_condition(self, ctx: StepContext, xy: torch.Tensor) -> torch.Tensor | None:
+        """The local condition at unit coordinates xy (B or 1, …, 2) → (B, …, C); None without one."""
+        if ctx.cells is None:
+            return None
+        return LocalCondition.at(ctx.cells, ctx.window, xy)
 
     # --- stages (shared by training, the one-shot lattice forward and the chunked sampler) -----------------------
-    def sparse_down(self, u: torch.Tensor, temb: torch.Tensor, geo) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def sparse_down(self, u: torch.Tensor, temb: torch.Tensor, geo,
+                    local: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """local: :meth:`local_condition` at the same points (None: no local condition)."""
         h = self.lift(u)
+        if local is not None:
+            h = h + local
         skips = [h]
         for blk in self.down:
             h = blk(h, temb, geo)
@@ -131,7 +166,7 @@ class InfBrushDenoiser(nn.Module):
     def forward(self, u: torch.Tensor, xy: torch.Tensor, ctx: StepContext, geo: PointGeometry,
                 grid_pairs: GridPairs) -> torch.Tensor:
         """u (B, N, 3) noisy smoothed values at points with unit coordinates xy (B, N, 2) → predicted Aξ (B, N, 3)."""
-        h, skips = self.sparse_down(u, ctx.temb, geo)
+        h, skips = self.sparse_down(u, ctx.temb, geo, self.local_condition(ctx, xy))
         cemb = self.coord_embed(xy)
         h = self.sparse_mid(h, cemb, ctx, self.coord_stats(cemb))
         h = self.sa_apply(h, self.sa_stats(h))

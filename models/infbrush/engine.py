@@ -18,7 +18,7 @@ class InfBrushOptions(EngineOptions):
 class InfBrushEngine(EngineBase):
     name: ClassVar[str] = "infinity-brush"
     options_model: ClassVar[type[EngineOptions]] = InfBrushOptions
-    conditioning = ("embedding", "subtype")
+    conditioning = ("embedding", "embedding_grid", "subtype")
     default_steps: ClassVar[int] = 50  # the paper's DDIM steps
     default_eta: ClassVar[float] = 0.0
     untrained_name: ClassVar[str | None] = "infinity-brush-untrained"
@@ -39,13 +39,25 @@ class InfBrushEngine(EngineBase):
                     "embedding instead")
         return why
 
+    def max_embedding_grid(self, card: ModelCard) -> int | None:
+        limit = card.config.get("network", {}).get("max_cond_grid") if isinstance(card.config, dict) else None
+        return int(limit) if isinstance(limit, int) else None
+
     def generate(self, models: Any, request: SlideRequest, *, device: Any, runtime: Runtime, report: ReportFn,
                  cancel: CancelFn, state: Any = None,
                  on_checkpoint: Callable[[Any], None] | None = None) -> SlideBands:
         from models.infbrush.pipeline import InfBrushPipeline
 
         pipe = InfBrushPipeline(models, device, text_encoder_dir=text_encoder_dir(runtime.models_dir))
-        embedding = request.embedding if request.embedding is not None else pipe.embed_subtype(request.subtype)
+        if request.embedding_grid is not None:
+            import numpy as np
+
+            rows, cols, vectors = request.embedding_grid
+            embedding = np.asarray(vectors, dtype=np.float64).reshape(rows, cols, -1)  # row-major cells
+        elif request.embedding is not None:
+            embedding = request.embedding
+        else:
+            embedding = pipe.embed_subtype(request.subtype)
         report(Stage.sampling, 0.0, 0)
         # The API's guidance is ω in (1+ω)·ε(c) − ω·ε(∅) for every engine; ∞-Brush takes the scale s = 1+ω.
         bands = pipe.sample_bands(height=request.height, width=request.width, embedding=embedding, seed=request.seed,

@@ -13,7 +13,7 @@ from models.cards import ModelCard
 from models.engine import is_model_of
 from models.hashing import sha256_file as _sha256
 from models.infbrush.config import DESIGN_NOTES, InfBrushConfig, tiny_config
-from models.infbrush.denoiser import InfBrushDenoiser, token_positions
+from models.infbrush.denoiser import InfBrushDenoiser, canvas_window, token_positions
 from models.infbrush.noise import Mollifier
 from models.infbrush.sampler import Canvas, _expand
 from models.infbrush.schedule import CosineSchedule, ddim_update
@@ -34,8 +34,14 @@ class InfBrushModels:
         return self.denoiser.cfg
 
 
+CONDITIONING = ["embedding", "embedding_grid", "subtype"]
+
+
 def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str = "", training: dict | None = None,
-              training_data: str = "", native_mpp: float = 0.5, files: dict | None = None) -> ModelCard:
+              training_data: str = "", native_mpp: float = 0.5, files: dict | None = None,
+              conditioning: list[str] | None = None) -> ModelCard:
+    """conditioning: what the card offers (default all three; a model trained on global vectors only should
+    not offer ``embedding_grid``, which it never learnt to follow)."""
     from models.infbrush.prompts import load_prompt_set
 
     prompts = load_prompt_set()
@@ -46,7 +52,7 @@ def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str
         description=(description + " " if description else "") + intro + " ".join(DESIGN_NOTES),
         subtypes={i: code for i, code in enumerate(prompts.codes)},
         native_mpp=native_mpp, max_width=cfg.max_side, max_height=cfg.max_side, default_steps=50,
-        conditioning=["embedding", "subtype"], embedding_encoder=cfg.embedding_encoder,
+        conditioning=list(conditioning or CONDITIONING), embedding_encoder=cfg.embedding_encoder,
         embedding_dim=cfg.embedding_dim, training_data=training_data, training=training or {}, files=files or {},
         config={"network": cfg.to_dict(), "weights": WEIGHTS_FILE, "prompt_set": prompts.version,
                 "min_side": MIN_SIDE, "default_steps": 50, "sampler": "DDIM (eta 0), trailing timesteps",
@@ -238,9 +244,12 @@ class SamplingRun:
             else:
                 B, drop_flags = 2, [False, True]
         gh, gw = grid.shape[:2]
-        self.B = B
+        self.B, self.grid = B, (gh, gw)
         self.emb = grid.reshape(1, gh * gw, -1).expand(B, -1, -1).to(dev)
+        # the grid's cells tile the whole canvas: positions (and a local condition's window) in canvas coordinates,
+        # the same for every chunk
         self.pos = token_positions(gh, gw, self.H, self.W)[None].expand(B, -1, -1).to(dev)
+        self.window = canvas_window(self.H, self.W)
         self.drop = torch.tensor(drop_flags, device=dev)
         self.canvas = Canvas(pipe.model, self.H, self.W, chunk_pixels, dev)
         self.moll = Mollifier.for_side(max(self.H, self.W), cfg.mollify_sigma, cfg.train_resolution)
@@ -271,7 +280,8 @@ class SamplingRun:
         check_cancel(self.cancel)
         last = s == len(ts) - 1
         ab_t, ab_p = sched.ab(ts[s]), sched.ab(ts[s + 1] if not last else -1)
-        ctx = model.context(torch.full((B,), ts[s], device=dev, dtype=torch.long), self.emb, self.pos, self.drop)
+        ctx = model.context(torch.full((B,), ts[s], device=dev, dtype=torch.long), self.emb, self.pos, self.drop,
+                            grid=self.grid, window=self.window)
         sstats = canvas.sa_stats(x, ctx, B, self.cstats, self._tick)
         grid_out = model.grid_level(canvas.grid_input(x, ctx, B, self.cstats, sstats), ctx)
         pending = None

@@ -12,8 +12,11 @@ Why chunking is exact. The denoiser mixes points in four ways; each is made chun
    canvas (exact integer distances); pass B evaluates the sparse level on small patches around those pixels only.
 
 Pass C then evaluates the full network per tile, using the global sums and the grid output, and applies the DDIM
-update. The state (H×W×3 float32) is updated band by band with a one-band delay, so no band reads a neighbour's
-already-updated rows. The initial noise is noise_mul·A z with z from the counter-based field (noise.py).
+update. The condition is the same for a pixel whatever tile it falls in: the condition tokens sit at their cell
+centres in canvas coordinates (one set of source sums per step), and a local condition (``cfg.cond_field``) is
+a function of the pixel's canvas coordinate, evaluated on every region, halo included. The state (H×W×3 float32)
+is updated band by band with a one-band delay, so no band reads a neighbour's already-updated rows. The initial
+noise is noise_mul·A z with z from the counter-based field (noise.py).
 """
 from __future__ import annotations
 
@@ -72,6 +75,12 @@ class Canvas:
         u = x[rows.clamp(0, self.H - 1)][:, cols.clamp(0, self.W - 1)] * geo.mask[0]
         return u[None, None].expand(B, 1, *u.shape), geo
 
+    def _local(self, geo: LatticeGeometry, ctx: StepContext) -> torch.Tensor | None:
+        """The local condition on a region (B, n, h, w, C), or None for a model without one."""
+        if ctx.cells is None:
+            return None
+        return self.model.local_condition(ctx, geo.unit_coords().to(self.device)[None])
+
     def _cemb(self, geo: LatticeGeometry, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         xy = geo.unit_coords().to(self.device)[None]                     # (1, n, h, w, 2)
         cemb = self.model.coord_embed(xy)
@@ -100,7 +109,7 @@ class Canvas:
         for r0, r1 in self.bands():
             for c0, c1 in self.cols():
                 u, geo = self.region(x, r0, r1, c0, c1, self.hd, B)
-                h, _ = m.sparse_down(u, ctx.temb, geo)
+                h, _ = m.sparse_down(u, ctx.temb, geo, self._local(geo, ctx))
                 h, g = crop_lattice(h, self.hd), geo.crop(self.hd)
                 _, cemb = self._cemb(g, B)
                 h = m.sparse_mid(h, cemb, ctx, cstats)
@@ -123,7 +132,7 @@ class Canvas:
             rows, cols = pr[:, None] + off[None], pc[:, None] + off[None]
             geo = LatticeGeometry.build(self.stencil, rows, cols, self.H, self.W)
             u = x[rows.clamp(0, self.H - 1)[:, :, None], cols.clamp(0, self.W - 1)[:, None, :]] * geo.mask
-            h, _ = m.sparse_down(u[None].expand(B, *u.shape), ctx.temb, geo)
+            h, _ = m.sparse_down(u[None].expand(B, *u.shape), ctx.temb, geo, self._local(geo, ctx))
             h, g = crop_lattice(h, mm), geo.crop(mm)
             _, cemb = self._cemb(g, B)
             h = m.sa_apply(m.sparse_mid(h, cemb, ctx, cstats), sstats)
@@ -142,7 +151,7 @@ class Canvas:
             band = None
             for c0, c1 in self.cols():
                 u, geo = self.region(x, r0, r1, c0, c1, halo, B)
-                h, skips = m.sparse_down(u, ctx.temb, geo)
+                h, skips = m.sparse_down(u, ctx.temb, geo, self._local(geo, ctx))
                 h, g = crop_lattice(h, self.hd), geo.crop(self.hd)
                 skips = [crop_lattice(sk, self.hd) for sk in skips]
                 xy, cemb = self._cemb(g, B)
@@ -173,8 +182,8 @@ def evaluate_full(model: InfBrushDenoiser, x: torch.Tensor, ctx: StepContext, B:
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     geo = LatticeGeometry.build(stencil, rows[None], cols[None], H, W)
     u = x[None, None].expand(B, 1, H, W, 3)
-    h, skips = model.sparse_down(u, ctx.temb, geo)
     xy = geo.unit_coords().to(x.device)[None]
+    h, skips = model.sparse_down(u, ctx.temb, geo, model.local_condition(ctx, xy))
     cemb = model.coord_embed(xy)
     cs = _expand(tuple(a.float() for a in model.coord_stats(cemb, dtype=torch.float64)), B)
     xy, cemb = xy.expand(B, *xy.shape[1:]), cemb.expand(B, *cemb.shape[1:])
