@@ -91,6 +91,41 @@ def class_share_metrics(scorer) -> dict[str, float]:
     return {"class_share_" + name.replace(" ", "_"): round(v, 4) for name, v in scorer.result().items()}
 
 
+def embedding_scorer(spec: JobSpec, models_dir: Path | None):
+    """Cosine between the condition and the slide's windows as its own encoder sees them, for embedding jobs
+    whose encoder is installed here (:mod:`evaluation.embedding`)."""
+    if models_dir is None or spec.conditioning not in ("embedding", "embedding_grid") or not spec.encoder:
+        return None
+    from evaluation.embedding import EmbeddingCosineScorer
+    from models.encoders import EncoderNotInstalled
+
+    try:
+        encoder = _encoder(spec.encoder, str(models_dir))
+    except (EncoderNotInstalled, FileNotFoundError):  # e.g. QuiltNet's image tower not installed: no metric
+        return None
+    if spec.embedding_grid is not None:
+        grid = spec.embedding_grid
+        vectors, rows, cols = grid.array(), grid.rows, grid.cols
+    else:
+        vectors, rows, cols = np.asarray(spec.embedding, np.float32), 1, 1
+    try:
+        return EmbeddingCosineScorer(spec.height, spec.width, spec.mpp, encoder, vectors, rows, cols)
+    except ValueError:  # another embedding space, or a slide smaller than one window
+        return None
+
+
+@lru_cache(maxsize=2)
+def _encoder(encoder_id: str, models_dir: str):
+    from models.encoders import load_encoder
+
+    return load_encoder(encoder_id, models_dir)
+
+
+def embedding_metrics(scorer) -> dict[str, float]:
+    """``embedding_cosine``: mean cosine between the condition and the embeddings of the slide's windows."""
+    return {"embedding_cosine": round(scorer.result(), 4)}
+
+
 def quilt_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple[list, list]]):
     """Streaming quilt score (:mod:`evaluation.quilt`) over the pipeline's cut lines, within label regions."""
     from evaluation.quilt import QuiltScorer
@@ -139,11 +174,12 @@ def engine_request(spec: JobSpec, engine: Engine, job_dir: Path) -> SlideRequest
                             spec.embedding_grid.rows, spec.embedding_grid.cols, spec.embedding_grid.array()))
 
 
-def slide_scorers(spec: JobSpec, slide: SlideBands, card) -> dict[str, Any]:
+def slide_scorers(spec: JobSpec, slide: SlideBands, card, models_dir: Path | None = None) -> dict[str, Any]:
     """The streaming scorers this slide can be measured with, by metric family."""
     scorers = {"fidelity": fidelity_scorer(slide.labels, spec, card.fidelity_classes, slide.seam_lines),
                "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines),
-               "class_share": class_share_scorer(slide.labels, spec)}
+               "class_share": class_share_scorer(slide.labels, spec),
+               "embedding": embedding_scorer(spec, models_dir)}
     return {kind: scorer for kind, scorer in scorers.items() if scorer is not None}
 
 
@@ -164,7 +200,8 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
-METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "class_share": class_share_metrics}  # scorer → job metrics, by family
+METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "class_share": class_share_metrics,
+           "embedding": embedding_metrics}  # scorer → job metrics, by family
 
 
 def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine, device, report: ReportFn,
@@ -179,7 +216,7 @@ def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine,
                             runtime=runtime or Runtime(), report=report, cancel=cancel, state=resume_state,
                             on_checkpoint=on_checkpoint)
     check_cancel(cancel)
-    scorers = slide_scorers(spec, slide, models.card)
+    scorers = slide_scorers(spec, slide, models.card, (runtime or Runtime()).models_dir)
     description, metadata = slide_description(spec, models.card.trained)
     paths = {kind: job_dir / OUTPUT_FILES[kind] if kind in spec.outputs else None for kind in ("tiff", "zarr")}
     with SlideOutputs(width=spec.width, height=spec.height, mpp=spec.mpp, tiff_path=paths["tiff"],
