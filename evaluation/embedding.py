@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.windows import WindowRows
+
 
 class EmbeddingCosineScorer:
     """Feed full-width uint8 RGB bands top to bottom (:meth:`add_band`), then read :meth:`result`.
@@ -35,30 +37,17 @@ class EmbeddingCosineScorer:
         if self.window > min(self.height, self.width):
             raise ValueError(f"a {self.height}×{self.width} slide holds no {self.window}-px window of encoder "
                              f"{encoder.id!r}")
-        self.n_cols = self.width // self.window
-        self._buf = np.empty((0, self.width, 3), np.uint8)
-        self._top = 0  # slide row of self._buf[0]
+        self._rows = WindowRows(self.width, self.window)
         self._sum, self._count = 0.0, 0
 
     def add_band(self, band: np.ndarray) -> None:
-        band = np.asarray(band, dtype=np.uint8)
-        if band.ndim != 3 or band.shape[1:] != (self.width, 3):
-            raise ValueError(f"bands must be (rows, {self.width}, 3) RGB, got {band.shape}")
-        self._buf = np.concatenate([self._buf, band]) if len(self._buf) else band
         w = self.window
-        while len(self._buf) >= w:
-            strip = self._buf[:w, :self.n_cols * w]
-            tiles = np.ascontiguousarray(strip.reshape(w, self.n_cols, w, 3).transpose(1, 0, 2, 3))
+        for top, tiles in self._rows.push(band):
             emb = np.asarray(self.encoder.embed(tiles), np.float32)
-            cy = self._top + w / 2
-            cx = (np.arange(self.n_cols) + 0.5) * w
-            r = min(int(cy * self.rows / self.height), self.rows - 1)
-            c = np.minimum((cx * self.cols / self.width).astype(int), self.cols - 1)
-            cond = self.vectors[r * self.cols + c]
-            self._sum += float((emb * cond).sum())
+            r = min(int((top + w / 2) * self.rows / self.height), self.rows - 1)
+            c = np.minimum(((np.arange(len(tiles)) + 0.5) * w * self.cols / self.width).astype(int), self.cols - 1)
+            self._sum += float((emb * self.vectors[r * self.cols + c]).sum())
             self._count += len(emb)
-            self._buf = self._buf[w:]
-            self._top += w
 
     def result(self) -> float:
         if self._count == 0:

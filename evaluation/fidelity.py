@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from models.hashing import sha256_file
+from evaluation.windows import WindowRows
 from models.metrics import lines_ratio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,20 +327,12 @@ class ClassShareScorer:
         if self.height < self.window or self.cols == 0:
             raise ValueError(f"a {self.height}×{self.width} slide holds no {self.window}² window")
         self.counts = np.zeros(len(CLASS_NAMES), np.int64)
-        self._buf = np.empty((0, self.width, 3), np.uint8)
+        self._rows = WindowRows(self.width, self.window)
 
     def add_band(self, band: np.ndarray) -> None:
-        band = np.asarray(band, dtype=np.uint8)
-        if band.ndim != 3 or band.shape[1:] != (self.width, 3):
-            raise ValueError(f"bands must be (rows, {self.width}, 3) RGB, got {band.shape}")
-        self._buf = np.concatenate([self._buf, band]) if len(self._buf) else band
-        w = self.window
-        while len(self._buf) >= w:
-            strip = self._buf[:w]
-            wins = strip[:, :self.cols * w].reshape(w, self.cols, w, 3).transpose(1, 0, 2, 3)
-            pred = self.classifier.predict(np.ascontiguousarray(wins))
+        for _, tiles in self._rows.push(band):
+            pred = self.classifier.predict(tiles)
             self.counts += np.bincount(pred, minlength=len(self.counts))[:len(self.counts)]
-            self._buf = self._buf[w:]
 
     def result(self) -> dict[str, float]:
         total = int(self.counts.sum())

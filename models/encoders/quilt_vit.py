@@ -22,45 +22,11 @@ import torch
 from torch import nn
 
 from models.encoders.base import TileEncoder, load_strict, read_state, verify_files
+from models.clip_transformer import Transformer
 from models.encoders.cards import EncoderCard
 
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin")
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
-        self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool):
-        super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu)
-                                       for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.resblocks:
-            x = blk(x)
-        return x
 
 
 # vision_cfg keys and the values this implementation supports (anything else is refused, naming the key)

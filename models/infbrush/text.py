@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.clip_transformer import Transformer
 from models.infbrush.config import TEXT_ENCODER_DIRNAME as DEFAULT_DIRNAME
 from models.infbrush.config import text_encoder_dir as default_encoder_dir
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
@@ -156,35 +157,6 @@ def find_bpe_file(folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # Text transformer (OpenCLIP state-dict names)
 # ---------------------------------------------------------------------------------------------------------------
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
-        self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
-
-    def forward(self, x, mask):
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Resblocks(nn.Module):
-    def __init__(self, layers, **kw):
-        super().__init__()
-        self.resblocks = nn.ModuleList(_Block(**kw) for _ in range(layers))
-
-
 SUPPORTED_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pad_id",
                        "pool_type", "proj_type", "proj_bias", "ls_init_value", "embed_cls", "no_causal_mask",
                        "final_ln_after_pool", "output_tokens", "hf_tokenizer_name", "tokenizer_kwargs", "norm_kwargs",
@@ -213,8 +185,7 @@ class ClipTextTower(nn.Module):
         width, heads, layers = int(text_cfg.get("width", 512)), int(text_cfg.get("heads", 8)), int(text_cfg.get("layers", 12))
         self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(self.context_length, width))
-        self.transformer = _Resblocks(layers, width=width, heads=heads, mlp_ratio=float(text_cfg.get("mlp_ratio", 4.0)),
-                                      quick_gelu=quick_gelu)
+        self.transformer = Transformer(width, layers, heads, float(text_cfg.get("mlp_ratio", 4.0)), quick_gelu)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         mask = torch.full((self.context_length, self.context_length), float("-inf")).triu(1)
@@ -223,9 +194,7 @@ class ClipTextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(tokens) + self.positional_embedding
-        for blk in self.transformer.resblocks:
-            x = blk(x, self.attn_mask)
-        x = self.ln_final(x)
+        x = self.ln_final(self.transformer(x, self.attn_mask))
         x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
         return x @ self.text_projection
 
