@@ -132,7 +132,7 @@ def our_levels(lab: np.ndarray, mode: str, levels: int, seed: int, omega: float 
     for k in range(levels):
         plan = (plan_random(lab, (PATCH, PATCH), _np_rng(seed, 0, 3, k)) if mode == "random"
                 else plan_tiled(lab, (PATCH, PATCH), tile_offset(seed, 0, cells, k), margin,
-                                fit_edges=edges == "fit", multiple=UNET_MULTIPLE))
+                                edges=edges, multiple=UNET_MULTIPLE))
         crops += len(plan)
         n = [len(passes_for(c.labels, omega, 0)) for c in plan]
         passes += sum(n)

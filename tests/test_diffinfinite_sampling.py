@@ -151,7 +151,8 @@ def test_plans_cover_every_pixel_exactly_once(shape, patch, margin, fit):
     cells = (patch[0] - 2 * margin, patch[1] - 2 * margin)
     for step in range(3):
         for crops in (plan_random(lab, patch, _np_rng(7, 0, 3, step)),
-                      plan_tiled(lab, patch, tile_offset(7, 0, cells, step), margin, fit_edges=fit, multiple=8)):
+                      plan_tiled(lab, patch, tile_offset(7, 0, cells, step), margin, edges="fit" if fit else "full",
+                                 multiple=8)):
             owner = np.full(shape, -1)
             for i, c in enumerate(crops):
                 full = (min(patch[0], shape[0]), min(patch[1], shape[1]))
@@ -186,7 +187,7 @@ def test_fitted_edge_windows_cut_the_tiled_work():
     for k in range(16):
         off = tile_offset(3, 0, (64, 64), k)
         full += sum(c.h * c.w for c in plan_tiled(lab, (64, 64), off))
-        fit += sum(c.h * c.w for c in plan_tiled(lab, (64, 64), off, fit_edges=True, multiple=8))
+        fit += sum(c.h * c.w for c in plan_tiled(lab, (64, 64), off, edges="fit", multiple=8))
     assert fit < 0.8 * full and fit >= 16 * lab.size  # less work, still at least the canvas per step
 
 

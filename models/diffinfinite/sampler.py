@@ -171,23 +171,19 @@ def edge_buckets(patch: int, multiple: int) -> tuple[int, ...]:
 
 
 def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, int],
-               margin: int | tuple[int, int] = 0, *, fit_edges: bool = False, multiple: int = 1,
-               min_window: int | None = None, edges: TileEdges | None = None) -> list[Crop]:
+               margin: int | tuple[int, int] = 0, *, edges: TileEdges = "full", multiple: int = 1) -> list[Crop]:
     """Non-overlapping grid of cells (grid lines at offset + j·cell, cell = patch − 2·margin); each cell owns
     exactly itself and is sampled in a window centred on it (≥ ``margin`` px of context on every side away
     from the canvas border; border windows clamped inward).
 
     ``edges`` says how the partial cells a grid offset leaves at the canvas border are sampled: ``"full"``
-    in full patches; ``"fit"`` in windows just wide enough for the cell and its context (see
-    :func:`_axis_cells`; ``min_window`` defaults to half the patch, ``multiple`` is the network's spatial
-    divisor) — the fewest pixels, but up to nine window shapes per step; ``"bucket"`` as ``fit`` rounded up
-    to half a patch or a patch per axis, and a corner window widened to the full patch along x, so a step
-    holds at most three shapes — (P, P), (P/2, P), (P, P/2) — the same few in every step (one network call
-    per shape and batch; fixed shapes for compiled and graph-captured GPU execution). ``fit_edges`` is the
-    older spelling of ``edges="fit"`` (``False`` = ``"full"``). Crops come grouped by window shape, largest
-    first, so that batches mostly hold one shape."""
-    if edges is None:
-        edges = "fit" if fit_edges else "full"
+    in full patches; ``"fit"`` in windows just wide enough for the cell and its context, at least half a patch
+    (see :func:`_axis_cells`; ``multiple`` is the network's spatial divisor) — the fewest pixels, but up to
+    nine window shapes per step; ``"bucket"`` as ``fit`` rounded up to half a patch or a patch per axis, and a
+    corner window widened to the full patch along x, so a step holds at most three shapes — (P, P), (P/2, P),
+    (P, P/2) — the same few in every step (one network call per shape and batch; fixed shapes for compiled and
+    graph-captured GPU execution). Crops come grouped by window shape, largest first, so that batches mostly
+    hold one shape."""
     if edges not in TILE_EDGES:
         raise ValueError(f"edges must be one of {TILE_EDGES}, got {edges!r}")
     hh, ww = labels.shape
@@ -197,15 +193,11 @@ def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, in
         raise ValueError(f"tile margin {margin} leaves no cell inside a {patch} patch")
     fit = edges != "full"
     bucket = edges == "bucket"
-    if bucket:
-        mins = (edge_buckets(patch[0], multiple)[0], edge_buckets(patch[1], multiple)[0])
-    else:
-        mins = (patch[0] // 2, patch[1] // 2) if min_window is None else (min_window, min_window)
     by = edge_buckets(patch[0], multiple) if bucket else None
     bx = edge_buckets(patch[1], multiple) if bucket else None
     crops: list[Crop] = []
-    for (ya, yb, wy, ph) in _axis_cells(hh, patch[0], offset[0], cy, my, fit, multiple, mins[0], by):
-        for (xa, xb, wx, pw) in _axis_cells(ww, patch[1], offset[1], cx, mx, fit, multiple, mins[1], bx):
+    for (ya, yb, wy, ph) in _axis_cells(hh, patch[0], offset[0], cy, my, fit, multiple, patch[0] // 2, by):
+        for (xa, xb, wx, pw) in _axis_cells(ww, patch[1], offset[1], cx, mx, fit, multiple, patch[1] // 2, bx):
             if bucket and ph < min(patch[0], hh) and pw < min(patch[1], ww):
                 pw = min(patch[1], ww)  # a corner: one of the border shapes, not a fourth
                 wx = min(max((xa + xb) // 2 - pw // 2, 0), ww - pw)
