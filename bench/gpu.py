@@ -101,8 +101,7 @@ class Bench:
             return self.net()
         # the CPU smoke run checks the code path with a quick backend; the GPU run uses Inductor
         backend = "aot_eager" if self.device.type == "cpu" else "inductor"
-        mode = "default" if backend == "inductor" else "default"
-        return inference_network(self.net(), mode=mode, device=self.device, backend=backend)
+        return inference_network(self.net(), mode="default", device=self.device, backend=backend)
 
     def inputs(self, b: int, side: int):
         g = torch.Generator().manual_seed(b)
@@ -132,21 +131,21 @@ class Bench:
         return _median_s(run, self.device, reps)
 
     def service_batch(self) -> int:
-        """The batch the worker would choose here (free memory, trial forwards); 8 on the CPU."""
+        """The batch the worker would choose here (its own sizing: probe forwards, free memory); 8 on the CPU."""
         if self.device.type != "cuda":
             return 8
-        from worker.device_check import auto_batch_size, linear_memory
+        from worker.device_check import choose_batch_size
 
-        peaks = {}
-        for b in (1, 2, 4):
+        def measure(b: int) -> float:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             self.forward_seconds(self.net(), b, 1)
-            peaks[b] = torch.cuda.max_memory_allocated(self.device) - base
-        per_item, fixed = linear_memory(peaks)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return auto_batch_size(free, per_item, fixed)
+            return float(torch.cuda.max_memory_allocated(self.device) - base)
+
+        batch, _ = choose_batch_size(None, measure, lambda: torch.cuda.mem_get_info(self.device)[0],
+                                     device=str(self.device))
+        return batch
 
     def over_budget(self, name: str) -> bool:
         spent = time.perf_counter() - self.t0
