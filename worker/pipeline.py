@@ -98,9 +98,10 @@ def embedding_scorer(spec: JobSpec, models_dir: Path | None):
         return None
     from evaluation.embedding import EmbeddingCosineScorer
     from models.encoders import EncoderNotInstalled
+    from worker.embedding import cached_encoder  # the encoders POST /embed uses, loaded once per process
 
     try:
-        encoder = _encoder(spec.encoder, str(models_dir))
+        encoder = cached_encoder(spec.encoder, str(models_dir), "cpu")
     except (EncoderNotInstalled, FileNotFoundError):  # e.g. QuiltNet's image tower not installed: no metric
         return None
     if spec.embedding_grid is not None:
@@ -112,13 +113,6 @@ def embedding_scorer(spec: JobSpec, models_dir: Path | None):
         return EmbeddingCosineScorer(spec.height, spec.width, spec.mpp, encoder, vectors, rows, cols)
     except ValueError:  # another embedding space, or a slide smaller than one window
         return None
-
-
-@lru_cache(maxsize=2)
-def _encoder(encoder_id: str, models_dir: str):
-    from models.encoders import load_encoder
-
-    return load_encoder(encoder_id, models_dir)
 
 
 def embedding_metrics(scorer) -> dict[str, float]:
