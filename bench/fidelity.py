@@ -24,6 +24,14 @@ classifier. Goals (issues 6, 17): balanced accuracy ≥ 0.8, seam ratio ≤ 1.05
 render's. An untrained model scores near chance (≈ 1 / number of classes present) — printed as is.
 
 The last line is one JSON object with our figures, the reference's and their ratio.
+
+``--embedding`` (∞-Brush, issue 20): for held-out procedural tiles of carcinoma, tumour stroma and necrosis
+(:func:`evaluation.conditioning.held_out_tile`), embed the tile with the model's encoder and run
+``slidesynth generate --embedding`` (the job path: its ``class_share_<class>`` and ``embedding_cosine``
+metrics); then a 2 × 2 grid of four class tiles, scored by the majority class of each quadrant. Reference,
+in the same run: an unconditioned sample of the same seed and size, its windows' cosine to each condition.
+Goals: ≥ 80 % of the windows of the requested class; the cosine clearly above the unconditioned one; every
+quadrant's majority the requested class.
 """
 from __future__ import annotations
 
@@ -88,6 +96,104 @@ def generate(mask: np.ndarray, out_dir: Path, *, model: str | None, steps: int |
     return read_level0(tiff), time.perf_counter() - t0
 
 
+GOAL_CLASS_SHARE = 0.8
+
+
+def _generate_embedding(path: Path, out_dir: Path, *, model: str, encoder: str, size: int, steps: int | None,
+                        seed: int, device: str | None) -> tuple[dict, Path, float]:
+    """``slidesynth generate --embedding`` in-process → (its printed JSON: metrics …, the TIFF, seconds)."""
+    from slidesynth.cli import main as cli_main
+
+    tiff = out_dir / f"{path.stem}.tiff"
+    argv = ["generate", "--embedding", str(path), "--encoder", encoder, "--model", model, "--width", str(size),
+            "--height", str(size), "--seed", str(seed), "--out", str(tiff)]
+    for flag, value in (("--steps", steps), ("--device", device)):
+        if value is not None:
+            argv += [flag, str(value)]
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"slidesynth {' '.join(argv)} exited with {rc}")
+    return json.loads(buf.getvalue().strip().splitlines()[-1]), tiff, time.perf_counter() - t0
+
+
+def embedding_main(args) -> int:
+    """The ∞-Brush conditioning goals through the job path, against an unconditioned sample."""
+    from core.settings import get_settings
+    from evaluation.conditioning import held_out_tile, image_cosine, quadrant_majorities
+    from evaluation.fidelity import load_classifier
+    from models.cards import ModelCard
+    from models.encoders import load_encoder
+    from models.registry import ModelRegistry
+
+    settings = get_settings()
+    model = args.model or settings.default_embedding_model
+    card = ModelCard.load(settings.models_dir / model)
+    encoder = load_encoder(card.embedding_encoder, settings.models_dir)
+    clf = load_classifier(args.classifier)
+    size = args.size
+    classes = ("carcinoma", "tumor stroma", "necrosis")
+    grid_classes = ("carcinoma", "tumor stroma", "necrosis", "others")
+    print(f"model {model} (encoder {encoder.id}), {size}² px at {card.native_mpp} µm/px, "
+          f"{args.steps or 'card default'} steps, seed {args.seed}")
+    # the reference: one unconditioned sample (guidance scale 0: the null condition), same seed and size
+    from models.infbrush.pipeline import InfBrushPipeline
+
+    t0 = time.perf_counter()
+    pipe = InfBrushPipeline(ModelRegistry(settings.models_dir).load(model, args.device or "cpu"),
+                            args.device or "cpu", models_dir=settings.models_dir)
+    uncond = pipe.sample_array(size, size, embedding=None, seed=args.seed,
+                               steps=args.steps or card.default_steps or 50)
+    uncond_s = time.perf_counter() - t0
+    header = f"{'condition':<14} {'share':>6} {'majority':>13} {'cosine':>7} {'uncond. cos':>11} {'gen s':>6}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-emb-") as tmp:
+        for c in classes:
+            vec = np.asarray(encoder.embed(held_out_tile(c, encoder.input_size)[None]), np.float32)[0]
+            path = Path(tmp) / f"{c.replace(' ', '_')}.npy"
+            np.save(path, vec)
+            out, _, secs = _generate_embedding(path, Path(tmp), model=model, encoder=encoder.id, size=size,
+                                               steps=args.steps, seed=args.seed, device=args.device)
+            shares = {k[len("class_share_"):].replace("_", " "): v for k, v in out.items()
+                      if k.startswith("class_share_")}
+            row = {"condition": c, "share": shares[c], "majority": max(shares, key=shares.get),
+                   "cosine": out["embedding_cosine"],
+                   "cosine_unconditioned": round(image_cosine(uncond, encoder, vec, card.native_mpp), 4),
+                   "shares": shares, "seconds_generate": round(secs, 1)}
+            rows.append(row)
+            print(f"{c:<14} {row['share']:>6.3f} {row['majority']:>13} {row['cosine']:>7.3f} "
+                  f"{row['cosine_unconditioned']:>11.3f} {secs:>6.1f}", flush=True)
+        tiles = np.stack([held_out_tile(c, encoder.input_size) for c in grid_classes])
+        grid = np.asarray(encoder.embed(tiles), np.float32).reshape(2, 2, -1)
+        np.save(Path(tmp) / "grid.npy", grid)
+        _, tiff, secs = _generate_embedding(Path(tmp) / "grid.npy", Path(tmp), model=model, encoder=encoder.id,
+                                            size=size, steps=args.steps, seed=args.seed, device=args.device)
+        got = quadrant_majorities(read_level0(tiff), clf)
+    correct = sum(a == b for a, b in zip(grid_classes, got))
+    print(f"2×2 grid {', '.join(grid_classes)} → quadrant majorities {', '.join(got)} ({correct}/4) in {secs:.1f} s")
+    share_min = min(r["share"] for r in rows)
+    cos = round(float(np.mean([r["cosine"] for r in rows])), 4)
+    cos0 = round(float(np.mean([r["cosine_unconditioned"] for r in rows])), 4)
+    print(f"lowest share of the requested class {share_min:.3f} (goal ≥ {GOAL_CLASS_SHARE}); mean cosine {cos} vs "
+          f"{cos0} unconditioned; grid {correct}/4")
+    summary = {
+        "bench": "fidelity-embedding", "model": model, "encoder": encoder.id, "size": size, "steps": args.steps,
+        "ours": {"min_class_share": share_min, "mean_cosine": cos, "grid_quadrants_correct": correct,
+                 "grid_majorities": got, "rows": rows},
+        "reference": {"what": "an unconditioned sample of the same seed and size: its windows' cosine to each "
+                              "condition", "mean_cosine": cos0, "seconds": round(uncond_s, 1)},
+        "ratio": {"mean_cosine": round(cos / cos0, 4) if cos0 else None},
+        "goal": {"class_share": GOAL_CLASS_SHARE, "grid_quadrants_correct": 4,
+                 "met": bool(share_min >= GOAL_CLASS_SHARE and correct == 4 and cos > cos0)},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-size", type=int, default=256, help="mask side in px at 2 µm/px (slide = 4×)")
     p.add_argument("--classifier", help="fidelity classifier folder (default: weights/fidelity-classifier)")
     p.add_argument("--quick", action="store_true", help="2 masks of 128², 10 steps")
+    p.add_argument("--embedding", action="store_true",
+                   help="∞-Brush: held-out class tiles' embeddings and a 2×2 grid (default model: "
+                        "SLIDESYNTH_DEFAULT_EMBEDDING_MODEL)")
+    p.add_argument("--size", type=int, default=1024, help="--embedding: slide side in px")
     args = p.parse_args(argv)
+    if args.embedding:
+        return embedding_main(args)
     if args.quick:
         args.mask_size = 128
         args.steps = args.steps or 10

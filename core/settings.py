@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = "diffinfinite-demo"  # the small models trained on procedural tissue, shipped in weights/
 UNTRAINED_MODEL = "diffinfinite-untrained"
+DEMO_EMBEDDING_MODEL = "infinity-brush-demo"  # ∞-Brush trained on procedural tissue, shipped in weights/
+UNTRAINED_EMBEDDING_MODEL = "infinity-brush-untrained"
 
 
 def comma_items(value: str) -> list[str]:
@@ -37,6 +39,12 @@ class Settings(BaseSettings):
         "",
         description="Model used when a request names none; default: `diffinfinite-demo` when that folder is "
         "in the models dir, else `diffinfinite-untrained`.",
+    )
+    default_embedding_model: str = Field(
+        "",
+        description="Model used when a request with an `embedding`, `embedding_grid` or `subtype` conditioning "
+        "names none and the default model does not take that conditioning; default: `infinity-brush-demo` when "
+        "that folder is in the models dir, else `infinity-brush-untrained`.",
     )
     queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
     embed_queue: str = Field(
@@ -121,6 +129,9 @@ class Settings(BaseSettings):
         if not self.default_model:
             demo = self.models_dir / DEMO_MODEL / "model_card.json"
             self.default_model = DEMO_MODEL if demo.is_file() else UNTRAINED_MODEL
+        if not self.default_embedding_model:
+            demo = self.models_dir / DEMO_EMBEDDING_MODEL / "model_card.json"
+            self.default_embedding_model = DEMO_EMBEDDING_MODEL if demo.is_file() else UNTRAINED_EMBEDDING_MODEL
         return self
 
     @property

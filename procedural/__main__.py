@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n", type=int, required=True)
     d.add_argument("--size", type=int, default=512)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--kind", choices=["tile", "slide"], default="tile")
+    d.add_argument("--kind", choices=["tile", "slide", "mosaic"], default="tile")
     d.add_argument("--mpp", type=float, default=0.5, help="µm per pixel of the layout (feature sizes)")
     d.add_argument("--workers", type=int, default=1)
     s = sub.add_parser("slide", help="render one slide layout to a PNG")

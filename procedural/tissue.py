@@ -556,6 +556,32 @@ def _tile_layout(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return classes.astype(np.uint8)[np.argmax(fields, axis=0)]
 
 
+_MOSAIC_GRIDS = ((1, 1), (2, 2), (1, 2), (2, 1))
+_MOSAIC_GRID_P = (0.4, 0.4, 0.1, 0.1)
+_MOSAIC_CLASS_P = (0.1, 0.25, 0.2, 0.25, 0.2)
+
+
+def _mosaic_layout(h: int, w: int, rng: np.random.Generator, mpp: float) -> np.ndarray:
+    """rows × cols cells (1×1, 2×2, 1×2 or 2×1) of one class each, borders warped by ±6 % of the side, and
+    up to 12 % of each cell taken by inclusions of another class (blobs of ≈ 40–80 µm)."""
+    rows, cols = _MOSAIC_GRIDS[int(rng.choice(len(_MOSAIC_GRIDS), p=_MOSAIC_GRID_P))]
+    classes = rng.choice(NUM_CLASSES, size=rows * cols, p=_MOSAIC_CLASS_P).astype(np.uint8).reshape(rows, cols)
+    side = min(h, w)
+    amp = 0.06 * side
+    yy = np.arange(h, dtype=np.float32)[:, None] + amp * _field(h, w, side / 4.0, rng)
+    xx = np.arange(w, dtype=np.float32)[None, :] + amp * _field(h, w, side / 4.0, rng)
+    r = np.clip((yy * rows / h).astype(np.int64), 0, rows - 1)
+    c = np.clip((xx * cols / w).astype(np.int64), 0, cols - 1)
+    labels = classes[r, c]
+    share = rng.uniform(0.0, 0.12)
+    if share > 0.005:
+        blobs = _field(h, w, rng.uniform(40, 80) / mpp, rng)
+        other = rng.choice(NUM_CLASSES, p=_MOSAIC_CLASS_P)
+        inc = (blobs > np.quantile(blobs, 1.0 - share)) & (labels != other)
+        labels = np.where(inc, np.uint8(other), labels)
+    return labels
+
+
 def _slide_layout(h: int, w: int, rng: np.random.Generator, mpp: float, subtype: int) -> np.ndarray:
     import cv2
 
@@ -605,7 +631,7 @@ def _slide_layout(h: int, w: int, rng: np.random.Generator, mpp: float, subtype:
     return labels
 
 
-def random_layout(height: int, width: int, seed: int, kind: Literal["tile", "slide"] = "tile", *,
+def random_layout(height: int, width: int, seed: int, kind: Literal["tile", "slide", "mosaic"] = "tile", *,
                   mpp: float = 0.5, subtype: int | None = None) -> np.ndarray:
     """A seeded uint8 (height, width) label map.
 
@@ -614,6 +640,8 @@ def random_layout(height: int, width: int, seed: int, kind: Literal["tile", "sli
     necrotic cores where islands are thick, fat/vessel regions at least 25 µm from the tumour. ``mpp``
     (µm per pixel of the map) sets the feature sizes; ``subtype`` 0 gives many smaller islands with rare
     necrosis, 1 larger solid nests with necrotic cores (None: drawn from the seed).
+    ``kind="mosaic"``: 1×1, 2×2, 1×2 or 2×1 cells of one class each with warped borders and a few small
+    inclusions of another class (∞-Brush: images whose regions a grid of embeddings describes).
     """
     if height < 1 or width < 1:
         raise ValueError(f"layout size must be positive, got {height}×{width}")
@@ -627,7 +655,9 @@ def random_layout(height: int, width: int, seed: int, kind: Literal["tile", "sli
         if st not in SUBTYPE_NAMES:
             raise ValueError(f"subtype must be 0 or 1, got {subtype}")
         return _slide_layout(int(height), int(width), rng, float(mpp), st)
-    raise ValueError(f"kind must be 'tile' or 'slide', got {kind!r}")
+    if kind == "mosaic":
+        return _mosaic_layout(int(height), int(width), rng, float(mpp))
+    raise ValueError(f"kind must be 'tile', 'slide' or 'mosaic', got {kind!r}")
 
 
 def layout_subtype(seed: int, subtype: int | None = None) -> int:
@@ -658,7 +688,7 @@ def _write_item(args) -> tuple[str, int | None, list[int]]:
 
 
 def make_dataset(out_dir: str | Path, n_tiles: int, size: int = 512, seed: int = 0, *,
-                 kind: Literal["tile", "slide"] = "tile", mpp: float = 0.5, workers: int = 1) -> Path:
+                 kind: Literal["tile", "slide", "mosaic"] = "tile", mpp: float = 0.5, workers: int = 1) -> Path:
     """Write ``n_tiles`` (image, mask) pairs in the tile-folder format of ``training.diffinfinite_data``:
     ``<kind>_<i>.png`` (RGB) and ``<kind>_<i>_mask.png`` (L, pixel = class id); for slide layouts also
     ``subtypes.csv`` (mask-model training); and ``dataset.json`` (arguments, class pixel counts).
@@ -669,8 +699,8 @@ def make_dataset(out_dir: str | Path, n_tiles: int, size: int = 512, seed: int =
         raise ValueError(f"n_tiles must be ≥ 1, got {n_tiles}")
     if size < 8:
         raise ValueError(f"size must be ≥ 8 px, got {size}")
-    if kind not in ("tile", "slide"):
-        raise ValueError(f"kind must be 'tile' or 'slide', got {kind!r}")
+    if kind not in ("tile", "slide", "mosaic"):
+        raise ValueError(f"kind must be 'tile', 'slide' or 'mosaic', got {kind!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), i, seed, size, kind, mpp) for i in range(n_tiles)]

@@ -27,7 +27,8 @@ def prepare_job(params: GenerateParams, cards: dict[str, ModelCard], settings: S
                 conditioning: SubtypeConditioning | EmbeddingConditioning | EmbeddingGridConditioning | None = None,
                 mask: bytes | None = None) -> PreparedJob:
     """Validate a request (a mask file's bytes, or a conditioning) into a job spec; FieldError otherwise."""
-    card = resolve_model(params.model, cards, settings)
+    kind = "mask" if mask is not None else conditioning.type if conditioning is not None else None
+    card = resolve_model(params.model, cards, settings, kind)
     if mask is None:
         return PreparedJob(build_spec(params, card, settings, conditioning=conditioning), card)
     if conditioning is not None:

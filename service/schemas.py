@@ -179,7 +179,10 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
-    default: str
+    default: str = Field(description="The model a request that names none gets.")
+    default_embedding: str = Field(
+        description="The model a request that names none gets when the default model does not take its "
+                    "conditioning (an `embedding` or `embedding_grid`): the default ∞-Brush model.")
     models: list[ModelInfo]
 
 

@@ -43,8 +43,15 @@ class FieldError(ValueError):
         self.msg = msg
 
 
-def resolve_model(name: str | None, cards: dict[str, ModelCard], settings: Settings) -> ModelCard:
-    name = name or settings.default_model
+def resolve_model(name: str | None, cards: dict[str, ModelCard], settings: Settings,
+                  conditioning: str | None = None) -> ModelCard:
+    """The named model, else the default one for the request's conditioning type (``mask``, ``embedding``, …):
+    the default model when it takes that type, else the default embedding model."""
+    if not name:
+        name = settings.default_model
+        card = cards.get(name)
+        if conditioning is not None and (card is None or conditioning not in card.conditioning):
+            name = settings.default_embedding_model
     if name not in cards:
         raise FieldError(("model",), f"unknown model {name!r}; available: {', '.join(sorted(cards))}")
     return cards[name]

@@ -1,7 +1,10 @@
-"""``make demo``: start the embedded service, submit the demo mask over HTTP, follow it, print the TIFF path.
+"""``make demo``: start the embedded service, submit the demo mask over HTTP, follow it, print the TIFF path;
+then ask for "a slide like this tile": embed a procedural carcinoma tile (``POST /embed``) and generate an
+∞-Brush slide from its embedding.
 
 Runs with no configuration: no broker server, a local data directory (``data/demo`` unless
-``SLIDESYNTH_DATA_DIR`` is set), and the default model (the untrained DiffInfinite until weights exist).
+``SLIDESYNTH_DATA_DIR`` is set), and the default models (the untrained ones until weights exist).
+``SLIDESYNTH_DEMO_INFBRUSH=0`` skips the ∞-Brush slide.
 """
 from __future__ import annotations
 
@@ -45,7 +48,6 @@ def _free_port() -> int:
 def main() -> int:
     import httpx
     from PIL import Image
-    from tqdm import tqdm
 
     env = os.environ.copy()
     env.setdefault("SLIDESYNTH_DATA_DIR", str(REPO / "data" / "demo"))
@@ -83,8 +85,59 @@ def main() -> int:
             return 1
         job_id = resp.json()["id"]
         print(f"job {job_id} submitted: POST /generate → {resp.headers['location']}")
-        bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {postfix}")
-        while True:
+        if not _follow(client, job_id, env):
+            return 1
+        if env.get("SLIDESYNTH_DEMO_INFBRUSH", "1") != "0":
+            return 0 if _infbrush_slide(client, models, env) else 1
+        return 0
+    finally:
+        client.close()
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _infbrush_slide(client, models: dict, env: dict) -> bool:
+    """"A slide like this tile": POST /embed a held-out procedural carcinoma tile with the default ∞-Brush
+    model's encoder, then POST /generate with that embedding (no model named: the default embedding model)."""
+    from PIL import Image
+
+    from evaluation.conditioning import held_out_tile
+
+    info = next(m for m in models["models"] if m["name"] == models["default_embedding"])
+    if info["embedding_encoder"] == "quilt-vit-b-32" and not info["trained"]:
+        print(f"∞-Brush: the default embedding model is {info['name']} (untrained, QuiltNet embeddings, whose "
+              "weights are not installed); skipped")
+        return True
+    encoder = info["embedding_encoder"]
+    buf = io.BytesIO()
+    Image.fromarray(held_out_tile("carcinoma", 64)).save(buf, format="PNG")
+    resp = client.post("/embed", files={"tiles": ("carcinoma.png", buf.getvalue(), "image/png")},
+                       data={"encoder": encoder})
+    if resp.status_code != 200:
+        print(f"error: POST /embed: {resp.status_code} {resp.text}", file=sys.stderr)
+        return False
+    vector = resp.json()["embeddings"][0]
+    print(f"∞-Brush: a 64-px carcinoma tile embedded by {encoder} ({len(vector)} numbers): POST /embed")
+    body = {"conditioning": {"type": "embedding", "vector": vector, "encoder": encoder}, "width": 1024,
+            "height": 1024, "seed": 0, "steps": 25, "outputs": ["tiff"]}
+    resp = client.post("/generate", json=body)
+    if resp.status_code != 202:
+        print(f"error: {resp.status_code} {resp.text}", file=sys.stderr)
+        return False
+    job_id = resp.json()["id"]
+    print(f"job {job_id} submitted (model {info['name']}): POST /generate → {resp.headers['location']}")
+    return _follow(client, job_id, env)
+
+
+def _follow(client, job_id: str, env: dict) -> bool:
+    """Poll a job with a progress bar until it ends; print where its outputs are."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {postfix}")
+    while True:
             job = client.get(f"/jobs/{job_id}").json()
             bar.n = round(100 * job["progress"], 1)
             eta = f", eta {job['eta_seconds']:.0f}s" if job.get("eta_seconds") else ""
@@ -94,23 +147,21 @@ def main() -> int:
             if job["status"] in ("succeeded", "failed", "canceled"):
                 break
             time.sleep(0.5)
-        bar.close()
-        if job["status"] != "succeeded":
-            print(f"error: job {job['status']}: {job['error']}", file=sys.stderr)
-            return 1
-        job_dir = Path(env["SLIDESYNTH_DATA_DIR"]).resolve() / "jobs" / job_id
-        print(f"{job['width']}×{job['height']} px at {job['mpp']} µm/px in {job['metrics'].get('seconds_total')} s")
-        print(f"thumbnail: {job_dir / 'thumbnail.png'}")
+    bar.close()
+    if job["status"] != "succeeded":
+        print(f"error: job {job['status']}: {job['error']}", file=sys.stderr)
+        return False
+    job_dir = Path(env["SLIDESYNTH_DATA_DIR"]).resolve() / "jobs" / job_id
+    metrics = job.get("metrics") or {}
+    print(f"{job['width']}×{job['height']} px at {job['mpp']} µm/px in {metrics.get('seconds_total')} s")
+    shares = {k[len("class_share_"):]: v for k, v in metrics.items() if k.startswith("class_share_")}
+    if shares:
+        print("windows by class (fidelity classifier): " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()))
+    print(f"thumbnail: {job_dir / 'thumbnail.png'}")
+    if (job_dir / "slide.zarr").exists():
         print(f"OME-Zarr:  {job_dir / 'slide.zarr'}")
-        print(f"pyramidal TIFF: {job_dir / 'slide.tiff'}")
-        return 0
-    finally:
-        client.close()
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    print(f"pyramidal TIFF: {job_dir / 'slide.tiff'}")
+    return True
 
 
 if __name__ == "__main__":

@@ -178,10 +178,24 @@ def test_unknown_subtype_model_and_bad_params(client):
 
 def test_embedding_refused_by_mask_model_and_checked(client):
     vec = [0.01] * 512
+    models = client.get("/models").json()
     resp = client.post("/generate", json={"conditioning": {"type": "embedding", "vector": vec},
-                                          "width": 256, "height": 256})
+                                          "width": 256, "height": 256, "model": models["default"]})
     assert resp.status_code == 422 and error_locs(resp) == [["body", "conditioning", "type"]]
     assert_nothing_created(client)
+
+
+def test_embedding_without_a_model_goes_to_the_default_embedding_model(client):
+    models = client.get("/models").json()
+    card = next(m for m in models["models"] if m["name"] == models["default_embedding"])
+    assert card["engine"] == "infinity-brush" and "embedding" in card["conditioning"]
+    vec = [0.1] * card["embedding_dim"]
+    resp = client.post("/generate", json={"conditioning": {"type": "embedding", "vector": vec,
+                                                           "encoder": card["embedding_encoder"]},
+                                          "width": 256, "height": 256})
+    assert resp.status_code == 202, resp.text
+    assert client.store.get(resp.json()["id"]).spec.model == card["name"]
+    client.delete(resp.json()["status_url"])
 
 
 def test_unknown_job_is_404(client):
@@ -295,7 +309,8 @@ def test_infinity_brush_embedding_grid_checks(client):
     refused({"encoder": "uni-vit-l"}, ["encoder"], "quilt-vit-b-32")
     refused({"vector": vectors[0]}, ["vector"])                                  # an unknown field
     # a model whose engine takes no grids (the DiffInfinite mask model) says so at conditioning.type
-    mask_model = client.post("/generate", json={"width": 64, "height": 64, "conditioning": grid})
+    mask_model = client.post("/generate", json={"width": 64, "height": 64, "conditioning": grid,
+                                                "model": client.get("/models").json()["default"]})
     assert mask_model.status_code == 422 and error_locs(mask_model) == [["body", "conditioning", "type"]]
     assert "embedding_grid" in mask_model.text
     assert_nothing_created(client)

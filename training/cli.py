@@ -289,10 +289,38 @@ def _infbrush_config(spec: str, overrides: dict) -> InfBrushConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
+class _InstalledEncoderEmbed:
+    """An installed encoder's ``embed`` under a readable name (recorded in the training state and the card)."""
+
+    def __init__(self, encoder_id: str, models_dir):
+        from models.encoders import load_encoder
+
+        from models.encoders import class_prototypes
+
+        self.encoder = load_encoder(encoder_id, models_dir)
+        self.__qualname__ = f"encoder {encoder_id}"
+        try:
+            self.prototype_classes = tuple(class_prototypes(encoder_id, models_dir))
+        except ValueError:
+            self.prototype_classes = ()
+
+    def __call__(self, tiles):
+        return self.encoder.embed(tiles)
+
+
 def _import_function(spec: str):
-    """``package.module:function`` → the function (how a caller names its image encoder's ``embed``)."""
+    """``package.module:function`` → the function (how a caller names its image encoder's ``embed``); a spec
+    without ':' is the id of an encoder installed in the models folder (SLIDESYNTH_MODELS_DIR)."""
     import importlib
 
+    if ":" not in spec:
+        from core.settings import get_settings
+        from models.encoders import EncoderNotInstalled
+
+        try:
+            return _InstalledEncoderEmbed(spec, get_settings().models_dir)
+        except (EncoderNotInstalled, OSError, ValueError) as exc:
+            raise SystemExit(f"--embed: {exc}") from None
     module, _, name = spec.partition(":")
     if not module or not name:
         raise SystemExit(f"--embed: {spec!r} is not MODULE:FUNCTION")
@@ -325,12 +353,15 @@ def _run_infbrush(args: argparse.Namespace) -> int:
     cfg = _infbrush_config(args.config, overrides)
     sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.synthetic_sizes.split(","))
     grids = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.grids.split(","))
+    embed = _import_function(args.embed) if args.embed else None
     mosaic = tuple(int(v) for v in args.synthetic_mosaic.lower().split("x"))
     opts = TrainOptions(
         out=Path(args.out), config=cfg, data=Path(args.data) if args.data else None, synthetic=args.synthetic,
         synthetic_sizes=tuple((h, w) for w, h in sizes), synthetic_mosaic=(mosaic[1], mosaic[0]),
-        embed=_import_function(args.embed) if args.embed else None, grids=tuple((r, c) for c, r in grids),
-        tile_px=args.tile_px, name=args.name, steps=args.steps,
+        embed=embed, grids=tuple((r, c) for c, r in grids),
+        prototype_classes=getattr(embed, "prototype_classes", ()),
+        tile_px=args.tile_px, regions=args.regions, points=args.point_layout, patch_px=args.patch_px,
+        name=args.name, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, betas=(args.beta1, args.beta2), ema=args.ema,
         ema_every=args.ema_every, grad_clip=args.grad_clip, save_every=args.save_every, log_every=args.log_every,
         seed=args.seed, device=args.device, resume=args.resume, amp="bf16" if args.amp else None,
@@ -355,9 +386,18 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--synthetic-sizes", default="64x64,80x48", help="WxH list of synthetic image sizes")
     p.add_argument("--synthetic-mosaic", default="1x1",
                    help="COLSxROWS cells of random classes per synthetic image (regions for --grids)")
-    p.add_argument("--embed", metavar="MODULE:FUNCTION",
-                   help="image encoder embed(tiles uint8 (N, H, W, 3)) → (N, D): conditions are computed from each "
-                        "image's regions (no .npy needed); with --synthetic and --grids, a colour-class stand-in")
+    p.add_argument("--embed", metavar="ENCODER|MODULE:FUNCTION",
+                   help="an installed encoder's id (e.g. slidesynth-tile-v1) or an image encoder function "
+                        "embed(tiles uint8 (N, H, W, 3)) → (N, D): conditions are computed from each image's regions "
+                        "(no .npy needed); with --synthetic and --grids, a colour-class stand-in")
+    p.add_argument("--regions", choices=["resize", "tiles"], default="resize",
+                   help="a region's condition: resize = the region resized to --tile-px (the paper); tiles = the "
+                        "mean embedding of up to 16 native --tile-px tiles of the region (an encoder with a fixed "
+                        "µm/px)")
+    p.add_argument("--point-layout", choices=["uniform", "patches"], default="uniform",
+                   help="training pixels: uniform without replacement (the paper) or dense --patch-px squares "
+                        "(the neighbourhoods dense sampling sees)")
+    p.add_argument("--patch-px", type=int, default=32, help="side of the squares of --point-layout patches")
     p.add_argument("--grids", default="1x1",
                    help="COLSxROWS layouts of the conditions from --embed, one drawn per step; 1x1 = a global "
                         "vector, e.g. 1x1,2x2,4x4 for a model that follows a vector and grids")

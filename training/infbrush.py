@@ -48,6 +48,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 # ---------------------------------------------------------------------------------------------------------------
 class ImageFolderDataset:
     """Images of any size with a sidecar embedding each: ``a.png`` + ``a.npy`` ((D,) or (rows, cols, D)).
+    Files named ``*_mask.*`` (the label maps of a procedural tile folder) are skipped.
 
     embeddings=False: images only (``item`` gives None for the embedding), for conditions computed from pixels."""
 
@@ -55,7 +56,9 @@ class ImageFolderDataset:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"training data folder not found: {self.folder}")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        # a tile folder's label maps (<stem>_mask.png, procedural datasets) are not training images
+        self.files = sorted(p for p in self.folder.iterdir()
+                            if p.suffix.lower() in IMAGE_EXTS and not p.stem.endswith("_mask"))
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {self.folder}")
         self.embeddings: list = [None] * len(self.files)
@@ -185,20 +188,51 @@ def region_tiles(img: torch.Tensor, rows: int, cols: int, tile_px: int) -> np.nd
     return torch.stack(out).numpy()
 
 
+def region_native_tiles(img: torch.Tensor, rows: int, cols: int, tile_px: int, per_side: int = 4) -> np.ndarray:
+    """uint8 image (3, H, W) → up to per_side² tile_px² tiles at the image's own resolution, evenly spread over
+    each of its rows × cols regions: (rows·cols, n, tile_px, tile_px, 3) uint8, regions row-major.
+
+    For an encoder with a fixed µm/px (a tile encoder trained at the data's scale): a region seen as the tiles a
+    user would send to POST /embed, not shrunk to a scale the encoder never saw."""
+    _, H, W = img.shape
+    out = []
+    for (r0, r1), (c0, c1) in region_bounds(H, W, rows, cols):
+        if r1 - r0 < tile_px or c1 - c0 < tile_px:
+            raise ValueError(f"a {H}×{W} image's {rows}×{cols} regions are smaller than the encoder's {tile_px}-px "
+                             "tiles")
+        ny = min(per_side, (r1 - r0) // tile_px)
+        nx = min(per_side, (c1 - c0) // tile_px)
+        ys = np.linspace(r0, r1 - tile_px, ny).round().astype(int)
+        xs = np.linspace(c0, c1 - tile_px, nx).round().astype(int)
+        n = per_side * per_side
+        tiles = [img[:, y:y + tile_px, x:x + tile_px].permute(1, 2, 0) for y in ys for x in xs]
+        tiles = (tiles * (n // len(tiles) + 1))[:n]       # equal counts per region (a batch stacks them)
+        out.append(torch.stack(tiles))
+    return torch.stack(out).numpy()
+
+
 class EncodedRegions:
     """A dataset whose conditions are computed from its images' pixels by an encoder, for several grid layouts.
 
     ``embed(tiles uint8 (N, H, W, 3)) → (N, D)`` is the caller's image encoder (the one whose embeddings the
     model will be conditioned on at inference, e.g. a tile encoder's ``embed``). ``item(i, (rows, cols))`` gives
-    the image and the (rows, cols, D) grid of its regions' embeddings (see :func:`region_tiles`); results are
-    cached, so each region is embedded once per run.
+    the image and the (rows, cols, D) grid of its regions' embeddings; results are cached, so each region is
+    embedded once per run. ``regions``: how a region becomes a vector — ``"resize"`` (the paper: the region
+    resized to tile_px², :func:`region_tiles`) or ``"tiles"`` (the normalised mean of the embeddings of up to
+    16 native tile_px² tiles spread over it, :func:`region_native_tiles`, re-normalised).
     """
 
-    def __init__(self, images, embed, embedding_dim: int, layouts=((1, 1),), tile_px: int = 224):
+    REGION_MODES = ("resize", "tiles")
+
+    def __init__(self, images, embed, embedding_dim: int, layouts=((1, 1),), tile_px: int = 224,
+                 regions: str = "resize"):
         self.images, self.embed, self.dim, self.tile_px = images, embed, int(embedding_dim), int(tile_px)
         self.layouts = [(int(r), int(c)) for r, c in layouts]
         if not self.layouts or any(r < 1 or c < 1 for r, c in self.layouts):
             raise ValueError(f"grid layouts must be (rows ≥ 1, cols ≥ 1), got {layouts}")
+        if regions not in self.REGION_MODES:
+            raise ValueError(f"regions must be one of {', '.join(self.REGION_MODES)}, not {regions!r}")
+        self.regions = regions
         self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -209,8 +243,18 @@ class EncodedRegions:
         img = self.images.item(i)[0]
         key = (i, rows, cols)
         if key not in self._cache:
-            tiles = region_tiles(img, rows, cols, self.tile_px)
-            emb = torch.as_tensor(np.asarray(self.embed(tiles), dtype=np.float32))
+            if self.regions == "tiles":
+                tiles = region_native_tiles(img, rows, cols, self.tile_px)
+                n = tiles.shape[1]
+                emb = torch.as_tensor(np.asarray(self.embed(tiles.reshape(-1, *tiles.shape[2:])), dtype=np.float32))
+                if emb.shape != (rows * cols * n, self.dim):
+                    raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {rows * cols * n} tiles; the "
+                                     f"model expects ({rows * cols * n}, {self.dim})")
+                emb = torch.nn.functional.normalize(emb, dim=-1).reshape(rows * cols, n, self.dim).mean(1)
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            else:
+                tiles = region_tiles(img, rows, cols, self.tile_px)
+                emb = torch.as_tensor(np.asarray(self.embed(tiles), dtype=np.float32))
             if emb.shape != (rows * cols, self.dim):
                 raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {rows * cols} tiles; the model "
                                  f"expects ({rows * cols}, {self.dim})")
@@ -236,9 +280,39 @@ def sample_pixels(n: int, total: int, gen: torch.Generator) -> torch.Tensor:
     return have[torch.randperm(have.numel(), generator=gen)[:n]]
 
 
+def sample_patches(n: int, height: int, width: int, patch: int, gen: torch.Generator) -> torch.Tensor:
+    """n flat pixel indices forming ⌈n / patch²⌉ disjoint dense patch × patch squares at random places (the last
+    one partly used): cells of a patch-aligned grid with a random offset, chosen without replacement.
+
+    Sampling draws every pixel, so the sparse operators meet dense neighbourhoods there; uniform points at a few
+    % density show them neighbours several pixels away, a different input distribution (reference §4.4)."""
+    oy = int(torch.randint(0, min(patch, height - patch + 1), (1,), generator=gen))
+    ox = int(torch.randint(0, min(patch, width - patch + 1), (1,), generator=gen))
+    gy, gx = (height - oy) // patch, (width - ox) // patch
+    need = -(-n // (patch * patch))
+    if gy * gx < need:
+        raise ValueError(f"a {height}×{width} image holds {gy * gx} disjoint {patch}² patches, fewer than the "
+                         f"{need} that {n} points need")
+    cells = torch.randperm(gy * gx, generator=gen)[:need]
+    r0 = oy + torch.div(cells, gx, rounding_mode="floor") * patch
+    c0 = ox + (cells % gx) * patch
+    d = torch.arange(patch)
+    rows = (r0[:, None, None] + d[None, :, None]).expand(-1, patch, patch)
+    cols = (c0[:, None, None] + d[None, None, :]).expand(-1, patch, patch)
+    return (rows * width + cols).reshape(-1)[:n]
+
+
+POINT_LAYOUTS = ("uniform", "patches")
+
+
 def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Generator, device,
-               t: list[int] | None = None, drop: list[bool] | None = None) -> dict:
-    """Noisy smoothed values at sampled pixels and their targets for a list of (image uint8 (3,H,W), embedding)."""
+               t: list[int] | None = None, drop: list[bool] | None = None, points: str = "uniform",
+               patch_px: int = 32) -> dict:
+    """Noisy smoothed values at sampled pixels and their targets for a list of (image uint8 (3,H,W), embedding).
+
+    points: "uniform" (the paper: pixels uniformly without replacement) or "patches" (:func:`sample_patches`)."""
+    if points not in POINT_LAYOUTS:
+        raise ValueError(f"points must be one of {', '.join(POINT_LAYOUTS)}, not {points!r}")
     N = cfg.n_points
     u_t, target, px, xy, ts, embs, poss, sizes, windows = [], [], [], [], [], [], [], [], []
     for b, (img, emb) in enumerate(items):
@@ -246,7 +320,8 @@ def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Gen
         if H * W < N:
             raise ValueError(f"image {b} of the batch has {H}×{W} = {H * W} pixels, fewer than n_points = {N}")
         img = img.to(device).float() / 127.5 - 1
-        flat = sample_pixels(N, H * W, gen).to(device)
+        flat = (sample_pixels(N, H * W, gen) if points == "uniform" else
+                sample_patches(N, H, W, patch_px, gen)).to(device)
         rows, cols = torch.div(flat, W, rounding_mode="floor"), flat % W
         moll = Mollifier.for_side(max(H, W), cfg.mollify_sigma, cfg.train_resolution)
         a_u0 = moll.at_points(lambda rr, cc: img[:, rr, cc].movedim(0, -1), rows, cols, H, W)
@@ -289,7 +364,8 @@ def batch_loss(model: InfBrushDenoiser, batch: dict, cfg: InfBrushConfig, lam: t
 
 @torch.no_grad()
 def evaluate_loss(model: InfBrushDenoiser, dataset, cfg: InfBrushConfig, n: int = 8, seed: int = 1234,
-                  device="cpu", layout: tuple[int, int] | None = None) -> float:
+                  device="cpu", layout: tuple[int, int] | None = None, points: str = "uniform",
+                  patch_px: int = 32) -> float:
     """Deterministic held-out loss: fixed items, points, noise and evenly spread timesteps, condition kept.
     layout: the grid layout of a dataset with several (:class:`EncodedRegions`)."""
     was = model.training
@@ -298,7 +374,7 @@ def evaluate_loss(model: InfBrushDenoiser, dataset, cfg: InfBrushConfig, n: int 
     gen = torch.Generator().manual_seed(seed)
     items = [_item(dataset, i % len(dataset), layout) for i in range(n)]
     ts = [int((j + 0.5) * cfg.timesteps / n) for j in range(n)]
-    batch = make_batch(items, cfg, sched, gen, device, t=ts, drop=[False] * n)
+    batch = make_batch(items, cfg, sched, gen, device, t=ts, drop=[False] * n, points=points, patch_px=patch_px)
     loss = float(batch_loss(model, batch, cfg))
     model.train(was)
     return loss
@@ -322,6 +398,10 @@ class TrainOptions:
     embed: Callable | None = None      # encoder embed(tiles uint8 (N, H, W, 3)) → (N, D): conditions from pixels
     grids: tuple = ((1, 1),)           # layouts of those conditions, one drawn per step ((1, 1): a global vector)
     tile_px: int = 224                 # side each region is resized to for the encoder
+    regions: str = "resize"            # a region's vector: "resize" (paper) or "tiles" (mean of native tiles)
+    points: str = "uniform"            # training pixels: "uniform" (paper) or "patches" (dense squares)
+    patch_px: int = 32                 # side of those squares
+    prototype_classes: tuple = ()      # subtype names = the encoder's class prototypes (not QuiltNet's prompts)
     name: str = "infinity-brush"
     steps: int = 1000
     batch_size: int = 4
@@ -366,11 +446,12 @@ def _dataset(opts: TrainOptions):
         return base, desc, sorted(layouts)
     embed = opts.embed if opts.embed is not None else base.colour_encoder() if isinstance(
         base, SyntheticFunctions) else None
-    ds = EncodedRegions(base, embed, cfg.embedding_dim, layouts=grids, tile_px=opts.tile_px)
+    ds = EncodedRegions(base, embed, cfg.embedding_dim, layouts=grids, tile_px=opts.tile_px, regions=opts.regions)
     name = getattr(opts.embed, "__qualname__", "the synthetic colour encoder") if opts.embed else \
         "the synthetic colour encoder"
-    desc += f"; conditions: {name} on regions resized to {opts.tile_px}², layouts " + \
-        ", ".join(f"{r}×{c}" for r, c in ds.layouts)
+    how = f"regions resized to {opts.tile_px}²" if opts.regions == "resize" else \
+        f"the normalised mean over up to 16 native {opts.tile_px}² tiles of each region"
+    desc += f"; conditions: {name} on {how}, layouts " + ", ".join(f"{r}×{c}" for r, c in ds.layouts)
     return ds, desc, ds.layouts
 
 
@@ -434,11 +515,14 @@ def train_infbrush(opts: TrainOptions) -> dict:
         torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state()}, state_dir / "optimizer.pt.tmp")
         os.replace(state_dir / "optimizer.pt.tmp", state_dir / "optimizer.pt")
         training = {"command": opts.command, "device": str(device), "steps": step, "batch_size": opts.batch_size,
-                    "points_per_image": cfg.n_points, "lr": opts.lr, "betas": list(opts.betas), "ema": opts.ema,
+                    "points_per_image": cfg.n_points, "point_layout": opts.points,
+                    "patch_px": opts.patch_px if opts.points == "patches" else None,
+                    "region_embedding": opts.regions, "lr": opts.lr, "betas": list(opts.betas), "ema": opts.ema,
                     "ema_every": opts.ema_every, "grad_clip": opts.grad_clip, "seed": opts.seed,
                     "duration_s": round(elapsed, 1), "last_loss": losses[-1] if losses else None}
         card = make_card(cfg, name=opts.name, trained=True, training=training, training_data=data_desc,
-                         native_mpp=opts.native_mpp, conditioning=conditioning)
+                         native_mpp=opts.native_mpp, conditioning=conditioning,
+                         prototype_classes=list(opts.prototype_classes) or None)
         save_infbrush(InfBrushModels(card=card, denoiser=ema), out)
         # not asdict(): it would deep-copy the encoder behind opts.embed
         opt_dict = {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(opts)
@@ -456,7 +540,8 @@ def train_infbrush(opts: TrainOptions) -> dict:
         layout = None  # one layout per step: a batch stacks its conditions
         if isinstance(dataset, EncodedRegions):
             layout = dataset.layouts[int(torch.randint(0, len(dataset.layouts), (1,), generator=gen))]
-        batch = make_batch([_item(dataset, i, layout) for i in idx], cfg, sched, gen, device)
+        batch = make_batch([_item(dataset, i, layout) for i in idx], cfg, sched, gen, device, points=opts.points,
+                           patch_px=opts.patch_px)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = batch_loss(model, batch, cfg, lam)
         opt.zero_grad(set_to_none=True)

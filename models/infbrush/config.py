@@ -121,13 +121,25 @@ def small_config(**kw) -> InfBrushConfig:
     return base.replace(**kw) if kw else base
 
 
+def demo_config(**kw) -> InfBrushConfig:
+    """The shipped demo model (weights/infinity-brush-demo): 1024² procedural slides at 0.5 µm/px conditioned on
+    the project's 128-d tile encoder, sparse level at C=32, a 16² grid; ≈ 2.8 M parameters."""
+    base = tiny_config(
+        train_resolution=1024, n_points=4096, embedding_dim=128, embedding_encoder="slidesynth-tile-v1",
+        cond_field=True, channels=32, heads=4, down_blocks=1, up_blocks=1, grid_size=16, grid_channels=32,
+        uno_width=32, uno_mults=(1, 2, 4), time_freq_dim=64, time_dim=64, coord_freqs=8, coord_max_freq=32.0,
+        uno_ctx_dim=64,
+    )
+    return base.replace(**kw) if kw else base
+
+
 def paper_config(**kw) -> InfBrushConfig:
     """The paper's model size (≈450 M parameters; grid level after ∞-Diff's UNO, widened)."""
     base = InfBrushConfig()
     return base.replace(**kw) if kw else base
 
 
-PRESETS = {"tiny": tiny_config, "small": small_config, "paper": paper_config}
+PRESETS = {"tiny": tiny_config, "small": small_config, "demo": demo_config, "paper": paper_config}
 
 
 DESIGN_NOTES = [

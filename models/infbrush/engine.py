@@ -31,6 +31,18 @@ class InfBrushEngine(EngineBase):
 
     def serves(self, card: ModelCard, conditioning, models_dir: Path) -> str | None:
         why = super().serves(card, conditioning, models_dir)
+        source = card.config.get("subtypes_from") if isinstance(card.config, dict) else None
+        if why is None and conditioning == "subtype" and isinstance(source, str) and source.startswith("prototypes:"):
+            from models.encoders import class_prototypes
+
+            try:
+                class_prototypes(source.partition(":")[2], models_dir)
+            except (OSError, ValueError) as exc:  # EncoderNotInstalled is a LookupError: named below
+                return f"subtype prompts of {card.name} are its encoder's class prototypes, which are unusable: {exc}"
+            except LookupError:
+                return (f"subtype prompts of {card.name} are the class prototypes of encoder "
+                        f"{source.partition(':')[2]!r}, which this deployment lacks; send an embedding instead")
+            return None
         if why is None and conditioning == "subtype" and not text_encoder_dir(models_dir).joinpath(
                 "open_clip_config.json").is_file():
             # the folder relative to the models dir: no server paths in answers
@@ -48,7 +60,8 @@ class InfBrushEngine(EngineBase):
                  on_checkpoint: Callable[[Any], None] | None = None) -> SlideBands:
         from models.infbrush.pipeline import InfBrushPipeline
 
-        pipe = InfBrushPipeline(models, device, text_encoder_dir=text_encoder_dir(runtime.models_dir))
+        pipe = InfBrushPipeline(models, device, text_encoder_dir=text_encoder_dir(runtime.models_dir),
+                                models_dir=runtime.models_dir)
         if request.embedding_grid is not None:
             import numpy as np
 

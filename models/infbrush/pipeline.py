@@ -12,7 +12,7 @@ import torch
 from models.cards import ModelCard
 from models.engine import is_model_of
 from models.hashing import sha256_file as _sha256
-from models.infbrush.config import DESIGN_NOTES, InfBrushConfig, tiny_config
+from models.infbrush.config import DESIGN_NOTES, ENCODER_ID, InfBrushConfig, tiny_config
 from models.infbrush.denoiser import InfBrushDenoiser, canvas_window, token_positions
 from models.infbrush.noise import Mollifier
 from models.infbrush.sampler import Canvas, _expand
@@ -37,24 +37,42 @@ class InfBrushModels:
 CONDITIONING = ["embedding", "embedding_grid", "subtype"]
 
 
+PROTOTYPES_SOURCE = "prototypes:"
+
+
 def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str = "", training: dict | None = None,
               training_data: str = "", native_mpp: float = 0.5, files: dict | None = None,
-              conditioning: list[str] | None = None) -> ModelCard:
+              conditioning: list[str] | None = None, prototype_classes: list[str] | None = None) -> ModelCard:
     """conditioning: what the card offers (default all three; a model trained on global vectors only should
-    not offer ``embedding_grid``, which it never learnt to follow)."""
+    not offer ``embedding_grid``, which it never learnt to follow).
+
+    Subtypes: a model conditioned on QuiltNet embeddings takes the prompt set's subtype codes (the text tower
+    embeds them); a model conditioned on another encoder takes ``prototype_classes`` — class names of that
+    encoder's class prototypes (the mean embedding of a class's tiles, ``prototypes.json`` in its folder) — and
+    offers no subtype without them (text embeddings live in another space)."""
     from models.infbrush.prompts import load_prompt_set
 
     prompts = load_prompt_set()
+    if prototype_classes:
+        subtypes, source = dict(enumerate(prototype_classes)), PROTOTYPES_SOURCE + cfg.embedding_encoder
+    elif cfg.embedding_encoder == ENCODER_ID:
+        subtypes, source = dict(enumerate(prompts.codes)), "text:" + prompts.version
+    else:
+        subtypes, source = {}, None
+    offered = list(conditioning or CONDITIONING)
+    if not subtypes and "subtype" in offered:
+        offered.remove("subtype")
     intro = ("∞-Brush (Le et al., ECCV 2024): conditional diffusion in function space with the cross-attention neural "
              "operator, sampled at any resolution in linear time. Where the paper is silent we follow ∞-Diff; choices: ")
     return ModelCard(
         name=name, engine="infinity-brush", trained=trained,
         description=(description + " " if description else "") + intro + " ".join(DESIGN_NOTES),
-        subtypes={i: code for i, code in enumerate(prompts.codes)},
+        subtypes=subtypes,
         native_mpp=native_mpp, max_width=cfg.max_side, max_height=cfg.max_side, default_steps=50,
-        conditioning=list(conditioning or CONDITIONING), embedding_encoder=cfg.embedding_encoder,
+        conditioning=offered, embedding_encoder=cfg.embedding_encoder,
         embedding_dim=cfg.embedding_dim, training_data=training_data, training=training or {}, files=files or {},
         config={"network": cfg.to_dict(), "weights": WEIGHTS_FILE, "prompt_set": prompts.version,
+                "subtypes_from": source,
                 "min_side": MIN_SIDE, "default_steps": 50, "sampler": "DDIM (eta 0), trailing timesteps",
                 "memory": "sampling state H×W×3 float32 held across steps (805 MB at 8192²); "
                           "network working set bounded by chunk_pixels"},
@@ -137,8 +155,10 @@ class InfBrushPipeline:
     """Validate requests, turn subtypes into embeddings and stream sampled bands."""
 
     def __init__(self, models: InfBrushModels, device: str | torch.device = "cpu",
-                 text_encoder_dir: str | Path | None = None):
+                 text_encoder_dir: str | Path | None = None, models_dir: str | Path | None = None):
+        """models_dir: where the encoder of a prototype-subtype model lives (default the repository's weights/)."""
         self.models = models
+        self.models_dir = Path(models_dir) if models_dir is not None else Path(__file__).resolve().parents[2] / "weights"
         self.device = torch.device(device)
         self.model = models.denoiser.to(self.device).eval()
         self.cfg = models.config
@@ -182,7 +202,20 @@ class InfBrushPipeline:
 
     # --- subtype prompts --------------------------------------------------------------------------------------
     def embed_subtype(self, subtype: str) -> torch.Tensor:
-        """Class embedding of a subtype: mean of normalised prompt embeddings (QuiltNet text tower), re-normalised."""
+        """Class embedding of a subtype: for a QuiltNet-conditioned model the mean of normalised prompt
+        embeddings (QuiltNet text tower), re-normalised; for a model whose card takes subtypes from class
+        prototypes, that class's prototype in the encoder's folder."""
+        source = self.card.config.get("subtypes_from") if isinstance(self.card.config, dict) else None
+        if isinstance(source, str) and source.startswith(PROTOTYPES_SOURCE):
+            from models.encoders import class_prototypes
+
+            known = list(self.card.subtypes.values())
+            if subtype not in known:
+                raise ValueError(f"unknown subtype {subtype!r} for {self.card.name}; known: {', '.join(known)}")
+            protos = class_prototypes(source[len(PROTOTYPES_SOURCE):], self.models_dir)
+            if subtype not in protos:
+                raise ValueError(f"encoder {source[len(PROTOTYPES_SOURCE):]!r} has no prototype for {subtype!r}")
+            return torch.from_numpy(protos[subtype].copy())
         from models.infbrush.text import embed_subtype
 
         emb = embed_subtype(subtype, self.text_encoder_dir)

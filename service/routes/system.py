@@ -28,7 +28,8 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
             training_data=card.training_data,
             options=get_engine(card.engine).options_model.model_json_schema(),
         ))
-    return ModelList(default=settings.default_model, models=infos)
+    return ModelList(default=settings.default_model, default_embedding=settings.default_embedding_model,
+                     models=infos)
 
 
 @router.get("/healthz", response_model=Health, tags=["system"], summary="Liveness and job-store reachability",

@@ -1,0 +1,283 @@
+"""The recipe of ``weights/infinity-brush-demo``: a small ∞-Brush trained on procedural tissue, conditioned on the
+project's tile encoder (``slidesynth-tile-v1``) — a global vector or a 2 × 2 grid of region vectors.
+
+    python -m slidesynth.demo_infbrush all            # every step below, in order (≈ 1 h on a shared 2-core CPU)
+    python -m slidesynth.demo_infbrush STEP [STEP …]  # datasets | train | assemble | evaluate | picture
+    python -m slidesynth.demo_infbrush commands       # print the exact command lines
+
+Steps (``work`` = ``data/demo-infbrush``):
+
+1. ``datasets`` — 160 procedural *mosaic* layouts of 1024² px at 0.5 µm/px (seed 2): 1×1, 2×2, 1×2 or 2×1
+   cells of one class each with warped borders and small inclusions (:func:`procedural.tissue.random_layout`).
+2. ``train`` — ``slidesynth train infinity-brush`` with the ``demo`` preset (≈ 2.8 M parameters, sparse level
+   C = 32, a 16² grid, the local condition field on), 4,096 training pixels per image laid out as four dense
+   32² patches (``--point-layout patches``: the neighbourhoods dense sampling sees), conditions from the tile
+   encoder: each region's vector is the normalised mean of the embeddings of up to 16 native 64-px tiles
+   spread over it (``--regions tiles``), in the 1×1 and 2×2 layouts (one drawn per step).
+3. ``assemble`` — ``weights/infinity-brush-demo``: the EMA weights in fp16 safetensors and ``model_card.json``
+   (data, the commands, device, wall time, sha256 of the weights, default steps and guidance).
+4. ``evaluate`` — the issue's goals on held-out tiles (:mod:`evaluation.conditioning`), written into the card's
+   ``metrics``: per class, the share of a 1024² slide's 64-px windows the fidelity classifier gives that class
+   and the embedding cosine to the condition beside an unconditioned sample's; the 2 × 2 grid's quadrants.
+5. ``picture`` — ``docs/demo-infbrush.png``: the held-out tiles and the slides generated from them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path("data/demo-infbrush")
+OUT = Path("weights/infinity-brush-demo")
+NAME = "infinity-brush-demo"
+PICTURE = Path("docs/demo-infbrush.png")
+ENCODER = "slidesynth-tile-v1"
+SIZE = 1024                       # the training images' side = the canvas the model draws at 0.5 µm/px
+DEFAULT_STEPS = 50                # the paper's DDIM steps
+DEFAULT_GUIDANCE = 1.0            # ω (the API's): measured with `evaluate --guidance`
+GOAL_CLASSES = ("carcinoma", "tumor stroma", "necrosis")
+GRID_CLASSES = ("carcinoma", "tumor stroma", "necrosis", "others")
+TRAINING_DATA = (
+    "procedural H&E-like tissue (procedural.tissue v{v}, mosaic layouts: 1x1/2x2/1x2/2x1 cells of one class with "
+    "warped borders and small inclusions), 160 images of 1024 px at 0.5 um/px (seed 2); NOT real histology. "
+    "Conditions: slidesynth-tile-v1 embeddings, a region's vector = normalised mean over up to 16 native 64-px "
+    "tiles; layouts 1x1 (global vector) and 2x2 (grid)"
+)
+
+
+def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slidesynth") -> dict[str, list[str]]:
+    w = str(work)
+    return {
+        "datasets": [f"{python} -m procedural dataset {w}/mosaics --n 160 --size {SIZE} --kind mosaic --seed 2 "
+                     "--workers 2"],
+        "train": [f"{slidesynth} train infinity-brush --data {w}/mosaics --embed {ENCODER} --regions tiles "
+                  "--tile-px 64 --grids 1x1,2x2 --config demo --point-layout patches --patch-px 32 --batch-size 4 "
+                  "--lr 5e-4 --ema 0.995 --ema-every 1 --steps 3000 --save-every 250 --seed 0 --threads 2 "
+                  f"--name {NAME} --no-progress --out {w}/model"],
+    }
+
+
+def run_step(step: str, work: Path = WORK) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    for i, cmd in enumerate(commands(work)[step]):
+        argv = shlex.split(cmd)
+        argv = [sys.executable, "-m", "slidesynth.cli", *argv[1:]] if argv[0] == "slidesynth" else \
+            [sys.executable, *argv[1:]]
+        log = REPO / work / "logs" / f"{step}-{i}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            if subprocess.run(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                raise RuntimeError(f"step {step} failed: {cmd} (see {log})")
+    _record(work, step, {"commands": commands(work)[step], "wall_time_s": round(time.perf_counter() - t0, 1)})
+
+
+def _record(work: Path, step: str, data: dict[str, Any]) -> None:
+    path = REPO / work / "recipe.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    rec[step] = data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+
+
+def assemble(work: Path = WORK, out: Path = OUT) -> Path:
+    """The trained EMA weights in fp16 and the card: ``out``/``denoiser.safetensors`` + ``model_card.json``."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.cards import ModelCard
+    from models.hashing import sha256_file
+    from models.infbrush.pipeline import WEIGHTS_FILE
+    from procedural.tissue import GENERATOR_VERSION
+
+    src = REPO / work / "model"
+    card = ModelCard.load(src)
+    state = json.loads((src / "train_state" / "state.json").read_text())
+    recipe = json.loads((REPO / work / "recipe.json").read_text()) if (REPO / work / "recipe.json").is_file() else {}
+    out_abs = REPO / out
+    if out_abs.exists():
+        shutil.rmtree(out_abs)
+    out_abs.mkdir(parents=True)
+    weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in
+               load_file(str(src / WEIGHTS_FILE)).items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_abs / WEIGHTS_FILE))
+    cmds = commands(work)
+    training = dict(card.training)
+    training.update({
+        "recipe": "python -m slidesynth.demo_infbrush all",
+        "commands": cmds["datasets"] + cmds["train"],
+        "device": "cpu", "hardware": "2-core CPU shared with other work (no GPU)", "torch": torch.__version__,
+        "training_wall_time_s": round(float(state.get("elapsed_s", 0.0)), 1),
+        "wall_time_s": {k: v.get("wall_time_s") for k, v in recipe.items() if isinstance(v, dict)},
+        "weights_dtype": "float16 (trained in float32; the EMA weights)",
+    })
+    new = card.model_copy(update={
+        "name": NAME, "default_steps": DEFAULT_STEPS, "default_guidance": DEFAULT_GUIDANCE,
+        "training": training, "training_data": TRAINING_DATA.format(v=GENERATOR_VERSION),
+        "files": {WEIGHTS_FILE: sha256_file(out_abs / WEIGHTS_FILE)},
+        "description": ("A small ∞-Brush trained from scratch on CPU on procedural H&E-like tissue, for the demo and "
+                        "the tests: conditioned on slidesynth-tile-v1 embeddings of tiles (POST /embed), one vector "
+                        "or a 2×2 grid; its subtypes are the encoder's class prototypes. NOT a model of real "
+                        "histology. " + card.description),
+    })
+    new.save(out_abs)
+    return out_abs
+
+
+def load_demo(out: Path = OUT, device: str = "cpu"):
+    from models.infbrush.pipeline import InfBrushPipeline, load_infbrush
+
+    return InfBrushPipeline(load_infbrush(REPO / out, device=device), device, models_dir=REPO / "weights")
+
+
+def sampler(pipe, size: int = SIZE, steps: int | None = None, guidance: float | None = None):
+    """``sample(embedding=…, seed=…)`` → bands, as the worker samples (the API's ω → scale 1 + ω)."""
+    card = pipe.card
+    steps = steps or card.default_steps or DEFAULT_STEPS
+    omega = card.default_guidance if guidance is None else guidance
+    omega = 0.0 if omega is None else float(omega)
+
+    def sample(embedding=None, seed: int = 0):
+        return pipe.sample_bands(size, size, embedding=embedding, seed=seed, steps=steps,
+                                 guidance=1.0 + omega if embedding is not None else 1.0)
+    return sample
+
+
+def evaluate(out: Path = OUT, write: bool = True, steps: int | None = None, guidance: float | None = None,
+             size: int = SIZE, keep_images: bool = False) -> dict[str, Any]:
+    """The issue's goals on held-out tiles: class shares and cosines per class, the 2 × 2 grid's quadrants."""
+    import torch
+
+    from evaluation.conditioning import class_goal, grid_goal
+    from evaluation.fidelity import load_classifier
+    from models.cards import ModelCard
+    from models.encoders import load_encoder
+
+    torch.manual_seed(0)
+    pipe = load_demo(out)
+    enc = load_encoder(ENCODER, REPO / "weights")
+    clf = load_classifier()
+    sample = sampler(pipe, size, steps, guidance)
+    t0 = time.perf_counter()
+    images: dict[str, np.ndarray] = {"unconditioned": np.concatenate(list(sample(embedding=None, seed=0)))}
+    classes = []
+    for c in GOAL_CLASSES:
+        r = class_goal(sample, enc, c, size=size, seed=0, classifier=clf, unconditioned=images["unconditioned"],
+                       keep_images=True)
+        images[c] = r.pop("image")
+        classes.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "shares"}
+                       | {"shares": {k: round(v, 4) for k, v in r["shares"].items()}})
+    g = grid_goal(sample, enc, GRID_CLASSES, size=size, seed=0, classifier=clf)
+    images["grid"] = g.pop("image")
+    summary = {
+        "classes": classes,
+        "share_min": min(c["share"] for c in classes),
+        "cosine_margin_min": round(min(c["cosine"] - c["cosine_unconditioned"] for c in classes), 4),
+        "grid": g,
+        "size": size, "steps": steps or pipe.card.default_steps or DEFAULT_STEPS,
+        "guidance": pipe.card.default_guidance if guidance is None else guidance,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "note": "held-out procedural tiles (evaluation.conditioning.held_out_tile, seed 20270 + class) embedded with "
+                "slidesynth-tile-v1; share = fraction of the slide's 64-px windows the evaluation.fidelity "
+                "classifier labels as the tile's class; cosine = mean cosine of the windows' embeddings to the "
+                "condition, cosine_unconditioned = the same for an unconditioned sample of the same seed; grid = "
+                "majority class of each quadrant for a 2x2 grid of four class tiles",
+    }
+    if write:
+        card = ModelCard.load(REPO / out)
+        data = card.model_dump()
+        data["metrics"] = summary
+        (REPO / out / "model_card.json").write_text(json.dumps(data, indent=2) + "\n")
+        # the samples, for `picture` (which then needs no second sampling)
+        (REPO / WORK).mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(REPO / WORK / "evaluation_images.npz", **{k.replace(" ", "_"): v for k, v in images.items()})
+    if keep_images:
+        summary["images"] = images
+    return summary
+
+
+def picture(out: Path = OUT, path: Path = PICTURE) -> dict[str, Any]:
+    """``docs/demo-infbrush.png``: each held-out tile beside the slide generated from its embedding, the
+    unconditioned sample, and the 2 × 2 grid sample."""
+    from PIL import Image, ImageDraw
+
+    from evaluation.conditioning import held_out_tile
+
+    from models.cards import ModelCard
+
+    saved = REPO / WORK / "evaluation_images.npz"
+    card = ModelCard.load(REPO / out)
+    res = getattr(card, "metrics", None) if saved.is_file() else None
+    if res is None:
+        res = evaluate(out, write=True)
+    with np.load(saved) as z:
+        images = {k.replace("_", " "): z[k] for k in z.files}
+    side, pad, head = 320, 10, 34
+    panels = [(f"{c}: share {r['share']:.2f}", images[c], held_out_tile(c)) for c, r in
+              zip(GOAL_CLASSES, res["classes"])]
+    panels.append(("unconditioned", images["unconditioned"], None))
+    panels.append(("2x2 grid: " + ", ".join(GRID_CLASSES), images["grid"], None))
+    canvas = Image.new("RGB", (len(panels) * (side + pad) + pad, side + head + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, img, tile) in enumerate(panels):
+        x = pad + i * (side + pad)
+        canvas.paste(Image.fromarray(img).resize((side, side), Image.LANCZOS), (x, head))
+        if tile is not None:
+            canvas.paste(Image.fromarray(tile).resize((80, 80), Image.NEAREST), (x + 4, head + 4))
+        draw.text((x, 6), label[:52], fill=(0, 0, 0))
+        draw.text((x, 18), f"{NAME}, 1024 px, 0.5 um/px", fill=(90, 90, 90))
+    target = REPO / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(target, optimize=True)
+    return {"picture": str(path), **{k: v for k, v in res.items() if k != "note"}}
+
+
+STEPS = ("datasets", "train", "assemble", "evaluate", "picture")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m slidesynth.demo_infbrush", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("steps", nargs="+", help=f"all, or some of: {', '.join(STEPS)}; or 'commands'")
+    p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--steps-per-sample", type=int, help="evaluate: DDIM steps (default: the card's)")
+    p.add_argument("--guidance", type=float, help="evaluate: ω (default: the card's)")
+    p.add_argument("--no-write", action="store_true", help="evaluate: print only")
+    args = p.parse_args(argv)
+    if args.steps[0] == "commands":
+        print(json.dumps(commands(args.work), indent=2))
+        return 0
+    steps = list(STEPS) if args.steps == ["all"] else args.steps
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        p.error(f"unknown steps {bad}; choose from {', '.join(STEPS)} or all")
+    for step in steps:
+        t0 = time.perf_counter()
+        print(f"[demo-infbrush] {step} …", flush=True)
+        if step in ("datasets", "train"):
+            run_step(step, args.work)
+        elif step == "assemble":
+            print(assemble(args.work, args.out))
+        elif step == "evaluate":
+            print(json.dumps(evaluate(args.out, write=not args.no_write, steps=args.steps_per_sample,
+                                      guidance=args.guidance), indent=2))
+        elif step == "picture":
+            print(json.dumps(picture(args.out)))
+        print(f"[demo-infbrush] {step} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
