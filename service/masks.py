@@ -109,6 +109,8 @@ def decode_mask(data: bytes, info: MaskInfo) -> np.ndarray:
             raise MaskError(f"is too large to decode safely ({exc})") from exc
         except OSError as exc:
             raise MaskError(f"is not a readable PNG ({exc})") from exc
+        except ValueError as exc:  # Pillow: a compressed iCCP/zTXt/iTXt chunk over its 1 MB limit, …
+            raise MaskError(f"is not a PNG this service reads ({exc})") from exc
     else:
         import tifffile
 

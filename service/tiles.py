@@ -122,6 +122,8 @@ def decode_tile(data: bytes, info: TileInfo) -> np.ndarray:
             raise TileError(f"is too large to decode safely ({exc})") from exc
         except OSError as exc:
             raise TileError(f"is not a readable {fmt} ({exc})") from exc
+        except ValueError as exc:  # Pillow: a compressed iCCP/zTXt/iTXt chunk over its 1 MB limit, …
+            raise TileError(f"is not a {fmt} this service reads ({exc})") from exc
     else:
         import tifffile
 

@@ -115,6 +115,17 @@ def test_encoders_are_listed_from_their_cards(client):
     assert "NT-Xent" in enc["objective"]
 
 
+def png_with_big_text_chunk(pixels: np.ndarray) -> bytes:
+    """A valid PNG with a 2 MB zTXt chunk (over Pillow's 1 MB limit for decompressed text: a ValueError)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 << 20), zip=True)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def test_bad_inputs_are_4xx_naming_the_field_and_nothing_is_sent(client):
     good = encode(procedural_tile(1), "png")
     cases = [
@@ -125,6 +136,8 @@ def test_bad_inputs_are_4xx_naming_the_field_and_nothing_is_sent(client):
         (post_tiles(client, [("small.jpg", encode(procedural_tile(2, 48), "jpeg"))]), ["body", "tiles", 0],
          "is 48×48 px; this encoder needs each side ≥ 64 px"),
         (post_tiles(client, [("cut.png", good[:80])]), ["body", "tiles", 0], "'cut.png' is not a readable PNG"),
+        (post_tiles(client, [("ztxt.png", png_with_big_text_chunk(procedural_tile(1)))]), ["body", "tiles", 0],
+         "is not a PNG this service reads (Decompressed data too large"),
         (post_tiles(client, [("a.png", good)], encoder="dino-v9"), ["body", "encoder"],
          "unknown encoder 'dino-v9'; installed: slidesynth-tile-v1"),
         (post_tiles(client, [("a.png", good)] * 4), ["body", "tiles"], "at most 3 tiles"),

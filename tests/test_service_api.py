@@ -106,6 +106,31 @@ def test_mask_not_png_or_tiff(client, data, filename, fragment):
     assert_nothing_created(client)
 
 
+def test_mask_with_an_oversized_compressed_text_chunk_is_a_422(client):
+    """Pillow refuses a zTXt/iCCP chunk that decompresses to more than 1 MB with a ValueError: a 422, not a 500."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 << 20), zip=True)
+    buf = io.BytesIO()
+    Image.fromarray(make_mask(16, 16)).save(buf, format="PNG", pnginfo=info)
+    resp = post_mask(client, buf.getvalue())
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "mask"]]
+    assert "Decompressed data too large" in resp.text
+    assert_nothing_created(client)
+
+
+def test_huge_integers_and_repeated_parts_are_422s(client):
+    resp = client.post(
+        "/generate", files={"mask": ("m.png", png_bytes(make_mask(16, 16)), "image/png")},
+        data={"params": '{"seed": ' + "9" * 5000 + "}"})
+    assert resp.status_code == 422 and error_locs(resp) == [["body", "params"]] and "4300" in resp.text
+    two = client.post("/generate", files=[("mask", ("a.png", png_bytes(make_mask(16, 16)), "image/png")),
+                                          ("mask", ("b.png", png_bytes(make_mask(16, 16)), "image/png"))])
+    assert two.status_code == 422 and error_locs(two) == [["body", "mask"]] and "one mask part, not 2" in two.text
+    assert_nothing_created(client)
+
+
 def test_multichannel_masks(client):
     rgb = np.zeros((16, 16, 3), np.uint8)
     resp = post_mask(client, png_bytes(rgb))

@@ -308,17 +308,17 @@ class _InstalledEncoderEmbed:
         return self.encoder.embed(tiles)
 
 
-def _import_function(spec: str):
+def _import_function(spec: str, models_dir: str | None = None):
     """``package.module:function`` → the function (how a caller names its image encoder's ``embed``); a spec
-    without ':' is the id of an encoder installed in the models folder (SLIDESYNTH_MODELS_DIR)."""
+    without ':' is the id of an encoder installed in ``models_dir`` (default: the repository's weights/)."""
     import importlib
 
     if ":" not in spec:
-        from core.settings import get_settings
         from models.encoders import EncoderNotInstalled
 
+        root = Path(models_dir) if models_dir else Path(__file__).resolve().parents[1] / "weights"
         try:
-            return _InstalledEncoderEmbed(spec, get_settings().models_dir)
+            return _InstalledEncoderEmbed(spec, root)
         except (EncoderNotInstalled, OSError, ValueError) as exc:
             raise SystemExit(f"--embed: {exc}") from None
     module, _, name = spec.partition(":")
@@ -353,7 +353,7 @@ def _run_infbrush(args: argparse.Namespace) -> int:
     cfg = _infbrush_config(args.config, overrides)
     sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.synthetic_sizes.split(","))
     grids = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.grids.split(","))
-    embed = _import_function(args.embed) if args.embed else None
+    embed = _import_function(args.embed, args.models_dir) if args.embed else None
     mosaic = tuple(int(v) for v in args.synthetic_mosaic.lower().split("x"))
     opts = TrainOptions(
         out=Path(args.out), config=cfg, data=Path(args.data) if args.data else None, synthetic=args.synthetic,
@@ -390,6 +390,7 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
                    help="an installed encoder's id (e.g. slidesynth-tile-v1) or an image encoder function "
                         "embed(tiles uint8 (N, H, W, 3)) → (N, D): conditions are computed from each image's regions "
                         "(no .npy needed); with --synthetic and --grids, a colour-class stand-in")
+    p.add_argument("--models-dir", help="where --embed ID looks for encoders/ID (default: the repository's weights/)")
     p.add_argument("--regions", choices=["resize", "tiles"], default="resize",
                    help="a region's condition: resize = the region resized to --tile-px (the paper); tiles = the "
                         "mean embedding of up to 16 native --tile-px tiles of the region (an encoder with a fixed "

@@ -90,6 +90,9 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 raise unprocessable(("mask",) if "files" in str(exc.detail) else ("params",),
                                     f"multipart body refused: {exc.detail} (one mask file and one params part "
                                     f"of at most 1 MiB)") from None
+            if len(form.getlist("mask")) > 1 or len(form.getlist("params")) > 1:
+                part = "mask" if len(form.getlist("mask")) > 1 else "params"
+                raise unprocessable((part,), f"send one {part} part, not {len(form.getlist(part))}")
             upload = form.get("mask")
             if not isinstance(upload, UploadFile):
                 raise unprocessable(("mask",), "a mask file part is required")
@@ -104,6 +107,8 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 raise unprocessable(("params",), "is nested too deeply") from None
             except ValidationError as exc:
                 raise from_validation_error(exc, ("params",)) from None
+            except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
+                raise unprocessable(("params",), f"is not JSON this service reads ({exc})") from None
             data = await upload.read()
             try:  # mask decoding is CPU work: in a thread
                 job = await run_in_threadpool(prepare_job, params, services.registry.cards(), settings, mask=data)

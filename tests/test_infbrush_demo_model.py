@@ -1,0 +1,73 @@
+"""The shipped ∞-Brush demo model (weights/infinity-brush-demo): its card and hashes, strict loading, and its
+conditioning goal at a size that runs in about a minute here."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER = REPO / "weights" / "infinity-brush-demo"
+
+
+def test_card_files_and_recipe():
+    from models.cards import ModelCard
+    from models.hashing import sha256_file
+
+    card = ModelCard.load(FOLDER)
+    assert card.engine == "infinity-brush" and card.trained and card.name == "infinity-brush-demo"
+    assert card.embedding_encoder == "slidesynth-tile-v1" and card.embedding_dim == 128
+    assert set(card.conditioning) == {"embedding", "embedding_grid", "subtype"}
+    assert "carcinoma" in card.subtypes.values() and card.config["subtypes_from"] == "prototypes:slidesynth-tile-v1"
+    size = sum(p.stat().st_size for p in FOLDER.iterdir())
+    assert size <= 30e6
+    for name, digest in card.files.items():
+        assert sha256_file(FOLDER / name) == digest
+    t = card.training
+    assert t["recipe"] == "python -m slidesynth.demo_infbrush all" and t["device"] == "cpu"
+    assert any("train infinity-brush" in c and "--point-layout patches" in c for c in t["commands"])
+    assert t["training_wall_time_s"] <= 3600
+    from slidesynth.demo_infbrush import commands
+
+    assert t["commands"] == commands()["datasets"] + commands()["train"]
+    metrics = card.metrics
+    assert metrics["share_min"] >= 0.8 and metrics["cosine_margin_min"] > 0.05
+    assert metrics["grid"]["correct"] == 4
+
+
+def test_weights_load_strictly_and_a_changed_file_is_refused(tmp_path):
+    import shutil
+
+    from models.infbrush import load_infbrush
+
+    models = load_infbrush(FOLDER)
+    assert models.card.name == "infinity-brush-demo"
+    broken = tmp_path / "demo"
+    shutil.copytree(FOLDER, broken)
+    data = bytearray((broken / "denoiser.safetensors").read_bytes())
+    data[-1] ^= 1
+    (broken / "denoiser.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_infbrush(broken)
+
+
+def test_a_carcinoma_tile_gives_a_carcinoma_slide():
+    """The goal of issue 20 at a size that runs in about a minute: a held-out carcinoma tile's embedding → a 1024²
+    slide (the model's native canvas) in 10 DDIM steps; most of its windows are carcinoma, and its windows are
+    closer to the condition than a stroma-conditioned slide's windows are."""
+    import torch
+
+    from evaluation.conditioning import class_goal, image_cosine
+    from slidesynth.demo_infbrush import load_demo, sampler
+    from models.encoders import load_encoder
+
+    torch.set_num_threads(2)
+    pipe = load_demo()
+    enc = load_encoder("slidesynth-tile-v1", REPO / "weights")
+    sample = sampler(pipe, 1024, steps=10)
+    res = class_goal(sample, enc, "carcinoma", size=1024, unconditioned=False, keep_images=True)
+    assert res["share"] >= 0.8, res["shares"]
+    stroma = class_goal(sample, enc, "tumor stroma", size=1024, unconditioned=False, keep_images=True)
+    assert stroma["share"] >= 0.8, stroma["shares"]
+    vec = enc.embed(__import__("evaluation.conditioning", fromlist=["x"]).held_out_tile("carcinoma")[None])[0]
+    assert res["cosine"] > image_cosine(stroma["image"], enc, vec) + 0.1
