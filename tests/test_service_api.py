@@ -629,6 +629,10 @@ def test_slide_head_bad_range_and_zarr_listing(client, finished_job):
     attrs = client.get(f"/jobs/{job_id}/slide.zarr/.zattrs")
     assert attrs.status_code == 200 and "multiscales" in attrs.json()
     assert client.get(f"/jobs/{job_id}/slide.zarr/nope").status_code == 404
+    # paths no filesystem holds are 404s too, not 500s: a NUL byte, a 256-byte name, a path over 4,096 bytes
+    for bad in ("a%00b", "x" * 256, "/".join(["y" * 200] * 25), "0/" + "z" * 300 + "/.zarray"):
+        resp = client.get(f"/jobs/{job_id}/slide.zarr/{bad}")
+        assert resp.status_code == 404 and resp.json()["detail"], (bad[:20], resp.status_code)
 
 
 def test_types_are_the_contracts_and_locations_are_json_paths(client):

@@ -166,11 +166,19 @@ def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Serv
 def download_zarr(job_id: str, path: str, tenant: str = Depends(get_tenant),
                   services: Services = Depends(get_services)):
     root = _output(job_id, "zarr", tenant, services).resolve()
-    target = (root / path).resolve()
-    if target.is_relative_to(root) and target.is_dir():  # what is under the link the job gives, and below
+    # a path the filesystem cannot hold (NUL byte, a name over 255 bytes, over PATH_MAX) names no file: 404, not
+    # the OSError/ValueError that resolving it raises
+    if "\0" in path or len(path.encode()) > 4096 or any(len(part.encode()) > 255 for part in path.split("/")):
+        raise HTTPException(404, detail="no such file in the Zarr output")
+    try:
+        target = (root / path).resolve()
+        is_dir, is_file = target.is_dir(), target.is_file()
+    except (OSError, ValueError):
+        raise HTTPException(404, detail="no such file in the Zarr output") from None
+    if target.is_relative_to(root) and is_dir:  # what is under the link the job gives, and below
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
         return JSONResponse({"path": path, "entries": entries})
-    if not target.is_relative_to(root) or not target.is_file():
+    if not target.is_relative_to(root) or not is_file:
         raise HTTPException(404, detail=f"no file {path!r} in the Zarr output")
     return DownloadResponse(target)
 
