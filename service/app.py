@@ -34,6 +34,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            REQUESTS.labels(scope.get("method", ""), "413").inc()
             return await self._refuse(send)
         seen = 0
 
@@ -58,8 +59,13 @@ class BodyLimit:
         except _TooLarge:
             if "status" not in status_holder:
                 await self._refuse(send)
+                status_holder["status"] = 413
+        except BaseException:
+            # an unhandled error: the server-error middleware outside answers 500 (count what the client gets)
+            status_holder.setdefault("status", 500)
+            raise
         finally:
-            REQUESTS.labels(scope.get("method", ""), str(status_holder.get("status", 413))).inc()
+            REQUESTS.labels(scope.get("method", ""), str(status_holder.get("status", 500))).inc()
 
     async def _refuse(self, send: Send) -> None:
         body = b'{"detail":"request body too large"}'

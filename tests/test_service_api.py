@@ -654,3 +654,33 @@ def test_types_are_the_contracts_and_locations_are_json_paths(client):
     params = post_mask(client, png_bytes(make_mask(64, 64)), {"steps": "2"})
     assert params.status_code == 422 and error_locs(params) == [["body", "params", "steps"]]
     assert_nothing_created(client)
+
+
+def test_metrics_count_the_status_the_client_got(embedded_settings):
+    """An unhandled error is counted as the 500 the client receives (it was counted as 413), a body refused by
+    its Content-Length as 413."""
+    from fastapi import APIRouter
+
+    from service.app import create_app
+
+    embedded_settings.max_upload_bytes = 4096
+    app = create_app(embedded_settings)
+    boom = APIRouter()
+
+    @boom.get("/boom-for-test")
+    def _boom():
+        raise RuntimeError("boom")
+
+    app.include_router(boom)
+
+    def count(status: str) -> float:
+        text = c.get("/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("slidesynth_http_requests_total{") and f'status="{status}"' in line)
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        before500, before413 = count("500"), count("413")
+        assert c.get("/boom-for-test").status_code == 500
+        assert count("500") == before500 + 1 and count("413") == before413
+        big = c.post("/generate", content=b"x" * 10_000, headers={"content-type": "application/json"})
+        assert big.status_code == 413 and count("413") == before413 + 1
