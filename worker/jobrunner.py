@@ -147,6 +147,8 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     try:
         engine = get_engine(spec.engine)  # UnknownEngine for a job of an engine this worker lacks: it fails
         resume = engine.load_state(state_path) if attempts > 1 else None
+        # read now: the sampler advances the state it resumes from in place
+        resumed_from = int(resume.step) if resume is not None else None
         if attempts > 1 and resume is None and state_path.exists():
             log.warning("ignoring unreadable sampler checkpoint %s", state_path)
         report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps)
@@ -168,8 +170,8 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     if store.cancel_requested(job_id):  # a DELETE that came after the last cancel check still wins
         return _finish_canceled(store, job_id, job_dir, mine)
     state_path.unlink(missing_ok=True)
-    if resume is not None:
-        result.metrics["resumed_from_step"] = float(resume.step)
+    if resumed_from is not None:
+        result.metrics["resumed_from_step"] = float(resumed_from)
     if not store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.succeeded,
                             finished_at=time.time(), progress=1.0, eta_seconds=0.0, stage=Stage.writing,
                             outputs=result.outputs, metrics=result.metrics):
