@@ -611,11 +611,28 @@ def test_slide_head_bad_range_and_zarr_listing(client, finished_job):
     head = client.head(f"/jobs/{job_id}/slide.tiff")
     assert head.status_code == 200 and head.content == b""
     assert int(head.headers["content-length"]) == tiff.stat().st_size and head.headers["accept-ranges"] == "bytes"
-    for junk in ("garbage", "bytes=5-1"):  # malformed: ignored, the whole file
+    # malformed (RFC 9110 §14.1.2: DIGITs only, last ≥ first): ignored, the whole file
+    junks = ("garbage", "bytes=5-1", "bytes=--1", "bytes=+1-2", "bytes=1_0-20", "bytes= 0x1-2", "bytes=1-2,",
+             "bytes=-", "bytes=1-2,3")
+    for junk in junks:
         whole = client.get(f"/jobs/{job_id}/slide.tiff", headers={"Range": junk})
         assert whole.status_code == 200 and whole.content == tiff.read_bytes(), junk
     part = client.get(f"/jobs/{job_id}/slide.tiff", headers={"Range": "bytes=0-9"})
     assert part.status_code == 206 and part.content == tiff.read_bytes()[:10]
+    suffix = client.get(f"/jobs/{job_id}/slide.tiff", headers={"Range": "BYTES=-4"})
+    assert suffix.status_code == 206 and suffix.content == tiff.read_bytes()[-4:]
+    far = client.get(f"/jobs/{job_id}/slide.tiff", headers={"Range": f"bytes={tiff.stat().st_size}-"})
+    assert far.status_code == 416
+    # the thumbnail and the mask download the same way (a malformed Range was a plain-text 400 there)
+    png = png_bytes(make_mask(8, 8))
+    for name in ("thumbnail.png", "mask.png"):
+        (client.store.job_dir(job_id) / name).write_bytes(png)
+    client.store.update(job_id, outputs={"tiff": "slide.tiff", "thumbnail": "thumbnail.png", "mask": "mask.png"})
+    for name in ("thumbnail.png", "mask.png"):
+        for junk in junks:
+            resp = client.get(f"/jobs/{job_id}/{name}", headers={"Range": junk})
+            assert resp.status_code == 200 and resp.content == png, (name, junk)
+        assert client.get(f"/jobs/{job_id}/{name}", headers={"Range": "bytes=1-3"}).content == png[1:4]
 
     small = image[:600, :700]
     with OmeZarrWriter(client.store.job_dir(job_id) / "slide.zarr", 700, 600, mpp=0.5) as w:

@@ -1,6 +1,7 @@
 """Job status, listing, cancel/delete and downloads."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
@@ -82,11 +83,21 @@ class DownloadResponse(FileResponse):
     §14.2 allows (Starlette answers it with a plain-text 400)."""
 
     def _parse_range_header(self, http_range: str, file_size: int) -> list[tuple[int, int]]:
-        # Starlette's own (private) parsing hook; test_slide_head_bad_range_and_zarr_listing notices if it changes
+        # Starlette's own (private) parsing hook; test_slide_head_bad_range_and_zarr_listing notices if it changes.
+        # The grammar is checked here first: Starlette parses each number with int(), which takes "+1" and "1_0".
+        match = _RANGE_HEADER.fullmatch(http_range)
+        if match is None or any(first and last and int(last) < int(first)
+                                for first, last in _RANGE_SPEC.findall(match.group(1))):
+            return []  # a malformed Range header is ignored: the whole file, 200
         try:
             return super()._parse_range_header(http_range, file_size)
         except MalformedRangeHeader:
-            return []  # no ranges: the whole file, 200
+            return []
+
+
+# RFC 9110 §14.1.2: ranges-specifier = "bytes=" 1#( first-pos "-" [ last-pos ] / "-" suffix-length ), DIGITs only
+_RANGE_SPEC = re.compile(r"[ \t]*(\d*)-(\d*)[ \t]*")
+_RANGE_HEADER = re.compile(r"(?i:bytes)=((?:[ \t]*(?:\d+-\d*|-\d+)[ \t]*)(?:,(?:[ \t]*(?:\d+-\d*|-\d+)[ \t]*))*)")
 
 
 def _output(job_id: str, kind: str, tenant: str, services: Services):
@@ -148,14 +159,14 @@ def deepzoom_tile(job_id: str, level: int, tile: str, tenant: str = Depends(get_
             200: {"content": {"image/png": {}}, "description": "Thumbnail, longest side ≤ 1024 px"}},
             summary="Slide thumbnail")
 def download_thumbnail(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
-    return FileResponse(_output(job_id, "thumbnail", tenant, services), media_type="image/png")
+    return DownloadResponse(_output(job_id, "thumbnail", tenant, services), media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/mask.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
             200: {"content": {"image/png": {}}, "description": "Label mask the slide was generated from"}},
             summary="Label mask at output resolution")
 def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
-    return FileResponse(_output(job_id, "mask", tenant, services), media_type="image/png")
+    return DownloadResponse(_output(job_id, "mask", tenant, services), media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/slide.zarr/{path:path}", response_class=FileResponse,
