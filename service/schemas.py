@@ -71,18 +71,18 @@ class GenerateParams(_Strict):
     model: str | None = Field(None, description="Model id from `GET /models`; default: the service's default model.")
     width: int | None = Field(None, ge=8, description="Output width in pixels (not with a mask: taken from the mask).")
     height: int | None = Field(None, ge=8, description="Output height in pixels (not with a mask).")
-    mpp: float | None = Field(None, ge=0.05, le=100, description="Output µm per pixel; default: the model's native µm/px.")
+    mpp: float | None = Field(None, ge=0.05, le=100, allow_inf_nan=False, description="Output µm per pixel; default: the model's native µm/px.")
     mask_mpp: float | None = Field(
-        None, ge=0.05, le=100, description="µm per pixel of the uploaded mask; default: its TIFF resolution tags, else `mpp`."
+        None, ge=0.05, le=100, allow_inf_nan=False, description="µm per pixel of the uploaded mask; default: its TIFF resolution tags, else `mpp`."
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; default: drawn and recorded in the job.")
     steps: int | None = Field(None, ge=1, description="Sampling steps; default: the model's default.")
     guidance: float | None = Field(
-        None, ge=0, le=20,
+        None, ge=0, le=20, allow_inf_nan=False,
         description="Classifier-free guidance weight ω in (1+ω)·ε(c) − ω·ε(∅); default: the model card's, else 3.",
     )
     eta: float | None = Field(
-        None, ge=0, le=1,
+        None, ge=0, le=1, allow_inf_nan=False,
         description="DDIM η (1 = stochastic, 0 = deterministic); default: the engine's paper value "
         "(1 for DiffInfinite, 0 for ∞-Brush).",
     )

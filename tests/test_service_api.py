@@ -701,3 +701,13 @@ def test_metrics_count_the_status_the_client_got(embedded_settings):
         assert count("500") == before500 + 1 and count("413") == before413
         big = c.post("/generate", content=b"x" * 10_000, headers={"content-type": "application/json"})
         assert big.status_code == 413 and count("413") == before413 + 1
+
+
+def test_non_finite_numbers_are_refused_as_such(client):
+    for field in ("guidance", "eta", "mpp", "mask_mpp"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            resp = client.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(16, 16)), "image/png")},
+                               data={"params": '{"%s": %s}' % (field, value)})
+            assert resp.status_code == 422 and error_locs(resp) == [["body", "params", field]], (field, value)
+            assert "finite number" in resp.text, resp.text
+    assert_nothing_created(client)
