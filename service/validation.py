@@ -64,8 +64,6 @@ def _check_size(width: int, height: int, card: ModelCard, settings: Settings, lo
         raise FieldError(loc_prefix + ("width",), f"{width} px is over the maximum of {max_w} px for {card.name}")
     if height > max_h:
         raise FieldError(loc_prefix + ("height",), f"{height} px is over the maximum of {max_h} px for {card.name}")
-    if width % 8 or height % 8:
-        raise FieldError(loc_prefix + ("width" if width % 8 else "height",), "must be a multiple of 8")
 
 
 def resolve_subtype(name: str, card: ModelCard) -> tuple[str, int]:
@@ -184,8 +182,9 @@ def build_spec(
         _require_served(card, "mask", settings)
         mask_mpp = params.mask_mpp or mask.mpp or mpp
         scale = mask_mpp / mpp
-        width = max(8, int(round(mask.width * scale / 8)) * 8)
-        height = max(8, int(round(mask.height * scale / 8)) * 8)
+        # exactly the size the mask implies: the slide and its mask align pixel for pixel
+        width = max(8, int(round(mask.width * scale)))
+        height = max(8, int(round(mask.height * scale)))
         for name, given, derived in (("width", params.width, width), ("height", params.height, height)):
             if given is not None and given != derived:
                 raise FieldError(

@@ -167,14 +167,23 @@ class DiffInfiniteEngine(EngineBase):
         opts = SamplingOptions(steps=request.steps, guidance=request.guidance, eta=request.eta, mode=options.sampler,
                                solver=options.solver, seed=request.seed, batch_size=runtime.batch_size,
                                precision=precision)
+        # A slide of any size: sample the latent grid that covers it (sides rounded up to the VAE's factor) and
+        # crop the decoded bands; a mask is extended by edge replication over the few extra rows and columns.
+        f = models.codec.scale_factor
+        cover_h, cover_w = -(-request.height // f) * f, -(-request.width // f) * f
         if request.labels is not None:
             labels = request.labels
         else:
             report(Stage.mask, 0.0, None)
-            labels = pipe.sample_mask(subtype=request.subtype_id, height=request.height, width=request.width,
+            labels = pipe.sample_mask(subtype=request.subtype_id, height=cover_h, width=cover_w,
                                       options=opts, progress=stage_progress(report, Stage.mask, request.steps),
                                       cancel=cancel, decode_context=options.decode_context)
-        pipe.validate_labels(labels)
+        import numpy as np
+
+        labels = pipe.validate_labels(labels)
+        slide_labels = np.ascontiguousarray(labels[:request.height, :request.width])
+        if labels.shape != (cover_h, cover_w):
+            labels = np.pad(slide_labels, ((0, cover_h - request.height), (0, cover_w - request.width)), mode="edge")
         if state is not None and pipe.state_mismatch(state, labels, opts) is not None:
             state = None  # a checkpoint of another sampler version or setting: start over, don't fail
         report(Stage.sampling, 0.0, 0)
@@ -202,7 +211,7 @@ class DiffInfiniteEngine(EngineBase):
         sampler_cuts = pipe.sampler_cut_lines(labels, opts)
         if sampler_cuts is not None:
             cuts["sampler"] = sampler_cuts
-        return SlideBands(bands=bands, labels=labels, cut_lines=cuts,
+        return SlideBands(bands=bands, labels=slide_labels, cut_lines=cuts,
                           seam_lines=([p for p in rows if p < request.height], [p for p in cols if p < request.width]),
                           seconds={"sampling": seconds_sampling}, notes=notes)
 
