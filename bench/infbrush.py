@@ -129,7 +129,7 @@ def measure(args, size: int, mode: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="256,512,1024,2048,4096")
-    p.add_argument("--config", default="small", choices=["tiny", "small", "paper"])
+    p.add_argument("--config", default="small", choices=["tiny", "small", "demo", "paper"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the run (one is timed unless --full)")
     p.add_argument("--full", action="store_true", help="time every step of the run (the 4096² / 50-step goal)")
