@@ -140,7 +140,14 @@ def _conditioning(args: argparse.Namespace):
     if args.subtype:
         return SubtypeConditioning(type="subtype", subtype=args.subtype)
     if args.embedding:
-        return _embedding_conditioning(Path(args.embedding), args.encoder)
+        try:
+            return _embedding_conditioning(Path(args.embedding), args.encoder)
+        except (OSError, ValueError) as exc:  # unreadable, not .npy / JSON (a pydantic error passes: it names fields)
+            from pydantic import ValidationError
+
+            if isinstance(exc, ValidationError):
+                raise
+            raise ValueError(f"--embedding {args.embedding}: {exc}") from None
     return None
 
 
