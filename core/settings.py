@@ -99,7 +99,13 @@ class Settings(BaseSettings):
         description="A running job whose progress has not moved for this long is taken as lost: a starting "
         "worker re-queues it, and DELETE cancels it at once.",
     )
-    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed (a run lost with its "
+                              "worker counts; a duplicate delivery while a run is alive does not).")
+    recovery_seconds: float = Field(
+        60.0, gt=0, le=86400,
+        description="How often a running worker looks for jobs left running by a process that is gone (a dead "
+        "pid on its host, or no progress for the lease) and re-queues them, as it does when it starts: after a "
+        "broker restart ends a task, its job resumes from the checkpoint instead of waiting for a worker restart.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes (one per GPU).")
 
     @field_validator("batch_size", mode="before")

@@ -34,7 +34,7 @@ def service(redis_url, key_prefix, tmp_path):
     env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
                SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
                SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_CHECKPOINT_EVERY="5",
-               PYTHONUNBUFFERED="1")
+               SLIDESYNTH_RECOVERY_SECONDS="2", PYTHONUNBUFFERED="1")
     port = free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -228,3 +228,29 @@ def _worker_field(service, job_id) -> str:
 
 def _attempts(service, job_id) -> int:
     return _record(service, job_id)["attempts"]
+
+
+def test_a_running_worker_recovers_a_job_left_running_by_a_dead_process(service):
+    """What a broker restart leaves (issue 21, defect 1): a job recorded as running in a process that is gone and
+    no message to run it (the task was ended; its message waits in the broker's unacked set for the visibility
+    timeout). The running worker — not only a starting one — re-queues it within SLIDESYNTH_RECOVERY_SECONDS and
+    the job finishes; nobody restarts anything."""
+    import socket
+
+    import redis
+
+    resp = service.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(64, 64)), "image/png")},
+                        data={"params": json.dumps({"steps": 4, "seed": 5})})
+    job_id = resp.json()["id"]
+    _wait(lambda: _job(service, job_id)["status"] == "succeeded", 300, "the job to finish")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = redis.Redis.from_url(service.redis_url)
+    stuck = {"status": "running", "worker": f"{socket.gethostname()}/{dead.pid}", "claim": "lost-run",
+             "heartbeat_at": time.time(), "finished_at": None, "outputs": {}, "progress": 0.3}
+    r.hset(f"{service.key_prefix}:job:{job_id}", mapping={k: json.dumps(v) for k, v in stuck.items()})
+    assert _job(service, job_id)["status"] == "running"
+    job = _wait(lambda: (j := _job(service, job_id))["status"] in ("succeeded", "failed") and j, 120,
+                "the running worker to recover the job")
+    assert job["status"] == "succeeded", job["error"]
+    assert _record(service, job_id)["claim"] != "lost-run"

@@ -314,3 +314,52 @@ def test_a_latent_with_nan_fails_before_any_output_file(ctx, monkeypatch):
     assert "latent contains NaN" in job.error and "(3, 1)" in job.error, job.error
     remaining = {p.name for p in ctx.store.job_dir("job1").iterdir()}
     assert remaining <= {"mask.png", "job.json", "job.lock", "cancel"}, remaining
+
+
+def test_a_duplicate_delivery_of_a_live_run_is_dropped_and_not_counted(ctx):
+    """At most one live run per job: a delivery of a job whose run is alive (on another host with a fresh
+    heartbeat, or on this host in a process that exists) does nothing and is not an attempt; a run recorded in a
+    dead process, or in this very process, was lost: the delivery takes the job over and counts."""
+    import os
+    import socket
+    import time as _time
+
+    from worker.jobrunner import run_job
+
+    host = socket.gethostname()
+    ctx.hostname = host
+    for job_id, worker in (("otherhost", "elsewhere/2"), ("samehost", f"{host}/{os.getppid()}")):
+        submit(ctx, job_id)
+        ctx.store.update(job_id, status=JobStatus.running, worker=worker, claim="live", heartbeat_at=_time.time(),
+                         attempts=1, started_at=123.0)
+        assert run_job(job_id, ctx) == JobStatus.running
+        job = ctx.store.get(job_id)
+        assert (job.attempts, job.claim, job.worker, job.started_at) == (1, "live", worker, 123.0)
+    assert ctx.store.steps_seen == []
+    submit(ctx, "mine")
+    ctx.store.update("mine", status=JobStatus.running, worker=f"{host}/{os.getpid()}", claim="gone",
+                     heartbeat_at=_time.time(), attempts=1)
+    assert run_job("mine", ctx) == JobStatus.succeeded and ctx.store.get("mine").attempts == 2
+
+
+def test_a_run_whose_job_was_taken_over_stops_and_leaves_the_record(ctx, monkeypatch):
+    """A run presumed lost (its job re-queued and claimed by another run) notices within a step and stops
+    without recording anything: the other run owns the job."""
+    from worker import jobrunner
+
+    monkeypatch.setattr(jobrunner, "CLAIM_CHECK_SECONDS", 0.0)
+    submit(ctx, steps=20)
+    real = ctx.store.cancel_requested
+    calls = {"n": 0}
+
+    def taken_over_after_a_few(job_id):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            ctx.store.update(job_id, claim="another-run", worker="elsewhere/9")
+        return real(job_id)
+
+    monkeypatch.setattr(ctx.store, "cancel_requested", taken_over_after_a_few)
+    assert jobrunner.run_job("job1", ctx) == JobStatus.running
+    job = ctx.store.get("job1")
+    assert (job.status, job.claim, job.worker) == (JobStatus.running, "another-run", "elsewhere/9")
+    assert max(ctx.store.steps_seen) < 10 and job.outputs == {}

@@ -119,6 +119,12 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
                          finished_at=time.time())
         remove_outputs(job_dir)
         return JobStatus.canceled
+    if job.status == JobStatus.running and run_alive(job, ctx):
+        # A second delivery of a job whose run is alive (a re-queued message, a recovery that raced a redelivery):
+        # dropped, and not an attempt. The live run holds its own message until it ends; if it dies, that message
+        # is redelivered or the run's stale heartbeat gets the job re-queued (recover_orphans).
+        log.warning("job %s is running in %s: this delivery is a duplicate and is dropped", job_id, job.worker)
+        return JobStatus.running
     attempts = job.attempts + 1
     if attempts > settings.max_attempts:
         store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.failed,
@@ -126,7 +132,9 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         remove_outputs(job_dir)
         return JobStatus.failed
     claim = uuid.uuid4().hex
-    if not store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.running,
+    # expect the claim we read: of two deliveries racing for the job, one takes it
+    if not store.transition(job_id, {JobStatus.queued, JobStatus.running}, expect={"claim": job.claim},
+                            status=JobStatus.running,
                             started_at=job.started_at or time.time(), attempts=attempts, claim=claim,
                             heartbeat_at=time.time(), worker=f"{ctx.hostname}/{os.getpid()}",
                             total_steps=job.spec.steps):
@@ -144,6 +152,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         if every and state.step % every == 0 and state.step > 0:
             state.save(state_path)  # atomic: temporary file, then rename
 
+    claim_check: ClaimCheck | None = None
     try:
         engine = get_engine(spec.engine)  # UnknownEngine for a job of an engine this worker lacks: it fails
         resume = engine.load_state(state_path) if attempts > 1 else None
@@ -155,10 +164,16 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         device, runtime = ctx.device_runtime()
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)
+        claim_check = ClaimCheck(store, job_id, claim)
         result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
-                                cancel=lambda: store.cancel_requested(job_id), runtime=runtime,
-                                resume_state=resume, on_checkpoint=checkpoint)
+                                cancel=lambda: store.cancel_requested(job_id) or claim_check.lost(),
+                                runtime=runtime, resume_state=resume, on_checkpoint=checkpoint)
     except Canceled:
+        if claim_check is not None and claim_check.lost(force=True):
+            # another run took the job (this one was presumed lost): stop, and leave its record alone
+            log.warning("job %s: this run lost its claim and stops", job_id)
+            current = store.get(job_id)
+            return current.status if current else None
         return _finish_canceled(store, job_id, job_dir, mine)
     except Exception as exc:  # the job fails; the worker lives on
         log.error("job %s failed: %s\n%s", job_id, exc, traceback.format_exc())
@@ -195,6 +210,37 @@ def fail_job(job_id: str, ctx: WorkerContext, error: str) -> None:
     if job is not None and ctx.store.transition(job_id, {JobStatus.queued, JobStatus.running},
                                                 status=JobStatus.failed, finished_at=time.time(), error=error):
         remove_outputs(ctx.store.job_dir(job_id))
+
+
+CLAIM_CHECK_SECONDS = 2.0
+
+
+class ClaimCheck:
+    """Whether a run still holds its job's claim, read from the store at most every ``every`` seconds (the sampler
+    asks once per step): a run presumed lost whose job was re-queued and taken by another stops within seconds."""
+
+    def __init__(self, store: JobStore, job_id: str, claim: str, every: float | None = None):
+        self.store, self.job_id, self.claim = store, job_id, claim
+        self.every = CLAIM_CHECK_SECONDS if every is None else every
+        self._checked, self._lost = time.monotonic(), False
+
+    def lost(self, force: bool = False) -> bool:
+        if not self._lost and (force or time.monotonic() - self._checked >= self.every):
+            self._checked = time.monotonic()
+            job = self.store.get(self.job_id)
+            self._lost = job is not None and job.claim != self.claim
+        return self._lost
+
+
+def run_alive(job, ctx: WorkerContext) -> bool:
+    """Is the run recorded on a running job alive? Its heartbeat is within the lease and, on this host, its
+    process exists and is not this one (a process runs one job at a time: a record naming it is a run it lost)."""
+    if job.heartbeat_at is None or time.time() - job.heartbeat_at > ctx.settings.lease_seconds:
+        return False
+    host, _, pid = (job.worker or "").rpartition("/")
+    if host == ctx.hostname and pid.isdigit():
+        return int(pid) != os.getpid() and _alive(int(pid))
+    return bool(job.worker)
 
 
 def _alive(pid: int) -> bool:

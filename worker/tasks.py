@@ -46,14 +46,30 @@ def embed(request: dict) -> None:
     answer_embed_request(request, context().settings)
 
 
-@worker_ready.connect
-def _recover(sender=None, **_):
-    """A starting worker re-queues jobs left running by a process that is gone."""
-    ctx = context()
+def recover_once(ctx: WorkerContext) -> list[str]:
     try:
         requeued = recover_orphans(ctx, lambda job_id: enqueue(app, job_id, ctx.settings.queue))
-    except Exception:  # recovery must never keep a worker from starting
+    except Exception:  # recovery must never stop a worker (e.g. the broker or the store is restarting)
         log.exception("recovering orphaned jobs failed")
-        return
+        return []
     if requeued:
         log.warning("re-queued %d orphaned job(s): %s", len(requeued), ", ".join(requeued))
+    return requeued
+
+
+@worker_ready.connect
+def _recover(sender=None, **_):
+    """A starting worker re-queues jobs left running by a process that is gone, and keeps doing so every
+    ``SLIDESYNTH_RECOVERY_SECONDS``: a task ended by a broker restart leaves its job running with a dead process
+    (its message waits in the broker's unacked set for the visibility timeout), and no worker restarts."""
+    import threading
+
+    ctx = context()
+    recover_once(ctx)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(ctx.settings.recovery_seconds):
+            recover_once(ctx)
+
+    threading.Thread(target=loop, name="slidesynth-recovery", daemon=True).start()
