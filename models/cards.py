@@ -35,6 +35,7 @@ class ModelCard(BaseModel):
     max_height: int = Field(16384, description="Largest output height in pixels.")
     default_steps: int | None = Field(None, description="Sampling steps when a request names none.")
     default_guidance: float | None = Field(None, description="Guidance ω when a request names none (else 3).")
+    default_eta: float | None = Field(None, description="DDIM η when a request names none (else the engine's).")
     fidelity_classes: dict[int, int] = Field(
         default_factory=dict,
         description="Label id → class of the fidelity classifier (0 glass, 1 carcinoma, 2 necrosis, 3 tumour stroma, "

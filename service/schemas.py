@@ -83,8 +83,8 @@ class GenerateParams(_Strict):
     )
     eta: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False,
-        description="DDIM η (1 = stochastic, 0 = deterministic); default: the engine's paper value "
-        "(1 for DiffInfinite, 0 for ∞-Brush).",
+        description="DDIM η (1 = stochastic, 0 = deterministic); default: the model card's `default_eta` "
+        "(`GET /models`), else the engine's paper value (1 for DiffInfinite, 0 for ∞-Brush).",
     )
     options: EngineOptionsField = None
     outputs: list[Literal["tiff", "zarr"]] = Field(default_factory=lambda: ["tiff"], min_length=1)
@@ -172,6 +172,7 @@ class ModelInfo(BaseModel):
     max_height: int
     default_steps: int
     default_guidance: float
+    default_eta: float = Field(description="DDIM η a request that names none gets (the card's, else the engine's).")
     options: dict[str, Any] = Field(description="JSON schema of the `options` this model's engine takes.")
     embedding_encoder: str | None
     embedding_dim: int | None

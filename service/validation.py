@@ -217,7 +217,8 @@ def build_spec(
         model=card.name, engine=card.engine, width=width, height=height, mpp=mpp, seed=seed, steps=steps,
         guidance=params.guidance if params.guidance is not None else (
             card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE),
-        eta=params.eta if params.eta is not None else engine.default_eta,
+        eta=params.eta if params.eta is not None else (
+            card.default_eta if card.default_eta is not None else engine.default_eta),
         options=options.model_dump(mode="json"), outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
     )

@@ -53,21 +53,19 @@ def test_weights_load_strictly_and_a_changed_file_is_refused(tmp_path):
 
 def test_a_carcinoma_tile_gives_a_carcinoma_slide():
     """The goal of issue 20 at a size that runs in about a minute: a held-out carcinoma tile's embedding → a 1024²
-    slide (the model's native canvas) in 10 DDIM steps; most of its windows are carcinoma, and its windows are
-    closer to the condition than a stroma-conditioned slide's windows are."""
+    slide (the model's native canvas) in 10 DDIM steps without guidance; ≥ 80 % of its windows are carcinoma, and
+    its windows are closer to the carcinoma tile's embedding than to a stroma tile's."""
     import torch
 
-    from evaluation.conditioning import class_goal, image_cosine
-    from slidesynth.demo_infbrush import load_demo, sampler
+    from evaluation.conditioning import class_goal, held_out_tile, image_cosine
     from models.encoders import load_encoder
+    from slidesynth.demo_infbrush import load_demo, sampler
 
     torch.set_num_threads(2)
     pipe = load_demo()
     enc = load_encoder("slidesynth-tile-v1", REPO / "weights")
-    sample = sampler(pipe, 1024, steps=10)
-    res = class_goal(sample, enc, "carcinoma", size=1024, unconditioned=False, keep_images=True)
+    res = class_goal(sampler(pipe, 1024, steps=10, guidance=0.0, eta=0.0), enc, "carcinoma", size=1024,
+                     unconditioned=False, keep_images=True)
     assert res["share"] >= 0.8, res["shares"]
-    stroma = class_goal(sample, enc, "tumor stroma", size=1024, unconditioned=False, keep_images=True)
-    assert stroma["share"] >= 0.8, stroma["shares"]
-    vec = enc.embed(__import__("evaluation.conditioning", fromlist=["x"]).held_out_tile("carcinoma")[None])[0]
-    assert res["cosine"] > image_cosine(stroma["image"], enc, vec) + 0.1
+    stroma = enc.embed(held_out_tile("tumor stroma")[None])[0]
+    assert res["cosine"] > image_cosine(res["image"], enc, stroma) + 0.1

@@ -24,6 +24,7 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
             native_mpp=card.native_mpp, max_width=min(card.max_width, settings.max_width),
             max_height=min(card.max_height, settings.max_height), default_steps=steps_default(card),
             default_guidance=card.default_guidance if card.default_guidance is not None else DEFAULT_GUIDANCE,
+            default_eta=card.default_eta if card.default_eta is not None else get_engine(card.engine).default_eta,
             embedding_encoder=card.embedding_encoder, embedding_dim=card.embedding_dim,
             training_data=card.training_data,
             options=get_engine(card.engine).options_model.model_json_schema(),
