@@ -180,5 +180,4 @@ def test_requests_without_a_model_get_the_default_model_for_their_conditioning(t
     assert resolve_model(None, cards, settings, "embedding_grid").name == "infinity-brush-untrained"
     assert resolve_model("diffinfinite-untrained", cards, settings, "embedding").name == "diffinfinite-untrained"
     shipped = Settings(models_dir=WEIGHTS, data_dir=tmp_path / "d")
-    if (WEIGHTS / "infinity-brush-demo").is_dir():  # until the demo lands
-        assert shipped.default_embedding_model == "infinity-brush-demo"
+    assert shipped.default_embedding_model == "infinity-brush-demo"
