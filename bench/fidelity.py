@@ -76,8 +76,6 @@ def generate(mask: np.ndarray, out_dir: Path, *, model: str | None, steps: int |
     """Run ``slidesynth generate`` in-process; return the level-0 RGB image and the seconds it took."""
     from PIL import Image
 
-    from slidesynth.cli import main as cli_main
-
     mask_path = out_dir / "mask.png"
     Image.fromarray(mask.astype(np.uint8), mode="L").save(mask_path)
     tiff = out_dir / "slide.tiff"
@@ -87,13 +85,21 @@ def generate(mask: np.ndarray, out_dir: Path, *, model: str | None, steps: int |
                         ("--solver", solver)):
         if value is not None:
             argv += [flag, str(value)]
-    t0 = time.perf_counter()
+    _, seconds = run_cli(argv)
+    return read_level0(tiff), seconds
+
+
+def run_cli(argv: list[str]) -> tuple[str, float]:
+    """``slidesynth ARGV`` in-process: (what it printed, seconds); RuntimeError when it fails."""
+    from slidesynth.cli import main as cli_main
+
     buf = io.StringIO()
+    t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
         rc = cli_main(argv)
     if rc != 0:
         raise RuntimeError(f"slidesynth {' '.join(argv)} exited with {rc}")
-    return read_level0(tiff), time.perf_counter() - t0
+    return buf.getvalue(), time.perf_counter() - t0
 
 
 GOAL_CLASS_SHARE = 0.8
@@ -102,21 +108,14 @@ GOAL_CLASS_SHARE = 0.8
 def _generate_embedding(path: Path, out_dir: Path, *, model: str, encoder: str, size: int, steps: int | None,
                         seed: int, device: str | None) -> tuple[dict, Path, float]:
     """``slidesynth generate --embedding`` in-process → (its printed JSON: metrics …, the TIFF, seconds)."""
-    from slidesynth.cli import main as cli_main
-
     tiff = out_dir / f"{path.stem}.tiff"
     argv = ["generate", "--embedding", str(path), "--encoder", encoder, "--model", model, "--width", str(size),
             "--height", str(size), "--seed", str(seed), "--out", str(tiff)]
     for flag, value in (("--steps", steps), ("--device", device)):
         if value is not None:
             argv += [flag, str(value)]
-    buf = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
-        rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"slidesynth {' '.join(argv)} exited with {rc}")
-    return json.loads(buf.getvalue().strip().splitlines()[-1]), tiff, time.perf_counter() - t0
+    printed, seconds = run_cli(argv)
+    return json.loads(printed.strip().splitlines()[-1]), tiff, seconds
 
 
 def embedding_main(args) -> int:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,26 +67,16 @@ def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slide
 
 
 def run_step(step: str, work: Path = WORK) -> None:
+    """Run one step's commands in order (logs in ``work/logs``) and record them in ``work/recipe.json``."""
+    from slidesynth.demo_models import _record, _run_logged
+
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     for i, cmd in enumerate(commands(work)[step]):
-        argv = shlex.split(cmd)
-        argv = [sys.executable, "-m", "slidesynth.cli", *argv[1:]] if argv[0] == "slidesynth" else \
-            [sys.executable, *argv[1:]]
         log = REPO / work / "logs" / f"{step}-{i}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            if subprocess.run(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
-                raise RuntimeError(f"step {step} failed: {cmd} (see {log})")
+        if _run_logged(cmd, log, env).wait() != 0:
+            raise RuntimeError(f"step {step} failed: {cmd} (see {log})")
     _record(work, step, {"commands": commands(work)[step], "wall_time_s": round(time.perf_counter() - t0, 1)})
-
-
-def _record(work: Path, step: str, data: dict[str, Any]) -> None:
-    path = REPO / work / "recipe.json"
-    rec = json.loads(path.read_text()) if path.is_file() else {}
-    rec[step] = data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def assemble(work: Path = WORK, out: Path = OUT) -> Path:
@@ -185,8 +173,8 @@ def evaluate(out: Path = OUT, write: bool = True, steps: int | None = None, guid
 
     from evaluation.conditioning import class_goal, grid_goal
     from evaluation.fidelity import load_classifier
-    from models.cards import ModelCard
     from models.encoders import load_encoder
+    from slidesynth.demo_models import write_card_metrics
 
     torch.manual_seed(0)
     pipe = load_demo(out)
@@ -223,10 +211,7 @@ def evaluate(out: Path = OUT, write: bool = True, steps: int | None = None, guid
                 "majority class of each quadrant for a 2x2 grid of four class tiles",
     }
     if write:
-        card = ModelCard.load(REPO / out)
-        data = card.model_dump()
-        data["metrics"] = summary
-        (REPO / out / "model_card.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_card_metrics(REPO / out, summary)
         # the samples, for `picture` (which then needs no second sampling)
         (REPO / WORK).mkdir(parents=True, exist_ok=True)
         np.savez_compressed(REPO / WORK / "evaluation_images.npz", **{k.replace(" ", "_"): v for k, v in images.items()})

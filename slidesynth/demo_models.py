@@ -359,11 +359,17 @@ def evaluate(out: Path = OUT, seeds: tuple[int, ...] = EVAL_SEEDS, sizes: tuple[
                 "'tissue classes' leaves out glass (classifier class 0, the model's label 5)",
     }
     if write:
-        card = ModelCard.load(REPO / out)
-        card_extra = card.model_dump()
-        card_extra["metrics"] = summary
-        (REPO / out / "model_card.json").write_text(json.dumps(card_extra, indent=2) + "\n")
+        write_card_metrics(REPO / out, summary)
     return summary
+
+
+def write_card_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    """Put ``metrics`` into the model card in ``folder`` (an extra field; the files' hashes do not change)."""
+    from models.cards import ModelCard
+
+    data = ModelCard.load(folder).model_dump()
+    data["metrics"] = metrics
+    (folder / "model_card.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 def picture(out: Path = OUT, path: Path = PICTURE, seed: int = 0) -> dict[str, Any]:
