@@ -120,7 +120,7 @@ class TileEncoder:
         x = prepare_tiles(tiles, self.input_size, self.card.resize)
         out = np.empty((len(x), self.dim), np.float32)
         for i in range(0, len(x), batch_size):
-            e = self.net(self.normalise(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))).float()
+            e = self.net(self.normalise(torch.from_numpy(np.array(x[i:i + batch_size])))).float()  # a writable copy
             if e.shape[1] != self.dim:
                 raise ValueError(f"encoder {self.id!r} produced {e.shape[1]} numbers per tile, its card says {self.dim}")
             out[i:i + batch_size] = F.normalize(e, dim=-1).cpu().numpy()
