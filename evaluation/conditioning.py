@@ -83,15 +83,13 @@ def class_goal(sample: Callable[..., Any], encoder, class_name: str, *, size: in
 def quadrant_majorities(image: np.ndarray, classifier: FidelityClassifier) -> list[str]:
     """The majority fidelity class of the 64-px windows of each quadrant of an image, row-major."""
     H, W = image.shape[:2]
-    w = classifier.window
     out = []
     for r0, r1 in ((0, H // 2), (H // 2, H)):
         for c0, c1 in ((0, W // 2), (W // 2, W)):
-            q = image[r0:r1, c0:c1]
-            tiles = [q[y:y + w, x:x + w] for y in range(0, q.shape[0] - w + 1, w)
-                     for x in range(0, q.shape[1] - w + 1, w)]
-            pred = classifier.predict(np.stack(tiles))
-            out.append(CLASS_NAMES[int(np.bincount(pred, minlength=len(CLASS_NAMES)).argmax())])
+            scorer = ClassShareScorer(r1 - r0, c1 - c0, classifier)
+            scorer.add_band(np.ascontiguousarray(image[r0:r1, c0:c1]))
+            shares = scorer.result()
+            out.append(max(shares, key=shares.get))      # ties: the lower class id, as argmax
     return out
 
 

@@ -107,11 +107,11 @@ def _infbrush_slide(client, models: dict, env: dict) -> bool:
     from evaluation.conditioning import held_out_tile
 
     info = next(m for m in models["models"] if m["name"] == models["default_embedding"])
-    if info["embedding_encoder"] == "quilt-vit-b-32" and not info["trained"]:
-        print(f"∞-Brush: the default embedding model is {info['name']} (untrained, QuiltNet embeddings, whose "
-              "weights are not installed); skipped")
-        return True
     encoder = info["embedding_encoder"]
+    if encoder not in {e["id"] for e in client.get("/encoders").json()["encoders"]}:
+        print(f"∞-Brush: the default embedding model {info['name']} takes {encoder} embeddings, an encoder this "
+              "deployment has not installed; skipped")
+        return True
     buf = io.BytesIO()
     Image.fromarray(held_out_tile("carcinoma", 64)).save(buf, format="PNG")
     resp = client.post("/embed", files={"tiles": ("carcinoma.png", buf.getvalue(), "image/png")},

@@ -293,9 +293,7 @@ class _InstalledEncoderEmbed:
     """An installed encoder's ``embed`` under a readable name (recorded in the training state and the card)."""
 
     def __init__(self, encoder_id: str, models_dir):
-        from models.encoders import load_encoder
-
-        from models.encoders import class_prototypes
+        from models.encoders import class_prototypes, load_encoder
 
         self.encoder = load_encoder(encoder_id, models_dir)
         self.__qualname__ = f"encoder {encoder_id}"

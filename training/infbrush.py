@@ -245,19 +245,17 @@ class EncodedRegions:
         if key not in self._cache:
             if self.regions == "tiles":
                 tiles = region_native_tiles(img, rows, cols, self.tile_px)
-                n = tiles.shape[1]
-                emb = torch.as_tensor(np.asarray(self.embed(tiles.reshape(-1, *tiles.shape[2:])), dtype=np.float32))
-                if emb.shape != (rows * cols * n, self.dim):
-                    raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {rows * cols * n} tiles; the "
-                                     f"model expects ({rows * cols * n}, {self.dim})")
-                emb = torch.nn.functional.normalize(emb, dim=-1).reshape(rows * cols, n, self.dim).mean(1)
-                emb = torch.nn.functional.normalize(emb, dim=-1)
+                per_region = tiles.shape[1]
+                tiles = tiles.reshape(-1, *tiles.shape[2:])
             else:
-                tiles = region_tiles(img, rows, cols, self.tile_px)
-                emb = torch.as_tensor(np.asarray(self.embed(tiles), dtype=np.float32))
-            if emb.shape != (rows * cols, self.dim):
-                raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {rows * cols} tiles; the model "
-                                 f"expects ({rows * cols}, {self.dim})")
+                tiles, per_region = region_tiles(img, rows, cols, self.tile_px), 1
+            emb = torch.as_tensor(np.asarray(self.embed(tiles), dtype=np.float32))
+            if emb.shape != (len(tiles), self.dim):
+                raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {len(tiles)} tiles; the model "
+                                 f"expects ({len(tiles)}, {self.dim})")
+            if per_region > 1:  # a region's vector: the normalised mean of its tiles' unit vectors
+                emb = torch.nn.functional.normalize(emb, dim=-1).reshape(rows * cols, per_region, self.dim).mean(1)
+                emb = torch.nn.functional.normalize(emb, dim=-1)
             if not torch.isfinite(emb).all():
                 raise ValueError(f"the encoder gave non-finite embeddings for image {i}")
             self._cache[key] = emb.reshape(rows, cols, self.dim)

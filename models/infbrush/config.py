@@ -19,6 +19,15 @@ def text_encoder_dir(models_dir: str | Path | None = None) -> Path:
     return root / TEXT_ENCODER_DIRNAME
 
 ENCODER_ID = "quilt-vit-b-32"
+PROTOTYPES_SOURCE = "prototypes:"  # card.config["subtypes_from"] of a model whose subtypes are class prototypes
+
+
+def prototype_encoder(card_config: Any) -> str | None:
+    """The encoder whose class prototypes a card's subtypes are (``subtypes_from: prototypes:<id>``), else None."""
+    source = card_config.get("subtypes_from") if isinstance(card_config, dict) else None
+    if isinstance(source, str) and source.startswith(PROTOTYPES_SOURCE):
+        return source[len(PROTOTYPES_SOURCE):]
+    return None
 EMBEDDING_DIM = 512
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 from models.cards import ModelCard
 from models.engine import (CancelFn, EngineBase, EngineOptions, ReportFn, Runtime, SlideBands, SlideRequest, Stage,
                            register_engine, stage_progress)
-from models.infbrush.config import TEXT_ENCODER_DIRNAME, text_encoder_dir
+from models.infbrush.config import TEXT_ENCODER_DIRNAME, prototype_encoder, text_encoder_dir
 
 
 class InfBrushOptions(EngineOptions):
@@ -31,17 +31,17 @@ class InfBrushEngine(EngineBase):
 
     def serves(self, card: ModelCard, conditioning, models_dir: Path) -> str | None:
         why = super().serves(card, conditioning, models_dir)
-        source = card.config.get("subtypes_from") if isinstance(card.config, dict) else None
-        if why is None and conditioning == "subtype" and isinstance(source, str) and source.startswith("prototypes:"):
+        encoder = prototype_encoder(card.config)
+        if why is None and conditioning == "subtype" and encoder is not None:
             from models.encoders import class_prototypes
 
             try:
-                class_prototypes(source.partition(":")[2], models_dir)
+                class_prototypes(encoder, models_dir)
             except (OSError, ValueError) as exc:  # EncoderNotInstalled is a LookupError: named below
                 return f"subtype prompts of {card.name} are its encoder's class prototypes, which are unusable: {exc}"
             except LookupError:
-                return (f"subtype prompts of {card.name} are the class prototypes of encoder "
-                        f"{source.partition(':')[2]!r}, which this deployment lacks; send an embedding instead")
+                return (f"subtype prompts of {card.name} are the class prototypes of encoder {encoder!r}, which "
+                        "this deployment lacks; send an embedding instead")
             return None
         if why is None and conditioning == "subtype" and not text_encoder_dir(models_dir).joinpath(
                 "open_clip_config.json").is_file():

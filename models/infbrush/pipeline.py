@@ -12,7 +12,8 @@ import torch
 from models.cards import ModelCard
 from models.engine import is_model_of
 from models.hashing import sha256_file as _sha256
-from models.infbrush.config import DESIGN_NOTES, ENCODER_ID, InfBrushConfig, tiny_config
+from models.infbrush.config import (DESIGN_NOTES, ENCODER_ID, PROTOTYPES_SOURCE, InfBrushConfig, prototype_encoder,
+                                    tiny_config)
 from models.infbrush.denoiser import InfBrushDenoiser, canvas_window, token_positions
 from models.infbrush.noise import Mollifier
 from models.infbrush.sampler import Canvas, _expand
@@ -35,9 +36,6 @@ class InfBrushModels:
 
 
 CONDITIONING = ["embedding", "embedding_grid", "subtype"]
-
-
-PROTOTYPES_SOURCE = "prototypes:"
 
 
 def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str = "", training: dict | None = None,
@@ -205,16 +203,16 @@ class InfBrushPipeline:
         """Class embedding of a subtype: for a QuiltNet-conditioned model the mean of normalised prompt
         embeddings (QuiltNet text tower), re-normalised; for a model whose card takes subtypes from class
         prototypes, that class's prototype in the encoder's folder."""
-        source = self.card.config.get("subtypes_from") if isinstance(self.card.config, dict) else None
-        if isinstance(source, str) and source.startswith(PROTOTYPES_SOURCE):
+        encoder = prototype_encoder(self.card.config)
+        if encoder is not None:
             from models.encoders import class_prototypes
 
             known = list(self.card.subtypes.values())
             if subtype not in known:
                 raise ValueError(f"unknown subtype {subtype!r} for {self.card.name}; known: {', '.join(known)}")
-            protos = class_prototypes(source[len(PROTOTYPES_SOURCE):], self.models_dir)
+            protos = class_prototypes(encoder, self.models_dir)
             if subtype not in protos:
-                raise ValueError(f"encoder {source[len(PROTOTYPES_SOURCE):]!r} has no prototype for {subtype!r}")
+                raise ValueError(f"encoder {encoder!r} has no prototype for {subtype!r}")
             return torch.from_numpy(protos[subtype].copy())
         from models.infbrush.text import embed_subtype
 
