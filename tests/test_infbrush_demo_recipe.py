@@ -109,6 +109,42 @@ def test_regions_as_the_mean_of_native_tiles():
         EncodedRegions(Images(), embed, 3, regions="crop")
 
 
+def test_single_tile_conditions_mix_one_tile_with_the_region_mean():
+    # one region (1 × 1) whose 16 native tiles alternate between two colours: the mean lies between them, a
+    # single-tile condition is one of them; the draws follow the generator given, so a resumed run repeats them
+    img = torch.zeros(3, 256, 256, dtype=torch.uint8)
+    for k, (y, x) in enumerate((y, x) for y in range(0, 256, 64) for x in range(0, 256, 64)):
+        img[:, y:y + 64, x:x + 64] = 200 * (k % 2)
+
+    class Images:
+        def __len__(self):
+            return 1
+
+        def item(self, i):
+            return img, None
+
+    def embed(t):
+        bright = t.reshape(len(t), -1).mean(1) > 100
+        return np.stack([~bright, bright], 1).astype(np.float32)
+
+    mean = torch.tensor([0.70710677, 0.70710677])
+    always = EncodedRegions(Images(), embed, 2, layouts=((1, 1),), tile_px=64, regions="tiles", single_tile_p=1.0)
+    assert torch.allclose(always.item(0)[1][0, 0], mean)            # no generator: the region's mean
+    draws = [tuple(always.item(0, (1, 1), torch.Generator().manual_seed(s))[1][0, 0].tolist()) for s in range(16)]
+    assert set(draws) == {(1.0, 0.0), (0.0, 1.0)}                     # always one tile, both kinds drawn
+    half = EncodedRegions(Images(), embed, 2, layouts=((1, 1),), tile_px=64, regions="tiles", single_tile_p=0.5)
+    g = torch.Generator().manual_seed(3)
+    picks = [half.item(0, None, g)[1][0, 0] for _ in range(200)]
+    share = sum(not torch.allclose(v, mean) for v in picks) / len(picks)
+    assert 0.35 < share < 0.65
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert all(torch.equal(half.item(0, None, g1)[1], half.item(0, None, g2)[1]) for _ in range(10))
+    with pytest.raises(ValueError, match="single_tile_p needs regions='tiles'"):
+        EncodedRegions(Images(), embed, 2, regions="resize", single_tile_p=0.5)
+    with pytest.raises(ValueError, match=r"single_tile_p must be in \[0, 1\]"):
+        EncodedRegions(Images(), embed, 2, regions="tiles", single_tile_p=1.5)
+
+
 def test_subtypes_from_an_encoders_class_prototypes(tmp_path):
     from models.encoders import class_prototypes
     from models.infbrush.engine import InfBrushEngine

@@ -358,7 +358,7 @@ def _run_infbrush(args: argparse.Namespace) -> int:
         synthetic_sizes=tuple((h, w) for w, h in sizes), synthetic_mosaic=(mosaic[1], mosaic[0]),
         embed=embed, grids=tuple((r, c) for c, r in grids),
         prototype_classes=getattr(embed, "prototype_classes", ()),
-        tile_px=args.tile_px, regions=args.regions, points=args.point_layout, patch_px=args.patch_px,
+        tile_px=args.tile_px, regions=args.regions, single_tile_p=args.single_tile_p, points=args.point_layout, patch_px=args.patch_px,
         name=args.name, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, betas=(args.beta1, args.beta2), ema=args.ema,
         ema_every=args.ema_every, grad_clip=args.grad_clip, save_every=args.save_every, log_every=args.log_every,
@@ -393,6 +393,9 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
                    help="a region's condition: resize = the region resized to --tile-px (the paper); tiles = the "
                         "mean embedding of up to 16 native --tile-px tiles of the region (an encoder with a fixed "
                         "µm/px)")
+    p.add_argument("--single-tile-p", type=float, default=0.0, metavar="P",
+                   help="with --regions tiles: the chance, per region and step, that its condition is the embedding "
+                        "of one of its tiles instead of their mean (users condition on one tile); default 0")
     p.add_argument("--point-layout", choices=["uniform", "patches"], default="uniform",
                    help="training pixels: uniform without replacement (the paper) or dense --patch-px squares "
                         "(the neighbourhoods dense sampling sees)")

@@ -220,12 +220,17 @@ class EncodedRegions:
     embedded once per run. ``regions``: how a region becomes a vector — ``"resize"`` (the paper: the region
     resized to tile_px², :func:`region_tiles`) or ``"tiles"`` (the normalised mean of the embeddings of up to
     16 native tile_px² tiles spread over it, :func:`region_native_tiles`, re-normalised).
+
+    ``single_tile_p`` (``"tiles"`` only): with this probability, drawn per region from the ``gen`` given to
+    :meth:`item`, a region's vector is instead the embedding of one of its native tiles chosen at random. Users
+    condition on the embedding of one tile ("a slide like this tile"), and one tile can be far from its
+    region's mean (a vessel inside fat: cosine ≈ 0.63 to the mean of its region), so the model must learn both.
     """
 
     REGION_MODES = ("resize", "tiles")
 
     def __init__(self, images, embed, embedding_dim: int, layouts=((1, 1),), tile_px: int = 224,
-                 regions: str = "resize"):
+                 regions: str = "resize", single_tile_p: float = 0.0):
         self.images, self.embed, self.dim, self.tile_px = images, embed, int(embedding_dim), int(tile_px)
         self.layouts = [(int(r), int(c)) for r, c in layouts]
         if not self.layouts or any(r < 1 or c < 1 for r, c in self.layouts):
@@ -233,12 +238,20 @@ class EncodedRegions:
         if regions not in self.REGION_MODES:
             raise ValueError(f"regions must be one of {', '.join(self.REGION_MODES)}, not {regions!r}")
         self.regions = regions
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        if not 0.0 <= single_tile_p <= 1.0:
+            raise ValueError(f"single_tile_p must be in [0, 1], got {single_tile_p}")
+        if single_tile_p > 0 and regions != "tiles":
+            raise ValueError("single_tile_p needs regions='tiles' (a region's native tiles)")
+        self.single_tile_p = float(single_tile_p)
+        self._cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def item(self, i: int, layout: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def item(self, i: int, layout: tuple[int, int] | None = None,
+             gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8 (3, H, W), (rows, cols, D) conditions). ``gen`` draws the single-tile choices
+        (``single_tile_p``); without it every region gets its mean vector."""
         rows, cols = layout or self.layouts[0]
         img = self.images.item(i)[0]
         key = (i, rows, cols)
@@ -253,13 +266,20 @@ class EncodedRegions:
             if emb.shape != (len(tiles), self.dim):
                 raise ValueError(f"the encoder gave shape {tuple(emb.shape)} for {len(tiles)} tiles; the model "
                                  f"expects ({len(tiles)}, {self.dim})")
-            if per_region > 1:  # a region's vector: the normalised mean of its tiles' unit vectors
-                emb = torch.nn.functional.normalize(emb, dim=-1).reshape(rows * cols, per_region, self.dim).mean(1)
-                emb = torch.nn.functional.normalize(emb, dim=-1)
             if not torch.isfinite(emb).all():
                 raise ValueError(f"the encoder gave non-finite embeddings for image {i}")
-            self._cache[key] = emb.reshape(rows, cols, self.dim)
-        return img, self._cache[key]
+            if per_region > 1:  # unit vectors; a region's vector is their normalised mean
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            per_tile = emb.reshape(rows * cols, per_region, self.dim)
+            mean = per_tile[:, 0] if per_region == 1 else torch.nn.functional.normalize(per_tile.mean(1), dim=-1)
+            self._cache[key] = (per_tile, mean.reshape(rows, cols, self.dim))
+        per_tile, grid = self._cache[key]
+        if self.single_tile_p > 0 and gen is not None:
+            pick = torch.rand(rows * cols, generator=gen) < self.single_tile_p
+            which = torch.randint(0, per_tile.shape[1], (rows * cols,), generator=gen)
+            one = per_tile[torch.arange(rows * cols), which].reshape(rows, cols, self.dim)
+            grid = torch.where(pick.reshape(rows, cols, 1), one, grid)
+        return img, grid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +398,9 @@ def evaluate_loss(model: InfBrushDenoiser, dataset, cfg: InfBrushConfig, n: int 
     return loss
 
 
-def _item(dataset, i: int, layout: tuple[int, int] | None):
+def _item(dataset, i: int, layout: tuple[int, int] | None, gen: torch.Generator | None = None):
+    if isinstance(dataset, EncodedRegions):
+        return dataset.item(i, layout, gen)
     return dataset.item(i) if layout is None else dataset.item(i, layout)
 
 
@@ -397,6 +419,7 @@ class TrainOptions:
     grids: tuple = ((1, 1),)           # layouts of those conditions, one drawn per step ((1, 1): a global vector)
     tile_px: int = 224                 # side each region is resized to for the encoder
     regions: str = "resize"            # a region's vector: "resize" (paper) or "tiles" (mean of native tiles)
+    single_tile_p: float = 0.0         # "tiles": chance that a region's vector is one random tile's instead
     points: str = "uniform"            # training pixels: "uniform" (paper) or "patches" (dense squares)
     patch_px: int = 32                 # side of those squares
     prototype_classes: tuple = ()      # subtype names = the encoder's class prototypes (not QuiltNet's prompts)
@@ -444,11 +467,14 @@ def _dataset(opts: TrainOptions):
         return base, desc, sorted(layouts)
     embed = opts.embed if opts.embed is not None else base.colour_encoder() if isinstance(
         base, SyntheticFunctions) else None
-    ds = EncodedRegions(base, embed, cfg.embedding_dim, layouts=grids, tile_px=opts.tile_px, regions=opts.regions)
+    ds = EncodedRegions(base, embed, cfg.embedding_dim, layouts=grids, tile_px=opts.tile_px, regions=opts.regions,
+                        single_tile_p=opts.single_tile_p)
     name = getattr(opts.embed, "__qualname__", "the synthetic colour encoder") if opts.embed else \
         "the synthetic colour encoder"
     how = f"regions resized to {opts.tile_px}²" if opts.regions == "resize" else \
         f"the normalised mean over up to 16 native {opts.tile_px}² tiles of each region"
+    if opts.single_tile_p > 0:
+        how += f" (or, with p = {opts.single_tile_p:g} per region, one of those tiles)"
     desc += f"; conditions: {name} on {how}, layouts " + ", ".join(f"{r}×{c}" for r, c in ds.layouts)
     return ds, desc, ds.layouts
 
@@ -515,7 +541,8 @@ def train_infbrush(opts: TrainOptions) -> dict:
         training = {"command": opts.command, "device": str(device), "steps": step, "batch_size": opts.batch_size,
                     "points_per_image": cfg.n_points, "point_layout": opts.points,
                     "patch_px": opts.patch_px if opts.points == "patches" else None,
-                    "region_embedding": opts.regions, "lr": opts.lr, "betas": list(opts.betas), "ema": opts.ema,
+                    "region_embedding": opts.regions,
+                    "single_tile_p": opts.single_tile_p, "lr": opts.lr, "betas": list(opts.betas), "ema": opts.ema,
                     "ema_every": opts.ema_every, "grad_clip": opts.grad_clip, "seed": opts.seed,
                     "duration_s": round(elapsed, 1), "last_loss": losses[-1] if losses else None}
         card = make_card(cfg, name=opts.name, trained=True, training=training, training_data=data_desc,
@@ -538,7 +565,7 @@ def train_infbrush(opts: TrainOptions) -> dict:
         layout = None  # one layout per step: a batch stacks its conditions
         if isinstance(dataset, EncodedRegions):
             layout = dataset.layouts[int(torch.randint(0, len(dataset.layouts), (1,), generator=gen))]
-        batch = make_batch([_item(dataset, i, layout) for i in idx], cfg, sched, gen, device, points=opts.points,
+        batch = make_batch([_item(dataset, i, layout, gen) for i in idx], cfg, sched, gen, device, points=opts.points,
                            patch_px=opts.patch_px)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = batch_loss(model, batch, cfg, lam)
