@@ -8,6 +8,11 @@ Two stores share one interface:
   ``{prefix}:job:{id}:cancel``. Status transitions are atomic (a Lua compare-and-set).
 * :class:`FileJobStore` — ``{data_dir}/jobs/{id}/job.json`` guarded by ``fcntl`` locks, for the
   embedded mode that runs without any server.
+
+Every write to a job (``update``, a ``transition`` that applies) increments the record's ``event_seq``. The Redis
+store also appends, in the same Lua call, a snapshot of the record without its spec to a capped Redis Stream
+``{prefix}:job:{id}:events`` (entry id ``0-<event_seq>``) and publishes ``"<job id> <event_seq>"`` on
+``{prefix}:job-events``: what ``GET /jobs/{id}/events`` follows (:mod:`core.events`).
 """
 from __future__ import annotations
 
@@ -100,6 +105,8 @@ class JobSpec(BaseModel):
     mask_width: int | None = None
     mask_height: int | None = None
     mask_mpp: float | None = None
+    webhook: str | None = None  # http(s) URL the job's events are POSTed to (core.webhooks)
+    webhook_events: list[Literal["start", "progress", "completed"]] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -142,6 +149,11 @@ class JobRecord(BaseModel):
     heartbeat_at: float | None = None  # last progress write of the running job
     step: int | None = None
     total_steps: int | None = None
+    event_seq: int = 0  # incremented by every write: the id of the job's server-sent events
+    webhook_deliveries: int = 0  # webhook events delivered (2xx)
+    webhook_failures: int = 0  # webhook delivery attempts that failed (each retry counts)
+    webhook_last_error: str | None = None
+    webhook_completed_at: float | None = None  # when the `completed` webhook was claimed (sent once per job)
 
 
 def new_job_id() -> str:
@@ -213,18 +225,44 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-# ARGV: n_allowed, allowed statuses…, n_expect, (field, value)×n_expect, (field, value)… to set.
-_TRANSITION_LUA = """
+# Every script that writes a job ends with _PUBLISH_LUA: it increments the record's event_seq, appends a snapshot of
+# the record (the fields named in ARGV, everything but the spec) to the job's capped event stream with the id
+# 0-<event_seq>, and publishes "<job id> <event_seq>". pcall: a notification must never fail the write itself.
+# KEYS: job hash, event stream. ARGV: channel, job id, stream length, stream ttl, n fields, field names…, then the
+# script's own arguments from ARGV[o].
+_PUBLISH_LUA = """
+local nf = tonumber(ARGV[5])
+local o = 6 + nf
+local function publish()
+  local fields = {}
+  for i = 1, nf do fields[i] = ARGV[5 + i] end
+  local seq = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+  local vals = redis.call('HMGET', KEYS[1], unpack(fields))
+  local entry = {}
+  for i = 1, nf do
+    if vals[i] then
+      entry[#entry + 1] = fields[i]
+      entry[#entry + 1] = vals[i]
+    end
+  end
+  redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. seq, unpack(entry))
+  redis.pcall('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  redis.pcall('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. seq)
+end
+"""
+
+# ARGV from o: n_allowed, allowed statuses…, n_expect, (field, value)×n_expect, (field, value)… to set.
+_TRANSITION_LUA = _PUBLISH_LUA + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
-local n = tonumber(ARGV[1])
+local n = tonumber(ARGV[o])
 local ok = false
 for i = 1, n do
-  if cur == ARGV[1 + i] then ok = true end
+  if cur == ARGV[o + i] then ok = true end
 end
 if not ok then return 0 end
-local m = tonumber(ARGV[2 + n])
-local k = 3 + n
+local m = tonumber(ARGV[o + 1 + n])
+local k = o + 2 + n
 for i = 1, m do
   if redis.call('HGET', KEYS[1], ARGV[k]) ~= ARGV[k + 1] then return 0 end
   k = k + 2
@@ -232,17 +270,45 @@ end
 for j = k, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
 end
+publish()
 return 1
 """
 
 # Update only while the job exists, so a late progress write cannot resurrect a deleted job.
-_UPDATE_LUA = """
+_UPDATE_LUA = _PUBLISH_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for j = 1, #ARGV, 2 do
+for j = o, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
 end
+publish()
 return 1
 """
+
+EVENT_STREAM_LENGTH = 1000  # events kept per job for Last-Event-ID resumes (approximate: XADD MAXLEN ~)
+EVENT_STREAM_TTL = 7 * 24 * 3600  # seconds an event stream outlives the job's last write
+# what an event carries: the record without its spec (which never changes and can be megabytes)
+SNAPSHOT_FIELDS = tuple(name for name in JobRecord.model_fields if name not in ("spec", "event_seq"))
+
+
+def job_key(prefix: str, job_id: str) -> str:
+    return f"{prefix}:job:{job_id}"
+
+
+def event_stream_key(prefix: str, job_id: str) -> str:
+    """The job's capped Redis Stream of record snapshots, entry ids ``0-<event_seq>``."""
+    return f"{prefix}:job:{job_id}:events"
+
+
+def event_channel(prefix: str) -> str:
+    """The pub/sub channel every job write is announced on, as ``"<job id> <event_seq>"``."""
+    return f"{prefix}:job-events"
+
+
+def decode_snapshot(job: JobRecord, seq: int, fields: dict) -> JobRecord:
+    """The record at event ``seq``: the snapshot's fields (JSON as stored in the hash) with ``job``'s spec."""
+    data = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in fields.items()}
+    data.update(id=job.id, spec=job.spec, event_seq=seq)
+    return JobRecord.model_validate(data)
 
 
 class RedisJobStore(JobStore):
@@ -250,13 +316,18 @@ class RedisJobStore(JobStore):
         import redis
 
         super().__init__(data_dir)
+        self.url = url
         self.redis = redis.Redis.from_url(url)
         self.prefix = prefix
         self._transition = self.redis.register_script(_TRANSITION_LUA)
         self._update = self.redis.register_script(_UPDATE_LUA)
 
     def _key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return job_key(self.prefix, job_id)
+
+    def _script_args(self, job_id: str) -> list:
+        return [event_channel(self.prefix), job_id, EVENT_STREAM_LENGTH, EVENT_STREAM_TTL, len(SNAPSHOT_FIELDS),
+                *SNAPSHOT_FIELDS]
 
     def _tenant_key(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs"
@@ -278,17 +349,18 @@ class RedisJobStore(JobStore):
 
     def update(self, job_id: str, **fields: Any) -> None:
         args = [x for kv in _encode(fields).items() for x in kv]
-        self._update(keys=[self._key(job_id)], args=args)
+        self._update(keys=[self._key(job_id), event_stream_key(self.prefix, job_id)],
+                     args=self._script_args(job_id) + args)
 
     def transition(self, job_id: str, allowed: set[JobStatus], expect: dict[str, Any] | None = None,
                    **fields: Any) -> bool:
-        args: list[str] = [str(len(allowed))]
+        args: list = self._script_args(job_id) + [str(len(allowed))]
         args += [json.dumps(s.value) for s in allowed]
         expected = _encode(expect or {})
         args.append(str(len(expected)))
         args += [x for kv in expected.items() for x in kv]
         args += [x for kv in _encode(fields).items() for x in kv]
-        return bool(self._transition(keys=[self._key(job_id)], args=args))
+        return bool(self._transition(keys=[self._key(job_id), event_stream_key(self.prefix, job_id)], args=args))
 
     def running(self) -> list[JobRecord]:
         jobs = []
@@ -312,7 +384,7 @@ class RedisJobStore(JobStore):
     def delete(self, job_id: str) -> None:
         job = self.get(job_id)
         pipe = self.redis.pipeline()
-        pipe.delete(self._key(job_id), self._key(job_id) + ":cancel")
+        pipe.delete(self._key(job_id), self._key(job_id) + ":cancel", event_stream_key(self.prefix, job_id))
         if job is not None:
             pipe.zrem(self._tenant_key(job.tenant), job_id)
         pipe.execute()
@@ -382,6 +454,7 @@ class FileJobStore(JobStore):
             if data is None:
                 return
             data.update({k: json.loads(v) for k, v in _encode(fields).items()})
+            data["event_seq"] = data.get("event_seq", 0) + 1
             self._write(job_id, data)
 
     def transition(self, job_id: str, allowed: set[JobStatus], expect: dict[str, Any] | None = None,
@@ -394,6 +467,7 @@ class FileJobStore(JobStore):
                 if data.get(key) != json.loads(value):
                     return False
             data.update({k: json.loads(v) for k, v in _encode(fields).items()})
+            data["event_seq"] = data.get("event_seq", 0) + 1
             self._write(job_id, data)
             return True
 

@@ -92,6 +92,27 @@ class Settings(BaseSettings):
         "Empty: no CORS headers; `*`: any origin.",
     )
 
+    events_ping_seconds: float = Field(
+        15.0, gt=0, le=300,
+        description="Seconds between keep-alive comments (`: ping`) on a quiet `GET /jobs/{id}/events` stream, so "
+        "proxies do not drop it.")
+    webhook_secrets: str = Field(
+        "",
+        description="Comma-separated `tenant:whsec_…` pairs: each tenant's Standard Webhooks signing secret "
+        "(`whsec_` + base64 of 24–64 random bytes; tenant `public` when there are no API keys). A tenant listed "
+        "twice gets both signatures (rotation). A request with a `webhook` from a tenant without a secret is a 422.")
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks go to loopback, private, link-local and other non-public addresses (off: such a "
+        "URL is a 422, and a host that resolves to one is refused at delivery).")
+    webhook_timeout: float = Field(15.0, gt=0, le=120, description="Seconds one webhook delivery attempt may take.")
+    webhook_max_attempts: int = Field(
+        5, ge=1, le=20, description="Delivery attempts per webhook event (the first and its retries).")
+    webhook_retry_seconds: float = Field(
+        4.0, gt=0, le=3600,
+        description="Wait before a webhook's first retry; it doubles for each next one (4, 8, 16, 32 s: five "
+        "attempts within a minute), longer when the receiver sends Retry-After (up to 60 s).")
+
     task_time_limit: int = Field(24 * 3600, ge=60, description="Hard time limit of one job, seconds.")
     checkpoint_every: int = Field(10, ge=0, description="Save the sampler state every N steps (0: never).")
     lease_seconds: int = Field(
@@ -166,6 +187,29 @@ class Settings(BaseSettings):
             if not sep or not tenant or not key:
                 raise ValueError("must be comma-separated tenant:key pairs")
         return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _webhook_secrets(cls, value: str) -> str:
+        from core.webhooks import decode_secret
+
+        for pair in comma_items(value):
+            tenant, sep, secret = pair.partition(":")
+            if not sep or not tenant or not secret:
+                raise ValueError("must be comma-separated tenant:whsec_… pairs")
+            decode_secret(secret.strip())  # a ValueError naming what is wrong
+        return value
+
+    @property
+    def webhook_secret_map(self) -> dict[str, list[bytes]]:
+        """Tenant → its signing keys (the secrets' decoded bytes), in the order given."""
+        from core.webhooks import decode_secret
+
+        out: dict[str, list[bytes]] = {}
+        for pair in comma_items(self.webhook_secrets):
+            tenant, _, secret = pair.partition(":")
+            out.setdefault(tenant.strip(), []).append(decode_secret(secret.strip()))
+        return out
 
     @field_validator("cors_origins")
     @classmethod

@@ -1,6 +1,8 @@
 """The FastAPI application factory."""
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -15,7 +17,9 @@ from service.routes import embed, generate, jobs, system
 from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
 from core import __version__
 from core.embedding import open_reply_box
+from core.events import open_event_feed
 from core.jobs import open_store
+from core.webhooks import WebhookDispatcher
 from core.settings import Settings, get_settings
 from core.queue import make_celery
 
@@ -85,15 +89,24 @@ async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await app.state.services.events.aclose()  # the job-events listener and its connections
+
     app = FastAPI(
         title="slidesynth",
         version=__version__,
         description="Gigapixel whole-slide histopathology synthesis: submit conditioning, poll the job, "
         "download a pyramidal TIFF that opens in QuPath, OpenSlide-based tools and OpenSeadragon.",
+        lifespan=lifespan,
     )
-    app.state.services = Services(settings=settings, store=open_store(settings),
+    store = open_store(settings)
+    app.state.services = Services(settings=settings, store=store,
                                   registry=ModelRegistry(settings.models_dir), celery=make_celery(settings),
-                                  replies=open_reply_box(settings))
+                                  replies=open_reply_box(settings), events=open_event_feed(store),
+                                  webhooks=WebhookDispatcher(store, settings))
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)
@@ -104,7 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origin_list:
         # browsers may send X-API-Key cross-origin (OpenSeadragon's ajaxHeaders); no cookies are used
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
-                           allow_headers=["X-API-Key", "Content-Type", "Range"], expose_headers=["Location"],
+                           allow_headers=["X-API-Key", "Content-Type", "Range", "Last-Event-ID"],
+                           expose_headers=["Location"],
                            max_age=3600)
 
     def openapi() -> dict:

@@ -12,8 +12,10 @@ from fastapi.security import APIKeyHeader
 from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
 from core.embedding import ReplyBox
+from core.events import EventFeed
 from core.jobs import JobStore
 from core.settings import Settings
+from core.webhooks import WebhookDispatcher
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="Needed when the service sets SLIDESYNTH_API_KEYS.")
@@ -27,6 +29,8 @@ class Services:
     celery: Celery
     replies: ReplyBox | None = None  # where workers answer embedding requests (core.embedding)
     slides: DeepZoomSlides = field(default_factory=DeepZoomSlides)  # open TIFFs behind the Deep Zoom routes
+    events: EventFeed | None = None  # what GET /jobs/{id}/events follows (core.events)
+    webhooks: WebhookDispatcher | None = None  # `completed` webhooks of jobs the API itself cancels
 
 
 def get_services(request: Request) -> Services:

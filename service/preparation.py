@@ -25,19 +25,20 @@ class PreparedJob:
 
 def prepare_job(params: GenerateParams, cards: dict[str, ModelCard], settings: Settings, *,
                 conditioning: SubtypeConditioning | EmbeddingConditioning | EmbeddingGridConditioning | None = None,
-                mask: bytes | None = None) -> PreparedJob:
-    """Validate a request (a mask file's bytes, or a conditioning) into a job spec; FieldError otherwise."""
+                mask: bytes | None = None, tenant: str = "public") -> PreparedJob:
+    """Validate a request (a mask file's bytes, or a conditioning) from ``tenant`` into a job spec; FieldError
+    otherwise."""
     kind = "mask" if mask is not None else conditioning.type if conditioning is not None else None
     card = resolve_model(params.model, cards, settings, kind)
     if mask is None:
-        return PreparedJob(build_spec(params, card, settings, conditioning=conditioning), card)
+        return PreparedJob(build_spec(params, card, settings, conditioning=conditioning, tenant=tenant), card)
     if conditioning is not None:
         raise FieldError(("conditioning",), "give a mask or a conditioning, not both")
     try:
         info = inspect_mask(mask, settings.max_mask_pixels)
     except MaskError as exc:
         raise FieldError(("mask",), str(exc)) from exc
-    spec = build_spec(params, card, settings, mask=info)
+    spec = build_spec(params, card, settings, mask=info, tenant=tenant)
     try:
         labels = decode_mask(mask, info)
     except MaskError as exc:

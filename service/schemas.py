@@ -91,6 +91,16 @@ class GenerateParams(_Strict):
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")
     zarr_version: Literal["0.4", "0.5"] = Field("0.4", description="OME-NGFF version of the Zarr output.")
+    webhook: str | None = Field(
+        None, max_length=2048,
+        description="http(s) URL the job's events are POSTed to, signed per Standard Webhooks with the tenant's "
+        "secret (SLIDESYNTH_WEBHOOK_SECRETS; a tenant without one is refused). No credentials in the URL; "
+        "private, loopback and link-local addresses only with SLIDESYNTH_WEBHOOK_ALLOW_PRIVATE.")
+    webhook_events: list[Literal["start", "progress", "completed"]] | None = Field(
+        None, min_length=1, max_length=3,
+        description="Which events to send: `start` (the job starts running), `progress` (at most one a second "
+        "while it runs), `completed` (succeeded, failed or canceled). Default: `[\"completed\"]`. Only with "
+        "`webhook`.")
 
 
 class GenerateRequest(GenerateParams):
@@ -116,6 +126,14 @@ class JobLinks(BaseModel):
     thumbnail: str | None = None
     zarr: str | None = None
     mask: str | None = None
+
+
+class JobWebhook(BaseModel):
+    url: str
+    events: list[Literal["start", "progress", "completed"]]
+    deliveries: int = Field(description="Events delivered (answered 2xx).")
+    failures: int = Field(description="Delivery attempts that failed (each retry counts).")
+    last_error: str | None = Field(description="What the last failed attempt got, e.g. `job.completed: HTTP 500`.")
 
 
 class JobCreated(BaseModel):
@@ -146,6 +164,7 @@ class Job(BaseModel):
     step: int | None = Field(description="Sampling steps done.")
     metrics: dict[str, float]
     links: JobLinks
+    webhook: JobWebhook | None = Field(description="The job's webhook and its delivery counts; null without one.")
 
 
 class JobList(BaseModel):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from core.jobs import EmbeddingGrid, JobSpec
 from core.settings import Settings
+from core.webhooks import DEFAULT_EVENTS, check_url
 from models.cards import ModelCard
 from models.engine import EngineOptions, OptionError, get_engine, steps_default
 from service.masks import MaskInfo
@@ -162,6 +163,24 @@ def engine_options(params: GenerateParams, card: ModelCard) -> EngineOptions:
         raise FieldError(("options", exc.field), exc.msg) from None
 
 
+def check_webhook(params: GenerateParams, settings: Settings, tenant: str) -> dict:
+    """``webhook`` and ``webhook_events`` of the spec: an http(s) URL without credentials (and, unless the setting
+    allows them, not to a private or loopback address), events only with a URL, and a tenant with a secret."""
+    if params.webhook is None:
+        if params.webhook_events is not None:
+            raise FieldError(("webhook_events",), "needs a `webhook` URL to send them to")
+        return {}
+    try:
+        url = check_url(params.webhook, settings.webhook_allow_private)
+    except ValueError as exc:
+        raise FieldError(("webhook",), str(exc)) from None
+    if tenant not in settings.webhook_secret_map:
+        raise FieldError(("webhook",), f"this service has no webhook signing secret for tenant {tenant!r} "
+                                       f"(SLIDESYNTH_WEBHOOK_SECRETS): it sends no unsigned webhooks")
+    events = list(dict.fromkeys(params.webhook_events or DEFAULT_EVENTS))
+    return dict(webhook=url, webhook_events=events)
+
+
 def build_spec(
     params: GenerateParams,
     card: ModelCard,
@@ -169,9 +188,11 @@ def build_spec(
     *,
     conditioning: SubtypeConditioning | EmbeddingConditioning | EmbeddingGridConditioning | None = None,
     mask: MaskInfo | None = None,
+    tenant: str = "public",
 ) -> JobSpec:
     """Validate everything but the mask's pixel values (see :func:`check_labels`)."""
     engine = get_engine(card.engine)
+    webhook = check_webhook(params, settings, tenant)
     mpp = params.mpp or card.native_mpp
     options = engine_options(params, card)
     steps = params.steps or steps_default(card, options)
@@ -221,4 +242,5 @@ def build_spec(
             card.default_eta if card.default_eta is not None else engine.default_eta),
         options=options.model_dump(mode="json"), outputs=list(dict.fromkeys(params.outputs)),
         compression=params.compression, quality=params.quality, zarr_version=params.zarr_version, **extra,
+        **webhook,
     )

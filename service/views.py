@@ -1,28 +1,10 @@
-"""Job record → API representation."""
+"""Job record → API representation (the data is built in :mod:`core.jobview`, shared with the worker's webhooks)."""
 from __future__ import annotations
 
-from service.schemas import Job, JobLinks
-from core.jobs import JobRecord, JobStatus, iso
+from core.jobs import JobRecord
+from core.jobview import job_view_data
+from service.schemas import Job
 
 
 def job_view(job: JobRecord) -> Job:
-    base = f"/jobs/{job.id}"
-    links = JobLinks(self=base)
-    if job.status == JobStatus.succeeded:
-        if "tiff" in job.outputs:
-            links.slide = f"{base}/slide.tiff"
-            links.deepzoom = f"{base}/slide.dzi"
-        if "thumbnail" in job.outputs:
-            links.thumbnail = f"{base}/thumbnail.png"
-        if "zarr" in job.outputs:
-            links.zarr = f"{base}/slide.zarr/"
-        if "mask" in job.outputs:
-            links.mask = f"{base}/mask.png"
-    spec = job.spec
-    return Job(
-        id=job.id, status=job.status.value, stage=job.stage.value if job.stage else None, progress=job.progress,
-        eta_seconds=job.eta_seconds, created_at=iso(job.created_at), started_at=iso(job.started_at),
-        finished_at=iso(job.finished_at), error=job.error, model=spec.model, untrained=job.untrained,
-        cancel_requested=job.cancel_requested, width=spec.width, height=spec.height, mpp=spec.mpp, seed=spec.seed,
-        steps=spec.steps, step=job.step, metrics=job.metrics, links=links,
-    )
+    return Job.model_validate(job_view_data(job))

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import OUTPUT_FILES, overall_fraction
-from core.jobs import JobStatus, JobStore, Stage, open_store
+from core.jobs import JobRecord, JobStatus, JobStore, Stage, open_store
 from core.settings import Settings, get_settings
+from core.webhooks import WebhookDispatcher
 from models.engine import Runtime, get_engine
 from models.registry import ModelRegistry
 from models.runtime import Canceled
@@ -36,6 +37,7 @@ class WorkerContext:
     registry: ModelRegistry
     hostname: str = "worker"
     _device_runtime: tuple[Any, Runtime] | None = field(default=None, repr=False)
+    _webhooks: WebhookDispatcher | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, hostname: str = "worker") -> "WorkerContext":
@@ -45,6 +47,13 @@ class WorkerContext:
 
             torch.set_num_threads(settings.torch_threads)
         return cls(settings, open_store(settings), ModelRegistry(settings.models_dir), hostname)
+
+    @property
+    def webhooks(self) -> WebhookDispatcher:
+        """This process's webhook sender (its threads start with the first event to send)."""
+        if self._webhooks is None:
+            self._webhooks = WebhookDispatcher(self.store, self.settings)
+        return self._webhooks
 
     def device_runtime(self) -> tuple[Any, Runtime]:
         """This process's torch device and Runtime, taken on its first job: a pool process initialises CUDA
@@ -56,11 +65,14 @@ class WorkerContext:
 
 
 class ProgressRecorder:
-    """Writes stage, progress fraction, step and ETA to the job store (every call: once per step)."""
+    """Writes stage, progress fraction, step and ETA to the job store (every call: once per step), then calls
+    ``on_progress`` (which must not block: the webhook sender only queues)."""
 
-    def __init__(self, store: JobStore, job_id: str, stages: tuple[Stage, ...], total_steps: int):
+    def __init__(self, store: JobStore, job_id: str, stages: tuple[Stage, ...], total_steps: int,
+                 on_progress: Callable[[], None] | None = None):
         self.store, self.job_id, self.stages = store, job_id, stages
         self.total_steps = total_steps
+        self.on_progress = on_progress
         self.t0 = time.monotonic()
         self._last_eta: float | None = None
 
@@ -78,6 +90,8 @@ class ProgressRecorder:
         if step is not None:
             fields["step"] = step
         self.store.update(self.job_id, **fields)
+        if self.on_progress is not None:
+            self.on_progress()
 
 
 def _remove(path: Path) -> None:
@@ -112,12 +126,16 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         log.error("job %s not found; dropping the message", job_id)
         return None
     if job.status.terminal:
-        return job.status  # e.g. canceled while queued, or a duplicate delivery of a finished job
+        # e.g. canceled while queued, or a duplicate delivery of a finished job; its completed webhook, unless the
+        # process that ended it queued it already
+        _completed(ctx, job)
+        return job.status
     job_dir = store.job_dir(job_id)
     if store.cancel_requested(job_id):
         store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.canceled,
                          finished_at=time.time())
         remove_outputs(job_dir)
+        _completed(ctx, job)
         return JobStatus.canceled
     if job.status == JobStatus.running and run_alive(job, ctx):
         # A second delivery of a job whose run is alive (a re-queued message, a recovery that raced a redelivery):
@@ -130,6 +148,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         store.transition(job_id, {JobStatus.queued, JobStatus.running}, status=JobStatus.failed,
                          finished_at=time.time(), error=f"gave up after {job.attempts} attempts (worker lost)")
         remove_outputs(job_dir)
+        _completed(ctx, job)
         return JobStatus.failed
     claim = uuid.uuid4().hex
     # expect the claim we read: of two deliveries racing for the job, one takes it
@@ -143,6 +162,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     if attempts > 1:
         remove_partials(job_dir)  # what the lost run left half-written; its checkpoint stays for the resume
     mine = {"claim": claim}  # fencing: a run that lost its claim (the job was re-queued) cannot finish it
+    _notify(ctx, job, "start")
 
     spec = job.spec
     state_path = job_dir / STATE_FILE
@@ -160,7 +180,9 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         resumed_from = int(resume.step) if resume is not None else None
         if attempts > 1 and resume is None and state_path.exists():
             log.warning("ignoring unreadable sampler checkpoint %s", state_path)
-        report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps)
+        report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps,
+                                  on_progress=(lambda: _notify(ctx, job, "progress"))
+                                  if "progress" in spec.webhook_events and spec.webhook else None)
         device, runtime = ctx.device_runtime()
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)
@@ -174,16 +196,17 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
             log.warning("job %s: this run lost its claim and stops", job_id)
             current = store.get(job_id)
             return current.status if current else None
-        return _finish_canceled(store, job_id, job_dir, mine)
+        return _finish_canceled(ctx, job, job_dir, mine)
     except Exception as exc:  # the job fails; the worker lives on
         log.error("job %s failed: %s\n%s", job_id, exc, traceback.format_exc())
         message = str(exc) or exc.__class__.__name__
         if store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.failed,
                             finished_at=time.time(), error=f"{exc.__class__.__name__}: {message}", eta_seconds=None):
             remove_outputs(job_dir)
+            _completed(ctx, job)
         return JobStatus.failed
     if store.cancel_requested(job_id):  # a DELETE that came after the last cancel check still wins
-        return _finish_canceled(store, job_id, job_dir, mine)
+        return _finish_canceled(ctx, job, job_dir, mine)
     state_path.unlink(missing_ok=True)
     if resumed_from is not None:
         result.metrics["resumed_from_step"] = float(resumed_from)
@@ -193,15 +216,32 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         log.warning("job %s: this run lost its claim; its result is not recorded", job_id)
         current = store.get(job_id)
         return current.status if current else None
+    _completed(ctx, job)
     return JobStatus.succeeded
 
 
-def _finish_canceled(store: JobStore, job_id: str, job_dir: Path, mine: dict) -> JobStatus:
-    if store.transition(job_id, {JobStatus.running}, expect=mine, status=JobStatus.canceled,
-                        finished_at=time.time(), eta_seconds=None):
+def _finish_canceled(ctx: WorkerContext, job: JobRecord, job_dir: Path, mine: dict) -> JobStatus:
+    if ctx.store.transition(job.id, {JobStatus.running}, expect=mine, status=JobStatus.canceled,
+                            finished_at=time.time(), eta_seconds=None):
         remove_outputs(job_dir)
-    log.info("job %s canceled", job_id)
+        _completed(ctx, job)
+    log.info("job %s canceled", job.id)
     return JobStatus.canceled
+
+
+def _notify(ctx: WorkerContext, job: JobRecord, kind: str) -> None:
+    """Queue a webhook event of the job (when it has a webhook that wants it); never raises, never blocks."""
+    if job.spec.webhook:
+        try:
+            ctx.webhooks.notify(job, kind)
+        except Exception:
+            log.exception("job %s: queueing the %s webhook failed", job.id, kind)
+
+
+def _completed(ctx: WorkerContext, job: JobRecord) -> None:
+    """Queue the job's `completed` webhook once it has a terminal status (once per job: see WebhookDispatcher)."""
+    if job.spec.webhook:
+        ctx.webhooks.completed(job)
 
 
 def fail_job(job_id: str, ctx: WorkerContext, error: str) -> None:
@@ -210,6 +250,7 @@ def fail_job(job_id: str, ctx: WorkerContext, error: str) -> None:
     if job is not None and ctx.store.transition(job_id, {JobStatus.queued, JobStatus.running},
                                                 status=JobStatus.failed, finished_at=time.time(), error=error):
         remove_outputs(ctx.store.job_dir(job_id))
+        _completed(ctx, job)
 
 
 CLAIM_CHECK_SECONDS = 2.0

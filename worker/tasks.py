@@ -6,7 +6,7 @@ import logging
 import socket
 
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_process_shutdown, worker_ready
 
 from worker.celery_app import TASK_GENERATE, app
 from worker.embedding import answer_embed_request
@@ -73,3 +73,13 @@ def _recover(sender=None, **_):
             recover_once(ctx)
 
     threading.Thread(target=loop, name="slidesynth-recovery", daemon=True).start()
+
+
+WEBHOOK_DRAIN_SECONDS = 10.0
+
+
+@worker_process_shutdown.connect
+def _drain_webhooks(**_):
+    """A pool process about to exit first lets its queued webhook events go out (a bounded wait)."""
+    if _context is not None and _context._webhooks is not None:
+        _context._webhooks.drain(WEBHOOK_DRAIN_SECONDS)

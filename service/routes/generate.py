@@ -82,7 +82,7 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
             except ValidationError as exc:
                 raise from_validation_error(exc) from None
             cards = await run_in_threadpool(services.registry.cards)  # the first call reads the cards' files
-            job = prepare_job(body, cards, settings, conditioning=body.conditioning)
+            job = prepare_job(body, cards, settings, conditioning=body.conditioning, tenant=tenant)
         elif ctype.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
@@ -111,7 +111,8 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 raise unprocessable(("params",), f"is not JSON this service reads ({exc})") from None
             data = await upload.read()
             try:  # mask decoding is CPU work: in a thread
-                job = await run_in_threadpool(prepare_job, params, services.registry.cards(), settings, mask=data)
+                job = await run_in_threadpool(prepare_job, params, services.registry.cards(), settings, mask=data,
+                                              tenant=tenant)
             except FieldError as exc:
                 raise from_field_error(_prefix_params(exc)) from None
         else:

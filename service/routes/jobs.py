@@ -5,8 +5,9 @@ import re
 import shutil
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.responses import MalformedRangeHeader
 
 from service import deepzoom
@@ -14,6 +15,7 @@ from service.deps import Services, get_services, get_tenant
 from service.schemas import Job, JobList
 from service.views import job_view
 from core.contract import OUTPUT_FILES
+from core.events import JobEventStream, sse_message
 from core.jobs import JobRecord, JobStatus
 
 router = APIRouter(tags=["jobs"], responses={503: {"description": "Job store unavailable (Retry-After)"}})
@@ -32,6 +34,42 @@ def _own_job(job_id: str, tenant: str, services: Services) -> JobRecord:
 @router.get("/jobs/{job_id}", response_model=Job, responses=NOT_FOUND, summary="Job status")
 def get_job(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)) -> Job:
     return job_view(_own_job(job_id, tenant, services))
+
+
+EVENTS_DESCRIPTION = (
+    "`text/event-stream`. Each event is `event: job`, `id: <integer, increasing per job>`, `data: <the JSON of GET "
+    "/jobs/{id}>`, sent whenever what that shows changes (status, stage, step, progress, eta_seconds, …); the first "
+    "is the current state; the stream ends after the event with a terminal status (succeeded, failed, canceled). "
+    "`: ping` comments keep a quiet stream open (SLIDESYNTH_EVENTS_PING_SECONDS). With `Last-Event-ID` (a "
+    "reconnect) the events after that id come first, or the current state when they are no longer known.")
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": EVENTS_DESCRIPTION},
+               204: {"description": "`Last-Event-ID` names the job's terminal event: nothing more will come (a "
+                                    "browser's EventSource stops reconnecting)"},
+               **NOT_FOUND},
+    summary="Live job events (server-sent events)",
+)
+async def job_events(job_id: str, last_event_id: str | None = Header(
+                         None, description="The id of the last event received, to resume after it."),
+                     tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+    job = await run_in_threadpool(_own_job, job_id, tenant, services)
+    stream = JobEventStream(services.events, job, lambda record: job_view(record).model_dump_json(),
+                            services.settings.events_ping_seconds)
+    after = last_event_id.strip() if last_event_id else ""
+    if not await stream.open(int(after) if after.isascii() and after.isdigit() and len(after) < 19 else None):  # other ids: unknown
+        return Response(status_code=204)
+
+    async def body():
+        async for event in stream.events():
+            yield sse_message(event)
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/jobs", response_model=JobList, summary="The caller's jobs, newest first")
@@ -68,11 +106,13 @@ def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant
                                  status=JobStatus.canceled, finished_at=time.time()):
         # Its worker is gone (no progress for a whole lease): nobody else will ever finish it.
         response.status_code = 200
+        services.webhooks.completed(job)
         return job_view(store.get(job_id) or job)
     # A queued job becomes canceled now; its message stays queued and the worker drops it on delivery
     # (the record is terminal), which also works with transports that have no broadcast for revoke().
     if store.transition(job_id, {JobStatus.queued}, status=JobStatus.canceled, finished_at=time.time()):
         response.status_code = 200
+        services.webhooks.completed(job)  # now, not when a worker reaches the message
     else:
         response.status_code = 202
     return job_view(store.get(job_id) or job)
