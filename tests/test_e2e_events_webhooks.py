@@ -1,0 +1,197 @@
+"""Live events and webhooks end to end: a real Redis, a real Celery worker process (`slidesynth worker`), the API
+served by uvicorn (`slidesynth serve`), httpx streaming the server-sent events, and a local HTTP receiver (a thread
+in this process) checking each webhook's Standard Webhooks signature with its own HMAC code."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, free_port, make_mask, png_bytes
+from tests.webhook_helpers import SECRET, Receiver, sse_events, verify
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, tmp_path_factory):
+    """One worker and one API for the module's tests (each starts in ≈ 10 s on two cores)."""
+    key_prefix = f"slidesynth-test-{uuid.uuid4().hex[:10]}"
+    tmp_path = tmp_path_factory.mktemp("events-webhooks")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
+    env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
+               SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
+               SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_WEBHOOK_SECRETS=f"public:{SECRET}",
+               SLIDESYNTH_WEBHOOK_ALLOW_PRIVATE="true", SLIDESYNTH_WEBHOOK_RETRY_SECONDS="0.5",
+               SLIDESYNTH_EVENTS_PING_SECONDS="1", PYTHONUNBUFFERED="1")
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--log-level", "INFO"], cwd=REPO,
+                              env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
+                            "--log-level", "warning"], cwd=REPO, env=env, stdout=open(logs / "api.log", "w"),
+                           stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def healthy():
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait(healthy, 60, "the API to answer /healthz", interval=0.2)
+        client.logs = logs
+        yield client
+    finally:
+        client.close()
+        for proc in (api, worker):
+            proc.terminate()
+        for proc in (api, worker):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        import redis
+
+        r = redis.Redis.from_url(redis_url)
+        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}"):
+            for key in r.scan_iter(pattern):
+                r.delete(key)
+
+
+def submit(service, steps: int, size: int = 64, **params) -> str:
+    resp = service.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(size, size)), "image/png")},
+                        data={"params": json.dumps({"steps": steps, "seed": 3, **params})})
+    assert resp.status_code == 202, resp.text
+    return resp.json()["id"]
+
+
+def stream(service, job_id: str, headers=None) -> list:
+    with service.stream("GET", f"/jobs/{job_id}/events", headers=headers or {}, timeout=300) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        return list(sse_events(resp.iter_lines()))
+
+
+def wait_done(service, job_id: str) -> dict:
+    try:
+        return _wait(lambda: (j := service.get(f"/jobs/{job_id}").json())["status"] in TERMINAL and j, 300,
+                     f"job {job_id} to finish")
+    except AssertionError:
+        print((service.logs / "worker.log").read_text()[-5000:])
+        raise
+
+
+def test_a_jobs_event_stream_from_queued_to_succeeded_and_resumed(service):
+    job_id = submit(service, steps=12)
+    events = stream(service, job_id)
+    real = [e for e in events if e != "ping"]
+    ids = [int(e["id"]) for e in real]
+    assert ids == sorted(set(ids)) and all(e["event"] == "job" for e in real)
+    datas = [json.loads(e["data"]) for e in real]
+    final = service.get(f"/jobs/{job_id}").json()
+    assert datas[-1] == final and final["status"] == "succeeded"  # the stream ends with the terminal event
+    assert datas[0]["status"] in ("queued", "running")  # the state when the stream opened
+    running = [d for d in datas if d["status"] == "running"]
+    steps = [d["step"] for d in running if d["step"] is not None]
+    assert steps == sorted(steps) and steps[-1] == 12 and len(set(steps)) >= 10  # every sampling step, in order
+    progress = [d["progress"] for d in datas]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert {d["stage"] for d in running} >= {"sampling", "decoding"}
+    assert any(d["eta_seconds"] is not None for d in running)
+    assert all(set(d) == set(final) for d in datas)
+
+    # resume from the middle: only the events after that id, the same ones, ending with the terminal one
+    middle = ids[len(ids) // 2]
+    resumed = [e for e in stream(service, job_id, {"Last-Event-ID": str(middle)}) if e != "ping"]
+    assert [int(e["id"]) for e in resumed] == [i for i in ids if i > middle]
+    assert [json.loads(e["data"]) for e in resumed] == datas[len(ids) // 2 + 1:]
+    with service.stream("GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[-1])}) as resp:
+        assert resp.status_code == 204
+    with service.stream("GET", "/jobs/0123456789abcdef0123456789abcdef/events") as resp:
+        assert resp.status_code == 404
+
+
+def test_webhooks_start_progress_completed_signed_in_order(service):
+    with Receiver() as receiver:
+        job_id = submit(service, steps=30, size=128, webhook=receiver.url,
+                        webhook_events=["start", "progress", "completed"])
+        job = wait_done(service, job_id)
+        got = receiver.wait_for(lambda got: got and got[-1].json["type"] == "job.completed", 60,
+                                "the completed webhook")
+    assert job["status"] == "succeeded"
+    types = [d.json["type"] for d in got]
+    assert types[0] == "job.start" and types[-1] == "job.completed" and set(types[1:-1]) == {"job.progress"}
+    assert types.count("job.progress") >= 1
+    for delivery in got:
+        verify(SECRET, delivery, tolerance=60)
+        assert delivery.json["id"] == job_id
+    progress = [d for d in got if d.json["type"] == "job.progress"]
+    assert all(b.received - a.received >= 0.9 for a, b in zip(progress, progress[1:]))  # at most one a second
+    steps = [d.json["step"] for d in progress]
+    assert steps == sorted(steps)
+    assert got[-1].json["status"] == "succeeded" and got[-1].json["links"]["slide"] == f"/jobs/{job_id}/slide.tiff"
+    assert len({d.headers["webhook-id"] for d in got}) == len(got)
+    record = _wait(lambda: (j := service.get(f"/jobs/{job_id}").json())["webhook"]["deliveries"] == len(got) and j,
+                   10, "the delivery count")
+    assert record["webhook"]["failures"] == 0 and record["webhook"]["last_error"] is None
+
+
+def test_a_failing_receiver_gets_the_same_webhook_id_until_it_answers_2xx(service):
+    with Receiver(lambda delivery, n: (500, 0.0) if n <= 2 else (200, 0.0)) as receiver:
+        job_id = submit(service, steps=2, webhook=receiver.url)  # default events: completed only
+        wait_done(service, job_id)
+        got = receiver.wait_for(lambda got: len(got) >= 3, 60, "three attempts")
+        time.sleep(1.5)  # no fourth
+    assert len(receiver.deliveries) == 3
+    assert [d.headers["webhook-id"] for d in got] == [f"msg_{job_id}_completed"] * 3
+    assert got[0].body == got[1].body == got[2].body and got[0].json["type"] == "job.completed"
+    for delivery in got:
+        verify(SECRET, delivery, tolerance=60)
+    assert got[1].received - got[0].received >= 0.5 and got[2].received - got[1].received >= 1.0  # backoff
+    webhook = service.get(f"/jobs/{job_id}").json()["webhook"]
+    assert (webhook["deliveries"], webhook["failures"]) == (1, 2)
+    assert webhook["last_error"] == "job.completed: HTTP 500 (attempt 2 of 5)"
+
+
+def test_a_slow_receiver_does_not_slow_the_job(service):
+    """Every answer takes 5 s. The sampler never waits for one: the job's last sampling step comes (on its event
+    stream) before the receiver has answered the start event, which the worker sent before the first step."""
+    wait_done(service, submit(service, steps=2))  # a warm worker (models loaded) when this test runs alone
+    with Receiver(lambda delivery, n: (200, 5.0)) as receiver:
+        job_id = submit(service, steps=8, webhook=receiver.url, webhook_events=["start", "progress", "completed"])
+        arrivals = [(time.time(), json.loads(e["data"])) for e in stream(service, job_id) if e != "ping"]
+        first = receiver.wait_for(lambda got: got, 10, "the start event")[0]
+        assert first.json["type"] == "job.start"
+        sampled_at = next(t for t, job in arrivals if job["step"] == 8)
+        assert sampled_at < first.received + 5.0, "the sampler waited for the receiver"
+        assert arrivals[-1][1]["status"] == "succeeded"
+        got = receiver.wait_for(lambda got: got and got[-1].json["type"] == "job.completed", 60,
+                                "the completed webhook")
+        # answered (5 s later) before the receiver closes
+        _wait(lambda: service.get(f"/jobs/{job_id}").json()["webhook"]["deliveries"] == len(got), 15,
+              "the deliveries to be answered")
+    types = [d.json["type"] for d in got]
+    assert types[0] == "job.start" and types[-1] == "job.completed" and set(types[1:-1]) <= {"job.progress"}
+    for delivery in got:
+        verify(SECRET, delivery, tolerance=60)
