@@ -44,6 +44,12 @@ class Subscription(ABC):
 
 class EventFeed(ABC):
     recheck_seconds: float
+    closing = False  # set when the server stops: open streams end within recheck_seconds (clients resume)
+
+    def stop_streams(self) -> None:
+        """End every open stream at its next check (a server shutting down must not wait for jobs to end); safe to
+        call from a signal handler."""
+        self.closing = True
 
     @abstractmethod
     async def history(self, job: JobRecord, after: int) -> list[JobRecord] | None:
@@ -238,8 +244,8 @@ class JobEventStream:
         return bool(self.pending) or not (had and had[0].status.terminal)
 
     async def events(self) -> AsyncIterator[tuple[int, str] | None]:
-        """``(id, data)`` per event, None for a keep-alive; ends after the terminal status or when the job is
-        deleted."""
+        """``(id, data)`` per event, None for a keep-alive; ends after the terminal status, when the job is
+        deleted, or when the server stops."""
         subscription = self.feed.subscribe(self.job.id)
         try:
             last_write = time.monotonic()
@@ -258,6 +264,8 @@ class JobEventStream:
                     yield None
                     quiet = 0.0
                 woke = await subscription.wait(min(self.feed.recheck_seconds, self.ping_seconds - quiet))
+                if self.feed.closing:
+                    return  # the server is stopping; the client reconnects with Last-Event-ID
                 changes = await self.feed.changes(self.job, self.cursor, check_gone=not woke)
                 if changes is None:
                     return

@@ -30,7 +30,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         mode = "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
         print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}", flush=True)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        app = create_app(settings)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                # open GET /jobs/{id}/events streams end within seconds (their clients resume elsewhere with
+                # Last-Event-ID) instead of holding the graceful shutdown until their jobs end
+                app.state.services.events.stop_streams()
+                super().handle_exit(sig, frame)
+
+        server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass
+        if not server.started:
+            return 3  # uvicorn's startup failure status (e.g. the port is taken)
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)

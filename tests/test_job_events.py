@@ -281,3 +281,48 @@ def test_redis_live_stream_and_many_streams_share_one_connection(redis_app, redi
     while channel_subscribers() and time.time() < deadline:
         time.sleep(0.1)
     assert channel_subscribers() == 0
+
+
+def test_a_stopping_server_ends_its_open_streams(tmp_path):
+    """SIGTERM to `slidesynth serve` with a stream open on a job that will not end: the stream closes and the server
+    exits within seconds (uvicorn's graceful shutdown would otherwise wait for the job)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
+    env.update(SLIDESYNTH_DATA_DIR=str(tmp_path / "data"), SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"),
+               SLIDESYNTH_EVENTS_PING_SECONDS="1")
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
+                            "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.STDOUT)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                client.get("/healthz")
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline and api.poll() is None, "the API did not start"
+                time.sleep(0.2)
+        resp = client.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 64,
+                                              "height": 64})
+        job_id = resp.json()["id"]  # queued for good: no worker runs
+        with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "event: job"
+            api.send_signal(signal.SIGTERM)
+            stopped = time.time()
+            for line in lines:  # ends when the server closes the stream (pings come every second meanwhile)
+                assert line in ("", ": ping") or line.startswith(("id:", "data:")), line
+                assert time.time() - stopped < 10, "the stream outlived the server's shutdown"
+        api.wait(timeout=15)
+        assert time.time() - stopped < 10
+    finally:
+        if api.poll() is None:
+            api.kill()
