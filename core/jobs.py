@@ -228,14 +228,15 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
 # Every script that writes a job ends with _PUBLISH_LUA: it increments the record's event_seq, appends a snapshot of
 # the record (the fields named in ARGV, everything but the spec) to the job's capped event stream with the id
 # 0-<event_seq>, and publishes "<job id> <event_seq>". pcall: a notification must never fail the write itself.
-# KEYS: job hash, event stream. ARGV: channel, job id, stream length, stream ttl, n fields, field names…, then the
-# script's own arguments from ARGV[o].
+# KEYS: job hash, event stream. ARGV: channel, job id, stream length, stream ttl while the job is active, stream ttl
+# once it has finished, n fields, field names…, then the script's own arguments from ARGV[o].
 _PUBLISH_LUA = """
-local nf = tonumber(ARGV[5])
-local o = 6 + nf
+local nf = tonumber(ARGV[6])
+local o = 7 + nf
+local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"canceled"'] = true}
 local function publish()
   local fields = {}
-  for i = 1, nf do fields[i] = ARGV[5 + i] end
+  for i = 1, nf do fields[i] = ARGV[6 + i] end
   local seq = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
   local vals = redis.call('HMGET', KEYS[1], unpack(fields))
   local entry = {}
@@ -246,7 +247,9 @@ local function publish()
     end
   end
   redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. seq, unpack(entry))
-  redis.pcall('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  local ttl = ARGV[4]
+  if finished[redis.call('HGET', KEYS[1], 'status')] then ttl = ARGV[5] end
+  redis.pcall('EXPIRE', KEYS[2], tonumber(ttl))
   redis.pcall('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. seq)
 end
 """
@@ -285,7 +288,10 @@ return 1
 """
 
 EVENT_STREAM_LENGTH = 1000  # events kept per job for Last-Event-ID resumes (approximate: XADD MAXLEN ~)
-EVENT_STREAM_TTL = 7 * 24 * 3600  # seconds an event stream outlives the job's last write
+# seconds an event stream outlives the job's last write: while it is queued or running (longer than the longest
+# job, SLIDESYNTH_TASK_TIME_LIMIT at most 24 h by default), and once it has finished (time to resume a stream)
+EVENT_STREAM_TTL = 3 * 24 * 3600
+EVENT_STREAM_TTL_FINISHED = 3600
 # what an event carries: the record without its spec (which never changes and can be megabytes)
 SNAPSHOT_FIELDS = tuple(name for name in JobRecord.model_fields if name not in ("spec", "event_seq"))
 
@@ -326,8 +332,8 @@ class RedisJobStore(JobStore):
         return job_key(self.prefix, job_id)
 
     def _script_args(self, job_id: str) -> list:
-        return [event_channel(self.prefix), job_id, EVENT_STREAM_LENGTH, EVENT_STREAM_TTL, len(SNAPSHOT_FIELDS),
-                *SNAPSHOT_FIELDS]
+        return [event_channel(self.prefix), job_id, EVENT_STREAM_LENGTH, EVENT_STREAM_TTL, EVENT_STREAM_TTL_FINISHED,
+                len(SNAPSHOT_FIELDS), *SNAPSHOT_FIELDS]
 
     def _tenant_key(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs"
