@@ -187,7 +187,7 @@ def test_events_arrive_in_order_signed_and_progress_is_throttled(delivery_settin
     assert types[0] == "job.start" and types[-1] == "job.completed" and set(types[1:-1]) == {"job.progress"}
     assert 2 <= len(types) - 2 <= 4, types  # ≈ 2.6 s of progress at most one a second
     progress_times = [d.received for d in got if d.json["type"] == "job.progress"]
-    assert all(b - a >= 0.95 for a, b in zip(progress_times, progress_times[1:])), progress_times
+    assert all(b - a >= 0.8 for a, b in zip(progress_times, progress_times[1:])), progress_times
     steps = [d.json["step"] for d in got if d.json["type"] == "job.progress"]
     assert steps == sorted(steps) and steps[-1] > 50  # the newest state when sent, not a stale queue
     for delivery in got:
