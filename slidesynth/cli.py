@@ -1,4 +1,5 @@
-"""The ``slidesynth`` command: serve, worker, generate, embed, train, convert."""
+"""The ``slidesynth`` command: serve, worker, generate, embed, train, convert — and the client commands (submit,
+status, wait, download, cancel, jobs, models; ``slidesynth/client_cli.py``) for a running service."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from slidesynth.client_cli import CLIENT_COMMANDS, add_client_commands
+from slidesynth.client_cli import run as client_run
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -335,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert third-party checkpoints").add_subparsers(
         dest="source", required=True)
     _add_engine_commands(train, convert)
+    add_client_commands(sub)
     return parser
 
 
@@ -349,6 +354,8 @@ def _add_engine_commands(train, convert) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return client_run(args)
     return int(args.func(args) or 0)
 
 
