@@ -352,6 +352,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             _say(f"note: job {args.id} is {job['status']}: --delete cancels it; delete it once it has ended")
         code, after = client.cancel(args.id)
     result = {200: "canceled", 202: "cancel-requested", 204: "deleted"}.get(code, str(code))
+    if code == 204 and not args.delete:  # DELETE is also the API's delete: the job ended after the check above
+        _say(f"note: job {args.id} ended just before the cancel arrived; the service deleted it with its files")
     if args.json:
         _print_json({"id": args.id, "result": result, "job": after})
     else:
