@@ -454,3 +454,254 @@ def test_the_contract_declares_410_and_429():
                  "/jobs/{job_id}/slide_files/{level}/{tile}"):
         assert "410" in spec["paths"][path]["get"]["responses"], path
     assert "expired" in spec["components"]["schemas"]["Job"]["properties"]["status"]["enum"]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _stop(*procs):
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def service(redis_url, key_prefix, tmp_path):
+    """uvicorn serving the API, one real Celery worker, a real Redis; tenants t1, t2, t3."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
+    env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
+               SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
+               SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_API_KEYS="t1:k1,t2:k2,t3:k3",
+               SLIDESYNTH_QUOTA_QUEUED="3", SLIDESYNTH_QUOTA_RUNNING="t2:1",
+               SLIDESYNTH_QUOTA_PIXELS_PER_DAY=f"t3:{2 * 64 * 64 + 100}", SLIDESYNTH_RETENTION_HOURS="1",
+               SLIDESYNTH_RETENTION_SWEEP_SECONDS="1", PYTHONUNBUFFERED="1")
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--log-level", "INFO"], cwd=REPO,
+                              env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
+                            "--log-level", "warning"], cwd=REPO, env=env, stdout=open(logs / "api.log", "w"),
+                           stderr=subprocess.STDOUT)
+    clients = {t: httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"X-API-Key": f"k{t[1]}"})
+               for t in ("t1", "t2", "t3")}
+
+    def healthy():
+        try:
+            return clients["t1"].get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait(healthy, 60, "the API to answer /healthz")
+        store = RedisJobStore(redis_url, tmp_path / "data", prefix=key_prefix)
+        yield clients, store, logs
+    finally:
+        for c in clients.values():
+            c.close()
+        _stop(api, worker)
+        import redis
+
+        r = redis.Redis.from_url(redis_url)
+        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}"):
+            for key in r.scan_iter(pattern):
+                r.delete(key)
+
+
+def _small(client, steps=2):
+    return client.post("/generate", json={"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 64,
+                                          "height": 64, "steps": steps, "seed": 1})
+
+
+def _status(client, job_id):
+    return client.get(f"/jobs/{job_id}").json()["status"]
+
+
+@pytest.mark.integration
+def test_quotas_end_to_end_with_redis_and_a_worker(service):
+    clients, store, logs = service
+    t1, t2, t3 = clients["t1"], clients["t2"], clients["t3"]
+    # t2's long job occupies the only worker process: what is submitted next stays queued
+    resp = t2.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(256, 256)), "image/png")},
+                   data={"params": json.dumps({"steps": 400, "seed": 1})})
+    assert resp.status_code == 202, resp.text
+    blocker = resp.json()["id"]
+    try:
+        _wait(lambda: _status(t2, blocker) == "running", 120, "t2's job to start")
+    except AssertionError:
+        print((logs / "worker.log").read_text()[-4000:])
+        raise
+    # running limit (t2: 1), at submission
+    resp = _small(t2)
+    assert resp.status_code == 429, resp.text
+    assert resp.json()["detail"].startswith("quota: 1 running jobs for tenant t2 (SLIDESYNTH_QUOTA_RUNNING)")
+    assert int(resp.headers["retry-after"]) >= 1
+
+    # queued limit (3 for everyone): up to it, then 429 naming it
+    queued = [_small(t1).json()["id"] for _ in range(3)]
+    assert all(_status(t1, j) == "queued" for j in queued)
+    resp = _small(t1)
+    assert resp.status_code == 429 and int(resp.headers["retry-after"]) >= 1
+    assert resp.json()["detail"].startswith("quota: 3 queued jobs for tenant t1 (SLIDESYNTH_QUOTA_QUEUED)")
+    assert t1.get("/jobs").json()["total"] == 3  # nothing stored for the refused one
+    # other tenants are unaffected: t3 submits while t1 is full
+    first = _small(t3)
+    assert first.status_code == 202, first.text
+    # cancel one of t1's → accepted again
+    assert t1.delete(f"/jobs/{queued[0]}").status_code == 200
+    again = _small(t1)
+    assert again.status_code == 202, again.text
+    queued = queued[1:] + [again.json()["id"]]
+    assert _small(t1).status_code == 429
+
+    # pixels per day (t3: two 64² jobs): the third is refused until the first ages out of the 24 h window
+    second = _small(t3)
+    assert second.status_code == 202
+    resp = _small(t3)
+    assert resp.status_code == 429, resp.text
+    assert resp.json()["detail"].startswith(
+        f"quota: {2 * 64 * 64 + 100} output pixels per day for tenant t3 (SLIDESYNTH_QUOTA_PIXELS_PER_DAY)")
+    assert PIXEL_WINDOW_SECONDS - 120 <= int(resp.headers["retry-after"]) <= PIXEL_WINDOW_SECONDS
+    # a 64×128 job is over what is left; t1 (no pixel limit) is unaffected by t3's budget
+    assert store.usage("t3")["pixels"] == 2 * 64 * 64 and store.usage("t1")["queued"] == 3
+    # a job canceled before it started gives its pixels back
+    assert t3.delete(f"/jobs/{first.json()['id']}").status_code == 200
+    third = _small(t3)
+    assert third.status_code == 202, third.text
+
+    # concurrent submissions never exceed the limit: free t1's places, then 10 threads at once
+    for job_id in queued:
+        assert t1.delete(f"/jobs/{job_id}").status_code == 200
+    codes, start = [], threading.Barrier(10)
+
+    def submit():
+        with httpx.Client(base_url=str(t1.base_url), timeout=60, headers={"X-API-Key": "k1"}) as own:
+            start.wait()
+            codes.append(_small(own).status_code)
+
+    threads = [threading.Thread(target=submit) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [202] * 3 + [429] * 7, codes
+    assert store.usage("t1")["queued"] == 3
+
+    # the running job ends (canceled): t2 may submit again; counts never leak through deletes
+    assert t2.delete(f"/jobs/{blocker}").status_code == 202
+    _wait(lambda: _status(t2, blocker) == "canceled", 60, "t2's job to stop")
+    resp = _small(t2)
+    assert resp.status_code == 202, resp.text
+    for c in (t1, t2, t3):
+        for item in c.get("/jobs").json()["items"]:
+            c.delete(f"/jobs/{item['id']}")  # cancel what is queued, delete what is finished
+            if c.get(f"/jobs/{item['id']}").status_code == 200:
+                _wait(lambda: _status(c, item["id"]) not in ("queued", "running"), 60, "the job to stop")
+                assert c.delete(f"/jobs/{item['id']}").status_code == 204
+    for tenant in ("t1", "t2", "t3"):
+        assert store.usage(tenant)["queued"] == store.usage(tenant)["running"] == 0
+
+
+@pytest.mark.integration
+def test_retention_end_to_end_with_redis_and_a_worker(service):
+    """The worker's sweep expires a job finished longer ago than SLIDESYNTH_RETENTION_HOURS while a client keeps
+    downloading its slide: every answer is the whole slide or a 410, never a 500 or a cut-off body."""
+    clients, store, logs = service
+    t1 = clients["t1"]
+    ids = [_small(t1).json()["id"] for _ in range(2)]
+    try:
+        for job_id in ids:
+            _wait(lambda: _status(t1, job_id) == "succeeded", 300, "the jobs to succeed")
+    except AssertionError:
+        print((logs / "worker.log").read_text()[-4000:])
+        raise
+    old, recent = ids
+    view = t1.get(f"/jobs/{old}").json()
+    finished_at = store.get(old).finished_at
+    assert view["expires_at"] == datetime_iso(finished_at + HOUR)
+    whole = t1.get(f"/jobs/{old}/slide.tiff")
+    assert whole.status_code == 200 and len(whole.content) > 1000
+
+    seen, failures, stop = [], [], threading.Event()
+
+    def download():
+        with httpx.Client(base_url=str(t1.base_url), timeout=30, headers={"X-API-Key": "k1"}) as own:
+            while not stop.is_set():
+                try:
+                    for headers in ({}, {"Range": "bytes=0-99"}):
+                        resp = own.get(f"/jobs/{old}/slide.tiff", headers=headers)
+                        seen.append(resp.status_code)
+                        if resp.status_code == 200 and resp.content != whole.content:
+                            failures.append("a cut-off or different body")
+                        if resp.status_code == 410:
+                            return
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    downloader = threading.Thread(target=download)
+    downloader.start()
+    try:
+        _wait(lambda: len(seen) >= 4, 30, "the first downloads")
+        store.update(old, finished_at=time.time() - 2 * HOUR)  # finished two hours ago: past the retention
+        _wait(lambda: _status(t1, old) == "expired", 30, "the worker's sweep to expire the job")
+        _wait(lambda: not downloader.is_alive(), 30, "the downloader to see the 410")
+    finally:
+        stop.set()
+        downloader.join()
+    assert failures == [] and set(seen) <= {200, 206, 410} and seen[-1] == 410, (failures, seen)
+    resp = t1.get(f"/jobs/{old}/slide.tiff")
+    assert resp.status_code == 410 and "expired at" in resp.json()["detail"]
+    assert t1.get(f"/jobs/{old}/thumbnail.png").status_code == 410
+    assert t1.get(f"/jobs/{old}").json()["status"] == "expired"
+    assert not store.job_dir(old).exists()
+    assert "expired" in (logs / "worker.log").read_text()
+    # the recent one is kept through several sweeps
+    time.sleep(3)
+    assert _status(t1, recent) == "succeeded" and t1.get(f"/jobs/{recent}/slide.tiff").status_code == 200
+    # DELETE of an expired job removes its record
+    assert t1.delete(f"/jobs/{old}").status_code == 204 and t1.get(f"/jobs/{old}").status_code == 404
+
+
+def datetime_iso(ts: float) -> str:
+    from core.jobs import iso
+
+    return iso(ts)
+
+
+@pytest.mark.integration
+def test_the_embedded_worker_sweeps_the_file_store(tmp_path):
+    """No Redis: `slidesynth worker` on the file store (what `slidesynth serve` starts) expires old jobs too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
+    env.update(SLIDESYNTH_DATA_DIR=str(tmp_path / "data"), SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"),
+               SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_RETENTION_HOURS="24", SLIDESYNTH_RETENTION_SWEEP_SECONDS="1",
+               PYTHONUNBUFFERED="1")
+    store = FileJobStore(tmp_path / "data")
+    finished(store, "old", 30)
+    finished(store, "recent", 20)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker"], cwd=REPO, env=env,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: store.get("old").status == JobStatus.expired or worker.poll() is not None, 120,
+              "the embedded worker to expire the old job")
+        assert worker.poll() is None, log.read_text()[-3000:]
+        _wait(lambda: files_left(store, "old") == [], 10, "the old job's files to go")
+        finished(store, "later", 25)  # finished while the worker runs: the next sweep takes it
+        _wait(lambda: store.get("later").status == JobStatus.expired, 30, "the next sweep")
+        assert store.get("recent").status == JobStatus.succeeded and "slide.tiff" in files_left(store, "recent")
+    finally:
+        _stop(worker)
