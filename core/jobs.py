@@ -362,6 +362,8 @@ end
 redis.call('ZADD', KEYS[9], ARGV[2], id)
 redis.call('ZADD', KEYS[7], now, id)
 redis.call('HSET', KEYS[8], id, ARGV[4])
+redis.call('EXPIRE', KEYS[7], ARGV[8])  -- a tenant that stops submitting leaves no ledger behind
+redis.call('EXPIRE', KEYS[8], ARGV[8])
 reindex(id)
 return {'ok'}
 """

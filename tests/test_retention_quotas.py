@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -155,7 +156,7 @@ def test_counts_recover_when_a_record_vanishes_behind_the_stores_back(store):
     """A record removed without the store (a key deleted by hand, a lost file) must not hold a place forever."""
     quota = Quota(queued=1, running=1)
     store.create(job("gone", "t1"), quota=quota)
-    store.create(job("gone-run".replace("-", ""), "t2"), quota=quota)
+    store.create(job("gonerun", "t2"), quota=quota)
     store.transition("gonerun", {JobStatus.queued}, status=JobStatus.running)
     if isinstance(store, RedisJobStore):
         store.redis.delete(f"{store.prefix}:job:gone", f"{store.prefix}:job:gonerun")
@@ -384,8 +385,6 @@ def test_a_download_whose_file_vanished_answers_410_or_404_not_500(client):
     for job_id in ("due", "fresh"):
         for name in ("slide.tiff", "thumbnail.png"):
             (client.store.job_dir(job_id) / name).unlink()
-        import shutil
-
         shutil.rmtree(client.store.job_dir(job_id) / "slide.zarr")
     for url in ("slide.tiff", "thumbnail.png", "slide.dzi", "slide_files/0/0_0.jpeg", "slide.zarr/",
                 "slide.zarr/0/0.0"):
@@ -576,7 +575,7 @@ def test_quotas_end_to_end_with_redis_and_a_worker(service):
     assert resp.json()["detail"].startswith(
         f"quota: {2 * 64 * 64 + 100} output pixels per day for tenant t3 (SLIDESYNTH_QUOTA_PIXELS_PER_DAY)")
     assert PIXEL_WINDOW_SECONDS - 120 <= int(resp.headers["retry-after"]) <= PIXEL_WINDOW_SECONDS
-    # a 64×128 job is over what is left; t1 (no pixel limit) is unaffected by t3's budget
+    # t1 (no pixel limit) is unaffected by t3's budget
     assert store.usage("t3")["pixels"] == 2 * 64 * 64 and store.usage("t1")["queued"] == 3
     # a job canceled before it started gives its pixels back
     assert t3.delete(f"/jobs/{first.json()['id']}").status_code == 200
@@ -705,3 +704,15 @@ def test_the_embedded_worker_sweeps_the_file_store(tmp_path):
         assert store.get("recent").status == JobStatus.succeeded and "slide.tiff" in files_left(store, "recent")
     finally:
         _stop(worker)
+
+
+def test_the_redis_pixel_ledger_expires_with_its_window(redis_url, key_prefix, tmp_path):
+    store = RedisJobStore(redis_url, tmp_path, prefix=key_prefix)
+    try:
+        store.create(job("l1", "t1"))
+        for what in ("pixels", "pixel-sizes"):
+            ttl = store.redis.ttl(f"{key_prefix}:tenant:t1:{what}")
+            assert PIXEL_WINDOW_SECONDS - 60 <= ttl <= PIXEL_WINDOW_SECONDS, (what, ttl)
+    finally:
+        for key in store.redis.scan_iter(f"{key_prefix}:*"):
+            store.redis.delete(key)
