@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.quotas import Quota, parse_limits
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = "diffinfinite-demo"  # the small models trained on procedural tissue, shipped in weights/
 UNTRAINED_MODEL = "diffinfinite-untrained"
@@ -108,6 +110,33 @@ class Settings(BaseSettings):
         "broker restart ends a task, its job resumes from the checkpoint instead of waiting for a worker restart.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes (one per GPU).")
 
+    retention_hours: float = Field(
+        168.0, ge=0,
+        description="Hours after a job finished (succeeded, failed or canceled) that its files — slide, Zarr, "
+        "thumbnail, masks, checkpoint — are removed and its status becomes `expired` (the record stays; its "
+        "downloads answer 410). 0: files are kept forever.")
+    record_retention_hours: float = Field(
+        0.0, ge=0,
+        description="Hours after a job finished that the record of an expired job is deleted too (then "
+        "`GET /jobs/{id}` answers 404); 0: expired records stay. At least SLIDESYNTH_RETENTION_HOURS.")
+    retention_sweep_seconds: float = Field(
+        300.0, gt=0, le=86400,
+        description="How often each worker looks for finished jobs past SLIDESYNTH_RETENTION_HOURS (and expired "
+        "records past SLIDESYNTH_RECORD_RETENTION_HOURS) and removes them.")
+    quota_running: str = Field(
+        "0",
+        description="Running jobs a tenant may have when it submits: with that many running, `POST /generate` "
+        "answers 429. `N` for every tenant, and/or `tenant:N` pairs (comma-separated) for some; 0: unlimited.")
+    quota_queued: str = Field(
+        "0",
+        description="Queued jobs a tenant may have: with that many waiting, `POST /generate` answers 429. `N` "
+        "and/or `tenant:N` pairs; 0: unlimited.")
+    quota_pixels_per_day: str = Field(
+        "0",
+        description="Output pixels (width × height) a tenant may submit in any 24 hours (a sliding window); a "
+        "job that would go over answers 429 with Retry-After = seconds until enough is freed. Jobs canceled "
+        "before they started do not count. `N` and/or `tenant:N` pairs; 0: unlimited.")
+
     @field_validator("batch_size", mode="before")
     @classmethod
     def _auto_batch(cls, value):
@@ -166,6 +195,27 @@ class Settings(BaseSettings):
             if not sep or not tenant or not key:
                 raise ValueError("must be comma-separated tenant:key pairs")
         return value
+
+    @field_validator("quota_running", "quota_queued", "quota_pixels_per_day", mode="before")
+    @classmethod
+    def _limits(cls, value) -> str:
+        value = str(value)
+        parse_limits(value)  # ValueError naming the bad item
+        return value
+
+    @model_validator(mode="after")
+    def _record_retention(self) -> "Settings":
+        if self.record_retention_hours and self.retention_hours and self.record_retention_hours < self.retention_hours:
+            raise ValueError("SLIDESYNTH_RECORD_RETENTION_HOURS must be 0 or at least SLIDESYNTH_RETENTION_HOURS")
+        return self
+
+    def quota_for(self, tenant: str) -> Quota:
+        """The tenant's limits: its own `tenant:N` where given, else the setting's `N` (0 = unlimited)."""
+        limits = []
+        for value in (self.quota_running, self.quota_queued, self.quota_pixels_per_day):
+            default, overrides = parse_limits(value)
+            limits.append(overrides.get(tenant, default))
+        return Quota(*limits)
 
     @field_validator("cors_origins")
     @classmethod

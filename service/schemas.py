@@ -127,13 +127,19 @@ class JobCreated(BaseModel):
 
 class Job(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: Literal["queued", "running", "succeeded", "failed", "canceled", "expired"] = Field(
+        description="`expired`: the job had finished (`error` says whether it failed) and its files were removed "
+                    "after SLIDESYNTH_RETENTION_HOURS; its downloads answer 410.")
     stage: Literal["mask", "sampling", "decoding", "writing"] | None
     progress: float = Field(description="Fraction done, 0 to 1.")
     eta_seconds: float | None = Field(description="Estimated seconds left, once known.")
     created_at: str
     started_at: str | None
     finished_at: str | None
+    expires_at: str | None = Field(
+        description="When the finished job's files are removed (SLIDESYNTH_RETENTION_HOURS after `finished_at`; "
+                    "the sweep runs every few minutes) or, once `expired`, when they were; null while the job is "
+                    "queued or running, or when files are kept forever.")
     error: str | None
     model: str
     untrained: bool = Field(description="True when the model has random weights: the slide is not tissue.")

@@ -1,5 +1,6 @@
 """Celery tasks: thin adapters from a job id to :func:`worker.jobrunner.run_job`, and from an embedding request
-to :func:`worker.embedding.answer_embed_request`."""
+to :func:`worker.embedding.answer_embed_request`; and the worker's periodic threads (orphan recovery, the
+retention sweep of :mod:`worker.retention`)."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from celery.signals import worker_ready
 from worker.celery_app import TASK_GENERATE, app
 from worker.embedding import answer_embed_request
 from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
+from worker.retention import prepare as prepare_retention, sweep
 from core.queue import TASK_EMBED, enqueue
 
 log = logging.getLogger("slidesynth.worker")
@@ -57,6 +59,17 @@ def recover_once(ctx: WorkerContext) -> list[str]:
     return requeued
 
 
+def sweep_once(ctx: WorkerContext) -> None:
+    try:
+        result = sweep(ctx.store, ctx.settings)
+    except Exception:  # like recovery: a store that is restarting must not stop the worker
+        log.exception("the retention sweep failed")
+        return
+    if result.expired or result.deleted:
+        log.info("retention: %d job(s) expired, %d expired record(s) deleted", len(result.expired),
+                 len(result.deleted))
+
+
 @worker_ready.connect
 def _recover(sender=None, **_):
     """A starting worker re-queues jobs left running by a process that is gone, and keeps doing so every
@@ -73,3 +86,16 @@ def _recover(sender=None, **_):
             recover_once(ctx)
 
     threading.Thread(target=loop, name="slidesynth-recovery", daemon=True).start()
+
+    def retention():
+        """Expire finished jobs past ``SLIDESYNTH_RETENTION_HOURS`` every ``SLIDESYNTH_RETENTION_SWEEP_SECONDS``
+        (every worker does; sweeps are idempotent and safe side by side)."""
+        try:
+            prepare_retention(ctx.store)
+        except Exception:
+            log.exception("indexing job records for retention and quotas failed")
+        sweep_once(ctx)
+        while not stop.wait(ctx.settings.retention_sweep_seconds):
+            sweep_once(ctx)
+
+    threading.Thread(target=retention, name="slidesynth-retention", daemon=True).start()

@@ -15,6 +15,7 @@ from service.deps import Services, get_services, get_tenant
 from service.errors import from_field_error, from_validation_error, unprocessable
 from core.jobs import JobRecord, JobStatus, new_job_id
 from core.queue import enqueue
+from core.quotas import QuotaExceeded
 from service.preparation import prepare_job
 from service.schemas import GenerateParams, GenerateRequest, JobCreated, ValidationErrors
 from service.validation import FieldError
@@ -37,15 +38,20 @@ def _prefix_params(err: FieldError) -> FieldError:
 
 
 def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | None) -> None:
-    """Write the job's folder and record, then enqueue; on any failure nothing is left behind."""
+    """Write the job's folder and record (checking and reserving the tenant's quota in the same atomic step), then
+    enqueue; on any failure nothing is left behind."""
     store = services.store
     job_dir = store.job_dir(record.id)
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         if mask_png is not None:
             (job_dir / "mask.png").write_bytes(mask_png)
-        store.create(record)
+        store.create(record, quota=services.settings.quota_for(record.tenant))
         enqueue(services.celery, record.id, services.settings.queue)
+    except QuotaExceeded as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        raise HTTPException(429, detail=exc.detail, headers=headers) from None
     except Exception as exc:  # job store or broker down
         try:
             store.delete(record.id)
@@ -68,6 +74,11 @@ def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | 
         413: {"description": "Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"},
         415: {"description": "Neither JSON nor multipart"},
         422: {"model": ValidationErrors, "description": "A field is invalid; `loc` names it"},
+        429: {"description": "Over one of the tenant's quotas; `detail` names it (SLIDESYNTH_QUOTA_RUNNING, "
+                             "SLIDESYNTH_QUOTA_QUEUED, SLIDESYNTH_QUOTA_PIXELS_PER_DAY). `Retry-After`: seconds "
+                             "until it may be accepted (absent for a job larger than the whole daily pixel budget)",
+              "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                          "schema": {"type": "integer"}}}},
         503: {"description": "Job store or queue unavailable"},
     },
 )
