@@ -40,7 +40,7 @@ CLIENT_SETTINGS: dict[str, tuple[str, str]] = {
                                "`--api-key` wins. Empty: no key is sent."),
 }
 
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = ("succeeded", "failed", "canceled", "expired")
 
 
 class ExitCode(IntEnum):
@@ -54,6 +54,7 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 5   # server unreachable, a 5xx, or a download cut short
     NOT_FOUND = 6     # 404: no such job (for this API key), or no such output
     REFUSED = 7       # any other 4xx: 401 bad key, 409 not finished, 413, 422 invalid field, 429 …
+    EXPIRED = 8       # the job ended and its outputs were removed (SLIDESYNTH_RETENTION_HOURS); 410 on a download
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -85,13 +86,20 @@ class Refused(ClientError):
     exit_code = ExitCode.REFUSED
 
 
+class Expired(ClientError):
+    """The job's outputs were removed by the service's retention (410 Gone, or status ``expired``)."""
+
+    exit_code = ExitCode.EXPIRED
+
+
 class JobNotSucceeded(ClientError):
     """A job ended failed or canceled (``job`` is its last state)."""
 
     def __init__(self, message: str, job: dict):
         super().__init__(message)
         self.job = job
-        self.exit_code = ExitCode.CANCELED if job.get("status") == "canceled" else ExitCode.FAILED
+        self.exit_code = {"canceled": ExitCode.CANCELED, "expired": ExitCode.EXPIRED}.get(job.get("status"),
+                                                                                        ExitCode.FAILED)
 
 
 class WaitTimeout(ClientError):
@@ -143,7 +151,8 @@ def error_for(response: httpx.Response, what: str) -> ClientError:
         detail = response.text.strip() or None
     words = describe_detail(detail)
     status = response.status_code
-    kind = ServerUnavailable if status >= 500 else NotFound if status == 404 else Refused
+    kind = ServerUnavailable if status >= 500 else NotFound if status == 404 else Expired if status == 410 \
+        else Refused
     reason = response.reason_phrase or ""
     headline = f"{what}: {status} {reason}".rstrip()
     retry = _retry_after(response)
@@ -402,6 +411,8 @@ class Client:
             job = self.job(job)
         job_id = job["id"]
         status = job.get("status")
+        if status == "expired":
+            raise Expired(f"job {job_id} expired: its outputs were removed (the service's retention)")
         if status in ("failed", "canceled"):
             raise JobNotSucceeded(f"job {job_id} {status}" + (f": {job['error']}" if job.get("error") else "")
                                   + "; it has no outputs", job)

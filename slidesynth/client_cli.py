@@ -294,7 +294,8 @@ def _wait_and_download(client: Client, args: argparse.Namespace, job_id: str) ->
 
 
 def _job_exit(job: dict) -> int:
-    return {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED, "canceled": ExitCode.CANCELED}.get(
+    return {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED, "canceled": ExitCode.CANCELED,
+            "expired": ExitCode.EXPIRED}.get(
         job.get("status"), ExitCode.TIMEOUT)
 
 
@@ -431,7 +432,7 @@ def add_client_commands(sub) -> None:
     what_help = (f"comma-separated outputs to fetch: {', '.join(OUTPUTS)} (or tiff, thumbnail, mask, zarr); "
                  f"default: every output the job has")
     epilog = ("exit status: 0 ok (job succeeded), 1 job failed, 2 usage error, 3 job canceled, 4 timed out waiting, "
-              "5 server unreachable or 5xx, 6 not found, 7 request refused (401, 409, 422, 429 …)")
+              "5 server unreachable or 5xx, 6 not found, 7 request refused (401, 409, 422, 429 …), 8 outputs expired")
 
     def add(name: str, help_: str, description: str):
         return sub.add_parser(name, parents=[common], help=help_, description=description, epilog=epilog)

@@ -292,3 +292,19 @@ def test_refusals_name_the_field_and_have_their_exit_codes(service, tmp_path):
     assert _run(service, "submit", "--mask", tmp_path / "absent.png").returncode == 2
     assert _run(service, "wait").returncode == 2  # argparse: no id
     assert _run(service, "download", "x", "--what", "slide.jpeg").returncode == 2
+
+
+def test_an_expired_job_and_a_410_have_their_own_exit_code(tmp_path):
+    # retention (SLIDESYNTH_RETENTION_HOURS) removes a finished job's outputs: status `expired`, downloads 410
+    import httpx
+
+    from slidesynth.client import TERMINAL, Client, ExitCode, Expired, error_for
+
+    assert "expired" in TERMINAL                      # `wait` stops on it instead of polling forever
+    gone = httpx.Response(410, json={"detail": "job abc expired at 2026-12-01T00:00:00Z"})
+    err = error_for(gone, "download slide.tiff")
+    assert isinstance(err, Expired) and err.exit_code == ExitCode.EXPIRED == 8
+    assert "expired at 2026-12-01" in str(err)
+    with Client("http://127.0.0.1:9") as client, pytest.raises(Expired) as info:
+        client.download({"id": "abc", "status": "expired", "links": {}}, tmp_path)
+    assert info.value.exit_code == 8
