@@ -49,7 +49,7 @@ def test_page_and_its_assets_are_served(embedded_settings):
         scripts = re.findall(r'<script[^>]*src="([^"]+)"', page.text)
         assert scripts == ["web/openseadragon/openseadragon.min.js", "web/app.js"]
         assert "assets-missing" not in page.text
-        for path in scripts + ["web/png.js", "web/style.css", "web/openseadragon/images/home_rest.png"]:
+        for path in scripts + ["web/png.js", "web/events.js", "web/style.css", "web/openseadragon/images/home_rest.png"]:
             asset = client.get("/" + path)
             assert asset.status_code == 200, path
         assert "javascript" in client.get("/web/app.js").headers["content-type"]
@@ -339,3 +339,182 @@ def test_web_page_follows_a_job_through_its_event_stream(events_server):
             browser.close()
     assert any(url.endswith(f"/jobs/{job_id}/events") for url in requests), requests
     assert not any(url.endswith(f"/jobs/{job_id}") for url in requests), requests  # no polling
+
+
+def _png(array: np.ndarray, mode: str, **save) -> bytes:
+    """A PNG by Pillow: greyscale `L`, `1`, `I;16`, or palette `P` (ids are the indices; `bits=` 1, 2 or 4)."""
+    from PIL import Image
+
+    if mode == "P":
+        image = Image.fromarray(array, mode="P")
+        image.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 11) % 256)])
+    elif mode == "1":
+        image = Image.fromarray(array.astype(bool))
+    else:
+        image = Image.fromarray(array.astype(np.uint16) if mode == "I;16" else array)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def _png_every_filter(array: np.ndarray) -> bytes:
+    """A greyscale PNG (8 or 16 bit) whose row r uses scanline filter r mod 5 (Pillow picks its own filters)."""
+    import struct
+    import zlib
+
+    depth = 16 if array.dtype == np.uint16 else 8
+    bpp = depth // 8
+    rows = array.astype(">u2").view(np.uint8) if depth == 16 else array
+    rows = rows.reshape(array.shape[0], -1).astype(np.int64)
+    out, prev = bytearray(), np.zeros(rows.shape[1], np.int64)
+    for r, cur in enumerate(rows):
+        a = np.concatenate([np.zeros(bpp, np.int64), cur[:-bpp]])
+        c = np.concatenate([np.zeros(bpp, np.int64), prev[:-bpp]])
+        p = a + prev - c
+        pa, pb, pc = np.abs(p - a), np.abs(p - prev), np.abs(p - c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, prev, c))
+        kind = r % 5
+        predicted = [0, a, prev, (a + prev) // 2, paeth][kind]
+        out += bytes([kind]) + ((cur - predicted) % 256).astype(np.uint8).tobytes()
+        prev = cur
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(out))) + \
+        chunk(b"IEND", b"")
+
+
+def test_the_page_reads_class_ids_from_every_kind_of_label_png(events_server):
+    """The page decodes masks itself (a browser's decoding gives a palette PNG's colours and 16 bits as 8): ids as
+    the service reads them, for greyscale 1/8/16-bit and palette 2/4/8-bit PNGs, odd sizes, every scanline filter,
+    and sampled down (nearest) for previews and overlays."""
+    from playwright.sync_api import sync_playwright
+
+    _require_assets()
+    assert CHROMIUM, "Debian's chromium is missing: run `make test` (it installs it)"
+    _, base = events_server
+    rng = np.random.default_rng(3)
+    smooth = (np.add.outer(np.arange(41), np.arange(67)) // 9).astype(np.uint8)  # gradients: Sub/Up/Avg/Paeth
+    noisy = rng.integers(0, 6, (41, 67)).astype(np.uint8)
+    cases = {
+        "L 8-bit": (smooth % 6, "L", {}),
+        "8-bit, every filter": (noisy * 40, None, {}),
+        "16-bit, every filter": (smooth.astype(np.uint16) * 257 + noisy, None, {}),
+        "L 8-bit noisy": (noisy, "L", {}),
+        "1-bit": (noisy % 2, "1", {}),
+        "16-bit": (smooth.astype(np.uint16) * 300, "I;16", {}),
+        "palette 8-bit": (noisy, "P", {}),
+        "palette 4-bit": (smooth % 16, "P", {"bits": 4}),
+        "palette 2-bit": (noisy % 4, "P", {"bits": 2}),
+    }
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/")
+            decode = """async ([bytes, maxSide]) => {
+              const {decodeLabelPng} = await import("./web/png.js");
+              const d = await decodeLabelPng(new Uint8Array(bytes).buffer, maxSide);
+              return {size: [d.width, d.height, d.outWidth, d.outHeight], ids: Array.from(d.ids),
+                      counts: Object.fromEntries(d.counts)};
+            }"""
+            for name, (ids, mode, save) in cases.items():
+                data = _png(ids, mode, **save) if mode else _png_every_filter(ids)
+                got = page.evaluate(decode, [list(data), 1000])
+                assert got["size"] == [67, 41, 67, 41], name
+                np.testing.assert_array_equal(np.array(got["ids"]).reshape(41, 67), ids, err_msg=name)
+                values, counts = np.unique(ids, return_counts=True)
+                assert got["counts"] == {str(v): int(c) for v, c in zip(values, counts)}, name
+            big = rng.integers(0, 6, (300, 500)).astype(np.uint8)
+            got = page.evaluate(decode, [list(_png(big, "L")), 100])
+            assert got["size"] == [500, 300, 100, 60]
+            rows = np.minimum(299, ((np.arange(60) + 0.5) * 300 / 60).astype(int))
+            cols = np.minimum(499, ((np.arange(100) + 0.5) * 500 / 100).astype(int))
+            np.testing.assert_array_equal(np.array(got["ids"]).reshape(60, 100), big[np.ix_(rows, cols)])
+            refused = page.evaluate("""async (bytes) => {
+              const {decodeLabelPng} = await import("./web/png.js");
+              try { await decodeLabelPng(new Uint8Array(bytes).buffer); return null; } catch (e) { return e.message; }
+            }""", list(png_bytes(np.zeros((8, 8, 3), np.uint8))))
+            assert refused == "must have one channel (class ids); this PNG has 3"
+        finally:
+            browser.close()
+
+
+def test_a_subtype_request_goes_as_json_and_its_422_names_the_field(events_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    _require_assets()
+    assert CHROMIUM, "Debian's chromium is missing: run `make test` (it installs it)"
+    _, base = events_server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.add_init_script(f"localStorage.setItem('slidesynth.apiKey', '{KEY}')")
+            page.goto(f"{base}/")
+            expect(page.locator("body")).to_have_attribute("data-ready", "models")
+            page.select_option("#model", "diffinfinite-untrained")
+            page.check("#cond-subtype")
+            expect(page.locator("#mask-group")).to_be_hidden()
+            assert page.locator("#subtype option").all_text_contents() == ["adenocarcinoma", "squamous cell carcinoma"]
+            page.select_option("#subtype", "squamous cell carcinoma")
+            page.fill("#width", "99999")
+            page.fill("#height", "64")
+            with page.expect_request(lambda r: r.url.endswith("/generate")) as sent:
+                page.click("#submit")
+            request = sent.value
+            assert request.headers["content-type"] == "application/json"
+            assert request.headers["x-api-key"] == KEY
+            assert json.loads(request.post_data) == {"model": "diffinfinite-untrained", "width": 99999, "height": 64,
+                                                     "conditioning": {"type": "subtype",
+                                                                      "subtype": "squamous cell carcinoma"}}
+            expect(page.locator("#width-error")).to_contain_text("over the maximum")
+            expect(page.locator("#height-error")).to_be_empty()
+            page.fill("#width", "64")
+            page.click("#submit")
+            expect(page.locator("#width-error")).to_be_empty()
+            expect(page.locator("#jobs tbody tr").first.locator(".size")).to_contain_text("64 × 64 px")
+        finally:
+            browser.close()
+
+
+def test_the_page_reads_server_sent_events_however_the_stream_is_cut(events_server):
+    """The page's event-stream reader (fetch has no EventSource parser): CRLF, CR or LF line ends, comments, multi-line
+    data, ids, an unfinished event at the end (dropped), and the same events whichever byte the chunks are cut at."""
+    from playwright.sync_api import sync_playwright
+
+    _require_assets()
+    assert CHROMIUM, "Debian's chromium is missing: run `make test` (it installs it)"
+    _, base = events_server
+    text = (": hello\r\nevent: job\r\nid: 1\r\ndata: {\"a\": \"µm\"}\r\n\r\n"
+            "event: job\nid: 2\ndata: line one\ndata: line two\n\n"
+            "data:no space\rid\r\r"
+            "event: job\nid: 3\ndata: unfinished")
+    expected = [{"event": "job", "data": '{"a": "µm"}', "id": "1"},
+                {"event": "job", "data": "line one\nline two", "id": "2"},
+                {"event": "message", "data": "no space", "id": ""}]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/")
+            results = page.evaluate("""async (text) => {
+              const {readEvents} = await import("./web/events.js");
+              const bytes = new TextEncoder().encode(text), out = [];
+              for (let cut = 0; cut <= bytes.length; cut++) {
+                const body = new ReadableStream({start(c) {
+                  if (cut > 0) c.enqueue(bytes.slice(0, cut));
+                  c.enqueue(bytes.slice(cut)); c.close(); }});
+                const events = [];
+                for await (const e of readEvents(body, new AbortController().signal)) events.push(e);
+                out.push(events);
+              }
+              return out;
+            }""", text)
+        finally:
+            browser.close()
+    assert len(results) == len(text.encode()) + 1
+    for cut, events in enumerate(results):
+        assert events == expected, (cut, events)

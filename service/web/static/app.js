@@ -4,6 +4,7 @@
 // outputs. Every request carries the X-API-Key the user entered. All URLs are relative to the page, so the
 // service may sit under a path prefix.
 
+import {readEvents} from "./events.js";
 import {classColours, colourise, decodeLabelPng, MaskDecodeError, NOT_A_CLASS} from "./png.js";
 
 const $ = (id) => document.getElementById(id);
@@ -503,7 +504,14 @@ function sleep(ms, signal) {
 
 async function poll(jobId, signal) {
   for (;;) {
-    const response = await fetch(apiUrl(`jobs/${jobId}`), {headers: authHeaders(), signal});
+    let response;
+    try {
+      response = await fetch(apiUrl(`jobs/${jobId}`), {headers: authHeaders(), signal});
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      await sleep(POLL_MS * 5, signal);  // the service is unreachable (restarting?): try again
+      continue;
+    }
     if (response.ok) {
       const job = await response.json();
       onJobUpdate(job);
@@ -546,55 +554,19 @@ async function followEvents(jobId, signal) {
       await sleep(POLL_MS, signal);
       continue;
     }
-    let terminal = false;
     for await (const event of readEvents(response.body, signal)) {
       if (event.id !== null) lastId = event.id;
       if (event.event !== "job" || !event.data) continue;
-      const job = JSON.parse(event.data);
+      let job;
+      try { job = JSON.parse(event.data); } catch { continue; }  // not a job: skip it
       onJobUpdate(job);
       failures = 0;
-      if (TERMINAL.has(job.status)) terminal = true;
+      if (TERMINAL.has(job.status)) return true;  // leaving the loop closes the stream
     }
-    if (terminal) return true;
     failures++;  // ended before a terminal status: reconnect from the last event
     await sleep(POLL_MS / 2, signal);
   }
   return false;
-}
-
-// The text/event-stream format (WHATWG HTML §9.2): lines; "field: value"; a blank line dispatches.
-async function* readEvents(body, signal) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  const abort = () => reader.cancel().catch(() => {});
-  signal.addEventListener("abort", abort, {once: true});
-  let buffer = "", data = [], name = "", id = null;
-  try {
-    for (;;) {
-      const {done, value} = await reader.read();
-      if (done) break;
-      buffer += value;
-      const lines = buffer.split(/\r\n|\r|\n/);
-      buffer = lines.pop();
-      for (const line of lines) {
-        if (line === "") {
-          if (data.length) yield {event: name || "message", data: data.join("\n"), id};
-          data = []; name = "";
-          continue;
-        }
-        if (line.startsWith(":")) continue;
-        const colon = line.indexOf(":");
-        const field = colon < 0 ? line : line.slice(0, colon);
-        let value = colon < 0 ? "" : line.slice(colon + 1);
-        if (value.startsWith(" ")) value = value.slice(1);
-        if (field === "data") data.push(value);
-        else if (field === "event") name = value;
-        else if (field === "id" && !value.includes("\0")) id = value;
-      }
-    }
-  } finally {
-    signal.removeEventListener("abort", abort);
-  }
-  if (signal.aborted) throw new DOMException("aborted", "AbortError");
 }
 
 // ---------------------------------------------------------------- viewer
