@@ -201,13 +201,14 @@ def test_web_page_generates_follows_views_and_downloads_a_slide(served, tmp_path
             page.click("#submit")
             expect(page.locator("#steps-error")).to_be_empty()
             expect(page.locator("#form-status")).to_contain_text("queued")
-            row = page.locator("#jobs tbody tr").first
+            job_id = page.locator("#form-status").get_attribute("data-job")
+            row = page.locator(f"#jobs tbody tr[data-job='{job_id}']")
             expect(row).to_have_attribute("data-status", "succeeded", timeout=240_000)
             seen = page.evaluate("window.seenStatuses")
             assert seen and not seen[0].startswith("succeeded"), seen  # followed live, not found finished
             running = [s for s in seen if s.startswith("running")]
             assert all(re.search(r"\d+ %", s) for s in running), seen
-            assert page.locator("#jobs tbody tr progress").first.evaluate("p => p.value") == 1
+            assert row.locator("progress").evaluate("p => p.value") == 1
             expect(row.locator(".size")).to_contain_text("256 × 256 px, 0.5 µm/px, seed 7, 4 steps")
 
             # the viewer: the slide, not blank, in H&E-like colours

@@ -349,6 +349,7 @@ async function submit(event) {
   try {
     const {response, body} = await api("generate", request);
     if (response.status === 202) {
+      $("form-status").dataset.job = body.id;
       $("form-status").textContent = `Job ${body.id.slice(0, 8)} queued${body.untrained ? " (untrained model: not tissue)" : ""}.`;
       await refreshJobs();
     } else {
