@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt 2>/de
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check --progress-bar off
 
 BROWSER_DEPS := tests/browser/node_modules/.installed-$(shell cat tests/browser/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
+WEB_DEPS := service/web/node_modules/.installed-$(shell cat service/web/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install browser test test-fast demo serve worker openapi bench clean
+.PHONY: install web browser test test-fast demo serve worker openapi bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,16 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	@touch $@
 
 install: $(STAMP)
+
+# The web page's OpenSeadragon (served at /web/openseadragon/), from the npm registry at the version
+# service/web/package-lock.json pins; never from a CDN. `serve` and `test` need it.
+$(WEB_DEPS): service/web/package.json service/web/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js and npm (Debian: apt-get install npm)"; exit 1; }
+	@cd service/web && npm ci --silent --no-audit --no-fund
+	@rm -f service/web/node_modules/.installed-*
+	@touch $@
+
+web: $(WEB_DEPS)
 
 # The browser test's parts: Debian's Chromium (driven by Playwright, which downloads no browser) and the
 # real OpenSeadragon from the npm registry, at the version package-lock.json pins.
@@ -37,16 +48,16 @@ $(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
 
 browser: $(BROWSER_DEPS)
 
-test: install browser
+test: install web browser
 	$(PY) -m pytest -q -ra
 
-test-fast: install browser
+test-fast: install web browser
 	$(PY) -m pytest -q -ra -m "not integration and not slow"
 
 demo: install
 	$(PY) -m slidesynth.demo
 
-serve: install
+serve: install web
 	$(VENV)/bin/slidesynth serve
 
 worker: install
@@ -61,4 +72,4 @@ bench: install
 	$(PY) -m bench.sampler
 
 clean:
-	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules
+	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules service/web/node_modules

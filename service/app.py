@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import ModelRegistry
 from service.deps import Services
-from service.routes import embed, generate, jobs, system
+from service.routes import embed, generate, jobs, system, web
 from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
 from core import __version__
 from core.embedding import open_reply_box
@@ -98,6 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
     app.include_router(embed.router)
+    app.include_router(web.router)  # the page at / (not in the API contract)
+    for path, assets, name in web.mounts():
+        app.mount(path, assets, name=name)
     for exc_type in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(exc_type, store_unavailable)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
