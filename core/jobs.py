@@ -53,6 +53,15 @@ class JobStatus(str, Enum):
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
 
 
+class Priority(str, Enum):
+    """A job's priority: which of the job queues it waits in (``core.queue.job_queue``); workers take from
+    ``high`` first, then ``normal``, then ``low``."""
+
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
 class EmbeddingGrid(BaseModel):
     """A grid of embeddings laid over the slide: row r·cols + c of :meth:`array` conditions cell (r, c).
 
@@ -137,6 +146,7 @@ class JobRecord(BaseModel):
     id: str
     tenant: str = "public"
     status: JobStatus = JobStatus.queued
+    priority: Priority = Priority.normal  # records from before priorities are normal: they were on that queue
     stage: Stage | None = None
     progress: float = 0.0
     eta_seconds: float | None = None

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         "names none and the default model does not take that conditioning; default: `infinity-brush-demo` when "
         "that folder is in the models dir, else `infinity-brush-untrained`.",
     )
-    queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
+    queue: str = Field(
+        "gpu", description="Celery queue of normal-priority jobs; `high` ones go to `<queue>.high`, `low` ones to "
+        "`<queue>.low`, and `slidesynth worker` consumes them high first.")
     embed_queue: str = Field(
         "", description="Celery queue of embedding requests (`POST /embed`); empty: `<queue>.embed`. Every "
         "`slidesynth worker` consumes it beside the job queue unless given `--queues`.")
@@ -101,6 +103,10 @@ class Settings(BaseSettings):
         description="A running job whose progress has not moved for this long is taken as lost: a starting "
         "worker re-queues it, and DELETE cancels it at once.",
     )
+    idempotency_hours: float = Field(
+        24.0, gt=0, le=24 * 365,
+        description="How long an `Idempotency-Key` of `POST /generate` is remembered after the job it made was "
+        "created: within it, the same key and body answer that job, and the same key with another body a 409.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed (a run lost with its "
                               "worker counts; a duplicate delivery while a run is alive does not).")
     recovery_seconds: float = Field(

@@ -15,6 +15,7 @@ from service.routes import embed, generate, jobs, system, web
 from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
 from core import __version__
 from core.embedding import open_reply_box
+from core.idempotency import open_idempotency_keys
 from core.jobs import open_store
 from core.settings import Settings, get_settings
 from core.queue import make_celery
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = Services(settings=settings, store=open_store(settings),
                                   registry=ModelRegistry(settings.models_dir), celery=make_celery(settings),
-                                  replies=open_reply_box(settings))
+                                  replies=open_reply_box(settings), idempotency=open_idempotency_keys(settings))
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)
@@ -107,8 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origin_list:
         # browsers may send X-API-Key cross-origin (OpenSeadragon's ajaxHeaders); no cookies are used
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
-                           allow_headers=["X-API-Key", "Content-Type", "Range"], expose_headers=["Location"],
-                           max_age=3600)
+                           allow_headers=["X-API-Key", "Content-Type", "Range", "Idempotency-Key"],
+                           expose_headers=["Location"], max_age=3600)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

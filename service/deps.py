@@ -12,6 +12,7 @@ from fastapi.security import APIKeyHeader
 from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
 from core.embedding import ReplyBox
+from core.idempotency import IdempotencyKeys
 from core.jobs import JobStore
 from core.settings import Settings
 
@@ -26,6 +27,7 @@ class Services:
     registry: ModelRegistry
     celery: Celery
     replies: ReplyBox | None = None  # where workers answer embedding requests (core.embedding)
+    idempotency: IdempotencyKeys | None = None  # Idempotency-Key → job of POST /generate (core.idempotency)
     slides: DeepZoomSlides = field(default_factory=DeepZoomSlides)  # open TIFFs behind the Deep Zoom routes
 
 

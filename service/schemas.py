@@ -91,6 +91,9 @@ class GenerateParams(_Strict):
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")
     zarr_version: Literal["0.4", "0.5"] = Field("0.4", description="OME-NGFF version of the Zarr output.")
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal", description="Which job queue the job waits in: workers take `high` jobs first, then `normal`, "
+        "then `low` (a running job is never interrupted).")
 
 
 class GenerateRequest(GenerateParams):
@@ -120,7 +123,7 @@ class JobLinks(BaseModel):
 
 class JobCreated(BaseModel):
     id: str
-    status: str
+    status: str = Field(description="`queued` for a new job; a replayed `Idempotency-Key` gets the job's status now.")
     status_url: str
     untrained: bool
 
@@ -130,6 +133,7 @@ class Job(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "canceled", "expired"] = Field(
         description="`expired`: the job had finished (`error` says whether it failed) and its files were removed "
                     "after SLIDESYNTH_RETENTION_HOURS; its downloads answer 410.")
+    priority: Literal["low", "normal", "high"] = Field(description="The queue the job waits (or waited) in.")
     stage: Literal["mask", "sampling", "decoding", "writing"] | None
     progress: float = Field(description="Fraction done, 0 to 1.")
     eta_seconds: float | None = Field(description="Estimated seconds left, once known.")

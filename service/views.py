@@ -31,7 +31,7 @@ def job_view(job: JobRecord, retention_hours: float = 0.0) -> Job:
             links.mask = f"{base}/mask.png"
     spec = job.spec
     return Job(
-        id=job.id, status=job.status.value, stage=job.stage.value if job.stage else None, progress=job.progress,
+        id=job.id, status=job.status.value, priority=job.priority.value, stage=job.stage.value if job.stage else None, progress=job.progress,
         eta_seconds=job.eta_seconds, created_at=iso(job.created_at), started_at=iso(job.started_at),
         finished_at=iso(job.finished_at), expires_at=iso(expires_at(job, retention_hours)), error=job.error,
         model=spec.model, untrained=job.untrained, cancel_requested=job.cancel_requested, width=spec.width,

@@ -56,6 +56,7 @@ def _terminate_with_parent() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from core.queue import worker_queues
     from core.settings import get_settings
     from worker.device_check import DeviceCheckError, check_worker_start, describe
 
@@ -70,7 +71,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    queues = args.queues or f"{settings.queue},{settings.embed_queue_name}"
+    # in this order: with Redis the worker polls its queues in the order given (core.queue, "priority")
+    queues = args.queues or ",".join(worker_queues(settings))
     argv = ["worker", f"--loglevel={args.log_level}", "-Q", queues, "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
             f"--statedb={settings.data_dir / 'worker-state'}"]
@@ -296,9 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Celery worker for the job queue")
     p.add_argument("--name", default="gpu")
-    p.add_argument("--queues", help="comma-separated queues to consume (default: SLIDESYNTH_QUEUE and the embed "
-                                    "queue, SLIDESYNTH_EMBED_QUEUE); e.g. only the embed queue for a worker that "
-                                    "answers POST /embed while the others run slides")
+    p.add_argument("--queues", help="comma-separated queues to consume, polled in this order with a Redis broker "
+                                    "(default: the embed queue, SLIDESYNTH_EMBED_QUEUE, then the job queues from "
+                                    "high to low priority: <SLIDESYNTH_QUEUE>.high, <SLIDESYNTH_QUEUE>, "
+                                    "<SLIDESYNTH_QUEUE>.low); e.g. only the embed queue for a worker that answers "
+                                    "POST /embed while the others run slides, or only <queue>.high for a worker "
+                                    "kept for urgent jobs")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 

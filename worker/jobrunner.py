@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import OUTPUT_FILES, overall_fraction
-from core.jobs import JobStatus, JobStore, Stage, open_store
+from core.jobs import JobRecord, JobStatus, JobStore, Stage, open_store
 from core.settings import Settings, get_settings
 from models.engine import Runtime, get_engine
 from models.registry import ModelRegistry
@@ -253,9 +253,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_orphans(ctx: WorkerContext, enqueue: Callable[[str], None]) -> list[str]:
+def recover_orphans(ctx: WorkerContext, enqueue: Callable[[JobRecord], None]) -> list[str]:
     """Re-queue running jobs whose process is gone: on this host, a dead pid; anywhere, a heartbeat older
-    than the lease. Runs when a worker starts; the re-queued job resumes from its checkpoint."""
+    than the lease. Runs when a worker starts; the re-queued job resumes from its checkpoint. ``enqueue`` gets
+    the job's record (its id and priority: it goes back on its priority's queue)."""
     requeued = []
     now = time.time()
     for job in ctx.store.running():
@@ -266,7 +267,7 @@ def recover_orphans(ctx: WorkerContext, enqueue: Callable[[str], None]) -> list[
             continue
         if ctx.store.transition(job.id, {JobStatus.running}, expect={"claim": job.claim}, status=JobStatus.queued,
                                 claim=None, worker=None):
-            enqueue(job.id)
+            enqueue(job)
             requeued.append(job.id)
             log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker)
     return requeued

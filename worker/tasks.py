@@ -13,7 +13,7 @@ from worker.celery_app import TASK_GENERATE, app
 from worker.embedding import answer_embed_request
 from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
 from worker.retention import prepare as prepare_retention, sweep
-from core.queue import TASK_EMBED, enqueue
+from core.queue import TASK_EMBED, enqueue_job
 
 log = logging.getLogger("slidesynth.worker")
 
@@ -50,7 +50,8 @@ def embed(request: dict) -> None:
 
 def recover_once(ctx: WorkerContext) -> list[str]:
     try:
-        requeued = recover_orphans(ctx, lambda job_id: enqueue(app, job_id, ctx.settings.queue))
+        # back on the queue of the job's priority
+        requeued = recover_orphans(ctx, lambda job: enqueue_job(app, ctx.settings, job.id, job.priority))
     except Exception:  # recovery must never stop a worker (e.g. the broker or the store is restarting)
         log.exception("recovering orphaned jobs failed")
         return []
