@@ -329,10 +329,27 @@ class Client:
 
     # --- jobs ---
 
-    def submit(self, params: dict, *, conditioning: dict | None = None, mask: str | Path | None = None) -> dict:
+    def submit(self, params: dict, *, conditioning: dict | None = None, mask: str | Path | None = None,
+               idempotency_key: str | None = None, retries: int = 3) -> dict:
         """``POST /generate``: ``mask`` (a PNG/TIFF path) as multipart with ``params``; else a JSON body with
         ``params`` and ``conditioning``. Returns the JobCreated answer (``id``, ``status``, ``status_url``,
-        ``untrained``)."""
+        ``untrained``).
+
+        With ``idempotency_key`` (the ``Idempotency-Key`` header) a request that failed in transit or with a 5xx
+        is sent again up to ``retries`` times (after 1, 2, 4 s): the service answers a repeat with the job the
+        first one made, so a retry never makes a second job. Without a key nothing is retried."""
+        for attempt in range(retries + 1 if idempotency_key else 1):
+            try:
+                return self._submit_once(params, conditioning, mask, idempotency_key)
+            except ServerUnavailable:
+                if attempt >= retries or not idempotency_key:
+                    raise
+                time.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _submit_once(self, params: dict, conditioning: dict | None, mask: str | Path | None,
+                     idempotency_key: str | None) -> dict:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         if mask is not None:
             path = Path(mask)
             try:
@@ -342,12 +359,12 @@ class Client:
             with handle:
                 response = self._request("POST", "generate", "submit",
                                          files={"mask": (path.name, handle, _mask_type(path))},
-                                         data={"params": json.dumps(params)})
+                                         data={"params": json.dumps(params)}, headers=headers)
         else:
             body = dict(params)
             if conditioning is not None:
                 body["conditioning"] = conditioning
-            response = self._request("POST", "generate", "submit", json=body)
+            response = self._request("POST", "generate", "submit", json=body, headers=headers)
         return response.json()
 
     def job(self, job_id: str) -> dict:

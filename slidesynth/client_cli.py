@@ -25,7 +25,8 @@ FIELD_FLAGS = {"model": "--model", "width": "--width/--size", "height": "--heigh
                "mask_mpp": "--mask-mpp", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
                "eta": "--eta", "outputs": "--outputs", "compression": "--compression", "quality": "--quality",
                "zarr_version": "--zarr-version", "mask": "--mask", "conditioning.subtype": "--subtype",
-               "conditioning": "--subtype/--embedding"}
+               "conditioning": "--subtype/--embedding", "priority": "--priority",
+               "header.Idempotency-Key": "--idempotency-key"}
 
 
 def _flag_of(path: str) -> str | None:
@@ -210,7 +211,7 @@ def _request_body(args: argparse.Namespace) -> tuple[dict, dict | None]:
     if args.size:
         params["width"], params["height"] = args.size
     for field in ("model", "width", "height", "mpp", "mask_mpp", "seed", "steps", "guidance", "eta", "compression",
-                  "quality", "zarr_version"):
+                  "quality", "zarr_version", "priority"):
         value = getattr(args, field)
         if value is not None:
             params[field] = value
@@ -242,7 +243,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _what(args.what)  # a bad name is a usage error before the job exists
     with _client(args) as client:
         try:
-            created = client.submit(params, conditioning=conditioning, mask=args.mask)
+            created = client.submit(params, conditioning=conditioning, mask=args.mask,
+                                    idempotency_key=args.idempotency_key)
         except ClientError as exc:
             if isinstance(exc.detail, list):  # a 422: name the flag beside each field
                 exc.args = (join_message(exc.headline, describe_detail(exc.detail, _flag_of)),)
@@ -463,6 +465,10 @@ def add_client_commands(sub) -> None:
     par.add_argument("--compression", choices=["jpeg", "deflate", "zstd"], help="TIFF tile compression")
     par.add_argument("--quality", type=int, help="JPEG quality 1–100")
     par.add_argument("--zarr-version", choices=["0.4", "0.5"], help="OME-NGFF version of the Zarr output")
+    par.add_argument("--priority", choices=["low", "normal", "high"], help="the queue the job waits in")
+    par.add_argument("--idempotency-key", metavar="KEY",
+                     help="Idempotency-Key header: a repeat with the same key and body gets the same job (and a "
+                          "failed send is retried up to 3 times)")
     par.add_argument("--option", action="append", metavar="KEY=VALUE",
                      help="engine option (`options` of the request), e.g. sampler=random; repeatable")
     par.add_argument("--param", action="append", metavar="KEY=VALUE",

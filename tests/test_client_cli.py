@@ -308,3 +308,23 @@ def test_an_expired_job_and_a_410_have_their_own_exit_code(tmp_path):
     with Client("http://127.0.0.1:9") as client, pytest.raises(Expired) as info:
         client.download({"id": "abc", "status": "expired", "links": {}}, tmp_path)
     assert info.value.exit_code == 8
+
+
+@pytest.mark.integration
+def test_priority_and_idempotency_key_reach_the_service(service, tmp_path):
+    # the same key twice: one job (the second answer is the first job); --priority shows in its record
+    mask = _mask(tmp_path)
+    argv = ["submit", "--mask", str(mask), "--steps", "2", "--priority", "high",
+            "--idempotency-key", "client-test-key-1", "--json"]
+    first, second = _run(service, *argv), _run(service, *argv)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["id"] == b["id"]
+    job = json.loads(_run(service, "status", a["id"], "--json").stdout)
+    assert job["priority"] == "high"
+    other = _run(service, "submit", "--mask", str(mask), "--steps", "3",
+                "--idempotency-key", "client-test-key-1")
+    assert other.returncode == 7 and "409" in other.stderr
+    bad = _run(service, "submit", "--mask", str(mask), "--idempotency-key", "bad\tkey")
+    assert bad.returncode == 7 and "--idempotency-key" in bad.stderr
+    assert _run(service, "wait", a["id"], "--timeout", "120").returncode == 0
