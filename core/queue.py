@@ -19,6 +19,13 @@ TASK_GENERATE = "slidesynth.generate"
 TASK_EMBED = "slidesynth.embed"  # tiles → embeddings (core.embedding), on the embed queue
 
 
+def service_queues(settings: Settings) -> list[str]:
+    """Every queue the API sends to, job queue first: what a worker may consume (``slidesynth worker --queues``
+    is checked against it) and what the deployment's autoscaler watches. A new queue (priorities, say) is added
+    here."""
+    return list(dict.fromkeys([settings.queue, settings.embed_queue_name]))
+
+
 def broker_options(settings: Settings) -> tuple[str, dict]:
     visibility = settings.task_time_limit + 1800
     if settings.broker_url:
