@@ -42,12 +42,11 @@ def worker_queues(settings: Settings, option: str | None) -> list[str]:
 
 
 def check_models(settings: Settings) -> None:
-    """The models folder exists and holds the default models (a built-in untrained model needs no folder)."""
+    """The default models exist: a built-in untrained model needs no folder (the models folder may even be
+    missing, as in development), any other needs its folder in the models folder."""
     from models.registry import ModelRegistry  # cards only: no network is built
 
     folder = settings.models_dir
-    if not folder.is_dir():
-        raise StartCheckError("SLIDESYNTH_MODELS_DIR", folder, "is not a folder (is the weights volume mounted?)")
     try:
         cards = ModelRegistry(folder).cards()
     except Exception as exc:  # a malformed card: name it rather than fail every job that reads the registry
@@ -55,11 +54,15 @@ def check_models(settings: Settings) -> None:
                               f"({exc.__class__.__name__}: {exc})") from None
     for variable, name in (("SLIDESYNTH_DEFAULT_MODEL", settings.default_model),
                            ("SLIDESYNTH_DEFAULT_EMBEDDING_MODEL", settings.default_embedding_model)):
-        if name not in cards:
+        if name in cards:
+            continue
+        if not folder.is_dir():
+            where = f"SLIDESYNTH_MODELS_DIR={folder} is not a folder (is the weights volume mounted?)"
+        else:
             here = sorted(cards)
-            raise StartCheckError(variable, name, f"no such model in SLIDESYNTH_MODELS_DIR={folder} (no folder "
-                                  f"{name}/ with a model_card.json of an installed engine; models there: "
-                                  f"{', '.join(here) if here else 'none'})")
+            where = (f"no folder {name}/ with a model_card.json of an installed engine in SLIDESYNTH_MODELS_DIR="
+                     f"{folder} (models: {', '.join(here)})")
+        raise StartCheckError(variable, name, f"no such model: {where}")
 
 
 def check_deployment(settings: Settings, queues_option: str | None) -> list[str]:
