@@ -477,11 +477,8 @@ def test_compose_and_kubernetes_set_the_same_values():
     differ = {k: (in_compose[k], in_k8s[k]) for k in set(in_compose) & set(in_k8s) - hosts_differ
               if str(in_compose[k]) != str(in_k8s[k])}
     assert not differ, differ
-    # the deployed values are valid settings, and the workers take every queue the API sends to
-    from core.queue import service_queues
-
-    settings = deployed_settings()
-    assert service_queues(settings) == ["gpu", "gpu.embed"]
+    # the deployed values are valid settings, and the workers take every queue the API sends to (no --queues)
+    deployed_settings()
     for service in compose()["services"].values():
         if service.get("command", [""])[0] == "slidesynth":
             assert service["environment"] is not None and "--queues" not in service["command"]
