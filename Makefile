@@ -11,15 +11,16 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check --progress-bar o
 
 BROWSER_DEPS := tests/browser/node_modules/.installed-$(shell cat tests/browser/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 WEB_DEPS := service/web/node_modules/.installed-$(shell cat service/web/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
+DEPLOY_DEPS := tests/deploy/node_modules/.installed-$(shell cat tests/deploy/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install web browser test test-fast demo serve worker openapi bench clean
+.PHONY: install web browser deploy-deps test test-fast demo serve worker openapi bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing into $(VENV) (first run: a few minutes)…"
 	@$(PIP) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	@set -o pipefail; $(PIP) -c constraints-cpu.txt $(TORCH_CPU) 2>&1 | { grep -v "^WARNING: Location" || true; }
-	@set -o pipefail; $(PIP) -c constraints-cpu.txt -e '.[test,gpu]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@set -o pipefail; $(PIP) -c constraints-cpu.txt -e '.[test,worker,gpu]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -48,10 +49,19 @@ $(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
 
 browser: $(BROWSER_DEPS)
 
-test: install web browser
+# The deployment tests' schema: the Compose specification's JSON schema, bundled by dclint on the npm registry
+# (no container engine here; the Kubernetes schemas come with kubernetes-validate, a test extra).
+$(DEPLOY_DEPS): tests/deploy/package.json tests/deploy/package-lock.json
+	@cd tests/deploy && npm ci --silent --no-audit --no-fund
+	@rm -f tests/deploy/node_modules/.installed-*
+	@touch $@
+
+deploy-deps: $(DEPLOY_DEPS)
+
+test: install web browser deploy-deps
 	$(PY) -m pytest -q -ra
 
-test-fast: install web browser
+test-fast: install web browser deploy-deps
 	$(PY) -m pytest -q -ra -m "not integration and not slow"
 
 demo: install
@@ -72,4 +82,4 @@ bench: install
 	$(PY) -m bench.sampler
 
 clean:
-	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules service/web/node_modules
+	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules service/web/node_modules tests/deploy/node_modules

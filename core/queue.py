@@ -39,6 +39,13 @@ def worker_queues(settings: Settings) -> list[str]:
     return [settings.embed_queue_name, *(job_queue(settings, p) for p in PRIORITY_ORDER)]
 
 
+def service_queues(settings: Settings) -> list[str]:
+    """Every queue the API sends to, job queue first: what a worker may consume (``slidesynth worker --queues``
+    is checked against it) and what the deployment's autoscaler watches. A new queue (priorities, say) is added
+    here."""
+    return list(dict.fromkeys([*(job_queue(settings, p) for p in PRIORITY_ORDER), settings.embed_queue_name]))
+
+
 def broker_options(settings: Settings) -> tuple[str, dict]:
     visibility = settings.task_time_limit + 1800
     if settings.broker_url:

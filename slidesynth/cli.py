@@ -33,8 +33,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   preexec_fn=_terminate_with_parent)
     try:
         mode = "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
-        print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}", flush=True)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}"
+              + (f", {args.processes} HTTP processes" if args.processes > 1 else ""), flush=True)
+        if args.processes > 1:
+            # uvicorn forks its worker processes from an import string; each builds the app from the same settings
+            uvicorn.run("service.app:create_app", factory=True, workers=args.processes, host=args.host,
+                        port=args.port, log_level=args.log_level)
+        else:
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -58,9 +64,16 @@ def _terminate_with_parent() -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from core.queue import worker_queues
     from core.settings import get_settings
-    from worker.device_check import DeviceCheckError, check_worker_start, describe
+    from worker.start_checks import StartCheckError, check_deployment
 
     settings = get_settings()
+    try:  # the deployment first (torch-free, instant), then the device
+        queues = check_deployment(settings, args.queues)
+    except StartCheckError as exc:
+        print(f"slidesynth worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from worker.device_check import DeviceCheckError, check_worker_start, describe
+
     try:
         runtimes = check_worker_start(settings)  # before the pool exists: a bad setting stops here, not mid-job
     except DeviceCheckError as exc:
@@ -71,13 +84,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # in this order: with Redis the worker polls its queues in the order given (core.queue, "priority")
-    queues = args.queues or ",".join(worker_queues(settings))
-    argv = ["worker", f"--loglevel={args.log_level}", "-Q", queues, "-c", str(settings.worker_concurrency),
+    argv = ["worker", f"--loglevel={args.log_level}", "-Q", ",".join(queues), "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
             f"--statedb={settings.data_dir / 'worker-state'}"]
     app.worker_main(argv)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _option_flag(name: str) -> str:
@@ -293,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--worker", action=argparse.BooleanOptionalAction, default=None,
                    help="also start a worker (default: only in embedded mode)")
+    p.add_argument("--processes", type=_positive_int, default=1,
+                   help="HTTP server processes (uvicorn workers; default 1): a container runs several, e.g. 4")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -303,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "high to low priority: <SLIDESYNTH_QUEUE>.high, <SLIDESYNTH_QUEUE>, "
                                     "<SLIDESYNTH_QUEUE>.low); e.g. only the embed queue for a worker that answers "
                                     "POST /embed while the others run slides, or only <queue>.high for a worker "
-                                    "kept for urgent jobs")
+                                    "kept for urgent jobs; a queue the API does not send to is refused")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 
