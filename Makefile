@@ -10,19 +10,31 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt 2>/de
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check --progress-bar off
 
 BROWSER_DEPS := tests/browser/node_modules/.installed-$(shell cat tests/browser/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
+WEB_DEPS := service/web/node_modules/.installed-$(shell cat service/web/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
+DEPLOY_DEPS := tests/deploy/node_modules/.installed-$(shell cat tests/deploy/package-lock.json 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install browser test test-fast demo serve worker openapi bench clean
+.PHONY: install web browser deploy-deps test test-fast demo serve worker openapi bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing into $(VENV) (first run: a few minutes)…"
 	@$(PIP) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	@set -o pipefail; $(PIP) -c constraints-cpu.txt $(TORCH_CPU) 2>&1 | { grep -v "^WARNING: Location" || true; }
-	@set -o pipefail; $(PIP) -c constraints-cpu.txt -e '.[test,gpu]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@set -o pipefail; $(PIP) -c constraints-cpu.txt -e '.[test,worker,gpu]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 install: $(STAMP)
+
+# The web page's OpenSeadragon (served at /web/openseadragon/), from the npm registry at the version
+# service/web/package-lock.json pins; never from a CDN. `serve` and `test` need it.
+$(WEB_DEPS): service/web/package.json service/web/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js and npm (Debian: apt-get install npm)"; exit 1; }
+	@cd service/web && npm ci --silent --no-audit --no-fund
+	@rm -f service/web/node_modules/.installed-*
+	@touch $@
+
+web: $(WEB_DEPS)
 
 # The browser test's parts: Debian's Chromium (driven by Playwright, which downloads no browser) and the
 # real OpenSeadragon from the npm registry, at the version package-lock.json pins.
@@ -37,16 +49,25 @@ $(BROWSER_DEPS): tests/browser/package.json tests/browser/package-lock.json
 
 browser: $(BROWSER_DEPS)
 
-test: install browser
+# The deployment tests' schema: the Compose specification's JSON schema, bundled by dclint on the npm registry
+# (no container engine here; the Kubernetes schemas come with kubernetes-validate, a test extra).
+$(DEPLOY_DEPS): tests/deploy/package.json tests/deploy/package-lock.json
+	@cd tests/deploy && npm ci --silent --no-audit --no-fund
+	@rm -f tests/deploy/node_modules/.installed-*
+	@touch $@
+
+deploy-deps: $(DEPLOY_DEPS)
+
+test: install web browser deploy-deps
 	$(PY) -m pytest -q -ra
 
-test-fast: install browser
+test-fast: install web browser deploy-deps
 	$(PY) -m pytest -q -ra -m "not integration and not slow"
 
 demo: install
 	$(PY) -m slidesynth.demo
 
-serve: install
+serve: install web
 	$(VENV)/bin/slidesynth serve
 
 worker: install
@@ -61,4 +82,4 @@ bench: install
 	$(PY) -m bench.sampler
 
 clean:
-	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules
+	rm -rf $(VENV) data .pytest_cache tests/browser/node_modules service/web/node_modules tests/deploy/node_modules

@@ -42,14 +42,19 @@ class Subscription(ABC):
         pass
 
 
+_stopping = False
+
+
+def stop_streams() -> None:
+    """End every open stream of this process at its next check (within ``recheck_seconds``): a server asked to stop
+    must not wait for jobs to end before its graceful shutdown completes; the clients resume elsewhere with
+    ``Last-Event-ID``. Safe in a signal handler (it sets a flag)."""
+    global _stopping
+    _stopping = True
+
+
 class EventFeed(ABC):
     recheck_seconds: float
-    closing = False  # set when the server stops: open streams end within recheck_seconds (clients resume)
-
-    def stop_streams(self) -> None:
-        """End every open stream at its next check (a server shutting down must not wait for jobs to end); safe to
-        call from a signal handler."""
-        self.closing = True
 
     @abstractmethod
     async def history(self, job: JobRecord, after: int) -> list[JobRecord] | None:
@@ -264,7 +269,7 @@ class JobEventStream:
                     yield None
                     quiet = 0.0
                 woke = await subscription.wait(min(self.feed.recheck_seconds, self.ping_seconds - quiet))
-                if self.feed.closing:
+                if _stopping:
                     return  # the server is stopping; the client reconnects with Last-Event-ID
                 changes = await self.feed.changes(self.job, self.cursor, check_gone=not woke)
                 if changes is None:

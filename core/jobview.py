@@ -8,7 +8,18 @@ from typing import Any
 from core.jobs import JobRecord, JobStatus, iso
 
 
-def job_view_data(job: JobRecord) -> dict[str, Any]:
+def expires_at(job: JobRecord, retention_hours: float) -> float | None:
+    """When the job's files are (or were) removed by the retention sweep; None while it is unfinished or when
+    files are kept forever."""
+    if job.status == JobStatus.expired:
+        return job.expired_at
+    if not job.status.terminal or not retention_hours:
+        return None
+    finished = job.finished_at if job.finished_at is not None else job.created_at
+    return finished + retention_hours * 3600
+
+
+def job_view_data(job: JobRecord, retention_hours: float = 0.0) -> dict[str, Any]:
     base = f"/jobs/{job.id}"
     links: dict[str, str | None] = dict(self=base, slide=None, deepzoom=None, thumbnail=None, zarr=None, mask=None)
     if job.status == JobStatus.succeeded:
@@ -27,9 +38,10 @@ def job_view_data(job: JobRecord) -> dict[str, Any]:
         webhook = dict(url=spec.webhook, events=list(spec.webhook_events), deliveries=job.webhook_deliveries,
                        failures=job.webhook_failures, last_error=job.webhook_last_error)
     return dict(
-        id=job.id, status=job.status.value, stage=job.stage.value if job.stage else None, progress=job.progress,
-        eta_seconds=job.eta_seconds, created_at=iso(job.created_at), started_at=iso(job.started_at),
-        finished_at=iso(job.finished_at), error=job.error, model=spec.model, untrained=job.untrained,
+        id=job.id, status=job.status.value, priority=job.priority.value, stage=job.stage.value if job.stage else None,
+        progress=job.progress, eta_seconds=job.eta_seconds, created_at=iso(job.created_at),
+        started_at=iso(job.started_at), finished_at=iso(job.finished_at),
+        expires_at=iso(expires_at(job, retention_hours)), error=job.error, model=spec.model, untrained=job.untrained,
         cancel_requested=job.cancel_requested, width=spec.width, height=spec.height, mpp=spec.mpp, seed=spec.seed,
         steps=spec.steps, step=job.step, metrics=dict(job.metrics), links=links, webhook=webhook,
     )

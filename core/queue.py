@@ -6,6 +6,12 @@ Configured for hour-long GPU jobs:
   data dir, so the embedded mode needs no server.
 * Late acks, prefetch 1, reject on worker loss, a visibility timeout above the hard time limit (set in
   every place kombu reads it), no result backend (job records live in the job store).
+* One queue per job priority, named from ``SLIDESYNTH_QUEUE``: ``<queue>.high``, ``<queue>`` (normal: the name
+  deployments had before priorities) and ``<queue>.low``. Redis lists have no priorities, but kombu's Redis
+  transport with ``queue_order_strategy: "priority"`` polls a worker's queues in the order it was given them
+  (one ``BRPOP`` over all of them, in that order, instead of rotating the last-used queue to the end): a
+  worker given high, normal, low takes a low job only when the other two are empty. Kombu's filesystem
+  transport (the embedded mode) has no such option: it takes from its queues in turn.
 
 Importing this module creates nothing; :mod:`worker.celery_app` holds the worker's app instance.
 """
@@ -13,16 +19,38 @@ from __future__ import annotations
 
 from celery import Celery
 
+from core.jobs import Priority
 from core.settings import Settings, get_settings
 
 TASK_GENERATE = "slidesynth.generate"
 TASK_EMBED = "slidesynth.embed"  # tiles → embeddings (core.embedding), on the embed queue
+PRIORITY_ORDER = (Priority.high, Priority.normal, Priority.low)  # the order a worker consumes the job queues
+
+
+def job_queue(settings: Settings, priority: Priority | str = Priority.normal) -> str:
+    """The Celery queue of a job of this priority: ``<queue>.high``, ``<queue>`` or ``<queue>.low``."""
+    priority = Priority(priority)
+    return settings.queue if priority == Priority.normal else f"{settings.queue}.{priority.value}"
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """What ``slidesynth worker`` consumes by default, in the order it polls them: the embed queue (short
+    requests a client waits for), then the job queues from high to low priority."""
+    return [settings.embed_queue_name, *(job_queue(settings, p) for p in PRIORITY_ORDER)]
+
+
+def service_queues(settings: Settings) -> list[str]:
+    """Every queue the API sends to, job queue first: what a worker may consume (``slidesynth worker --queues``
+    is checked against it) and what the deployment's autoscaler watches. A new queue (priorities, say) is added
+    here."""
+    return list(dict.fromkeys([*(job_queue(settings, p) for p in PRIORITY_ORDER), settings.embed_queue_name]))
 
 
 def broker_options(settings: Settings) -> tuple[str, dict]:
     visibility = settings.task_time_limit + 1800
     if settings.broker_url:
-        return settings.broker_url, {"visibility_timeout": visibility}
+        # "priority": poll a worker's queues in the order given (-Q), not round robin (only Redis reads it)
+        return settings.broker_url, {"visibility_timeout": visibility, "queue_order_strategy": "priority"}
     folder = settings.data_dir / "broker"
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -65,3 +93,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
 def enqueue(celery: Celery, job_id: str, queue: str) -> None:
     """Send a job by task name; task id = job id, so a re-queued job keeps its id."""
     celery.send_task(TASK_GENERATE, args=[job_id], task_id=job_id, queue=queue)
+
+
+def enqueue_job(celery: Celery, settings: Settings, job_id: str, priority: Priority | str) -> None:
+    """Send a job to its priority's queue (a new job, and a re-queued one: it goes back where it waited)."""
+    enqueue(celery, job_id, job_queue(settings, priority))

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.quotas import Quota, parse_limits
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = "diffinfinite-demo"  # the small models trained on procedural tissue, shipped in weights/
 UNTRAINED_MODEL = "diffinfinite-untrained"
@@ -46,7 +48,9 @@ class Settings(BaseSettings):
         "names none and the default model does not take that conditioning; default: `infinity-brush-demo` when "
         "that folder is in the models dir, else `infinity-brush-untrained`.",
     )
-    queue: str = Field("gpu", description="Celery queue the GPU jobs go to.")
+    queue: str = Field(
+        "gpu", description="Celery queue of normal-priority jobs; `high` ones go to `<queue>.high`, `low` ones to "
+        "`<queue>.low`, and `slidesynth worker` consumes them high first.")
     embed_queue: str = Field(
         "", description="Celery queue of embedding requests (`POST /embed`); empty: `<queue>.embed`. Every "
         "`slidesynth worker` consumes it beside the job queue unless given `--queues`.")
@@ -120,6 +124,10 @@ class Settings(BaseSettings):
         description="A running job whose progress has not moved for this long is taken as lost: a starting "
         "worker re-queues it, and DELETE cancels it at once.",
     )
+    idempotency_hours: float = Field(
+        24.0, gt=0, le=24 * 365,
+        description="How long an `Idempotency-Key` of `POST /generate` is remembered after the job it made was "
+        "created: within it, the same key and body answer that job, and the same key with another body a 409.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed (a run lost with its "
                               "worker counts; a duplicate delivery while a run is alive does not).")
     recovery_seconds: float = Field(
@@ -128,6 +136,33 @@ class Settings(BaseSettings):
         "pid on its host, or no progress for the lease) and re-queues them, as it does when it starts: after a "
         "broker restart ends a task, its job resumes from the checkpoint instead of waiting for a worker restart.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes (one per GPU).")
+
+    retention_hours: float = Field(
+        168.0, ge=0,
+        description="Hours after a job finished (succeeded, failed or canceled) that its files — slide, Zarr, "
+        "thumbnail, masks, checkpoint — are removed and its status becomes `expired` (the record stays; its "
+        "downloads answer 410). 0: files are kept forever.")
+    record_retention_hours: float = Field(
+        0.0, ge=0,
+        description="Hours after a job finished that the record of an expired job is deleted too (then "
+        "`GET /jobs/{id}` answers 404); 0: expired records stay. At least SLIDESYNTH_RETENTION_HOURS.")
+    retention_sweep_seconds: float = Field(
+        300.0, gt=0, le=86400,
+        description="How often each worker looks for finished jobs past SLIDESYNTH_RETENTION_HOURS (and expired "
+        "records past SLIDESYNTH_RECORD_RETENTION_HOURS) and removes them.")
+    quota_running: str = Field(
+        "0",
+        description="Running jobs a tenant may have when it submits: with that many running, `POST /generate` "
+        "answers 429. `N` for every tenant, and/or `tenant:N` pairs (comma-separated) for some; 0: unlimited.")
+    quota_queued: str = Field(
+        "0",
+        description="Queued jobs a tenant may have: with that many waiting, `POST /generate` answers 429. `N` "
+        "and/or `tenant:N` pairs; 0: unlimited.")
+    quota_pixels_per_day: str = Field(
+        "0",
+        description="Output pixels (width × height) a tenant may submit in any 24 hours (a sliding window); a "
+        "job that would go over answers 429 with Retry-After = seconds until enough is freed. Jobs canceled "
+        "before they started do not count. `N` and/or `tenant:N` pairs; 0: unlimited.")
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -210,6 +245,27 @@ class Settings(BaseSettings):
             tenant, _, secret = pair.partition(":")
             out.setdefault(tenant.strip(), []).append(decode_secret(secret.strip()))
         return out
+
+    @field_validator("quota_running", "quota_queued", "quota_pixels_per_day", mode="before")
+    @classmethod
+    def _limits(cls, value) -> str:
+        value = str(value)
+        parse_limits(value)  # ValueError naming the bad item
+        return value
+
+    @model_validator(mode="after")
+    def _record_retention(self) -> "Settings":
+        if self.record_retention_hours and self.retention_hours and self.record_retention_hours < self.retention_hours:
+            raise ValueError("SLIDESYNTH_RECORD_RETENTION_HOURS must be 0 or at least SLIDESYNTH_RETENTION_HOURS")
+        return self
+
+    def quota_for(self, tenant: str) -> Quota:
+        """The tenant's limits: its own `tenant:N` where given, else the setting's `N` (0 = unlimited)."""
+        limits = []
+        for value in (self.quota_running, self.quota_queued, self.quota_pixels_per_day):
+            default, overrides = parse_limits(value)
+            limits.append(overrides.get(tenant, default))
+        return Quota(*limits)
 
     @field_validator("cors_origins")
     @classmethod

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from core import __version__
-from core.jobs import JobRecord, JobStatus, iso
+from core.jobs import FINISHED, JobRecord, iso
 from core.jobview import job_view_data
 
 if TYPE_CHECKING:
@@ -59,7 +59,6 @@ PROGRESS_INTERVAL = 1.0  # seconds between two progress events of a job, at leas
 MAX_RETRY_AFTER = 60.0  # the longest Retry-After honoured, seconds
 IDLE_SECONDS = 60.0  # a job's sender thread ends after this long with nothing to send
 USER_AGENT = f"slidesynth-webhooks/{__version__}"
-TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.canceled}
 
 
 # --- secrets and signatures -------------------------------------------------------------------------------------
@@ -201,9 +200,9 @@ def message_id(job: JobRecord, kind: str) -> str:
     return f"msg_{job.id}_progress_{job.event_seq}" if kind == "progress" else f"msg_{job.id}_{kind}"
 
 
-def payload(job: JobRecord, kind: str) -> bytes:
+def payload(job: JobRecord, kind: str, retention_hours: float = 0.0) -> bytes:
     happened = {"start": job.started_at, "progress": job.heartbeat_at, "completed": job.finished_at}[kind]
-    data = {"type": f"job.{kind}", "timestamp": iso(happened or time.time()), **job_view_data(job)}
+    data = {"type": f"job.{kind}", "timestamp": iso(happened or time.time()), **job_view_data(job, retention_hours)}
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -238,7 +237,7 @@ class WebhookDispatcher:
         if not wants(job, "completed"):
             return False
         try:
-            if not self.store.transition(job.id, TERMINAL, expect={"webhook_completed_at": None},
+            if not self.store.transition(job.id, set(FINISHED), expect={"webhook_completed_at": None},
                                          webhook_completed_at=time.time()):
                 return False
         except Exception:
@@ -341,7 +340,7 @@ class _JobSender(threading.Thread):
         if not keys:
             self._failed(f"{name}: no webhook secret for tenant {job.tenant!r} (SLIDESYNTH_WEBHOOK_SECRETS)")
             return
-        msg_id, body, url = message_id(job, kind), payload(job, kind), job.spec.webhook
+        msg_id, body, url = message_id(job, kind), payload(job, kind, settings.retention_hours), job.spec.webhook
         tries = settings.webhook_max_attempts
         for attempt in range(1, tries + 1):
             timestamp = int(time.time())

@@ -1,6 +1,8 @@
 """The FastAPI application factory."""
 from __future__ import annotations
 
+import signal
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,11 +15,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import ModelRegistry
 from service.deps import Services
-from service.routes import embed, generate, jobs, system
+from service.routes import embed, generate, jobs, system, web
 from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
 from core import __version__
 from core.embedding import open_reply_box
-from core.events import open_event_feed
+from core.events import open_event_feed, stop_streams
+from core.idempotency import open_idempotency_keys
 from core.jobs import open_store
 from core.webhooks import WebhookDispatcher
 from core.settings import Settings, get_settings
@@ -87,11 +90,32 @@ async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"job store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "30"})
 
 
+def end_streams_on_stop_signals() -> None:
+    """When the server is asked to stop (SIGTERM, SIGINT), end the open ``GET /jobs/{id}/events`` streams first, then
+    do what the server does (uvicorn: a graceful shutdown, which waits for open responses: a stream would hold it
+    until its job ends). Wraps the handlers the server installed, in its main thread, whatever runs it (``slidesynth
+    serve`` with one or several processes, ``uvicorn --factory``); elsewhere (a test client's thread) nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if not callable(previous) or getattr(previous, "ends_streams", False):
+            continue  # no handler to wrap (the default ends the process anyway), or wrapped already
+
+        def handler(signum, frame, previous=previous):
+            stop_streams()
+            previous(signum, frame)
+
+        handler.ends_streams = True
+        signal.signal(sig, handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        end_streams_on_stop_signals()
         yield
         await app.state.services.events.aclose()  # the job-events listener and its connections
 
@@ -105,21 +129,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = open_store(settings)
     app.state.services = Services(settings=settings, store=store,
                                   registry=ModelRegistry(settings.models_dir), celery=make_celery(settings),
-                                  replies=open_reply_box(settings), events=open_event_feed(store),
-                                  webhooks=WebhookDispatcher(store, settings))
+                                  replies=open_reply_box(settings), idempotency=open_idempotency_keys(settings),
+                                  events=open_event_feed(store), webhooks=WebhookDispatcher(store, settings))
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)
     app.include_router(embed.router)
+    app.include_router(web.router)  # the page at / (not in the API contract)
+    for path, assets, name in web.mounts():
+        app.mount(path, assets, name=name)
     for exc_type in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(exc_type, store_unavailable)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     if settings.cors_origin_list:
         # browsers may send X-API-Key cross-origin (OpenSeadragon's ajaxHeaders); no cookies are used
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
-                           allow_headers=["X-API-Key", "Content-Type", "Range", "Last-Event-ID"],
-                           expose_headers=["Location"],
-                           max_age=3600)
+                           allow_headers=["X-API-Key", "Content-Type", "Range", "Idempotency-Key",
+                                          "Last-Event-ID"],
+                           expose_headers=["Location"], max_age=3600)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -13,6 +13,7 @@ from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
 from core.embedding import ReplyBox
 from core.events import EventFeed
+from core.idempotency import IdempotencyKeys
 from core.jobs import JobStore
 from core.settings import Settings
 from core.webhooks import WebhookDispatcher
@@ -28,6 +29,7 @@ class Services:
     registry: ModelRegistry
     celery: Celery
     replies: ReplyBox | None = None  # where workers answer embedding requests (core.embedding)
+    idempotency: IdempotencyKeys | None = None  # Idempotency-Key → job of POST /generate (core.idempotency)
     slides: DeepZoomSlides = field(default_factory=DeepZoomSlides)  # open TIFFs behind the Deep Zoom routes
     events: EventFeed | None = None  # what GET /jobs/{id}/events follows (core.events)
     webhooks: WebhookDispatcher | None = None  # `completed` webhooks of jobs the API itself cancels

@@ -91,6 +91,9 @@ class GenerateParams(_Strict):
     compression: Literal["jpeg", "deflate", "zstd"] = Field("jpeg", description="TIFF tile compression.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")
     zarr_version: Literal["0.4", "0.5"] = Field("0.4", description="OME-NGFF version of the Zarr output.")
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal", description="Which job queue the job waits in: workers take `high` jobs first, then `normal`, "
+        "then `low` (a running job is never interrupted).")
     webhook: str | None = Field(
         None, max_length=2048,
         description="http(s) URL the job's events are POSTed to, signed per Standard Webhooks with the tenant's "
@@ -138,20 +141,27 @@ class JobWebhook(BaseModel):
 
 class JobCreated(BaseModel):
     id: str
-    status: str
+    status: str = Field(description="`queued` for a new job; a replayed `Idempotency-Key` gets the job's status now.")
     status_url: str
     untrained: bool
 
 
 class Job(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: Literal["queued", "running", "succeeded", "failed", "canceled", "expired"] = Field(
+        description="`expired`: the job had finished (`error` says whether it failed) and its files were removed "
+                    "after SLIDESYNTH_RETENTION_HOURS; its downloads answer 410.")
+    priority: Literal["low", "normal", "high"] = Field(description="The queue the job waits (or waited) in.")
     stage: Literal["mask", "sampling", "decoding", "writing"] | None
     progress: float = Field(description="Fraction done, 0 to 1.")
     eta_seconds: float | None = Field(description="Estimated seconds left, once known.")
     created_at: str
     started_at: str | None
     finished_at: str | None
+    expires_at: str | None = Field(
+        description="When the finished job's files are removed (SLIDESYNTH_RETENTION_HOURS after `finished_at`; "
+                    "the sweep runs every few minutes) or, once `expired`, when they were; null while the job is "
+                    "queued or running, or when files are kept forever.")
     error: str | None
     model: str
     untrained: bool = Field(description="True when the model has random weights: the slide is not tissue.")

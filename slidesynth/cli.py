@@ -1,4 +1,5 @@
-"""The ``slidesynth`` command: serve, worker, generate, embed, train, convert."""
+"""The ``slidesynth`` command: serve, worker, generate, embed, train, convert — and the client commands (submit,
+status, wait, download, cancel, jobs, models; ``slidesynth/client_cli.py``) for a running service."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from slidesynth.client_cli import CLIENT_COMMANDS, add_client_commands
+from slidesynth.client_cli import run as client_run
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -29,23 +33,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   preexec_fn=_terminate_with_parent)
     try:
         mode = "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
-        print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}", flush=True)
-        app = create_app(settings)
-
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                # open GET /jobs/{id}/events streams end within seconds (their clients resume elsewhere with
-                # Last-Event-ID) instead of holding the graceful shutdown until their jobs end
-                app.state.services.events.stop_streams()
-                super().handle_exit(sig, frame)
-
-        server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
-        try:
-            server.run()
-        except KeyboardInterrupt:
-            pass
-        if not server.started:
-            return 3  # uvicorn's startup failure status (e.g. the port is taken)
+        print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}"
+              + (f", {args.processes} HTTP processes" if args.processes > 1 else ""), flush=True)
+        if args.processes > 1:
+            # uvicorn forks its worker processes from an import string; each builds the app from the same settings
+            uvicorn.run("service.app:create_app", factory=True, workers=args.processes, host=args.host,
+                        port=args.port, log_level=args.log_level)
+        else:
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -67,10 +62,18 @@ def _terminate_with_parent() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from core.queue import worker_queues
     from core.settings import get_settings
-    from worker.device_check import DeviceCheckError, check_worker_start, describe
+    from worker.start_checks import StartCheckError, check_deployment
 
     settings = get_settings()
+    try:  # the deployment first (torch-free, instant), then the device
+        queues = check_deployment(settings, args.queues)
+    except StartCheckError as exc:
+        print(f"slidesynth worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from worker.device_check import DeviceCheckError, check_worker_start, describe
+
     try:
         runtimes = check_worker_start(settings)  # before the pool exists: a bad setting stops here, not mid-job
     except DeviceCheckError as exc:
@@ -81,12 +84,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    queues = args.queues or f"{settings.queue},{settings.embed_queue_name}"
-    argv = ["worker", f"--loglevel={args.log_level}", "-Q", queues, "-c", str(settings.worker_concurrency),
+    argv = ["worker", f"--loglevel={args.log_level}", "-Q", ",".join(queues), "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
             f"--statedb={settings.data_dir / 'worker-state'}"]
     app.worker_main(argv)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _option_flag(name: str) -> str:
@@ -302,14 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--worker", action=argparse.BooleanOptionalAction, default=None,
                    help="also start a worker (default: only in embedded mode)")
+    p.add_argument("--processes", type=_positive_int, default=1,
+                   help="HTTP server processes (uvicorn workers; default 1): a container runs several, e.g. 4")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker for the job queue")
     p.add_argument("--name", default="gpu")
-    p.add_argument("--queues", help="comma-separated queues to consume (default: SLIDESYNTH_QUEUE and the embed "
-                                    "queue, SLIDESYNTH_EMBED_QUEUE); e.g. only the embed queue for a worker that "
-                                    "answers POST /embed while the others run slides")
+    p.add_argument("--queues", help="comma-separated queues to consume, polled in this order with a Redis broker "
+                                    "(default: the embed queue, SLIDESYNTH_EMBED_QUEUE, then the job queues from "
+                                    "high to low priority: <SLIDESYNTH_QUEUE>.high, <SLIDESYNTH_QUEUE>, "
+                                    "<SLIDESYNTH_QUEUE>.low); e.g. only the embed queue for a worker that answers "
+                                    "POST /embed while the others run slides, or only <queue>.high for a worker "
+                                    "kept for urgent jobs; a queue the API does not send to is refused")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 
@@ -350,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert third-party checkpoints").add_subparsers(
         dest="source", required=True)
     _add_engine_commands(train, convert)
+    add_client_commands(sub)
     return parser
 
 
@@ -364,6 +379,8 @@ def _add_engine_commands(train, convert) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return client_run(args)
     return int(args.func(args) or 0)
 
 

@@ -67,7 +67,7 @@ def service(redis_url, key_prefix, tmp_path):
         import redis
 
         r = redis.Redis.from_url(redis_url)
-        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}"):
+        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}*"):  # .high, .low, .embed too
             for key in r.scan_iter(pattern):
                 r.delete(key)
 

@@ -284,9 +284,11 @@ def test_redis_live_stream_and_many_streams_share_one_connection(redis_app, redi
     assert channel_subscribers() == 0
 
 
-def test_a_stopping_server_ends_its_open_streams(tmp_path):
-    """SIGTERM to `slidesynth serve` with a stream open on a job that will not end: the stream closes and the server
-    exits within seconds (uvicorn's graceful shutdown would otherwise wait for the job)."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_stopping_server_ends_its_open_streams(tmp_path, processes):
+    """SIGTERM to `slidesynth serve` (one HTTP process, or several under uvicorn's supervisor) with a stream open on a
+    job that will not end: the stream closes and the server exits within seconds (uvicorn's graceful shutdown would
+    otherwise wait for the job)."""
     import os
     import signal
     import subprocess
@@ -299,7 +301,8 @@ def test_a_stopping_server_ends_its_open_streams(tmp_path):
                SLIDESYNTH_EVENTS_PING_SECONDS="1")
     port = free_port()
     api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
-                            "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            "--processes", str(processes), "--log-level", "warning"], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL,
                            stderr=subprocess.STDOUT)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)

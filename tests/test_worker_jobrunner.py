@@ -241,7 +241,7 @@ def test_lost_runs_are_requeued_and_fenced(ctx):
     ctx.store.update("live1", status=JobStatus.running, worker="elsewhere/2", claim="c", heartbeat_at=_time.time(),
                      attempts=1)
     sent: list[str] = []
-    assert sorted(recover_orphans(ctx, sent.append)) == ["lost1", "stale1"] == sorted(sent)
+    assert sorted(recover_orphans(ctx, lambda job: sent.append(job.id))) == ["lost1", "stale1"] == sorted(sent)
     assert ctx.store.get("lost1").status == JobStatus.queued and ctx.store.get("live1").status == JobStatus.running
     # The old run lost its claim: it cannot record a result any more.
     assert not ctx.store.transition("lost1", {JobStatus.queued, JobStatus.running}, expect={"claim": "old"},

@@ -294,9 +294,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_orphans(ctx: WorkerContext, enqueue: Callable[[str], None]) -> list[str]:
+def recover_orphans(ctx: WorkerContext, enqueue: Callable[[JobRecord], None]) -> list[str]:
     """Re-queue running jobs whose process is gone: on this host, a dead pid; anywhere, a heartbeat older
-    than the lease. Runs when a worker starts; the re-queued job resumes from its checkpoint."""
+    than the lease. Runs when a worker starts; the re-queued job resumes from its checkpoint. ``enqueue`` gets
+    the job's record (its id and priority: it goes back on its priority's queue)."""
     requeued = []
     now = time.time()
     for job in ctx.store.running():
@@ -307,7 +308,7 @@ def recover_orphans(ctx: WorkerContext, enqueue: Callable[[str], None]) -> list[
             continue
         if ctx.store.transition(job.id, {JobStatus.running}, expect={"claim": job.claim}, status=JobStatus.queued,
                                 claim=None, worker=None):
-            enqueue(job.id)
+            enqueue(job)
             requeued.append(job.id)
             log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker)
     return requeued

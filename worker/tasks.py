@@ -1,5 +1,6 @@
 """Celery tasks: thin adapters from a job id to :func:`worker.jobrunner.run_job`, and from an embedding request
-to :func:`worker.embedding.answer_embed_request`."""
+to :func:`worker.embedding.answer_embed_request`; and the worker's periodic threads (orphan recovery, the
+retention sweep of :mod:`worker.retention`)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,8 @@ from celery.signals import worker_process_shutdown, worker_ready
 from worker.celery_app import TASK_GENERATE, app
 from worker.embedding import answer_embed_request
 from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
-from core.queue import TASK_EMBED, enqueue
+from worker.retention import prepare as prepare_retention, sweep
+from core.queue import TASK_EMBED, enqueue_job
 
 log = logging.getLogger("slidesynth.worker")
 
@@ -48,13 +50,25 @@ def embed(request: dict) -> None:
 
 def recover_once(ctx: WorkerContext) -> list[str]:
     try:
-        requeued = recover_orphans(ctx, lambda job_id: enqueue(app, job_id, ctx.settings.queue))
+        # back on the queue of the job's priority
+        requeued = recover_orphans(ctx, lambda job: enqueue_job(app, ctx.settings, job.id, job.priority))
     except Exception:  # recovery must never stop a worker (e.g. the broker or the store is restarting)
         log.exception("recovering orphaned jobs failed")
         return []
     if requeued:
         log.warning("re-queued %d orphaned job(s): %s", len(requeued), ", ".join(requeued))
     return requeued
+
+
+def sweep_once(ctx: WorkerContext) -> None:
+    try:
+        result = sweep(ctx.store, ctx.settings)
+    except Exception:  # like recovery: a store that is restarting must not stop the worker
+        log.exception("the retention sweep failed")
+        return
+    if result.expired or result.deleted:
+        log.info("retention: %d job(s) expired, %d expired record(s) deleted", len(result.expired),
+                 len(result.deleted))
 
 
 @worker_ready.connect
@@ -73,6 +87,19 @@ def _recover(sender=None, **_):
             recover_once(ctx)
 
     threading.Thread(target=loop, name="slidesynth-recovery", daemon=True).start()
+
+    def retention():
+        """Expire finished jobs past ``SLIDESYNTH_RETENTION_HOURS`` every ``SLIDESYNTH_RETENTION_SWEEP_SECONDS``
+        (every worker does; sweeps are idempotent and safe side by side)."""
+        try:
+            prepare_retention(ctx.store)
+        except Exception:
+            log.exception("indexing job records for retention and quotas failed")
+        sweep_once(ctx)
+        while not stop.wait(ctx.settings.retention_sweep_seconds):
+            sweep_once(ctx)
+
+    threading.Thread(target=retention, name="slidesynth-retention", daemon=True).start()
 
 
 WEBHOOK_DRAIN_SECONDS = 10.0

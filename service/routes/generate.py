@@ -1,11 +1,12 @@
-"""``POST /generate``: validate, store the job, enqueue it, answer 202."""
+"""``POST /generate``: validate, store the job, enqueue it on its priority's queue, answer 202 (200 for a replayed
+``Idempotency-Key``)."""
 from __future__ import annotations
 
 import json
 import shutil
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -13,8 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.deps import Services, get_services, get_tenant
 from service.errors import from_field_error, from_validation_error, unprocessable
-from core.jobs import JobRecord, JobStatus, new_job_id
-from core.queue import enqueue
+from core.jobs import JobRecord, JobStatus, Priority, new_job_id
+from core.queue import enqueue_job
+from core.quotas import QuotaExceeded
+from service import idempotency
 from service.preparation import prepare_job
 from service.schemas import GenerateParams, GenerateRequest, JobCreated, ValidationErrors
 from service.validation import FieldError
@@ -37,15 +40,20 @@ def _prefix_params(err: FieldError) -> FieldError:
 
 
 def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | None) -> None:
-    """Write the job's folder and record, then enqueue; on any failure nothing is left behind."""
+    """Write the job's folder and record (checking and reserving the tenant's quota in the same atomic step), then
+    enqueue; on any failure nothing is left behind."""
     store = services.store
     job_dir = store.job_dir(record.id)
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         if mask_png is not None:
             (job_dir / "mask.png").write_bytes(mask_png)
-        store.create(record)
-        enqueue(services.celery, record.id, services.settings.queue)
+        store.create(record, quota=services.settings.quota_for(record.tenant))
+        enqueue_job(services.celery, services.settings, record.id, record.priority)
+    except QuotaExceeded as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        raise HTTPException(429, detail=exc.detail, headers=headers) from None
     except Exception as exc:  # job store or broker down
         try:
             store.delete(record.id)
@@ -61,19 +69,39 @@ def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | 
     response_model=JobCreated,
     summary="Submit a slide synthesis job",
     description="`multipart/form-data` with a `mask` file and a `params` JSON part, or `application/json` "
-    "with `conditioning` (subtype or embedding). Answers 202 with the job id; poll `Location`.",
+    "with `conditioning` (subtype or embedding). Answers 202 with the job id; poll `Location`. With an "
+    "`Idempotency-Key`, a repeat of the request (same key and body, within SLIDESYNTH_IDEMPOTENCY_HOURS) answers "
+    "200 with the job the first one made, and creates and enqueues nothing.",
     openapi_extra={"requestBody": REQUEST_BODY},
     responses={
+        200: {"model": JobCreated, "description": "Idempotency-Key seen before with the same body: the job that "
+              "request made (`Location` names it); no new job"},
+        202: {"description": "Job created and queued; poll `Location`"},
         401: {"description": "Missing or invalid X-API-Key (when the service has API keys)"},
+        409: {"description": "Idempotency-Key seen before with a different body, or a concurrent request with it "
+              "is still storing its job (Retry-After)"},
         413: {"description": "Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"},
         415: {"description": "Neither JSON nor multipart"},
         422: {"model": ValidationErrors, "description": "A field is invalid; `loc` names it"},
+        429: {"description": "Over one of the tenant's quotas; `detail` names it (SLIDESYNTH_QUOTA_RUNNING, "
+                             "SLIDESYNTH_QUOTA_QUEUED, SLIDESYNTH_QUOTA_PIXELS_PER_DAY). `Retry-After`: seconds "
+                             "until it may be accepted (absent for a job larger than the whole daily pixel budget)",
+              "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                          "schema": {"type": "integer"}}}},
         503: {"description": "Job store or queue unavailable"},
     },
 )
 async def generate(request: Request, response: Response, tenant: str = Depends(get_tenant),
-                   services: Services = Depends(get_services)) -> JobCreated:
+                   services: Services = Depends(get_services),
+                   idempotency_key: str = Header(  # optional: None when absent
+                       None, alias=idempotency.HEADER,
+                       description="A client's id for this request (1–255 printable ASCII characters): sent again "
+                       "with the same body within SLIDESYNTH_IDEMPOTENCY_HOURS, it answers 200 with the same job "
+                       "instead of making another; with another body, 409. Per tenant.",
+                       json_schema_extra={"minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH,
+                                          "pattern": idempotency.KEY_PATTERN})) -> JobCreated:
     settings = services.settings
+    key = idempotency.check_key(idempotency_key)
     ctype = request.headers.get("content-type", "").lower()  # media types are case-insensitive
     try:
         if ctype.startswith("application/json"):
@@ -83,6 +111,7 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 raise from_validation_error(exc) from None
             cards = await run_in_threadpool(services.registry.cards)  # the first call reads the cards' files
             job = prepare_job(body, cards, settings, conditioning=body.conditioning, tenant=tenant)
+            params, mask = body, None
         elif ctype.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=2, max_fields=4, max_part_size=1024 * 1024)
@@ -109,9 +138,9 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
                 raise from_validation_error(exc, ("params",)) from None
             except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
                 raise unprocessable(("params",), f"is not JSON this service reads ({exc})") from None
-            data = await upload.read()
+            mask = await upload.read()
             try:  # mask decoding is CPU work: in a thread
-                job = await run_in_threadpool(prepare_job, params, services.registry.cards(), settings, mask=data,
+                job = await run_in_threadpool(prepare_job, params, services.registry.cards(), settings, mask=mask,
                                               tenant=tenant)
             except FieldError as exc:
                 raise from_field_error(_prefix_params(exc)) from None
@@ -120,10 +149,23 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
     except FieldError as exc:
         raise from_field_error(exc) from None
 
-    job_id = new_job_id()
     card = job.card
-    record = JobRecord(id=job_id, tenant=tenant, spec=job.spec, untrained=not card.trained, created_at=time.time())
-    await run_in_threadpool(_store_and_enqueue, services, record, job.mask_png)
-    location = f"/jobs/{job_id}"
+    record = JobRecord(id=new_job_id(), tenant=tenant, priority=Priority(params.priority), spec=job.spec,
+                       untrained=not card.trained, created_at=time.time())
+
+    def create() -> None:
+        _store_and_enqueue(services, record, job.mask_png)
+
+    if key is None:
+        await run_in_threadpool(create)
+        created, new = record, True
+    else:
+        body_fingerprint = await run_in_threadpool(idempotency.fingerprint, params, mask)  # a grid is MBs of JSON
+        created, new = await run_in_threadpool(
+            idempotency.submit_once, services.idempotency, services.store, tenant, key, body_fingerprint, record,
+            create, settings.idempotency_hours * 3600)
+    location = f"/jobs/{created.id}"
     response.headers["Location"] = location
-    return JobCreated(id=job_id, status=JobStatus.queued.value, status_url=location, untrained=not card.trained)
+    if not new:
+        response.status_code = 200
+    return JobCreated(id=created.id, status=created.status.value, status_url=location, untrained=created.untrained)

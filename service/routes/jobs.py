@@ -1,10 +1,15 @@
 """Job status, listing, cancel/delete and downloads."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
+from contextlib import asynccontextmanager
+from pathlib import Path
 
+import anyio
+import openslide
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -13,15 +18,17 @@ from starlette.responses import MalformedRangeHeader
 from service import deepzoom
 from service.deps import Services, get_services, get_tenant
 from service.schemas import Job, JobList
-from service.views import job_view
+from service.views import expires_at, job_view
 from core.contract import OUTPUT_FILES
 from core.events import JobEventStream, sse_message
-from core.jobs import JobRecord, JobStatus
+from core.jobs import JobRecord, JobStatus, iso
 
 router = APIRouter(tags=["jobs"], responses={503: {"description": "Job store unavailable (Retry-After)"}})
 
 NOT_FOUND = {404: {"description": "No such job (for this caller)"}}
 NOT_READY = {409: {"description": "The job has not succeeded (yet)"}}
+GONE = {410: {"description": "The job expired: its files were removed after SLIDESYNTH_RETENTION_HOURS (the detail "
+                             "says when)"}}
 
 
 def _own_job(job_id: str, tenant: str, services: Services) -> JobRecord:
@@ -33,13 +40,14 @@ def _own_job(job_id: str, tenant: str, services: Services) -> JobRecord:
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=NOT_FOUND, summary="Job status")
 def get_job(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)) -> Job:
-    return job_view(_own_job(job_id, tenant, services))
+    return job_view(_own_job(job_id, tenant, services), services.settings.retention_hours)
 
 
 EVENTS_DESCRIPTION = (
     "`text/event-stream`. Each event is `event: job`, `id: <integer, increasing per job>`, `data: <the JSON of GET "
     "/jobs/{id}>`, sent whenever what that shows changes (status, stage, step, progress, eta_seconds, …); the first "
-    "is the current state; the stream ends after the event with a terminal status (succeeded, failed, canceled). "
+    "is the current state; the stream ends after the event with a terminal status (succeeded, failed, canceled, "
+    "expired). "
     "`: ping` comments keep a quiet stream open (SLIDESYNTH_EVENTS_PING_SECONDS). With `Last-Event-ID` (a "
     "reconnect) the events after that id come first, or the current state when they are no longer known.")
 
@@ -58,10 +66,12 @@ async def job_events(job_id: str, last_event_id: str | None = Header(
                          None, description="The id of the last event received, to resume after it."),
                      tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
     job = await run_in_threadpool(_own_job, job_id, tenant, services)
-    stream = JobEventStream(services.events, job, lambda record: job_view(record).model_dump_json(),
+    retention = services.settings.retention_hours
+    stream = JobEventStream(services.events, job, lambda record: job_view(record, retention).model_dump_json(),
                             services.settings.events_ping_seconds)
     after = last_event_id.strip() if last_event_id else ""
-    if not await stream.open(int(after) if after.isascii() and after.isdigit() and len(after) < 19 else None):  # other ids: unknown
+    known = after.isascii() and after.isdigit() and len(after) < 19  # another id is one the stream does not know
+    if not await stream.open(int(after) if known else None):
         return Response(status_code=204)
 
     async def body():
@@ -76,7 +86,8 @@ async def job_events(job_id: str, last_event_id: str | None = Header(
 def list_jobs(offset: int = Query(0, ge=0, le=10 ** 9), limit: int = Query(20, ge=1, le=100),
               tenant: str = Depends(get_tenant), services: Services = Depends(get_services)) -> JobList:
     jobs, total = services.store.list(tenant, offset, limit)
-    return JobList(items=[job_view(j) for j in jobs], total=total, offset=offset, limit=limit)
+    retention = services.settings.retention_hours
+    return JobList(items=[job_view(j, retention) for j in jobs], total=total, offset=offset, limit=limit)
 
 
 @router.delete(
@@ -84,10 +95,10 @@ def list_jobs(offset: int = Query(0, ge=0, le=10 ** 9), limit: int = Query(20, g
     responses={
         200: {"model": Job, "description": "Queued job canceled: it never starts"},
         202: {"model": Job, "description": "Running job: cancel requested; it stops within one sampling step"},
-        204: {"description": "Finished job and its files deleted"},
+        204: {"description": "Finished (or expired) job: its record and files deleted"},
         **NOT_FOUND,
     },
-    summary="Cancel a queued or running job, or delete a finished one",
+    summary="Cancel a queued or running job, or delete a finished or expired one",
 )
 def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant),
                services: Services = Depends(get_services)):
@@ -107,7 +118,7 @@ def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant
         # Its worker is gone (no progress for a whole lease): nobody else will ever finish it.
         response.status_code = 200
         services.webhooks.completed(job)
-        return job_view(store.get(job_id) or job)
+        return job_view(store.get(job_id) or job, settings.retention_hours)
     # A queued job becomes canceled now; its message stays queued and the worker drops it on delivery
     # (the record is terminal), which also works with transports that have no broadcast for revoke().
     if store.transition(job_id, {JobStatus.queued}, status=JobStatus.canceled, finished_at=time.time()):
@@ -115,12 +126,45 @@ def delete_job(job_id: str, response: Response, tenant: str = Depends(get_tenant
         services.webhooks.completed(job)  # now, not when a worker reaches the message
     else:
         response.status_code = 202
-    return job_view(store.get(job_id) or job)
+    return job_view(store.get(job_id) or job, settings.retention_hours)
 
 
 class DownloadResponse(FileResponse):
     """A file with HTTP Range support that ignores a malformed Range header and sends the whole file, as RFC 9110
-    §14.2 allows (Starlette answers it with a plain-text 400)."""
+    §14.2 allows (Starlette answers it with a plain-text 400).
+
+    The file is opened when the response is made, before any header is sent: a file that is gone raises
+    FileNotFoundError there (the route answers 404 or 410), and one removed afterwards — the retention sweep
+    expiring the job — is still sent whole from the open file (Starlette would stat, send the headers, then open
+    the path and break off the response)."""
+
+    def __init__(self, path: Path | str, **kwargs):
+        self._file = open(path, "rb")
+        try:
+            super().__init__(path, stat_result=os.fstat(self._file.fileno()), **kwargs)
+        except BaseException:
+            self._file.close()
+            raise
+
+    async def __call__(self, scope, receive, send) -> None:
+        extensions = scope.get("extensions") or {}
+        if "http.response.pathsend" in extensions:  # a server that would open the path itself
+            scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k != "http.response.pathsend"}}
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._file.close()
+
+    @asynccontextmanager
+    async def _open_file(self):
+        # Starlette's (private) hook for opening self.path; test_download_of_a_file_removed_after_the_response_was_made
+        # notices if it stops being used.
+        file = anyio.wrap_file(os.fdopen(os.dup(self._file.fileno()), "rb"))
+        try:
+            await file.seek(0)
+            yield file
+        finally:
+            await file.aclose()
 
     def _parse_range_header(self, http_range: str, file_size: int) -> list[tuple[int, int]]:
         # Starlette's own (private) parsing hook; test_slide_head_bad_range_and_zarr_listing notices if it changes.
@@ -140,8 +184,49 @@ _RANGE_SPEC = re.compile(r"[ \t]*(\d*)-(\d*)[ \t]*")
 _RANGE_HEADER = re.compile(r"(?i:bytes)=((?:[ \t]*(?:\d+-\d*|-\d+)[ \t]*)(?:,(?:[ \t]*(?:\d+-\d*|-\d+)[ \t]*))*)")
 
 
+def _expired(job: JobRecord) -> HTTPException:
+    return HTTPException(410, detail=f"job {job.id} expired at {iso(job.expired_at)}: its files were removed "
+                                     f"(SLIDESYNTH_RETENTION_HOURS after it finished, at {iso(job.finished_at)})")
+
+
+def _vanished(job_id: str, tenant: str, services: Services) -> HTTPException:
+    """The answer when an output the record listed is not there: the retention sweep (or a DELETE) removed it
+    between the record read and the open. 410 when the job has expired or is due to, else 404."""
+    job = services.store.get(job_id)
+    if job is None or job.tenant != tenant:
+        return HTTPException(404, detail=f"job {job_id} not found")
+    if job.status == JobStatus.expired:
+        return _expired(job)
+    due = expires_at(job, services.settings.retention_hours)
+    if due is not None and due <= time.time():
+        return HTTPException(410, detail=f"job {job_id} expired at {iso(due)}: its files are being removed "
+                                         f"(SLIDESYNTH_RETENTION_HOURS after it finished, at {iso(job.finished_at)})")
+    return HTTPException(404, detail=f"an output file of job {job_id} is missing")
+
+
+def _download(job_id: str, kind: str, tenant: str, services: Services, **kwargs) -> DownloadResponse:
+    path = _output(job_id, kind, tenant, services)
+    try:
+        return DownloadResponse(path, **kwargs)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _vanished(job_id, tenant, services) from None
+
+
+def _slide(job_id: str, tenant: str, services: Services):
+    """The Deep Zoom generator of the job's TIFF, and its path."""
+    path = _output(job_id, "tiff", tenant, services)
+    try:
+        return services.slides.generator(path), path
+    except (OSError, openslide.OpenSlideError):
+        if path.exists():
+            raise
+        raise _vanished(job_id, tenant, services) from None
+
+
 def _output(job_id: str, kind: str, tenant: str, services: Services):
     job = _own_job(job_id, tenant, services)
+    if job.status == JobStatus.expired:
+        raise _expired(job)
     if job.status != JobStatus.succeeded:
         raise HTTPException(409, detail=f"job {job_id} is {job.status.value}; outputs exist once it has succeeded")
     if kind not in job.outputs:
@@ -150,67 +235,70 @@ def _output(job_id: str, kind: str, tenant: str, services: Services):
 
 
 @router.get("/jobs/{job_id}/slide.tiff", response_class=FileResponse,
-            responses={**NOT_FOUND, **NOT_READY,
+            responses={**NOT_FOUND, **NOT_READY, **GONE,
                        200: {"content": {"image/tiff": {}},
                              "description": "Pyramidal BigTIFF; HTTP Range supported (HEAD: headers only)"},
                        206: {"content": {"image/tiff": {}}, "description": "The requested byte range (Range header)"},
                        416: {"description": "Range not satisfiable (empty body, `Content-Range: bytes */size`)"}},
             summary="Download the pyramidal TIFF")
 def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
-    path = _output(job_id, "tiff", tenant, services)
-    return DownloadResponse(path, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
+    return _download(job_id, "tiff", tenant, services, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
 
 
 # HEAD: the size and Accept-Ranges before ranged reads (GDAL, HTTP range readers); the same handler, headers only
 router.add_api_route("/jobs/{job_id}/slide.tiff", download_slide, methods=["HEAD"], response_class=FileResponse,
                      operation_id="head_slide", summary="Headers of the pyramidal TIFF (size, Accept-Ranges)",
-                     responses={**NOT_FOUND, **NOT_READY})
+                     responses={**NOT_FOUND, **NOT_READY, **GONE})
 
 
 DEEPZOOM_CACHE = "private, max-age=86400"  # a job's slide never changes; deleting the job removes it
 
 
-@router.get("/jobs/{job_id}/slide.dzi", response_class=Response, responses={**NOT_FOUND, **NOT_READY,
+@router.get("/jobs/{job_id}/slide.dzi", response_class=Response, responses={**NOT_FOUND, **NOT_READY, **GONE,
             200: {"content": {"application/xml": {}},
                   "description": "Deep Zoom descriptor (254-px JPEG tiles, 1-px overlap) for OpenSeadragon"}},
             summary="Deep Zoom (DZI) descriptor of the slide")
 def deepzoom_descriptor(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
-    gen = services.slides.generator(_output(job_id, "tiff", tenant, services))
+    gen, _ = _slide(job_id, tenant, services)
     return Response(deepzoom.descriptor(gen), media_type="application/xml",
                     headers={"Cache-Control": DEEPZOOM_CACHE})
 
 
 @router.get("/jobs/{job_id}/slide_files/{level}/{tile}", response_class=Response,
             responses={404: {"description": "No such job, or no such tile (the detail names the field)"},
-                       **NOT_READY, 200: {"content": {"image/jpeg": {}}, "description": "Deep Zoom tile"}},
+                       **NOT_READY, **GONE, 200: {"content": {"image/jpeg": {}}, "description": "Deep Zoom tile"}},
             summary="Deep Zoom tile: `{level}/{col}_{row}.jpeg`")
 def deepzoom_tile(job_id: str, level: int, tile: str, tenant: str = Depends(get_tenant),
                   services: Services = Depends(get_services)):
-    gen = services.slides.generator(_output(job_id, "tiff", tenant, services))
+    gen, path = _slide(job_id, tenant, services)
     try:
         col, row = deepzoom.parse_tile_name(tile)
         data = deepzoom.tile_jpeg(gen, level, col, row)
     except deepzoom.TileNotFound as exc:
         raise HTTPException(404, detail=str(exc)) from None
+    except (OSError, openslide.OpenSlideError):
+        if path.exists():
+            raise
+        raise _vanished(job_id, tenant, services) from None  # OpenSlide reopens the file per read
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": DEEPZOOM_CACHE})
 
 
-@router.get("/jobs/{job_id}/thumbnail.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
+@router.get("/jobs/{job_id}/thumbnail.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY, **GONE,
             200: {"content": {"image/png": {}}, "description": "Thumbnail, longest side ≤ 1024 px"}},
             summary="Slide thumbnail")
 def download_thumbnail(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
-    return DownloadResponse(_output(job_id, "thumbnail", tenant, services), media_type="image/png")
+    return _download(job_id, "thumbnail", tenant, services, media_type="image/png")
 
 
-@router.get("/jobs/{job_id}/mask.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY,
+@router.get("/jobs/{job_id}/mask.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY, **GONE,
             200: {"content": {"image/png": {}}, "description": "Label mask the slide was generated from"}},
             summary="Label mask at output resolution")
 def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
-    return DownloadResponse(_output(job_id, "mask", tenant, services), media_type="image/png")
+    return _download(job_id, "mask", tenant, services, media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/slide.zarr/{path:path}", response_class=FileResponse,
-            responses={**NOT_FOUND, **NOT_READY,
+            responses={**NOT_FOUND, **NOT_READY, **GONE,
                        200: {"description": "A file of the OME-Zarr (metadata or chunk), or for a folder (e.g. the "
                                             "root, `slide.zarr/`) a JSON listing of its entries"}},
             summary="OME-Zarr files (metadata and chunks)")
@@ -226,12 +314,19 @@ def download_zarr(job_id: str, path: str, tenant: str = Depends(get_tenant),
         is_dir, is_file = target.is_dir(), target.is_file()
     except (OSError, ValueError):
         raise HTTPException(404, detail="no such file in the Zarr output") from None
-    if target.is_relative_to(root) and is_dir:  # what is under the link the job gives, and below
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
-        return JSONResponse({"path": path, "entries": entries})
-    if not target.is_relative_to(root) or not is_file:
-        raise HTTPException(404, detail=f"no file {path!r} in the Zarr output")
-    return DownloadResponse(target)
+    if not root.is_dir():  # the sweep removed it after the record was read
+        raise _vanished(job_id, tenant, services)
+    try:
+        if target.is_relative_to(root) and is_dir:  # what is under the link the job gives, and below
+            entries = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
+            return JSONResponse({"path": path, "entries": entries})
+        if not target.is_relative_to(root) or not is_file:
+            raise HTTPException(404, detail=f"no file {path!r} in the Zarr output")
+        return DownloadResponse(target)
+    except (FileNotFoundError, NotADirectoryError):
+        if root.is_dir():
+            raise HTTPException(404, detail=f"no file {path!r} in the Zarr output") from None
+        raise _vanished(job_id, tenant, services) from None
 
 
 assert set(OUTPUT_FILES) >= {"tiff", "zarr", "thumbnail", "mask"}
