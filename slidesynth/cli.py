@@ -120,7 +120,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
              + (f"on :{port}/metrics" if port else "in the API's /metrics" if shared else "not served"))
     argv = ["worker", f"--loglevel={args.log_level}", "-Q", ",".join(queues), "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
-            f"--statedb={settings.data_dir / 'worker-state'}"]
+            # one state file per Celery node (%p: name@host): workers share the data folder (a volume), and two
+            # of them writing one shelve file would corrupt it
+            f"--statedb={settings.data_dir / 'worker-state-%p'}"]
     if settings.log_format == "json":
         argv.insert(0, "--quiet")  # Celery's banner is lines of text on stdout: its figures are in the line above
     app.worker_main(argv)
