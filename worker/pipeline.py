@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -208,6 +209,27 @@ METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "class_share": 
            "embedding": embedding_metrics}  # scorer → job metrics, by family
 
 
+def _metered(bands, meter: Meter | None):
+    """The engine's bands, each one's production (the decode; ∞-Brush samples then too) timed for ``meter``."""
+    bands = iter(bands)
+    while True:
+        t0 = time.perf_counter()
+        band = next(bands, None)
+        if band is None:
+            return
+        if meter is not None:
+            meter.band("decoded", band.shape[0] * band.shape[1], time.perf_counter() - t0)
+        yield band
+
+
+@contextmanager
+def _timed(meter: Meter | None, kind: str, pixels: int):
+    t0 = time.perf_counter()
+    yield
+    if meter is not None:
+        meter.band(kind, pixels, time.perf_counter() - t0)
+
+
 def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine, device, report: ReportFn,
                    cancel: CancelFn, runtime: Runtime | None = None, resume_state: Any = None,
                    on_checkpoint: Callable[[Any], None] | None = None, meter: Meter | None = None) -> SlideResult:
@@ -229,25 +251,16 @@ def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine,
                       zarr_path=paths["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:
         report(Stage.decoding, 0.0, None)
-        bands = iter(slide.bands)
-        while True:
-            t_band = time.perf_counter()
-            band = next(bands, None)  # the engine decodes (or samples and decodes) as it is asked for bands
-            if band is None:
-                break
-            t_decoded = time.perf_counter()
-            if meter is not None:
-                meter.band("decoded", band.shape[0] * band.shape[1], t_decoded - t_band)
+        for band in _metered(slide.bands, meter):
             check_cancel(cancel)
-            out.write_band(band)
-            if meter is not None:
-                meter.band("written", band.shape[0] * band.shape[1], time.perf_counter() - t_decoded)
+            with _timed(meter, "written", band.shape[0] * band.shape[1]):
+                out.write_band(band)
             for scorer in scorers.values():
                 scorer.add_band(band)
         report(Stage.writing, 0.0, None)
         t_close = time.perf_counter()
-    if meter is not None:
-        meter.band("written", 0, time.perf_counter() - t_close)  # the pyramid's last levels, the files renamed
+    if meter is not None:  # closing: the pyramid's last levels, the files renamed
+        meter.band("written", 0, time.perf_counter() - t_close)
     result = SlideResult(outputs=save_outputs(spec, slide, out.thumbnail, job_dir))
     for kind, scorer in scorers.items():
         result.metrics.update(METRICS[kind](scorer))
