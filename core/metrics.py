@@ -7,7 +7,10 @@ folder, ``PROMETHEUS_MULTIPROC_DIR``, and the process answering a scrape merges 
 
 * The folder is chosen and emptied by the launcher (``slidesynth serve``, ``slidesynth worker``:
   :func:`prepare_multiprocess`) before any metric exists and before its processes start; every process it starts
-  inherits the variable. One folder per launcher (``SLIDESYNTH_METRICS_DIR``; default a private temporary
+  inherits the variable. (prometheus_client's documentation asks for the variable to be set by a start-up script
+  rather than from Python, because a process that imported prometheus_client or started children before setting
+  it would not use it; the launcher sets it first thing, re-reads prometheus_client's value class, refuses to go
+  on if a metric already exists, and only then starts uvicorn's processes and Celery's pool.) One folder per launcher (``SLIDESYNTH_METRICS_DIR``; default a private temporary
   folder): two launchers sharing one would empty each other's files.
 * Counters and histograms of processes that ended stay in the files and keep counting (counters only grow);
   gauges say how they combine across processes (``multiprocess_mode``), and the ``live*`` ones drop the values of

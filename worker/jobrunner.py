@@ -311,5 +311,6 @@ def recover_orphans(ctx: WorkerContext, enqueue: Callable[[JobRecord], None]) ->
                                 claim=None, worker=None):
             enqueue(job)
             requeued.append(job.id)
-            log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker)
+            log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker,
+                        extra={"job_id": job.id, "tenant": job.tenant})
     return requeued
