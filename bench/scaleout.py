@@ -12,11 +12,11 @@ identical jobs (a striped mask of ``--size``² at 0.5 µm/px, ``--steps`` sampli
 submitted at once through the HTTP API and polled until all have succeeded.
 
 Throughput = jobs ÷ (last job's finished_at − first job's created_at), in jobs per minute, from the job records.
-Efficiency = throughput_N ÷ (N × throughput_1): 1.0 is perfect scaling. Resident memory: each worker's process
-tree (the Celery parent, which holds no model, plus its pool process) after the batch — resident (RSS) and
-proportional (PSS: pages the two share since the fork counted once) — and the pool process's peak (VmHWM). The last line is one JSON object: ``ours`` = the 2-worker efficiency (or the largest N's when 2 is
-not measured), ``reference`` = 1.0 (ideal scaling) and the 1-worker throughput measured in the same run,
-``ratio`` = ours ÷ 1.0.
+Efficiency = throughput_N ÷ (N × throughput_1): 1.0 is perfect scaling. Resident memory: each worker's process tree
+(the Celery parent, which holds no model, plus its pool process) after the batch — resident (RSS) and proportional
+(PSS: pages the two share since the fork counted once) — and the pool process's peak (VmHWM). The last line is one
+JSON object: ``ours`` = the 2-worker efficiency (or the largest N's when 2 is not measured), ``reference`` = 1.0
+(ideal scaling) and the 1-worker throughput measured in the same run, ``ratio`` = ours ÷ 1.0.
 
 Scaling needs a core (on a GPU box: a GPU) per worker and the memory of one pool process per worker: with more
 workers than cores they share the cores and throughput stays flat (the README's Deployment section has the
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['workers']:>7} {r['jobs']:>5} {r['wall_s']:>8.1f} {r['jobs_per_min']:>9.2f} {r['efficiency']:>10.3f} "
-              f"{r['mean_job_s']:>7.1f} {r['rss_mb_per_worker']:>13.0f} {r['pss_mb_per_worker']:>13.0f} "
+        print(f"{r['workers']:>7} {r['jobs']:>5} {r['wall_s']:>8.1f} {r['jobs_per_min']:>9.2f} "
+              f"{r['efficiency']:>10.3f} {r['mean_job_s']:>7.1f} {r['rss_mb_per_worker']:>13.0f} {r['pss_mb_per_worker']:>13.0f} "
               f"{r['peak_rss_mb_pool_process']:>12.0f}")
     mine = next((r for r in rows if r["workers"] == 2), rows[-1])
     summary = {

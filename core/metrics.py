@@ -8,10 +8,11 @@ folder, ``PROMETHEUS_MULTIPROC_DIR``, and the process answering a scrape merges 
 * The folder is chosen and emptied by the launcher (``slidesynth serve``, ``slidesynth worker``:
   :func:`prepare_multiprocess`) before any metric exists and before its processes start; every process it starts
   inherits the variable. (prometheus_client's documentation asks for the variable to be set by a start-up script
-  rather than from Python, because a process that imported prometheus_client or started children before setting
-  it would not use it; the launcher sets it first thing, re-reads prometheus_client's value class, refuses to go
-  on if a metric already exists, and only then starts uvicorn's processes and Celery's pool.) One folder per launcher (``SLIDESYNTH_METRICS_DIR``; default a private temporary
-  folder): two launchers sharing one would empty each other's files.
+  rather than from Python, because a process that imported prometheus_client or started children before setting it
+  would not use it; the launcher sets it first thing, re-reads prometheus_client's value class, refuses to go on if
+  a metric already exists, and only then starts uvicorn's processes and Celery's pool.) One folder per launcher
+  (``SLIDESYNTH_METRICS_DIR``; default a private temporary folder): two launchers sharing one would empty each
+  other's files.
 * Counters and histograms of processes that ended stay in the files and keep counting (counters only grow);
   gauges say how they combine across processes (``multiprocess_mode``), and the ``live*`` ones drop the values of
   dead processes: :func:`mark_dead` when a process ends, and every scrape prunes the files of pids that are gone
@@ -197,7 +198,7 @@ class JobStoreCollector:
     (:data:`STORE_TIMEOUT`), so that ``/metrics`` answers at once while Redis is down — only without these."""
 
     def __init__(self, settings: Any):
-        from core.jobs import FileJobStore, RedisJobStore, open_store
+        from core.jobs import RedisJobStore, open_store
         from core.queue import PRIORITY_ORDER, job_queue
 
         self.settings = settings
@@ -205,8 +206,6 @@ class JobStoreCollector:
         url = settings.job_store_url
         self.store = (RedisJobStore(url, settings.data_dir, prefix=settings.key_prefix, **options) if url
                       else open_store(settings))
-        if not isinstance(self.store, (RedisJobStore, FileJobStore)):  # pragma: no cover - a new store kind
-            raise TypeError(type(self.store))
         self.queues = [(job_queue(settings, p), p.value) for p in PRIORITY_ORDER]
         self.queues.append((settings.embed_queue_name, "embed"))
         broker = settings.broker_url or ""

@@ -24,6 +24,7 @@ LATENCY = Histogram("slidesynth_http_request_duration_seconds", "Time from a req
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "<unmatched>"  # no route: one series for every unknown path
+QUIET_ROUTES = frozenset({"/healthz", "/metrics"})  # probes and scrapes: their access lines at DEBUG when fine
 
 access_log = logging.getLogger("slidesynth.access")
 
@@ -86,7 +87,9 @@ class RequestObserver:
                 code = status.get("status", 500)
                 REQUESTS.labels(method, route, str(code)).inc()
                 LATENCY.labels(method, route).observe(elapsed)
-                access_log.log(logging.WARNING if code >= 500 else logging.INFO, "%s %s %d", method,
+                level = (logging.WARNING if code >= 500 else logging.DEBUG if route in QUIET_ROUTES and code < 400
+                         else logging.INFO)
+                access_log.log(level, "%s %s %d", method,
                                scope.get("path", ""), code,
                                extra={"method": method, "route": route, "status": code,
                                       "duration_ms": round(elapsed * 1000, 1)})

@@ -34,7 +34,8 @@ def test_scaleout_bench_runs_and_reports_efficiency_against_one_worker():
         assert row["efficiency"] == pytest.approx(row["jobs_per_min"] / (n * rows[1]["jobs_per_min"]), abs=0.002)
         assert 100 < row["pss_mb_per_worker"] <= row["rss_mb_per_worker"] and row["peak_rss_mb_pool_process"] > 100
     assert rows[1]["efficiency"] == 1.0
-    assert summary["ours"] == {"workers": 2, "efficiency": rows[2]["efficiency"], "jobs_per_min": rows[2]["jobs_per_min"]}
+    assert summary["ours"] == {"workers": 2, "efficiency": rows[2]["efficiency"],
+                               "jobs_per_min": rows[2]["jobs_per_min"]}
     assert summary["reference"]["efficiency"] == 1.0
     assert summary["reference"]["jobs_per_min_1_worker"] == rows[1]["jobs_per_min"]
     assert summary["ratio"] == pytest.approx(rows[2]["efficiency"])

@@ -81,9 +81,9 @@ class JobMeter:
 
     def band(self, kind: str, pixels: int, seconds: float) -> None:
         """``kind``: decoded (the engine produced a band) or written (the writers took it)."""
-        mpx, counter = pixels / 1e6, (DECODED_MPX, DECODE_SECONDS) if kind == "decoded" else (WRITTEN_MPX, WRITE_SECONDS)
-        counter[0].inc(mpx)
-        counter[1].inc(max(0.0, seconds))
+        megapixels, spent = (DECODED_MPX, DECODE_SECONDS) if kind == "decoded" else (WRITTEN_MPX, WRITE_SECONDS)
+        megapixels.inc(pixels / 1e6)
+        spent.inc(max(0.0, seconds))
 
     def sampled(self, notes: dict[str, Any], seconds: dict[str, float]) -> None:
         """The engine's figures at the end of sampling."""
