@@ -267,6 +267,11 @@ class JobStore(ABC):
         return 0
 
     @abstractmethod
+    def status_counts(self) -> dict[str, int]:
+        """The number of job records of each status (every :class:`JobStatus`, 0 when none): what the metrics
+        read at scrape time. One pass over the records."""
+
+    @abstractmethod
     def request_cancel(self, job_id: str) -> None: ...
 
     @abstractmethod
@@ -492,12 +497,13 @@ _INDEXED_FIELDS = {"status", "finished_at", "created_at", "started_at"}
 
 
 class RedisJobStore(JobStore):
-    def __init__(self, url: str, data_dir: Path, prefix: str = "slidesynth"):
+    def __init__(self, url: str, data_dir: Path, prefix: str = "slidesynth", **redis_options: Any):
+        """``redis_options``: keyword arguments of the Redis client (e.g. ``socket_timeout``)."""
         import redis
 
         super().__init__(data_dir)
         self.url = url
-        self.redis = redis.Redis.from_url(url)
+        self.redis = redis.Redis.from_url(url, **redis_options)
         self.prefix = prefix
         self._transition = self.redis.register_script(_TRANSITION_LUA)
         self._update = self.redis.register_script(_UPDATE_LUA)
@@ -600,6 +606,31 @@ class RedisJobStore(JobStore):
                 if job is not None:
                     jobs.append(job)
         return jobs
+
+    def status_counts(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in JobStatus}
+        keys: list[bytes] = []
+
+        def count(batch: list[bytes]) -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in batch:
+                pipe.hget(key, "status")
+            for raw in pipe.execute():
+                if raw is not None:
+                    status = json.loads(raw)
+                    counts[status] = counts.get(status, 0) + 1
+
+        for key in self.redis.scan_iter(f"{self.prefix}:job:*", count=1000):
+            name = key.decode()
+            if name.count(":") != 2 or name.endswith(":cancel"):
+                continue
+            keys.append(key)
+            if len(keys) >= 1000:
+                count(keys)
+                keys = []
+        if keys:
+            count(keys)
+        return counts
 
     def list(self, tenant: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         key = self._tenant_key(tenant)
@@ -828,6 +859,12 @@ class FileJobStore(JobStore):
 
     def running(self) -> list[JobRecord]:
         return [j for j in self._records() if j.status == JobStatus.running]
+
+    def status_counts(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in JobStatus}
+        for job in self._records():
+            counts[job.status.value] += 1
+        return counts
 
     def list(self, tenant: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         jobs = [j for j in self._records() if j.tenant == tenant]

@@ -164,6 +164,22 @@ class Settings(BaseSettings):
         "job that would go over answers 429 with Retry-After = seconds until enough is freed. Jobs canceled "
         "before they started do not count. `N` and/or `tenant:N` pairs; 0: unlimited.")
 
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines of `slidesynth serve` and `slidesynth worker`: `text` (human-readable) or `json` "
+        "(one object per line: time, level, logger, message, and `job_id` and `tenant` on every line logged "
+        "while a job is handled). Credentials in URLs and the API keys are redacted in both.")
+    metrics_dir: Path | None = Field(
+        None,
+        description="prometheus_client's multiprocess folder (PROMETHEUS_MULTIPROC_DIR) of one `slidesynth serve` "
+        "or `slidesynth worker` and its processes; emptied when it starts. Unset: a private temporary folder, "
+        "removed at exit. Never share one folder between two of them.")
+    metrics_port: int = Field(
+        9100, ge=0, le=65535,
+        description="Port on which `slidesynth worker` serves its Prometheus metrics (`/metrics`, every pool "
+        "process aggregated); 0: none. A worker started by `slidesynth serve` (embedded mode) serves none: the "
+        "API's `/metrics` includes its figures.")
+
     @field_validator("batch_size", mode="before")
     @classmethod
     def _auto_batch(cls, value):

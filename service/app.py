@@ -9,12 +9,12 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import ModelRegistry
 from service.deps import Services
+from service.metrics import RequestObserver
 from service.routes import embed, generate, jobs, system, web
 from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
 from core import __version__
@@ -22,15 +22,15 @@ from core.embedding import open_reply_box
 from core.events import open_event_feed, stop_streams
 from core.idempotency import open_idempotency_keys
 from core.jobs import open_store
+from core.metrics import JobStoreCollector
 from core.webhooks import WebhookDispatcher
 from core.settings import Settings, get_settings
 from core.queue import make_celery
 
-REQUESTS = Counter("slidesynth_http_requests_total", "HTTP requests", ["method", "status"])
-
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes (413) by Content-Length and by counting what arrives."""
+    """Refuse bodies over ``limit`` bytes (413) by Content-Length and by counting what arrives (the 413 is counted
+    and logged by :class:`service.metrics.RequestObserver` outside)."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -41,7 +41,6 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            REQUESTS.labels(scope.get("method", ""), "413").inc()
             return await self._refuse(send)
         seen = 0
 
@@ -54,25 +53,18 @@ class BodyLimit:
                     raise _TooLarge()
             return message
 
-        status_holder = {}
+        started = {}
 
         async def recording_send(message):
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                started["status"] = message["status"]
             await send(message)
 
         try:
             await self.app(scope, counting_receive, recording_send)
         except _TooLarge:
-            if "status" not in status_holder:
+            if "status" not in started:
                 await self._refuse(send)
-                status_holder["status"] = 413
-        except BaseException:
-            # an unhandled error: the server-error middleware outside answers 500 (count what the client gets)
-            status_holder.setdefault("status", 500)
-            raise
-        finally:
-            REQUESTS.labels(scope.get("method", ""), str(status_holder.get("status", 500))).inc()
 
     async def _refuse(self, send: Send) -> None:
         body = b'{"detail":"request body too large"}'
@@ -147,6 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["X-API-Key", "Content-Type", "Range", "Idempotency-Key",
                                           "Last-Event-ID"],
                            expose_headers=["Location"], max_age=3600)
+    app.add_middleware(RequestObserver)  # outermost of ours: counts, times and logs what the client gets
+    # /metrics adds the job store's figures (jobs by status, queue lengths), read at scrape time
+    app.state.store_metrics = JobStoreCollector(settings)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

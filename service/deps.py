@@ -9,6 +9,7 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
+from core import logs
 from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
 from core.embedding import ReplyBox
@@ -43,9 +44,11 @@ def get_tenant(key: str | None = Security(api_key_header), services: Services = 
     """The caller's tenant; ``public`` when the service has no API keys."""
     keys = services.settings.tenants_by_key
     if not keys:
+        logs.set_context(tenant="public")
         return "public"
     if key:
         for known, tenant in keys.items():
             if hmac.compare_digest(known.encode(), key.encode()):
+                logs.set_context(tenant=tenant)  # on the request's log lines (its access line too)
                 return tenant
     raise HTTPException(status_code=401, detail="missing or invalid X-API-Key", headers={"WWW-Authenticate": "APIKey"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,31 +17,49 @@ from slidesynth.client_cli import CLIENT_COMMANDS, add_client_commands
 from slidesynth.client_cli import run as client_run
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _observability(settings, log_level: str, metrics_dir: Path | None, wipe: bool = True) -> None:
+    """First thing a launcher does: the metrics folder its processes share (core/metrics.py), set before any
+    metric exists and inherited by every process it starts, and the log format (core/logs.py)."""
+    from core import logs, metrics
 
-    from service.app import create_app
+    metrics.prepare_multiprocess(metrics_dir, wipe=wipe)
+    logs.configure(settings, log_level)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from core import logs
     from core.settings import get_settings
 
     settings = get_settings()
+    _observability(settings, args.log_level, settings.metrics_dir)
+    import uvicorn
+
+    from service.app import create_app
+
+    log = logging.getLogger("slidesynth.api")
     worker = None
     start_worker = settings.embedded if args.worker is None else args.worker
     if start_worker:
         # The worker runs in its own process (CUDA must not be initialised in the API process). It is told
         # to stop when `serve` dies however it dies: uvicorn re-raises SIGTERM after its graceful shutdown,
-        # so a `finally` here is not enough.
-        worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker"], env=os.environ.copy(),
-                                  preexec_fn=_terminate_with_parent)
+        # so a `finally` here is not enough. It writes its metrics into this server's folder (no port of its own):
+        # the API's /metrics shows them.
+        worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--shared-metrics"],
+                                  env=os.environ.copy(), preexec_fn=_terminate_with_parent)
     try:
         mode = "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
-        print(f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in {settings.data_dir}"
-              + (f", {args.processes} HTTP processes" if args.processes > 1 else ""), flush=True)
+        logs.say(log, settings, f"slidesynth: API on http://{args.host}:{args.port}, {mode}, data in "
+                 f"{settings.data_dir}" + (f", {args.processes} HTTP processes" if args.processes > 1 else ""))
+        # uvicorn applies the same logging configuration in each of its processes; the access line is ours
+        # (service/metrics.py: route template, job id, tenant)
+        log_config = logs.log_config(settings.log_format, args.log_level, logs.secrets_of(settings))
         if args.processes > 1:
             # uvicorn forks its worker processes from an import string; each builds the app from the same settings
             uvicorn.run("service.app:create_app", factory=True, workers=args.processes, host=args.host,
-                        port=args.port, log_level=args.log_level)
+                        port=args.port, log_level=args.log_level, log_config=log_config, access_log=False)
         else:
-            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                        log_config=log_config, access_log=False)
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -62,31 +81,50 @@ def _terminate_with_parent() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from core.queue import worker_queues
+    from core import logs, metrics
     from core.settings import get_settings
-    from worker.start_checks import StartCheckError, check_deployment
 
     settings = get_settings()
+    # --shared-metrics (from `serve`): write into the API's folder, which the API exposes; else a folder and a
+    # port of this worker's own
+    shared = metrics.multiprocess_dir() if args.shared_metrics else None
+    _observability(settings, args.log_level, shared or settings.metrics_dir, wipe=shared is None)
+    from worker.start_checks import StartCheckError, check_deployment
+
+    log = logging.getLogger("slidesynth.worker")
     try:  # the deployment first (torch-free, instant), then the device
         queues = check_deployment(settings, args.queues)
     except StartCheckError as exc:
-        print(f"slidesynth worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        logs.say(log, settings, f"slidesynth worker: refusing to start: {exc}", level=logging.ERROR,
+                 stream=sys.stderr)
         return 2
     from worker.device_check import DeviceCheckError, check_worker_start, describe
 
     try:
         runtimes = check_worker_start(settings)  # before the pool exists: a bad setting stops here, not mid-job
     except DeviceCheckError as exc:
-        print(f"slidesynth worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        logs.say(log, settings, f"slidesynth worker: refusing to start: {exc}", level=logging.ERROR,
+                 stream=sys.stderr)
         return 2
     for device, runtime in runtimes.items():
-        print(f"slidesynth worker: {describe(device, runtime)}", flush=True)
+        logs.say(log, settings, f"slidesynth worker: {describe(device, runtime)}")
     from worker.celery_app import app
 
+    logs.take_over_celery_logging(app, settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    port = None
+    if shared is None and settings.metrics_port:
+        port = settings.metrics_port if metrics.serve_worker_metrics(settings.metrics_port) else None
+    logs.say(log, settings, f"slidesynth worker: queues {','.join(queues)}, {settings.worker_concurrency} "
+             f"process(es), broker {settings.broker_url or 'filesystem (embedded mode)'}, metrics "
+             + (f"on :{port}/metrics" if port else "in the API's /metrics" if shared else "not served"))
     argv = ["worker", f"--loglevel={args.log_level}", "-Q", ",".join(queues), "-c", str(settings.worker_concurrency),
             "-P", "prefork", "-n", f"{args.name}@%h", "--without-gossip", "--without-mingle",
-            f"--statedb={settings.data_dir / 'worker-state'}"]
+            # one state file per Celery node (%p: name@host): workers share the data folder (a volume), and two
+            # of them writing one shelve file would corrupt it
+            f"--statedb={settings.data_dir / 'worker-state-%p'}"]
+    if settings.log_format == "json":
+        argv.insert(0, "--quiet")  # Celery's banner is lines of text on stdout: its figures are in the line above
     app.worker_main(argv)
     return 0
 
@@ -325,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "POST /embed while the others run slides, or only <queue>.high for a worker "
                                     "kept for urgent jobs; a queue the API does not send to is refused")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--shared-metrics", action="store_true",
+                   help="write metrics into the folder of the `slidesynth serve` that started this worker (its "
+                        "PROMETHEUS_MULTIPROC_DIR), exposed by the API's /metrics, and serve no port of its own")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("generate", help="generate one slide in-process (no server)")
@@ -381,7 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in CLIENT_COMMANDS:
         return client_run(args)
-    return int(args.func(args) or 0)
+    from pydantic import ValidationError
+
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # pydantic's own message quotes the values, and a value may be a secret (an API key, a URL's password)
+        problems = "; ".join(f"SLIDESYNTH_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors(include_input=False, include_url=False))
+        print(f"slidesynth: invalid settings: {problems}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

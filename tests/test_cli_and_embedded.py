@@ -92,6 +92,14 @@ def test_embedded_serve_runs_a_job_without_any_server(tmp_path):
         assert (tmp_path / "data" / "broker" / "control").is_dir()  # the filesystem transport, kept in the data dir
         record = json.loads((tmp_path / "data" / "jobs" / job["id"] / "job.json").read_text())
         worker_pid = int(record["worker"].rsplit("/", 1)[1])
+        # The worker `serve` started writes its metrics into the API's folder: one /metrics shows both
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [s for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples]
+        found = {s.name: s.value for s in samples if not s.labels or s.labels.get("status") == "succeeded"}
+        assert found["slidesynth_sampling_steps_total"] == 2 and found["slidesynth_job_duration_seconds_count"] == 1
+        assert found["slidesynth_jobs"] == 1 and found["slidesynth_job_store_up"] == 1  # the file job store
+        assert any(s.name == "slidesynth_http_requests_total" and s.labels["route"] == "/generate" for s in samples)
     finally:
         client.close()
         proc.terminate()

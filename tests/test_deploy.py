@@ -410,7 +410,35 @@ def test_the_gpu_worker_asks_for_one_gpu_and_has_time_to_give_back_its_job():
     from slidesynth.cli import build_parser
 
     build_parser().parse_args(worker["command"][1:])
-    assert {"name": "metrics", "containerPort": 9100} in worker["ports"]
+    assert {"name": "metrics", "containerPort": deployed_settings().metrics_port} in worker["ports"]
+
+
+def test_prometheus_scrapes_every_worker_pod_on_the_port_it_serves():
+    """The worker serves its metrics on SLIDESYNTH_METRICS_PORT (core/metrics.py): a headless Service names the
+    worker pods' `metrics` port and a ServiceMonitor scrapes it; compose publishes each worker's port on the
+    host's loopback, one host port per worker."""
+    settings = deployed_settings()
+    assert settings.metrics_port > 0 and settings.log_format == "json"
+    pods = one("Deployment", "slidesynth-worker")["spec"]["template"]["metadata"]["labels"]
+    service = one("Service", "slidesynth-worker-metrics")
+    assert service["spec"]["clusterIP"] == "None" and _selects({"matchLabels": service["spec"]["selector"]}, pods)
+    (port,) = service["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in container("Deployment", "slidesynth-worker")["ports"]}
+    assert port["targetPort"] == "metrics" and container_ports["metrics"] == settings.metrics_port
+    monitor = one("ServiceMonitor", "slidesynth-worker")
+    assert _selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert not _selects(monitor["spec"]["selector"], one("Service", "slidesynth-api")["metadata"]["labels"])
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [(port["name"], "/metrics")]
+    services = compose()["services"]
+    host_ports = []
+    for name, worker in services.items():
+        if name.startswith("worker-gpu"):
+            (published,) = worker["ports"]
+            host, host_port, inner = published.split(":")
+            assert host == "127.0.0.1" and int(inner) == settings.metrics_port, name
+            host_ports.append(host_port)
+    assert host_ports and len(set(host_ports)) == len(host_ports)
+    assert "ports" not in services["redis"]
 
 
 def test_keda_scales_the_worker_on_every_queue_the_api_sends_to():
@@ -613,7 +641,7 @@ def _refused(proc: subprocess.CompletedProcess, setting: str, tmp_path) -> str:
     assert proc.returncode != 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "refusing to start" in line]
     assert len(lines) == 1 and lines[0].startswith(f"slidesynth worker: refusing to start: {setting}="), proc.stderr
-    assert not (tmp_path / "data" / "worker-state").exists()  # Celery never started
+    assert not list((tmp_path / "data").glob("worker-state*"))  # Celery never started
     return lines[0]
 
 

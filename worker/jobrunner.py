@@ -2,6 +2,10 @@
 
 Called by the Celery task with a job id. Redelivered jobs (worker lost mid-run) resume from the last
 sampler checkpoint; after ``max_attempts`` deliveries a job is failed rather than looped forever.
+
+Every line logged while a job is handled carries its ``job_id`` and ``tenant`` (core/logs.py); a run that holds
+the job feeds the worker's metrics (worker/metrics.py: queue wait, duration, steps, band throughput, output
+bytes, GPU memory).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from core import logs
 from core.contract import OUTPUT_FILES, overall_fraction
 from core.jobs import JobRecord, JobStatus, JobStore, Stage, open_store
 from core.settings import Settings, get_settings
@@ -23,6 +28,7 @@ from models.engine import Runtime, get_engine
 from models.registry import ModelRegistry
 from models.runtime import Canceled
 from worker.device_check import resolve_device, worker_runtime
+from worker.metrics import JobMeter
 from worker.pipeline import generate_slide
 
 log = logging.getLogger("slidesynth.worker")
@@ -69,9 +75,10 @@ class ProgressRecorder:
     ``on_progress`` (which must not block: the webhook sender only queues)."""
 
     def __init__(self, store: JobStore, job_id: str, stages: tuple[Stage, ...], total_steps: int,
-                 on_progress: Callable[[], None] | None = None):
+                 meter: JobMeter | None = None, on_progress: Callable[[], None] | None = None):
         self.store, self.job_id, self.stages = store, job_id, stages
         self.total_steps = total_steps
+        self.meter = meter
         self.on_progress = on_progress
         self.t0 = time.monotonic()
         self._last_eta: float | None = None
@@ -90,6 +97,8 @@ class ProgressRecorder:
         if step is not None:
             fields["step"] = step
         self.store.update(self.job_id, **fields)
+        if self.meter is not None:
+            self.meter.step(step)
         if self.on_progress is not None:
             self.on_progress()
 
@@ -120,11 +129,20 @@ def worker_device(setting: str):
 
 
 def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
+    opened = logs.current_context()
+    if opened is not None and opened.job_id == job_id:  # the task's (worker/tasks.py): it gets the tenant too
+        return _run_job(job_id, ctx)
+    with logs.job_context(job_id=job_id):  # every line logged while the job is handled names it
+        return _run_job(job_id, ctx)
+
+
+def _run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
     store, settings = ctx.store, ctx.settings
     job = store.get(job_id)
     if job is None:
         log.error("job %s not found; dropping the message", job_id)
         return None
+    logs.set_context(tenant=job.tenant)
     if job.status.terminal:
         # e.g. canceled while queued, or a duplicate delivery of a finished job; its completed webhook, unless the
         # process that ended it queued it already
@@ -159,6 +177,23 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
                             total_steps=job.spec.steps):
         current = store.get(job_id)
         return current.status if current else None
+    log.info("job %s started (attempt %d, model %s, %d×%d px, %d steps)", job_id, attempts, job.spec.model,
+             job.spec.width, job.spec.height, job.spec.steps)
+    meter = JobMeter(job)
+    meter.started(first_run=job.started_at is None)
+    status: JobStatus | None = None
+    try:
+        status = _run_claimed(job, ctx, claim, attempts, meter)
+        return status
+    finally:
+        meter.finished(status)
+        log.info("job %s run ended: %s", job_id, status.value if status is not None else "error")
+
+
+def _run_claimed(job: JobRecord, ctx: WorkerContext, claim: str, attempts: int, meter: JobMeter) -> JobStatus | None:
+    """The run of a job this process has claimed: the pipeline, then the job's end recorded (if still its own)."""
+    store, settings, job_id = ctx.store, ctx.settings, job.id
+    job_dir = store.job_dir(job_id)
     if attempts > 1:
         remove_partials(job_dir)  # what the lost run left half-written; its checkpoint stays for the resume
     mine = {"claim": claim}  # fencing: a run that lost its claim (the job was re-queued) cannot finish it
@@ -180,16 +215,21 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         resumed_from = int(resume.step) if resume is not None else None
         if attempts > 1 and resume is None and state_path.exists():
             log.warning("ignoring unreadable sampler checkpoint %s", state_path)
-        report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps,
+        if resumed_from is not None:
+            meter.resumed_at(resumed_from)  # the steps before it were counted by the run that did them
+            log.info("job %s resumes from its checkpoint at step %d", job_id, resumed_from)
+        report = ProgressRecorder(store, job_id, engine.stages(spec.conditioning), spec.steps, meter,
                                   on_progress=(lambda: _notify(ctx, job, "progress"))
                                   if "progress" in spec.webhook_events and spec.webhook else None)
         device, runtime = ctx.device_runtime()
+        meter.device = device
+        meter.reset_peak()
         models = ctx.registry.load(spec.model, device)
         store.update(job_id, untrained=not models.card.trained)
         claim_check = ClaimCheck(store, job_id, claim)
         result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
                                 cancel=lambda: store.cancel_requested(job_id) or claim_check.lost(),
-                                runtime=runtime, resume_state=resume, on_checkpoint=checkpoint)
+                                runtime=runtime, resume_state=resume, on_checkpoint=checkpoint, meter=meter)
     except Canceled:
         if claim_check is not None and claim_check.lost(force=True):
             # another run took the job (this one was presumed lost): stop, and leave its record alone
@@ -216,6 +256,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> JobStatus | None:
         log.warning("job %s: this run lost its claim; its result is not recorded", job_id)
         current = store.get(job_id)
         return current.status if current else None
+    meter.outputs(result.outputs, job_dir)
     _completed(ctx, job)
     return JobStatus.succeeded
 
@@ -310,5 +351,6 @@ def recover_orphans(ctx: WorkerContext, enqueue: Callable[[JobRecord], None]) ->
                                 claim=None, worker=None):
             enqueue(job)
             requeued.append(job.id)
-            log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker)
+            log.warning("job %s was running in a lost process (%s): re-queued", job.id, job.worker,
+                        extra={"job_id": job.id, "tenant": job.tenant})
     return requeued

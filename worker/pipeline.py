@@ -4,16 +4,18 @@ Knows nothing of Celery or the job store, nor of any engine: it builds the engin
 engine (:mod:`models.engine`) produces, streams them into the writers and scores them. It reports through
 ``report(stage, fraction, step)`` and asks ``cancel()`` between decoded bands (engines ask between steps).
 Stages: ``mask`` (engines that make one) → ``sampling`` → ``decoding`` → ``writing`` (pyramid levels finished,
-files renamed into place).
+files renamed into place). An optional ``meter`` (:class:`Meter`; the worker's metrics) is told the engine's
+figures when sampling ends and each band's pixels and seconds as it is produced and written.
 """
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -25,6 +27,15 @@ from models.runtime import CancelFn, check_cancel
 
 
 FIDELITY_MPP = 0.5  # the fidelity classifier was trained on procedural tissue at 0.5 µm/px
+
+class Meter(Protocol):
+    def sampled(self, notes: dict[str, Any], seconds: dict[str, float]) -> None:
+        """The engine returned (its sampling is over, where it samples before decoding)."""
+
+    def band(self, kind: str, pixels: int, seconds: float) -> None:
+        """``decoded``: the engine produced a band of ``pixels`` in ``seconds``; ``written``: the writers took it
+        (and, with 0 pixels, the time closing them took)."""
+
 
 @dataclass
 class SlideResult:
@@ -198,9 +209,30 @@ METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "class_share": 
            "embedding": embedding_metrics}  # scorer → job metrics, by family
 
 
+def _metered(bands, meter: Meter | None):
+    """The engine's bands, each one's production (the decode; ∞-Brush samples then too) timed for ``meter``."""
+    bands = iter(bands)
+    while True:
+        t0 = time.perf_counter()
+        band = next(bands, None)
+        if band is None:
+            return
+        if meter is not None:
+            meter.band("decoded", band.shape[0] * band.shape[1], time.perf_counter() - t0)
+        yield band
+
+
+@contextmanager
+def _timed(meter: Meter | None, kind: str, pixels: int):
+    t0 = time.perf_counter()
+    yield
+    if meter is not None:
+        meter.band(kind, pixels, time.perf_counter() - t0)
+
+
 def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine, device, report: ReportFn,
                    cancel: CancelFn, runtime: Runtime | None = None, resume_state: Any = None,
-                   on_checkpoint: Callable[[Any], None] | None = None) -> SlideResult:
+                   on_checkpoint: Callable[[Any], None] | None = None, meter: Meter | None = None) -> SlideResult:
     """Run one job end to end; outputs land in ``job_dir`` only when complete."""
     from writers.outputs import SlideOutputs
 
@@ -209,6 +241,8 @@ def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine,
     slide = engine.generate(models, engine_request(spec, engine, job_dir), device=device,
                             runtime=runtime or Runtime(), report=report, cancel=cancel, state=resume_state,
                             on_checkpoint=on_checkpoint)
+    if meter is not None:
+        meter.sampled(slide.notes, slide.seconds)
     check_cancel(cancel)
     scorers = slide_scorers(spec, slide, models.card, (runtime or Runtime()).models_dir)
     description, metadata = slide_description(spec, models.card.trained)
@@ -217,12 +251,16 @@ def generate_slide(spec: JobSpec, models: Any, job_dir: Path, *, engine: Engine,
                       zarr_path=paths["zarr"], description=description, metadata=metadata,
                       compression=spec.compression, quality=spec.quality, zarr_version=spec.zarr_version) as out:
         report(Stage.decoding, 0.0, None)
-        for band in slide.bands:
+        for band in _metered(slide.bands, meter):
             check_cancel(cancel)
-            out.write_band(band)
+            with _timed(meter, "written", band.shape[0] * band.shape[1]):
+                out.write_band(band)
             for scorer in scorers.values():
                 scorer.add_band(band)
         report(Stage.writing, 0.0, None)
+        t_close = time.perf_counter()
+    if meter is not None:  # closing: the pyramid's last levels, the files renamed
+        meter.band("written", 0, time.perf_counter() - t_close)
     result = SlideResult(outputs=save_outputs(spec, slide, out.thumbnail, job_dir))
     for kind, scorer in scorers.items():
         result.metrics.update(METRICS[kind](scorer))

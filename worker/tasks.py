@@ -7,12 +7,14 @@ import logging
 import socket
 
 from celery import Task
-from celery.signals import worker_process_shutdown, worker_ready
+from celery.signals import task_postrun, task_prerun, worker_process_shutdown, worker_ready
 
 from worker.celery_app import TASK_GENERATE, app
 from worker.embedding import answer_embed_request
 from worker.jobrunner import WorkerContext, fail_job, recover_orphans, run_job
 from worker.retention import prepare as prepare_retention, sweep
+from core import logs
+from core.metrics import mark_dead
 from core.queue import TASK_EMBED, enqueue_job
 
 log = logging.getLogger("slidesynth.worker")
@@ -100,6 +102,34 @@ def _recover(sender=None, **_):
             sweep_once(ctx)
 
     threading.Thread(target=retention, name="slidesynth-retention", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _metrics_goodbye(pid=None, **_):
+    """A pool process that ends (recycled, or the worker stopping) drops its live gauges (GPU memory, jobs
+    running) from the metrics; one killed outright is pruned at the next scrape (core/metrics.py)."""
+    mark_dead(pid)
+
+
+_log_contexts: dict[str, object] = {}
+
+
+@task_prerun.connect
+def _open_log_context(task_id=None, task=None, args=None, **_):
+    """Celery's own lines about a job's task (its outcome, its time) name the job and its tenant too: the log
+    context opens before the task runs and closes after Celery has logged its end; run_job adds the tenant."""
+    if task is not None and task.name == TASK_GENERATE and task_id:
+        _log_contexts[task_id] = logs.open_context(job_id=args[0] if args else task_id)
+
+
+@task_postrun.connect
+def _close_log_context(task_id=None, **_):
+    token = _log_contexts.pop(task_id, None)
+    if token is not None:
+        try:
+            logs.close_context(token)
+        except ValueError:  # opened in another context (not in a prefork pool process): leave it
+            pass
 
 
 WEBHOOK_DRAIN_SECONDS = 10.0

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core import logs
 from service.deps import Services, get_services, get_tenant
 from service.errors import from_field_error, from_validation_error, unprocessable
 from core.jobs import JobRecord, JobStatus, Priority, new_job_id
@@ -164,6 +165,7 @@ async def generate(request: Request, response: Response, tenant: str = Depends(g
         created, new = await run_in_threadpool(
             idempotency.submit_once, services.idempotency, services.store, tenant, key, body_fingerprint, record,
             create, settings.idempotency_hours * 3600)
+    logs.set_context(job_id=created.id)  # the request's access line names the job it made (or replayed)
     location = f"/jobs/{created.id}"
     response.headers["Location"] = location
     if not new:

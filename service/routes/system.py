@@ -1,8 +1,10 @@
 """Models, health and metrics."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from core.metrics import render
 
 from service.deps import Services, get_services
 from service.schemas import Health, ModelInfo, ModelList
@@ -44,5 +46,9 @@ def healthz(response: Response, services: Services = Depends(get_services)) -> H
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition: every HTTP process's metrics of this server (core/metrics.py) and the job store's
+    figures read now (jobs by status, queue lengths; each Redis read bounded to 1 s, so a Redis outage leaves
+    /metrics answering)."""
+    body, content_type = await run_in_threadpool(render, request.app.state.store_metrics)
+    return Response(body, media_type=content_type)
