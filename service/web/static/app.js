@@ -9,7 +9,7 @@ import {classColours, colourise, decodeLabelPng, MaskDecodeError, NOT_A_CLASS} f
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "slidesynth.apiKey";
-const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+const TERMINAL = new Set(["succeeded", "failed", "canceled", "expired"]);  // expired: finished, files removed (retention)
 const PREVIEW_SIDE = 512;   // the preview canvas's longest side, px
 const OVERLAY_SIDE = 2048;  // the mask overlay's longest side, px (a large mask is sampled down)
 const POLL_MS = 1000;
