@@ -5,8 +5,9 @@ Every schemathesis phase (coverage, fuzzing, stateful along the contract's links
 content types, headers and bodies as documented, invalid data refused, valid data accepted, the API key enforced.
 The app runs with API keys on and schemathesis sends the key, in the embedded mode (file job store) and with
 Redis; no worker runs, jobs stay queued in a temporary data dir (and a Redis key prefix of their own, removed
-afterwards). A fixed seed and ``derandomize``: the same requests every run. ``python -m bench.schemathesis_full``
-runs the same at a larger size.
+afterwards). Passes on a succeeded, a failed and an expired job (``seed_jobs``) fuzz the downloads against real
+files. A fixed seed and ``derandomize``: the same requests every run (but for the job ids the service draws, which
+schemathesis reuses). ``python -m bench.schemathesis_full`` runs the same at a larger size.
 """
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def _check(report: st_run.Report, min_requests: int) -> None:
     assert any(s in (200, 202) for s in answered["POST /generate"]), st_run.table(report)
     assert 200 in answered["GET /jobs/{job_id}"], st_run.table(report)
     assert report.phases.get("stateful", "").startswith("success"), report.phases
+    # the passes on the seeded jobs: the downloads answered from real files (whole and ranged), and 410 expired
+    for operation in ("GET /jobs/{job_id}/slide.tiff", "GET /jobs/{job_id}/thumbnail.png",
+                      "GET /jobs/{job_id}/mask.png", "HEAD /jobs/{job_id}/slide.tiff"):
+        assert {200, 206, 409, 410} <= answered[operation], (operation, answered[operation])
+    for operation in ("GET /jobs/{job_id}/slide.dzi", "GET /jobs/{job_id}/slide_files/{level}/{tile}",
+                      "GET /jobs/{job_id}/slide.zarr/{path}"):
+        assert {200, 404, 410} <= answered[operation], (operation, answered[operation])
 
 
 @pytest.fixture
@@ -53,12 +61,9 @@ def test_contract_fuzzed_in_embedded_mode(tmp_path, clean_env):
 
     settings = st_run.settings_for(tmp_path / "data")
     app = create_app(settings)
-    seeded = st_run.seed_jobs(app)
-    report = st_run.run(app, max_examples=30, **st_run.installed(settings))
-    _check(report, min_requests=800)
-    # the seeded jobs were reached through ids learnt from GET /jobs: downloads answered 200 (or 410, expired)
-    assert app.state.services.store.get(seeded["succeeded"]) is not None
-    # many submissions, no worker: every job still queued, a few KB each in the temporary data dir
+    report = st_run.run(app, max_examples=50, jobs=st_run.seed_jobs(app), **st_run.installed(settings))
+    _check(report, min_requests=3000)
+    # many submissions, no worker: jobs stay queued (or canceled by DELETE), a few KB each in the temporary dir
     jobs, total = app.state.services.store.list(st_run.TENANT, 0, 1000)
     assert total > 10 and {j.status.value for j in jobs} <= {"queued", "canceled", "succeeded", "failed", "expired"}
     assert _tree_bytes(tmp_path / "data") < 50 * 1024 * 1024
@@ -73,9 +78,8 @@ def test_contract_fuzzed_with_redis(tmp_path, clean_env, redis_url, key_prefix):
     settings = st_run.settings_for(tmp_path / "data", redis_url, key_prefix)
     try:
         app = create_app(settings)
-        st_run.seed_jobs(app)
-        report = st_run.run(app, max_examples=15, **st_run.installed(settings))
-        _check(report, min_requests=500)
+        report = st_run.run(app, max_examples=25, jobs=st_run.seed_jobs(app), **st_run.installed(settings))
+        _check(report, min_requests=1500)
         # the submissions wait on the run's own queues, where no worker takes them
         r = redis.Redis.from_url(redis_url)
         assert sum(r.llen(f"{key_prefix}{suffix}") for suffix in ("", ".high", ".low")) > 10
