@@ -7,9 +7,11 @@ Schemathesis (https://schemathesis.readthedocs.io) reads ``openapi.yaml`` — th
 live app's ``/openapi.json`` — and runs every phase its command line runs: coverage (boundary and negative
 values of every parameter and body field, missing and wrong API keys, undocumented methods), fuzzing (Hypothesis
 data, positive and negative) and stateful sequences along the contract's links (``POST /generate`` → its job's
-``GET``, ``DELETE`` and downloads). Each response goes through all of schemathesis's checks but the ones
-:data:`CHECKS` turns off, each with its reason: no 5xx, the status code, content type, headers and body as
-documented, invalid data refused, valid data accepted, the API key enforced, a deleted job gone.
+``GET``, ``DELETE`` and downloads). Each response goes through all of schemathesis's checks — no 5xx, the status
+code, content type, headers and body as documented, invalid data refused, valid data accepted, the API key
+enforced, the ``Allow`` of a 405 — but the ones :data:`CHECKS` and :data:`OPERATIONS_CONFIG` turn off or narrow,
+each with its reason. Then passes on jobs a worker would have finished (:func:`seed_jobs`) fuzz the downloads
+against real files: Range, Deep Zoom levels and tiles, Zarr paths.
 
 The app is the real one (:func:`service.app.create_app`), called in process through schemathesis's ASGI
 transport, with its real dependencies: the file job store and filesystem broker of the embedded mode under a
@@ -146,8 +148,8 @@ def seed_jobs(app) -> dict[str, str]:
     """Jobs of the test tenant in each state a worker would leave them in, so that the downloads answer more
     than 404 and 409: a succeeded job with every output (a pyramidal TIFF and an OME-Zarr written by the
     service's writers, the thumbnail and the mask), a failed one and an expired one. They are submitted through
-    the API (a mask upload) and finished by writing their files and records as the worker does. Schemathesis
-    learns their ids from ``GET /jobs``. Returns status → job id."""
+    the API (a mask upload) and finished by writing their files and records as the worker does. Returns status →
+    job id, for :func:`run`'s passes on them."""
     import io
 
     import numpy as np
@@ -176,8 +178,9 @@ def seed_jobs(app) -> dict[str, str]:
                 spec = store.get(job_id).spec
                 y, x = np.mgrid[:spec.height, :spec.width]
                 image = np.stack([200 - y % 50, 150 + x % 60, 190 + (x + y) % 40], -1).astype(np.uint8)
-                for writer in (PyramidTiffWriter(job_dir / OUTPUT_FILES["tiff"], spec.width, spec.height, mpp=spec.mpp),
-                               OmeZarrWriter(job_dir / OUTPUT_FILES["zarr"], spec.width, spec.height, mpp=spec.mpp)):
+                size = dict(width=spec.width, height=spec.height, mpp=spec.mpp)
+                for writer in (PyramidTiffWriter(job_dir / OUTPUT_FILES["tiff"], **size),
+                               OmeZarrWriter(job_dir / OUTPUT_FILES["zarr"], **size)):
                     with writer as w:
                         tile = w.cascade.tile
                         for ty in range(-(-spec.height // tile)):
@@ -205,6 +208,10 @@ def cleanup_redis(settings) -> None:
             client.delete(key)
 
 
+OTHER_METHODS = "(other methods on the contract's paths)"  # the unsupported_method check's probes: 405
+OTHER_PATHS = "(paths not in the contract)"
+
+
 class Recorder:
     """ASGI wrapper: counts requests by operation and status; an exception the app raised is kept (with its
     traceback) and answered as the 500 a server would send, so the run goes on and the checks see it."""
@@ -218,10 +225,12 @@ class Recorder:
                         for method, path in templates]
 
     def operation(self, method: str, path: str) -> str:
-        for m, pattern, label in self._routes:
-            if m == method and pattern.match(path):
+        """The contract's ``METHOD /template`` of a request; the others in two groups."""
+        templates = [(m, label) for m, pattern, label in self._routes if pattern.match(path)]
+        for m, label in templates:
+            if m == method:
                 return label
-        return f"{method} (not in the contract)"
+        return OTHER_METHODS if templates else OTHER_PATHS
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -437,22 +446,28 @@ def _execute(schema, report: Report, failing_cases: set[str], prefix: str = "") 
 
 
 def table(report: Report) -> str:
-    lines = [f"{'operation':<52} {'requests':>8} {'2xx':>6} {'4xx':>6} {'5xx':>5}"]
+    """Requests per operation by status (401 apart: the answers without or with a wrong key), then the distinct
+    failures per check."""
+    columns = [("2xx", lambda s: s // 100 == 2), ("401", lambda s: s == 401),
+               ("other 4xx", lambda s: s // 100 == 4 and s != 401), ("5xx", lambda s: s >= 500)]
     per_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for (label, status), n in report.requests.items():
-        per_op[label][status // 100] += n
-    for label in sorted(set(report.operations) | set(per_op)):
+        per_op[label][status] += n
+    per_op["all requests"] = sum(per_op.values(), collections.Counter())
+    lines = [f"{'operation':<48} {'requests':>8}" + "".join(f" {name:>9}" for name, _ in columns)]
+    for label in [*sorted(report.operations), *sorted(set(per_op) - set(report.operations) - {"all requests"}),
+                  "all requests"]:
         c = per_op.get(label, collections.Counter())
-        lines.append(f"{label:<52} {sum(c.values()):>8} {c[2]:>6} {c[4]:>6} {c[5]:>5}")
-    lines.append(f"{'all ' + str(len(report.operations)) + ' operations':<52} {report.total_requests:>8} "
-                 f"{sum(n for (_, s), n in report.requests.items() if s // 100 == 2):>6} "
-                 f"{sum(n for (_, s), n in report.requests.items() if s // 100 == 4):>6} {report.server_errors:>5}")
+        lines.append(f"{label:<48} {sum(c.values()):>8}" +
+                     "".join(f" {sum(n for s, n in c.items() if test(s)):>9}" for _, test in columns))
     lines.append("")
-    lines.append(f"{'check':<40} {'distinct failures':>18}")
+    lines.append(f"{'check':<48} {'distinct failures':>17}")
     checks = report.by_check()
     for name in sorted(checks):
-        lines.append(f"{name:<40} {checks[name]:>18}")
-    lines.append(f"{'(none)' if not checks else 'all checks':<40} {sum(checks.values()):>18}")
+        lines.append(f"{name:<48} {checks[name]:>17}")
+    lines.append(f"{'(none)' if not checks else 'all checks':<48} {sum(checks.values()):>17}")
+    if report.errors:
+        lines.append(f"{'errors (schemathesis, the app raised)':<48} {len(report.errors):>17}")
     return "\n".join(lines)
 
 
