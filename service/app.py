@@ -6,10 +6,13 @@ import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.registry import ModelRegistry
@@ -102,6 +105,25 @@ def end_streams_on_stop_signals() -> None:
         signal.signal(sig, handler)
 
 
+METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+async def http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's answer to an HTTPException, with a 405's ``Allow`` listing every method of the path: Starlette
+    lists only those of the first route whose path matched (``GET`` for ``/jobs/{id}``, which DELETE takes too),
+    where RFC 9110 §15.5.6 asks for all the methods the resource supports."""
+    if exc.status_code == 405:
+        allowed = set()
+        for route in request.app.state.method_routes:
+            if route.matches(request.scope)[0] != Match.NONE:
+                allowed |= route.methods
+        if allowed:
+            order = {m: i for i, m in enumerate(METHOD_ORDER)}
+            exc.headers = {**(exc.headers or {}),
+                           "Allow": ", ".join(sorted(allowed, key=lambda m: (order.get(m, len(order)), m)))}
+    return await http_exception_handler(request, exc)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -123,15 +145,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   registry=ModelRegistry(settings.models_dir), celery=make_celery(settings),
                                   replies=open_reply_box(settings), idempotency=open_idempotency_keys(settings),
                                   events=open_event_feed(store), webhooks=WebhookDispatcher(store, settings))
-    app.include_router(generate.router)
-    app.include_router(jobs.router)
-    app.include_router(system.router)
-    app.include_router(embed.router)
-    app.include_router(web.router)  # the page at / (not in the API contract)
+    routers = (generate.router, jobs.router, system.router, embed.router, web.router)  # web: the page at /
+    for router in routers:
+        app.include_router(router)
+    # the routes of each path and method, for a 405's Allow (FastAPI nests included routers' routes)
+    app.state.method_routes = [route for router in routers for route in router.routes
+                               if getattr(route, "methods", None)]
     for path, assets, name in web.mounts():
         app.mount(path, assets, name=name)
     for exc_type in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(exc_type, store_unavailable)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     if settings.cors_origin_list:
         # browsers may send X-API-Key cross-origin (OpenSeadragon's ajaxHeaders); no cookies are used

@@ -6,8 +6,25 @@ from pydantic import ValidationError
 
 from models.engine import engines
 
-from service.schemas import UNION_TAGS
+from service.schemas import UNION_TAGS, ErrorDetail
 from service.validation import FieldError
+
+
+def problem(description: str, headers: dict[str, str] | None = None) -> dict:
+    """An error response in the contract: ``{"detail": "…"}`` and its documented headers (name → description)."""
+    response = {"model": ErrorDetail, "description": description}
+    if headers:
+        response["headers"] = {name: {"description": text, "schema": {"type": "integer" if name == "Retry-After"
+                                                                      else "string"}}
+                               for name, text in headers.items()}
+    return response
+
+
+RETRY_AFTER = {"Retry-After": "Seconds to wait before retrying"}
+# every route that takes X-API-Key (service.deps.get_tenant)
+UNAUTHORIZED = {401: problem("Missing or invalid X-API-Key (when the service sets SLIDESYNTH_API_KEYS)",
+                             {"WWW-Authenticate": "`APIKey`"})}
+STORE_UNAVAILABLE = {503: problem("Job store unavailable", RETRY_AFTER)}
 
 
 def unprocessable(loc: tuple, msg: str) -> HTTPException:

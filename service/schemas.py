@@ -109,6 +109,9 @@ class GenerateParams(_Strict):
 class GenerateRequest(GenerateParams):
     """`application/json` body of `POST /generate`: conditioning without a mask."""
 
+    # without a mask nothing gives the size: required here (optional in GenerateParams, where a mask may give it)
+    width: int = Field(ge=8, description="Output width in pixels.")
+    height: int = Field(ge=8, description="Output height in pixels.")
     conditioning: Conditioning
 
 
@@ -267,6 +270,12 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     store: bool
     mode: Literal["embedded", "redis"]
+
+
+class ErrorDetail(BaseModel):
+    """Body of every 4xx and 5xx but a 422 (and a 416, which has none): what went wrong, in words."""
+
+    detail: str
 
 
 class FieldProblem(BaseModel):

@@ -711,3 +711,62 @@ def test_non_finite_numbers_are_refused_as_such(client):
             assert resp.status_code == 422 and error_locs(resp) == [["body", "params", field]], (field, value)
             assert "finite number" in resp.text, resp.text
     assert_nothing_created(client)
+
+
+# --- found by schemathesis (tests/test_schemathesis.py) ---------------------------------------------------------
+
+
+def test_every_operation_that_takes_the_key_answers_401_as_the_contract_documents(embedded_settings):
+    """With API keys, each secured operation answers a request without (or with a wrong) X-API-Key with the
+    401 openapi.yaml documents for it: `{"detail": …}` and WWW-Authenticate (the job routes had no 401 in the
+    contract)."""
+    import yaml
+
+    from service.app import create_app
+    from tests.conftest import REPO
+
+    spec = yaml.safe_load((REPO / "openapi.yaml").read_text())
+    client = TestClient(create_app(embedded_settings.model_copy(update={"api_keys": "t1:k1"})))
+    secured = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()
+               if op.get("security")]
+    assert len(secured) >= 12
+    for path, method, op in secured:
+        assert "401" in op["responses"], (method, path)
+        url = path.replace("{job_id}", "0" * 32).replace("{level}", "0").replace("{tile}", "0_0.jpeg") \
+            .replace("{path}", ".zattrs")
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            resp = client.request(method.upper(), url, headers=headers)
+            assert resp.status_code == 401, (method, path, resp.status_code)
+            assert resp.headers["www-authenticate"] == "APIKey"
+            if method != "head":
+                assert resp.json() == {"detail": "missing or invalid X-API-Key"}
+
+
+def test_a_405_allows_every_method_of_the_path(client):
+    """Allow lists what the resource supports (RFC 9110 §15.5.6), not only the first route's methods: GET and
+    DELETE on /jobs/{id} (it said GET alone)."""
+    cases = {("OPTIONS", "/jobs/abc"): "GET, DELETE", ("PUT", "/jobs/abc"): "GET, DELETE",
+             ("PUT", "/jobs/abc/slide.tiff"): "GET, HEAD", ("PATCH", "/generate"): "POST", ("POST", "/jobs"): "GET",
+             ("DELETE", "/embed"): "POST", ("POST", "/jobs/abc/slide.zarr/0/.zarray"): "GET"}
+    for (method, path), allow in cases.items():
+        resp = client.request(method, path)
+        assert resp.status_code == 405 and resp.headers["allow"] == allow, (method, path, resp.headers.get("allow"))
+        assert resp.json() == {"detail": "Method Not Allowed"}
+
+
+def test_a_json_submission_without_its_size_is_refused_as_the_contract_says(client):
+    """openapi.yaml made width and height optional in the JSON body, which the service refused without them: they
+    are required there now (with a mask, in `params`, they stay optional)."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    schema = yaml.safe_load((REPO / "openapi.yaml").read_text())["components"]["schemas"]["GenerateRequest"]
+    assert {"width", "height", "conditioning"} <= set(schema["required"])
+    base = {"conditioning": {"type": "subtype", "subtype": "LUSC"}, "width": 64, "height": 64}
+    for field in ("width", "height"):
+        for body in ({k: v for k, v in base.items() if k != field}, {**base, field: None}):
+            resp = client.post("/generate", json=body)
+            assert resp.status_code == 422 and error_locs(resp) == [["body", field]], resp.text
+    assert_nothing_created(client)
+    assert post_mask(client, png_bytes(make_mask(16, 16)), {"mask_mpp": 1.0}).status_code == 202

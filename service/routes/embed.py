@@ -17,7 +17,7 @@ from core.embedding import EmbedFailed, NoWorkerAnswer, request_embeddings
 from models.encoders import DEFAULT_ENCODER, EncoderCard, installed_encoders
 from models.encoders.preprocess import prepare_tile
 from service.deps import Services, get_services, get_tenant
-from service.errors import unprocessable
+from service.errors import RETRY_AFTER, UNAUTHORIZED, problem, unprocessable
 from service.schemas import EmbeddedTile, Embeddings, EncoderInfo, EncoderList, ValidationErrors
 from service.tiles import TileError, read_tile
 
@@ -70,13 +70,13 @@ def _read_tiles(uploads: list[tuple[str | None, bytes]], card: EncoderCard, max_
     "field. Answers the unit-length embedding of each tile, in order, computed by a worker.",
     openapi_extra={"requestBody": REQUEST_BODY},
     responses={
-        401: {"description": "Missing or invalid X-API-Key (when the service has API keys)"},
-        413: {"description": "Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"},
-        415: {"description": "Not multipart/form-data"},
+        **UNAUTHORIZED,
+        413: problem("Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"),
+        415: problem("Not multipart/form-data"),
         422: {"model": ValidationErrors, "description": "A field is invalid; `loc` names it (`tiles`, i for the "
                                                          "i-th tile, or `encoder`)"},
-        500: {"description": "The worker could not embed the tiles (e.g. its weight file fails its hash check)"},
-        503: {"description": "No worker answered within SLIDESYNTH_EMBED_TIMEOUT, or the queue is unavailable"},
+        500: problem("The worker could not embed the tiles (e.g. its weight file fails its hash check)"),
+        503: problem("No worker answered within SLIDESYNTH_EMBED_TIMEOUT, or the queue is unavailable", RETRY_AFTER),
     },
 )
 async def embed(request: Request, tenant: str = Depends(get_tenant),

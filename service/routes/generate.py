@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import logs
 from service.deps import Services, get_services, get_tenant
-from service.errors import from_field_error, from_validation_error, unprocessable
+from service.errors import RETRY_AFTER, UNAUTHORIZED, from_field_error, from_validation_error, problem, unprocessable
 from core.jobs import JobRecord, JobStatus, Priority, new_job_id
 from core.queue import enqueue_job
 from core.quotas import QuotaExceeded
@@ -28,9 +28,34 @@ router = APIRouter(tags=["jobs"])
 REQUEST_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+        "application/json": {
+            "schema": {"$ref": "#/components/schemas/GenerateRequest"},
+            "examples": {
+                "subtype": {"summary": "A 1024² slide of lung adenocarcinoma (DiffInfinite draws the mask first)",
+                            "value": {"conditioning": {"type": "subtype", "subtype": "LUAD"},
+                                      "width": 1024, "height": 1024, "seed": 7}},
+            },
+        },
         "multipart/form-data": {"schema": {"$ref": "#/components/schemas/MultipartGenerate"}},
     },
+}
+
+LOCATION = {"Location": {"description": "The job's status URL, `/jobs/{id}`", "required": True,
+                         "schema": {"type": "string"}}}
+
+# Where the answer leads (OpenAPI links: what clients, and schemathesis's stateful tests, call next with its id).
+# The ids are the operations' in openapi.yaml; tests/test_openapi_contract.py checks that each one exists.
+JOB_LINKS = {
+    name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}, "description": text}
+    for name, operation, text in [
+        ("GetJob", "get_job_jobs__job_id__get", "Poll the job (`status_url`, `Location`)"),
+        ("CancelOrDeleteJob", "delete_job_jobs__job_id__delete", "Cancel the job, or delete it once finished"),
+        ("DownloadSlide", "download_slide_jobs__job_id__slide_tiff_get", "The pyramidal TIFF, once succeeded"),
+        ("SlideHeaders", "head_slide", "The TIFF's size and Accept-Ranges, once succeeded"),
+        ("DeepZoomDescriptor", "deepzoom_descriptor_jobs__job_id__slide_dzi_get", "The slide's DZI, once succeeded"),
+        ("Thumbnail", "download_thumbnail_jobs__job_id__thumbnail_png_get", "The thumbnail, once succeeded"),
+        ("Mask", "download_mask_jobs__job_id__mask_png_get", "The label mask, once succeeded"),
+    ]
 }
 
 
@@ -76,20 +101,18 @@ def _store_and_enqueue(services: Services, record: JobRecord, mask_png: bytes | 
     openapi_extra={"requestBody": REQUEST_BODY},
     responses={
         200: {"model": JobCreated, "description": "Idempotency-Key seen before with the same body: the job that "
-              "request made (`Location` names it); no new job"},
-        202: {"description": "Job created and queued; poll `Location`"},
-        401: {"description": "Missing or invalid X-API-Key (when the service has API keys)"},
-        409: {"description": "Idempotency-Key seen before with a different body, or a concurrent request with it "
-              "is still storing its job (Retry-After)"},
-        413: {"description": "Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"},
-        415: {"description": "Neither JSON nor multipart"},
+              "request made (`Location` names it); no new job", "headers": LOCATION, "links": JOB_LINKS},
+        202: {"description": "Job created and queued; poll `Location`", "headers": LOCATION, "links": JOB_LINKS},
+        **UNAUTHORIZED,
+        409: problem("Idempotency-Key seen before with a different body, or a concurrent request with it is still "
+                     "storing its job (Retry-After)", RETRY_AFTER),
+        413: problem("Request body over SLIDESYNTH_MAX_UPLOAD_BYTES"),
+        415: problem("Neither JSON nor multipart"),
         422: {"model": ValidationErrors, "description": "A field is invalid; `loc` names it"},
-        429: {"description": "Over one of the tenant's quotas; `detail` names it (SLIDESYNTH_QUOTA_RUNNING, "
-                             "SLIDESYNTH_QUOTA_QUEUED, SLIDESYNTH_QUOTA_PIXELS_PER_DAY). `Retry-After`: seconds "
-                             "until it may be accepted (absent for a job larger than the whole daily pixel budget)",
-              "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
-                                          "schema": {"type": "integer"}}}},
-        503: {"description": "Job store or queue unavailable"},
+        429: problem("Over one of the tenant's quotas; `detail` names it (SLIDESYNTH_QUOTA_RUNNING, "
+                     "SLIDESYNTH_QUOTA_QUEUED, SLIDESYNTH_QUOTA_PIXELS_PER_DAY). `Retry-After`: seconds until it may "
+                     "be accepted (absent for a job larger than the whole daily pixel budget)", RETRY_AFTER),
+        503: problem("Job store or queue unavailable", RETRY_AFTER),
     },
 )
 async def generate(request: Request, response: Response, tenant: str = Depends(get_tenant),

@@ -10,25 +10,26 @@ from pathlib import Path
 
 import anyio
 import openslide
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path as PathParam, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.responses import MalformedRangeHeader
 
 from service import deepzoom
 from service.deps import Services, get_services, get_tenant
+from service.errors import STORE_UNAVAILABLE, UNAUTHORIZED, problem
 from service.schemas import Job, JobList
 from service.views import expires_at, job_view
 from core.contract import OUTPUT_FILES
 from core.events import JobEventStream, sse_message
 from core.jobs import JobRecord, JobStatus, iso
 
-router = APIRouter(tags=["jobs"], responses={503: {"description": "Job store unavailable (Retry-After)"}})
+router = APIRouter(tags=["jobs"], responses={**UNAUTHORIZED, **STORE_UNAVAILABLE})
 
-NOT_FOUND = {404: {"description": "No such job (for this caller)"}}
-NOT_READY = {409: {"description": "The job has not succeeded (yet)"}}
-GONE = {410: {"description": "The job expired: its files were removed after SLIDESYNTH_RETENTION_HOURS (the detail "
-                             "says when)"}}
+NOT_FOUND = {404: problem("No such job (for this caller)")}
+NOT_READY = {409: problem("The job has not succeeded (yet)")}
+GONE = {410: problem("The job expired: its files were removed after SLIDESYNTH_RETENTION_HOURS (the detail says "
+                     "when)")}
 
 
 def _own_job(job_id: str, tenant: str, services: Services) -> JobRecord:
@@ -184,6 +185,24 @@ _RANGE_SPEC = re.compile(r"[ \t]*(\d*)-(\d*)[ \t]*")
 _RANGE_HEADER = re.compile(r"(?i:bytes)=((?:[ \t]*(?:\d+-\d*|-\d+)[ \t]*)(?:,(?:[ \t]*(?:\d+-\d*|-\d+)[ \t]*))*)")
 
 
+def range_header(range_: str = Header(  # optional: None when absent
+        None, alias="Range", description="A byte range of the file, `bytes=first-last`, `bytes=first-` or "
+        "`bytes=-suffix` (several, comma-separated, answer multipart/byteranges): 206 with those bytes, 416 when "
+        "none is in the file. A malformed one is ignored (RFC 9110 §14.2): the whole file, 200.",
+        examples=["bytes=0-1023", "bytes=-512", "bytes=0-0,100-199"])) -> None:
+    """Documents the Range header the file downloads honour (Starlette's FileResponse reads it itself)."""
+
+
+def ranged(media_type: str | None, description: str) -> dict:
+    """The 200, 206 and 416 of a file download that honours Range."""
+    ok = {"description": description}
+    partial = {"description": "The requested byte range (Range header); several ranges as multipart/byteranges"}
+    if media_type:  # else the file's own type (a Zarr's files), or none (HEAD)
+        ok["content"], partial["content"] = {media_type: {}}, {media_type: {}, "multipart/byteranges": {}}
+    return {200: ok, 206: partial,
+            416: {"description": "Range not satisfiable (empty body, `Content-Range: bytes */size`)"}}
+
+
 def _expired(job: JobRecord) -> HTTPException:
     return HTTPException(410, detail=f"job {job.id} expired at {iso(job.expired_at)}: its files were removed "
                                      f"(SLIDESYNTH_RETENTION_HOURS after it finished, at {iso(job.finished_at)})")
@@ -236,19 +255,17 @@ def _output(job_id: str, kind: str, tenant: str, services: Services):
 
 @router.get("/jobs/{job_id}/slide.tiff", response_class=FileResponse,
             responses={**NOT_FOUND, **NOT_READY, **GONE,
-                       200: {"content": {"image/tiff": {}},
-                             "description": "Pyramidal BigTIFF; HTTP Range supported (HEAD: headers only)"},
-                       206: {"content": {"image/tiff": {}}, "description": "The requested byte range (Range header)"},
-                       416: {"description": "Range not satisfiable (empty body, `Content-Range: bytes */size`)"}},
+                       **ranged("image/tiff", "Pyramidal BigTIFF; HTTP Range supported (HEAD: headers only)")},
             summary="Download the pyramidal TIFF")
-def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+def download_slide(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services),
+                   _range: None = Depends(range_header)):
     return _download(job_id, "tiff", tenant, services, media_type="image/tiff", filename=f"slidesynth-{job_id}.tiff")
 
 
 # HEAD: the size and Accept-Ranges before ranged reads (GDAL, HTTP range readers); the same handler, headers only
 router.add_api_route("/jobs/{job_id}/slide.tiff", download_slide, methods=["HEAD"], response_class=FileResponse,
                      operation_id="head_slide", summary="Headers of the pyramidal TIFF (size, Accept-Ranges)",
-                     responses={**NOT_FOUND, **NOT_READY, **GONE})
+                     responses={**NOT_FOUND, **NOT_READY, **GONE, **ranged(None, "The TIFF's headers, no body")})
 
 
 DEEPZOOM_CACHE = "private, max-age=86400"  # a job's slide never changes; deleting the job removes it
@@ -265,11 +282,14 @@ def deepzoom_descriptor(job_id: str, tenant: str = Depends(get_tenant), services
 
 
 @router.get("/jobs/{job_id}/slide_files/{level}/{tile}", response_class=Response,
-            responses={404: {"description": "No such job, or no such tile (the detail names the field)"},
+            responses={404: problem("No such job, or no such tile (the detail names the field)"),
                        **NOT_READY, **GONE, 200: {"content": {"image/jpeg": {}}, "description": "Deep Zoom tile"}},
             summary="Deep Zoom tile: `{level}/{col}_{row}.jpeg`")
-def deepzoom_tile(job_id: str, level: int, tile: str, tenant: str = Depends(get_tenant),
-                  services: Services = Depends(get_services)):
+def deepzoom_tile(job_id: str,
+                  level: int = PathParam(description="Deep Zoom level: 0 is 1 × 1 px, each next one twice the "
+                                         "size, the last the full slide (`Size` in the descriptor)", examples=[0, 9]),
+                  tile: str = PathParam(description="`{col}_{row}.jpeg`", examples=["0_0.jpeg"]),
+                  tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
     gen, path = _slide(job_id, tenant, services)
     try:
         col, row = deepzoom.parse_tile_name(tile)
@@ -284,26 +304,31 @@ def deepzoom_tile(job_id: str, level: int, tile: str, tenant: str = Depends(get_
 
 
 @router.get("/jobs/{job_id}/thumbnail.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY, **GONE,
-            200: {"content": {"image/png": {}}, "description": "Thumbnail, longest side ≤ 1024 px"}},
+            **ranged("image/png", "Thumbnail, longest side ≤ 1024 px")},
             summary="Slide thumbnail")
-def download_thumbnail(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+def download_thumbnail(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services),
+                       _range: None = Depends(range_header)):
     return _download(job_id, "thumbnail", tenant, services, media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/mask.png", response_class=FileResponse, responses={**NOT_FOUND, **NOT_READY, **GONE,
-            200: {"content": {"image/png": {}}, "description": "Label mask the slide was generated from"}},
+            **ranged("image/png", "Label mask the slide was generated from")},
             summary="Label mask at output resolution")
-def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
+def download_mask(job_id: str, tenant: str = Depends(get_tenant), services: Services = Depends(get_services),
+                  _range: None = Depends(range_header)):
     return _download(job_id, "mask", tenant, services, media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/slide.zarr/{path:path}", response_class=FileResponse,
             responses={**NOT_FOUND, **NOT_READY, **GONE,
-                       200: {"description": "A file of the OME-Zarr (metadata or chunk), or for a folder (e.g. the "
-                                            "root, `slide.zarr/`) a JSON listing of its entries"}},
+                       **ranged(None, "A file of the OME-Zarr (metadata or chunk), or for a folder (e.g. the root, "
+                                      "`slide.zarr/`) a JSON listing of its entries")},
             summary="OME-Zarr files (metadata and chunks)")
-def download_zarr(job_id: str, path: str, tenant: str = Depends(get_tenant),
-                  services: Services = Depends(get_services)):
+def download_zarr(job_id: str,
+                  path: str = PathParam(description="A file or folder under the Zarr's root",
+                                        examples=[".zattrs", "0/.zarray", "0"]),
+                  tenant: str = Depends(get_tenant), services: Services = Depends(get_services),
+                  _range: None = Depends(range_header)):
     root = _output(job_id, "zarr", tenant, services).resolve()
     # a path the filesystem cannot hold (NUL byte, a name over 255 bytes, over PATH_MAX) names no file: 404, not
     # the OSError/ValueError that resolving it raises
