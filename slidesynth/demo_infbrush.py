@@ -13,9 +13,9 @@ Steps (``work`` = ``data/demo-infbrush``):
    C = 32, a 16² grid, the local condition field on), 4,096 training pixels per image laid out as four dense
    32² patches (``--point-layout patches``: the neighbourhoods dense sampling sees), conditions from the tile
    encoder: each region's vector is the normalised mean of the embeddings of up to 16 native 64-px tiles
-   spread over it (``--regions tiles``) or, with p = 0.5 per region and step, the embedding of one of those
-   tiles (``--single-tile-p 0.5``: users condition on one tile, and one tile can be far from its region's
-   mean), in the 1×1 and 2×2 layouts (one drawn per step).
+   spread over it (``--regions tiles``), in the 1×1 and 2×2 layouts (one drawn per step). (``--single-tile-p
+   0.5`` — a region's condition sometimes one of its tiles — was tried for 2,000 steps: it did not make the
+   `others` condition draw fat; see the issue notes.)
 3. ``assemble`` — ``weights/infinity-brush-demo``: the EMA weights in fp16 safetensors and ``model_card.json``
    (data, the commands, device, wall time, sha256 of the weights, default steps and guidance).
 4. ``evaluate`` — the issue's goals on held-out tiles (:mod:`evaluation.conditioning`), written into the card's
@@ -52,7 +52,7 @@ TRAINING_DATA = (
     "procedural H&E-like tissue (procedural.tissue v{v}, mosaic layouts: 1x1/2x2/1x2/2x1 cells of one class with "
     "warped borders and small inclusions), 160 images of 1024 px at 0.5 um/px (seed 2); NOT real histology. "
     "Conditions: slidesynth-tile-v1 embeddings, a region's vector = normalised mean over up to 16 native 64-px "
-    "tiles or, with p = 0.5 per region, one of those tiles; layouts 1x1 (global vector) and 2x2 (grid)"
+    "tiles; layouts 1x1 (global vector) and 2x2 (grid)"
 )
 
 
@@ -62,8 +62,8 @@ def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slide
         "datasets": [f"{python} -m procedural dataset {w}/mosaics --n 160 --size {SIZE} --kind mosaic --seed 2 "
                      "--workers 2"],
         "train": [f"{slidesynth} train infinity-brush --data {w}/mosaics --embed {ENCODER} --regions tiles "
-                  "--tile-px 64 --single-tile-p 0.5 --grids 1x1,2x2 --config demo --point-layout patches "
-                  "--patch-px 32 --batch-size 4 --lr 5e-4 --ema 0.995 --ema-every 1 --steps 3000 --save-every 250 --seed 0 --threads 2 "
+                  "--tile-px 64 --grids 1x1,2x2 --config demo --point-layout patches --patch-px 32 --batch-size 4 "
+                  "--lr 5e-4 --ema 0.995 --ema-every 1 --steps 3000 --save-every 250 --seed 0 --threads 2 "
                   f"--name {NAME} --no-progress --out {w}/model"],
     }
 
