@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -41,6 +42,7 @@ def service(redis_url, tmp_path_factory):
                SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
                SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_WEBHOOK_SECRETS=f"public:{SECRET}",
                SLIDESYNTH_WEBHOOK_ALLOW_PRIVATE="true", SLIDESYNTH_WEBHOOK_RETRY_SECONDS="0.5",
+               SLIDESYNTH_WEBHOOK_TIMEOUT="120",  # a held answer (the slow-receiver test) is not a timeout
                SLIDESYNTH_EVENTS_PING_SECONDS="1", PYTHONUNBUFFERED="1")
     port = free_port()
     logs = tmp_path / "logs"
@@ -175,20 +177,37 @@ def test_a_failing_receiver_gets_the_same_webhook_id_until_it_answers_2xx(servic
 
 
 def test_a_slow_receiver_does_not_slow_the_job(service):
-    """Every answer takes 5 s. The sampler never waits for one: the job's last sampling step comes (on its event
-    stream) before the receiver has answered the start event, which the worker sent before the first step."""
+    """The receiver holds its answer to the first delivery — the start event, which the worker sends before the
+    first step — until the job's event stream has shown the last sampling step. A sampler that waited for the
+    receiver would never get there (the hold gives up after 100 s and the test fails); the check does not
+    depend on how fast this machine samples."""
     wait_done(service, submit(service, steps=2))  # a warm worker (models loaded) when this test runs alone
-    with Receiver(lambda delivery, n: (200, 5.0)) as receiver:
+    sampled, released_by_step = threading.Event(), []
+
+    def answer(delivery, n):
+        if n == 1:
+            released_by_step.append(sampled.wait(100))
+        return 200, 0.0
+
+    with Receiver(answer) as receiver:
         job_id = submit(service, steps=8, webhook=receiver.url, webhook_events=["start", "progress", "completed"])
-        arrivals = [(time.time(), json.loads(e["data"])) for e in stream(service, job_id) if e != "ping"]
+        arrivals = []
+        for event in stream(service, job_id):
+            if event == "ping":
+                continue
+            job = json.loads(event["data"])
+            arrivals.append((time.time(), job))
+            if job["step"] == 8:
+                sampled.set()
         first = receiver.wait_for(lambda got: got, 10, "the start event")[0]
         assert first.json["type"] == "job.start"
         sampled_at = next(t for t, job in arrivals if job["step"] == 8)
-        assert sampled_at < first.received + 5.0, "the sampler waited for the receiver"
+        assert first.received < sampled_at                  # sent before the steps, answered only after them
+        _wait(lambda: released_by_step, 10, "the held answer to be released")
+        assert released_by_step == [True], "the sampler waited for the receiver"
         assert arrivals[-1][1]["status"] == "succeeded"
         got = receiver.wait_for(lambda got: got and got[-1].json["type"] == "job.completed", 60,
                                 "the completed webhook")
-        # answered (5 s later) before the receiver closes
         _wait(lambda: service.get(f"/jobs/{job_id}").json()["webhook"]["deliveries"] == len(got), 15,
               "the deliveries to be answered")
     types = [d.json["type"] for d in got]
