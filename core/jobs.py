@@ -196,6 +196,10 @@ def iso(ts: float | None) -> str | None:
 class JobStore(ABC):
     """Where job records live. Every method is safe to call from the API and workers concurrently."""
 
+    # What a method raises while the store cannot be reached (a Redis restart: refused connections, then LOADING
+    # while it reads its AOF): a moment of the store, not a fault of the job.
+    unavailable: tuple[type[BaseException], ...] = ()
+
     def __init__(self, data_dir: Path):
         self.data_dir = Path(data_dir)
 
@@ -504,6 +508,7 @@ class RedisJobStore(JobStore):
         super().__init__(data_dir)
         self.url = url
         self.redis = redis.Redis.from_url(url, **redis_options)
+        self.unavailable = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
         self.prefix = prefix
         self._transition = self.redis.register_script(_TRANSITION_LUA)
         self._update = self.redis.register_script(_UPDATE_LUA)

@@ -363,3 +363,51 @@ def test_a_run_whose_job_was_taken_over_stops_and_leaves_the_record(ctx, monkeyp
     job = ctx.store.get("job1")
     assert (job.status, job.claim, job.worker) == (JobStatus.running, "another-run", "elsewhere/9")
     assert max(ctx.store.steps_seen) < 10 and job.outputs == {}
+
+
+def test_a_job_store_outage_during_sampling_does_not_fail_the_job(ctx, caplog):
+    """Issue 21 (chaos): the job store unreachable for a few steps — a Redis restart: refused connections, then
+    LOADING — used to fail the job with "ConnectionError" at the first progress write, though nothing was wrong with
+    it (with one Redis for broker and store, Celery's SIGTERM on the broker loss usually ends the task first; with
+    SLIDESYNTH_REDIS_URL apart from the broker nothing does). The run skips the writes it cannot make and goes on;
+    the slide is the one an undisturbed run makes."""
+    import logging
+
+    import redis
+    import tifffile
+
+    from worker.jobrunner import run_job
+
+    store = ctx.store
+    store.unavailable = (redis.ConnectionError,)  # what the Redis store declares
+    down = {"on": False}
+    real_update, real_cancel, real_get = store.update, store.cancel_requested, store.get
+
+    def update(job_id, **fields):
+        if fields.get("step") == 3 and job_id == "hit":
+            down["on"] = True  # Redis goes away as step 3 is written, and is back for step 6
+        if fields.get("step") == 6:
+            down["on"] = False
+        if down["on"]:
+            raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+        return real_update(job_id, **fields)
+
+    def refused(real):
+        def call(job_id):
+            if down["on"]:
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            return real(job_id)
+        return call
+
+    store.update, store.cancel_requested, store.get = update, refused(real_cancel), refused(real_get)
+    submit(ctx, "hit", steps=8, compression="deflate")
+    submit(ctx, "calm", steps=8, compression="deflate")
+    with caplog.at_level(logging.INFO, logger="slidesynth.worker"):
+        assert run_job("hit", ctx) == JobStatus.succeeded
+    job = store.get("hit")
+    assert job.status == JobStatus.succeeded and job.error is None and job.attempts == 1
+    assert sorted(set(store.steps_seen)) == [0, 1, 2, 6, 7, 8]  # steps 3–5 never reached the record
+    assert "the job store is unreachable" in caplog.text and "the job store is back" in caplog.text
+    assert run_job("calm", ctx) == JobStatus.succeeded
+    pixels = [tifffile.imread(store.job_dir(j) / "slide.tiff", key=0) for j in ("hit", "calm")]
+    assert np.array_equal(pixels[0], pixels[1])

@@ -72,7 +72,10 @@ class WorkerContext:
 
 class ProgressRecorder:
     """Writes stage, progress fraction, step and ETA to the job store (every call: once per step), then calls
-    ``on_progress`` (which must not block: the webhook sender only queues)."""
+    ``on_progress`` (which must not block: the webhook sender only queues).
+
+    A write the store cannot take (unreachable: a Redis restart) is skipped, not fatal: the next step writes again,
+    and a run that stays silent past the lease is presumed lost and fenced off by its claim like any other."""
 
     def __init__(self, store: JobStore, job_id: str, stages: tuple[Stage, ...], total_steps: int,
                  meter: JobMeter | None = None, on_progress: Callable[[], None] | None = None):
@@ -82,6 +85,7 @@ class ProgressRecorder:
         self.on_progress = on_progress
         self.t0 = time.monotonic()
         self._last_eta: float | None = None
+        self._store_down = False
 
     def __call__(self, stage: Stage, fraction: float, step: int | None) -> None:
         overall = overall_fraction(stage, fraction, self.stages)
@@ -96,7 +100,17 @@ class ProgressRecorder:
                                       eta_seconds=None if eta is None else round(eta, 1))
         if step is not None:
             fields["step"] = step
-        self.store.update(self.job_id, **fields)
+        try:
+            self.store.update(self.job_id, **fields)
+        except self.store.unavailable as exc:
+            if not self._store_down:
+                log.warning("job %s: the job store is unreachable (%s): progress goes unrecorded until it is back; "
+                            "the run goes on", self.job_id, exc)
+            self._store_down = True
+        else:
+            if self._store_down:
+                log.info("job %s: the job store is back; progress recorded again", self.job_id)
+            self._store_down = False
         if self.meter is not None:
             self.meter.step(step)
         if self.on_progress is not None:
@@ -228,7 +242,7 @@ def _run_claimed(job: JobRecord, ctx: WorkerContext, claim: str, attempts: int, 
         store.update(job_id, untrained=not models.card.trained)
         claim_check = ClaimCheck(store, job_id, claim)
         result = generate_slide(spec, models, job_dir, engine=engine, device=device, report=report,
-                                cancel=lambda: store.cancel_requested(job_id) or claim_check.lost(),
+                                cancel=lambda: stop_requested(store, job_id, claim_check),
                                 runtime=runtime, resume_state=resume, on_checkpoint=checkpoint, meter=meter)
     except Canceled:
         if claim_check is not None and claim_check.lost(force=True):
@@ -292,6 +306,15 @@ def fail_job(job_id: str, ctx: WorkerContext, error: str) -> None:
                                                 status=JobStatus.failed, finished_at=time.time(), error=error):
         remove_outputs(ctx.store.job_dir(job_id))
         _completed(ctx, job)
+
+
+def stop_requested(store: JobStore, job_id: str, claim_check: "ClaimCheck") -> bool:
+    """The pipeline's check, every step and band: canceled, or taken over by another run. While the store cannot be
+    reached, neither can be known (nor recorded: a DELETE cannot set the flag either): go on, ask again next time."""
+    try:
+        return store.cancel_requested(job_id) or claim_check.lost()
+    except store.unavailable:
+        return False
 
 
 CLAIM_CHECK_SECONDS = 2.0
