@@ -397,6 +397,9 @@ def run(app, max_examples: int, seed: int = SEED, contract_path: Path = CONTRACT
         reads = pinned.exclude(method=["POST", "DELETE"]).exclude(path=["/jobs", "/models", "/healthz", "/encoders"])
         _execute(reads, report, failing_cases, prefix=f"{status} job: ")
     schema = schemathesis.openapi.from_path(contract_path, config=schemathesis_config(max_examples, seed))
+    # the event stream of a job lasts as long as the job, and no worker runs here: on the queued jobs this pass
+    # makes it would never end (the pinned passes above fuzz it on finished jobs, whose stream ends at once)
+    schema = schema.exclude(path=["/jobs/{job_id}/events"])
     schema.app = recorder
     if models:
         steer_submissions(schema, list(models), list(subtypes) or ["LUAD"])

@@ -56,7 +56,14 @@ EVENTS_DESCRIPTION = (
 @router.get(
     "/jobs/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # the schema describes one event of the stream (the server-sent events convention of OpenAPI 3.2's itemSchema;
+    # schemathesis checks each event against it)
+    responses={200: {"content": {"text/event-stream": {"schema": {
+                         "type": "object", "required": ["event", "id", "data"],
+                         "properties": {"event": {"const": "job"},
+                                        "id": {"type": "string", "pattern": "^[0-9]+$"},
+                                        "data": {"type": "string", "contentMediaType": "application/json",
+                                                 "contentSchema": {"$ref": "#/components/schemas/Job"}}}}}},
                      "description": EVENTS_DESCRIPTION},
                204: {"description": "`Last-Event-ID` names the job's terminal event: nothing more will come (a "
                                     "browser's EventSource stops reconnecting)"},
