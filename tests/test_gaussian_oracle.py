@@ -56,9 +56,12 @@ def test_karras_sigmas():
 
 
 def test_single_patch_sampling_matches_exact(oracle):
-    r = single_patch_check(oracle, 64, steps=STEPS)
+    # one window = the exact global ODE: only the Heun discretisation (+4 % variance at 24 steps) and
+    # sampling noise separate it from the field (analytic variance and correlation)
+    r = single_patch_check(oracle, 256, steps=24)
     assert r["var"] == pytest.approx(0.25, rel=0.08)
-    assert r["corr_8"] == pytest.approx(r["corr_8_ref"], abs=0.04)
+    f = oracle.field
+    assert r["corr_8"] == pytest.approx(f.cov[0, 8] / f.cov[0, 0], abs=0.03)
 
 
 def test_independent_tiles_show_seams_and_averaging_removes_them(oracle):
