@@ -42,11 +42,12 @@ def line_ratio(profile: np.ndarray, lines: list[int], match_mod: int = 8) -> flo
     return float(np.nanmean(profile[on]) / np.nanmean(profile[off]))
 
 
-def passes_per_step(pipe, labels, options, steps_probe: int = 4) -> float:
-    """UNet passes per step of a configuration, from its crop plans (mean over a few steps)."""
+def passes_per_step(pipe, labels, options, steps_probe: int = 25) -> float:
+    """UNet passes per step of a configuration, from its crop plans (mean over up to ``steps_probe`` steps
+    spread over the run: `tiled` adds context margins in its last steps)."""
     sampler = pipe.image_sampler(options)
     lab = sampler._prepare_labels(pipe.latent_labels(labels))
-    ks = range(min(steps_probe, sampler.stop_at))
+    ks = sorted({int(k) for k in np.linspace(0, sampler.stop_at - 1, min(steps_probe, sampler.stop_at))})
     return float(np.mean([sum(len(sampler.passes(c)) for c in sampler.plan(lab, options.seed, k)) for k in ks]))
 
 
