@@ -172,6 +172,7 @@ class Engine(Protocol):
     # worker measures its memory at start to size and check the batch. False: the engine has no such network.
     # ``max_embedding_grid(card) -> int | None``: the most rows (and columns) of an embedding grid the card's model
     # takes, read from the card (the API refuses larger grids before storing a job); None: no limit of its own.
+    # ``check_options(card, options) -> None``: OptionError for (resolved) options the card's model cannot run.
 
 
 class EngineBase:
@@ -203,6 +204,11 @@ class EngineBase:
 
     def max_embedding_grid(self, card: ModelCard) -> int | None:
         """No limit of the engine's own on embedding grids (the API's bound still applies)."""
+        return None
+
+    def check_options(self, card: ModelCard, options: EngineOptions) -> None:
+        """Nothing of the card constrains the options (an engine raises :class:`OptionError` for options the
+        card's model cannot run, e.g. a noise prior it was not trained with; the API answers 422)."""
         return None
 
 

@@ -127,3 +127,16 @@ def test_laplacian_has_no_chunked_path_and_bad_parameters_are_named():
     p = NoisePrior(kind="combined", length_um=12.0, fno_modes=(4, 3))
     assert NoisePrior.from_dict(p.to_dict()) == p
     assert NoisePrior.from_dict(None).kind == "white"
+
+
+def test_values_at_points_equal_the_dense_field():
+    prior = NoisePrior(kind="combined", length_um=4.0)
+    H, W = 96, 80
+    dense = prior.noise_window(9, 0, 0, H, 0, W, 0.5)
+    g = torch.Generator().manual_seed(1)
+    # two dense patches (the training layout) and a few stray points
+    rr = torch.cat([torch.arange(10, 18).repeat_interleave(8), torch.arange(60, 68).repeat_interleave(8),
+                    torch.randint(0, H, (5,), generator=g)])
+    cc = torch.cat([torch.arange(40, 48).repeat(8), torch.arange(3, 11).repeat(8), torch.randint(0, W, (5,), generator=g)])
+    assert torch.allclose(prior.at_points(9, 0, rr, cc, H, W, 0.5, block=8), dense[rr, cc], atol=1e-5)
+    assert torch.allclose(prior.at_points(9, 0, rr, cc, H, W, 0.5, block=64), dense[rr, cc], atol=1e-5)

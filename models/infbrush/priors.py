@@ -319,29 +319,53 @@ class NoisePrior:
     # --- training: values at sampled pixels -----------------------------------------------------------------------
     def at_points(self, seed: int, stream: int, rows: torch.Tensor, cols: torch.Tensor, height: int, width: int,
                   mpp: float, block: int = 32) -> torch.Tensor:
-        """η at pixels (rows, cols) (1-D int64) → (N, 3) float32, evaluated on the occupied block×block cells
-        with their halos (dense patches of points) or on the whole image when that is cheaper."""
+        """η at pixels (rows, cols) (1-D int64) → (N, 3) float32: evaluated on the bounding box of each connected
+        group of occupied block×block cells (dense patches of training points) with its halo, or on the whole image
+        when that is cheaper (points spread uniformly)."""
         R = self.radius(mpp)
-        br = torch.div(rows, block, rounding_mode="floor")
-        bc = torch.div(cols, block, rounding_mode="floor")
-        cells = torch.unique(br * ((width + block - 1) // block) + bc)
-        per_cell = (block + 2 * R) ** 2
-        if cells.numel() * per_cell >= (height + 2 * R) * (width + 2 * R) or not self.chunkable:
+        nbc = (width + block - 1) // block
+        flat = torch.div(rows, block, rounding_mode="floor") * nbc + torch.div(cols, block, rounding_mode="floor")
+        groups = _cell_groups(sorted(set(flat.tolist())), nbc)
+        boxes = []
+        for cells in groups:
+            cr = [c // nbc for c in cells]
+            cc = [c % nbc for c in cells]
+            boxes.append((min(cr) * block, min(height, (max(cr) + 1) * block),
+                          min(cc) * block, min(width, (max(cc) + 1) * block), cells))
+        cost = sum((r1 - r0 + 2 * R) * (c1 - c0 + 2 * R) for r0, r1, c0, c1, _ in boxes)
+        if cost >= (height + 2 * R) * (width + 2 * R) or not self.chunkable:
             field = (self.noise_window(seed, stream, 0, height, 0, width, mpp) if self.chunkable else
                      self.sample_canvas(seed, stream, height, width, mpp).float())
             return field[rows, cols]
         out = torch.empty(rows.shape[0], 3)
-        nbc = (width + block - 1) // block
-        flat = br * nbc + bc
-        for cell in cells.tolist():
-            sel = flat == cell
-            cr, cc = (cell // nbc) * block, (cell % nbc) * block
-            win = self.noise_window(seed, stream, cr, min(cr + block, height), cc, min(cc + block, width), mpp)
-            out[sel] = win[rows[sel] - cr, cols[sel] - cc]
+        for r0, r1, c0, c1, cells in boxes:
+            sel = torch.isin(flat, torch.tensor(cells, dtype=flat.dtype))
+            win = self.noise_window(seed, stream, r0, r1, c0, c1, mpp)
+            out[sel] = win[rows[sel] - r0, cols[sel] - c0]
         return out
 
 
+def _cell_groups(cells: list[int], ncols: int) -> list[list[int]]:
+    """Connected groups (8-neighbourhood) of occupied cells given as flat indices of a grid ncols wide."""
+    todo, groups = set(cells), []
+    while todo:
+        stack, group = [todo.pop()], []
+        while stack:
+            c = stack.pop()
+            group.append(c)
+            r, q = divmod(c, ncols)
+            for dr in (-1, 0, 1):
+                for dq in (-1, 0, 1):
+                    n = (r + dr) * ncols + (q + dq)
+                    if 0 <= q + dq < ncols and n in todo:
+                        todo.remove(n)
+                        stack.append(n)
+        groups.append(sorted(group))
+    return groups
+
+
 def _kernel_grid(length_um: float, mpp: float) -> int:
+    """Side of the periodic grid the Bessel kernel is built on: ≥ 24 ℓ/h (the kernel decays like e^(−r/ℓ))."""
     P = 64
     while P < 24 * length_um / mpp and P < _MAX_KERNEL_GRID:
         P *= 2
