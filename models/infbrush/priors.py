@@ -272,19 +272,21 @@ class NoisePrior:
             fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
             fx = torch.fft.rfftfreq(W, dtype=torch.float64)[None, :]
             m = self.base_multiplier(fy, fx, mpp) / mpp
-            out += wb * self._base_norm(H, W) * torch.fft.irfft2(torch.fft.rfft2(xi, dim=(0, 1)) * m[..., None],
+            out += wb * self._base_norm(H, W, mpp) * torch.fft.irfft2(torch.fft.rfft2(xi, dim=(0, 1)) * m[..., None],
                                                                   s=(H, W), dim=(0, 1))
         if wf:
             out += wf * self.fno_values(seed, stream, torch.arange(H), torch.arange(W), mpp, xi.shape[2])
         return out * self.scale
 
-    def _base_norm(self, height: int, width: int) -> float:
+    def _base_norm(self, height: int, width: int, mpp: float) -> float:
         if self._base_kind() == "bessel":
             return self._bessel_norm()
-        # Laplacian: unit pixel variance on this canvas's pixel count at reference_mpp (infrared: no canvas-free
-        # constant exists)
-        fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
-        fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
+        # Laplacian: unit pixel variance at reference_mpp on a periodic canvas of this canvas's physical size
+        # (infrared: no canvas-free constant exists; the same physical canvas at any µm/px gets the same constant)
+        ny = max(1, round(height * mpp / self.reference_mpp))
+        nx = max(1, round(width * mpp / self.reference_mpp))
+        fy = torch.fft.fftfreq(ny, dtype=torch.float64)[:, None]
+        fx = torch.fft.fftfreq(nx, dtype=torch.float64)[None, :]
         m = self.base_multiplier(fy, fx, self.reference_mpp) / self.reference_mpp
         return 1.0 / math.sqrt(float((m ** 2).mean()))
 
@@ -296,7 +298,7 @@ class NoisePrior:
         fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
         var = torch.zeros(height, width, dtype=torch.float64)
         if wb:
-            var += (wb * self._base_norm(height, width) * self.base_multiplier(fy, fx, mpp) / mpp) ** 2
+            var += (wb * self._base_norm(height, width, mpp) * self.base_multiplier(fy, fx, mpp) / mpp) ** 2
         if wf:
             r2 = self.fno_multiplier().abs() ** 2
             modes = self.fno_modes_list()
