@@ -125,3 +125,17 @@ def test_tiny_model_trained_with_a_bessel_prior_loss_falls(tmp_path):
     with pytest.raises(ValueError, match="different noise prior"):
         train_infbrush(TrainOptions(out=tmp_path / "run", config=cfg, synthetic=8, synthetic_sizes=sizes, steps=31,
                                     progress=False, resume=True, noise_prior=NoisePrior(kind="bessel")))
+
+
+def test_command_line_solver_flag_takes_every_engines_solvers():
+    import argparse
+
+    from slidesynth.cli import add_engine_option_flags
+
+    parser = argparse.ArgumentParser()
+    add_engine_option_flags(parser)
+    assert parser.parse_args(["--solver", "euler-maruyama"]).option_solver == "euler-maruyama"
+    assert parser.parse_args(["--solver", "dpmpp-2m"]).option_solver == "dpmpp-2m"
+    assert parser.parse_args(["--noise-prior", "bessel"]).option_noise_prior == "bessel"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--solver", "heun"])
