@@ -1,5 +1,7 @@
 """∞-Brush with a noise prior: card round trip, the refusal of another prior, the Euler–Maruyama sampler, training
 with a Bessel prior (and multilevel), and the white path unchanged."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,22 @@ def test_command_line_solver_flag_takes_every_engines_solvers():
     assert parser.parse_args(["--noise-prior", "bessel"]).option_noise_prior == "bessel"
     with pytest.raises(SystemExit):
         parser.parse_args(["--solver", "heun"])
+
+
+def test_the_api_answers_422_naming_both_priors(embedded_settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    save_infbrush(_prior_models(), embedded_settings.models_dir / "ib-bessel")
+    body = {"model": "ib-bessel", "width": 64, "height": 64, "options": {"noise_prior": "white"},
+            "conditioning": {"type": "embedding", "encoder": "quilt-vit-b-32", "vector": [1.0] * 512}}
+    with TestClient(create_app(embedded_settings)) as client:
+        resp = client.post("/generate", json=body)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["detail"][0]["loc"] == ["body", "options", "noise_prior"]
+        assert "'white'" in resp.text and "'bessel'" in resp.text
+        models = {m["name"]: m for m in client.get("/models").json()["models"]}
+        assert "noise_prior" in json.dumps(models["ib-bessel"]["options"])
+        ok = client.post("/generate", json={**body, "options": {"noise_prior": "bessel", "solver": "euler-maruyama"}})
+        assert ok.status_code in (200, 201, 202), ok.text
