@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-sample", type=int, help="evaluate: DDIM steps (default: the card's)")
     p.add_argument("--guidance", type=float, help="evaluate: ω (default: the card's)")
     p.add_argument("--no-write", action="store_true", help="evaluate: print only")
+    p.add_argument("--size", type=int, default=SIZE, help=f"evaluate: slide side (default {SIZE})")
     p.add_argument("--prior", choices=sorted(PRIORS), default="white",
                    help="bessel: the Bessel-prior variant (fine-tuned from the white demo; see above)")
     args = p.parse_args(argv)
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(heldout(args.work, args.prior), indent=2))
         elif step == "evaluate":
             print(json.dumps(evaluate(args.out, write=not args.no_write, steps=args.steps_per_sample,
-                                      guidance=args.guidance,
+                                      guidance=args.guidance, size=args.size,
                                       images_file="evaluation_images.npz" if args.prior == "white" else
                                       f"evaluation_images-{args.prior}.npz"), indent=2))
         elif step == "picture":
