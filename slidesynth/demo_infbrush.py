@@ -29,6 +29,7 @@ Steps (``work`` = ``data/demo-infbrush``):
 γ = 0.55) from the white demo's weights (``--init``; the noise distribution changes, so every layer adapts) into
 ``data/demo-infbrush/model-bessel`` → ``weights/infinity-brush-bessel-demo``; ``heldout`` writes the held-out
 loss under the Bessel prior of the white demo's weights (before) and the fine-tuned ones (after) into its card.
+Not shipped: after 200 steps its slides are worse than the white demo's (README, "Noise priors").
 """
 from __future__ import annotations
 
