@@ -175,6 +175,7 @@ class Engine(Protocol):
     # the API answers 422 naming ``options.<field>``. Default: every option is served.
     # ``max_embedding_grid(card) -> int | None``: the most rows (and columns) of an embedding grid the card's model
     # takes, read from the card (the API refuses larger grids before storing a job); None: no limit of its own.
+    # ``check_options(card, options) -> None``: OptionError for (resolved) options the card's model cannot run.
 
 
 class EngineBase:
@@ -209,6 +210,11 @@ class EngineBase:
 
     def max_embedding_grid(self, card: ModelCard) -> int | None:
         """No limit of the engine's own on embedding grids (the API's bound still applies)."""
+        return None
+
+    def check_options(self, card: ModelCard, options: EngineOptions) -> None:
+        """Nothing of the card constrains the options (an engine raises :class:`OptionError` for options the
+        card's model cannot run, e.g. a noise prior it was not trained with; the API answers 422)."""
         return None
 
 

@@ -158,7 +158,11 @@ def engine_options(params: GenerateParams, card: ModelCard) -> EngineOptions:
                else err["msg"])
         raise FieldError(("options", *loc), msg) from None
     try:
-        return options.resolved()
+        options = options.resolved()
+        check = getattr(engine, "check_options", None)   # optional in the contract (EngineBase has it)
+        if check is not None:
+            check(card, options)
+        return options
     except OptionError as exc:
         raise FieldError(("options", exc.field), exc.msg) from None
 

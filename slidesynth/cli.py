@@ -147,19 +147,27 @@ def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
 
     from models.engine import engines
 
-    seen: set[str] = set()
+    # an option name several engines take (e.g. solver) is one flag: its choices are the union, the engine of the
+    # model validates the value
+    flags: dict[str, dict] = {}
     for name, engine in sorted(engines().items()):
         for field_name, info in engine.options_model.model_fields.items():
-            if field_name in seen:
-                continue
-            seen.add(field_name)
             union = get_origin(info.annotation) in (Union, UnionType)
             kinds = [a for a in (get_args(info.annotation) if union else (info.annotation,)) if a is not type(None)]
             choices = [v for k in kinds if get_origin(k) is Literal for v in get_args(k)] or None
             kind = next((k for k in kinds if k in (int, float)), str)
-            parser.add_argument(_option_flag(field_name), dest=f"option_{field_name}", type=kind, choices=choices,
-                                metavar=None if choices else field_name.upper(),
-                                help=f"{name} option: {info.description or field_name}".replace("%", "%%"))
+            help_text = f"{name} option: {info.description or field_name}"
+            if field_name not in flags:
+                flags[field_name] = dict(type=kind, choices=choices, help=help_text)
+                continue
+            flag = flags[field_name]
+            if flag["choices"] is not None and choices is not None:
+                flag["choices"] = flag["choices"] + [c for c in choices if c not in flag["choices"]]
+            flag["help"] += f"; {help_text}"
+    for field_name, flag in flags.items():
+        parser.add_argument(_option_flag(field_name), dest=f"option_{field_name}", type=flag["type"],
+                            choices=flag["choices"], metavar=None if flag["choices"] else field_name.upper(),
+                            help=flag["help"].replace("%", "%%"))
 
 
 def _generate_params(args: argparse.Namespace):

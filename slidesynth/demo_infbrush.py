@@ -4,6 +4,8 @@ project's tile encoder (``slidesynth-tile-v1``) — a global vector or a 2 × 2 
     python -m slidesynth.demo_infbrush all            # every step below, in order (≈ 1 h on a shared 2-core CPU)
     python -m slidesynth.demo_infbrush STEP [STEP …]  # datasets | train | assemble | evaluate | picture
     python -m slidesynth.demo_infbrush commands       # print the exact command lines
+    python -m slidesynth.demo_infbrush --prior bessel train assemble heldout evaluate
+                                                      # the Bessel-prior variant (weights/infinity-brush-bessel-demo)
 
 Steps (``work`` = ``data/demo-infbrush``):
 
@@ -22,6 +24,12 @@ Steps (``work`` = ``data/demo-infbrush``):
    ``metrics``: per class, the share of a 1024² slide's 64-px windows the fidelity classifier gives that class
    and the embedding cosine to the condition beside an unconditioned sample's; the 2 × 2 grid's quadrants.
 5. ``picture`` — ``docs/demo-infbrush.jpg``: the held-out tiles and the slides generated from them.
+
+``--prior bessel``: the same model fine-tuned with the Bessel noise prior (models/infbrush/priors.py; ℓ = 8 µm,
+γ = 0.55) from the white demo's weights (``--init``; the noise distribution changes, so every layer adapts) into
+``data/demo-infbrush/model-bessel`` → ``weights/infinity-brush-bessel-demo``; ``heldout`` writes the held-out
+loss under the Bessel prior of the white demo's weights (before) and the fine-tuned ones (after) into its card.
+Not shipped: after 200 steps its slides are worse than the white demo's (README, "Noise priors").
 """
 from __future__ import annotations
 
@@ -56,8 +64,30 @@ TRAINING_DATA = (
 )
 
 
-def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slidesynth") -> dict[str, list[str]]:
+PRIORS = {
+    "white": {"out": OUT, "name": NAME, "model": "model"},
+    "bessel": {"out": Path("weights/infinity-brush-bessel-demo"), "name": "infinity-brush-bessel-demo",
+               "model": "model-bessel", "length_um": 8.0, "gamma": 0.55, "steps": 200, "seed": 1,
+               # the shipped run: ≈ 30 min of a shared 2-core CPU
+               "note": "the run was started with --steps 500 and stopped at its step-200 checkpoint (the 30-minute "
+                       "CPU budget); the learning rate is constant, so --steps 200 is the same run"},
+}
+
+
+def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slidesynth",
+             prior: str = "white") -> dict[str, list[str]]:
     w = str(work)
+    if prior != "white":
+        p = PRIORS[prior]
+        return {
+            "datasets": commands(work, python, slidesynth)["datasets"],
+            "train": [f"{slidesynth} train infinity-brush --data {w}/mosaics --embed {ENCODER} --regions tiles "
+                      "--tile-px 64 --grids 1x1,2x2 --config demo --point-layout patches --patch-px 32 --batch-size 4 "
+                      f"--lr 5e-4 --ema 0.995 --ema-every 1 --steps {p['steps']} --save-every 50 --log-every 10 "
+                      f"--seed {p['seed']} --threads 2 --name {p['name']} --no-progress --noise-prior {prior} "
+                      f"--prior-length-um {p['length_um']:g} --prior-gamma {p['gamma']:g} --init {OUT} "
+                      f"--out {w}/{p['model']}"],
+        }
     return {
         "datasets": [f"{python} -m procedural dataset {w}/mosaics --n 160 --size {SIZE} --kind mosaic --seed 2 "
                      "--workers 2"],
@@ -68,20 +98,22 @@ def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slide
     }
 
 
-def run_step(step: str, work: Path = WORK) -> None:
+def run_step(step: str, work: Path = WORK, prior: str = "white") -> None:
     """Run one step's commands in order (logs in ``work/logs``) and record them in ``work/recipe.json``."""
     from slidesynth.demo_models import _record, _run_logged
 
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    for i, cmd in enumerate(commands(work)[step]):
-        log = REPO / work / "logs" / f"{step}-{i}.log"
+    key = step if prior == "white" else f"{step}-{prior}"
+    for i, cmd in enumerate(commands(work, prior=prior)[step]):
+        log = REPO / work / "logs" / f"{key}-{i}.log"
         if _run_logged(cmd, log, env).wait() != 0:
             raise RuntimeError(f"step {step} failed: {cmd} (see {log})")
-    _record(work, step, {"commands": commands(work)[step], "wall_time_s": round(time.perf_counter() - t0, 1)})
+    _record(work, key, {"commands": commands(work, prior=prior)[step],
+                        "wall_time_s": round(time.perf_counter() - t0, 1)})
 
 
-def assemble(work: Path = WORK, out: Path = OUT) -> Path:
+def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
     """The trained EMA weights in fp16 and the card: ``out``/``denoiser.safetensors`` + ``model_card.json``."""
     import shutil
 
@@ -93,7 +125,8 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
     from models.infbrush.pipeline import WEIGHTS_FILE
     from procedural.tissue import GENERATOR_VERSION
 
-    src = REPO / work / "model"
+    src = REPO / work / PRIORS[prior]["model"]
+    name = PRIORS[prior]["name"]
     card = ModelCard.load(src)
     state = json.loads((src / "train_state" / "state.json").read_text())
     recipe = json.loads((REPO / work / "recipe.json").read_text()) if (REPO / work / "recipe.json").is_file() else {}
@@ -104,10 +137,12 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
     weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in
                load_file(str(src / WEIGHTS_FILE)).items()}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_abs / WEIGHTS_FILE))
-    cmds = commands(work)
+    cmds = commands(work, prior=prior)
     training = dict(card.training)
     training.update({
-        "recipe": "python -m slidesynth.demo_infbrush all",
+        "recipe": "python -m slidesynth.demo_infbrush all" if prior == "white" else
+                  f"python -m slidesynth.demo_infbrush --prior {prior} train assemble heldout evaluate "
+                  "(after the white demo's datasets step and weights)",
         "commands": cmds["datasets"] + cmds["train"],
         "device": "cpu", "hardware": "2-core CPU shared with other work (no GPU)", "torch": torch.__version__,
         "training_wall_time_s": round(float(state.get("elapsed_s", 0.0)), 1),
@@ -116,17 +151,23 @@ def assemble(work: Path = WORK, out: Path = OUT) -> Path:
         "wall_time_s": {k: v.get("wall_time_s") for k, v in recipe.items() if isinstance(v, dict)},
         "weights_dtype": "float16 (trained in float32; the EMA weights)",
     })
+    if PRIORS[prior].get("note"):
+        training["note"] = PRIORS[prior]["note"]
     config = dict(card.config)
     config.update({"default_steps": DEFAULT_STEPS,
                    "sampler": f"DDIM, trailing timesteps; default η = {DEFAULT_ETA:g} (stochastic) for this model"})
     new = card.model_copy(update={
         "config": config,
-        "name": NAME, "default_steps": DEFAULT_STEPS, "default_guidance": DEFAULT_GUIDANCE,
+        "name": name, "default_steps": DEFAULT_STEPS, "default_guidance": DEFAULT_GUIDANCE,
         "default_eta": DEFAULT_ETA,
         "training": training, "training_data": TRAINING_DATA.format(v=GENERATOR_VERSION),
         "files": {WEIGHTS_FILE: sha256_file(out_abs / WEIGHTS_FILE)},
-        "description": ("A small ∞-Brush trained from scratch on CPU on procedural H&E-like tissue, for the demo and "
-                        "the tests: conditioned on slidesynth-tile-v1 embeddings of tiles (POST /embed), one vector "
+        "description": (("A small ∞-Brush trained from scratch on CPU on procedural H&E-like tissue, for the demo "
+                         "and the tests: " if prior == "white" else
+                         f"The ∞-Brush demo fine-tuned on CPU with the {prior} noise prior "
+                         f"({card.config.get('noise_prior_description', prior)}) from the white demo's weights, on "
+                         "the same procedural H&E-like tissue: ") +
+                        "conditioned on slidesynth-tile-v1 embeddings of tiles (POST /embed), one vector "
                         "or a 2×2 grid; its subtypes are the encoder's class prototypes. NOT a model of real "
                         "histology. " + card.description),
     })
@@ -169,7 +210,8 @@ def sampler(pipe, size: int = SIZE, steps: int | None = None, guidance: float | 
 
 
 def evaluate(out: Path = OUT, write: bool = True, steps: int | None = None, guidance: float | None = None,
-             size: int = SIZE, keep_images: bool = False, eta: float | None = None) -> dict[str, Any]:
+             size: int = SIZE, keep_images: bool = False, eta: float | None = None,
+             images_file: str = "evaluation_images.npz") -> dict[str, Any]:
     """The issue's goals on held-out tiles: class shares and cosines per class, the 2 × 2 grid's quadrants."""
     import torch
 
@@ -216,7 +258,7 @@ def evaluate(out: Path = OUT, write: bool = True, steps: int | None = None, guid
         write_card_metrics(REPO / out, summary)
         # the samples, for `picture` (which then needs no second sampling)
         (REPO / WORK).mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(REPO / WORK / "evaluation_images.npz", **{k.replace(" ", "_"): v for k, v in images.items()})
+        np.savez_compressed(REPO / WORK / images_file, **{k.replace(" ", "_"): v for k, v in images.items()})
     if keep_images:
         summary["images"] = images
     return summary
@@ -260,7 +302,44 @@ def picture(out: Path = OUT, path: Path = PICTURE) -> dict[str, Any]:
     return {"picture": str(path), **{k: v for k, v in res.items() if k != "note"}}
 
 
-STEPS = ("datasets", "train", "assemble", "evaluate", "picture")
+def heldout(work: Path = WORK, prior: str = "bessel", n: int = 16) -> dict[str, Any]:
+    """Held-out loss under the prior's noise (16 new procedural images, seed 3; fixed points, noise and
+    timesteps) of the white demo's weights (before fine-tuning) and of the fine-tuned model (after); also the white
+    demo under its own noise for scale. Written into the fine-tuned card's ``training.heldout_loss``."""
+    import subprocess
+
+    import torch
+
+    from models.cards import ModelCard
+    from models.encoders import load_encoder
+    from models.infbrush.pipeline import card_prior, load_infbrush
+    from training.infbrush import EncodedRegions, ImageFolderDataset, evaluate_loss
+
+    data = REPO / work / "heldout"
+    if not data.is_dir():
+        subprocess.run([sys.executable, "-m", "procedural", "dataset", str(data), "--n", str(n), "--size", str(SIZE),
+                        "--kind", "mosaic", "--seed", "3", "--workers", "1"], cwd=REPO, check=True)
+    out = REPO / PRIORS[prior]["out"]
+    tuned, white = load_infbrush(out), load_infbrush(REPO / OUT)
+    cfg, noise = tuned.config, card_prior(tuned.card)
+    enc = load_encoder(ENCODER, REPO / "weights")
+    ds = EncodedRegions(ImageFolderDataset(data, cfg.embedding_dim, embeddings=False), enc.embed, cfg.embedding_dim,
+                        tile_px=64, regions="tiles")
+    torch.manual_seed(0)
+    kw = dict(n=n, points="patches", patch_px=32, mpp=0.5)
+    res = {"before": evaluate_loss(white.denoiser.float(), ds, cfg, prior=noise, **kw),
+           "after": evaluate_loss(tuned.denoiser.float(), ds, cfg, prior=noise, **kw),
+           "white_demo_on_white_noise": evaluate_loss(white.denoiser.float(), ds, cfg, **kw),
+           "images": f"{n} procedural mosaics of {SIZE} px, seed 3 (not trained on)",
+           "note": "MSE to the prior's noise at 16 fixed timesteps, 4,096 points per image in 32-px patches"}
+    res = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in res.items()}
+    data_card = ModelCard.load(out).model_dump()
+    data_card["training"]["heldout_loss"] = res
+    (out / "model_card.json").write_text(json.dumps(data_card, indent=2) + "\n")
+    return res
+
+
+STEPS = ("datasets", "train", "assemble", "heldout", "evaluate", "picture")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,11 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-sample", type=int, help="evaluate: DDIM steps (default: the card's)")
     p.add_argument("--guidance", type=float, help="evaluate: ω (default: the card's)")
     p.add_argument("--no-write", action="store_true", help="evaluate: print only")
+    p.add_argument("--size", type=int, default=SIZE, help=f"evaluate: slide side (default {SIZE})")
+    p.add_argument("--prior", choices=sorted(PRIORS), default="white",
+                   help="bessel: the Bessel-prior variant (fine-tuned from the white demo; see above)")
     args = p.parse_args(argv)
     if args.steps[0] == "commands":
-        print(json.dumps(commands(args.work), indent=2))
+        print(json.dumps(commands(args.work, prior=args.prior), indent=2))
         return 0
-    steps = list(STEPS) if args.steps == ["all"] else args.steps
+    if args.prior != "white":
+        args.out = PRIORS[args.prior]["out"]
+    variant_steps = ["heldout"] if args.prior == "white" else ["datasets", "picture"]   # picture: the white demo's
+    steps = [s for s in STEPS if s not in variant_steps] if args.steps == ["all"] else args.steps
     bad = [s for s in steps if s not in STEPS]
     if bad:
         p.error(f"unknown steps {bad}; choose from {', '.join(STEPS)} or all")
@@ -284,12 +369,16 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"[demo-infbrush] {step} …", flush=True)
         if step in ("datasets", "train"):
-            run_step(step, args.work)
+            run_step(step, args.work, args.prior)
         elif step == "assemble":
-            print(assemble(args.work, args.out))
+            print(assemble(args.work, args.out, args.prior))
+        elif step == "heldout":
+            print(json.dumps(heldout(args.work, args.prior), indent=2))
         elif step == "evaluate":
             print(json.dumps(evaluate(args.out, write=not args.no_write, steps=args.steps_per_sample,
-                                      guidance=args.guidance), indent=2))
+                                      guidance=args.guidance, size=args.size,
+                                      images_file="evaluation_images.npz" if args.prior == "white" else
+                                      f"evaluation_images-{args.prior}.npz"), indent=2))
         elif step == "picture":
             print(json.dumps(picture(args.out)))
         print(f"[demo-infbrush] {step} done in {time.perf_counter() - t0:.0f} s", flush=True)

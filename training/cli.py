@@ -353,6 +353,13 @@ def _run_infbrush(args: argparse.Namespace) -> int:
     grids = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.grids.split(","))
     embed = _import_function(args.embed, args.models_dir) if args.embed else None
     mosaic = tuple(int(v) for v in args.synthetic_mosaic.lower().split("x"))
+    from models.infbrush.priors import NoisePrior
+
+    try:
+        prior = NoisePrior(kind=args.noise_prior, length_um=args.prior_length_um, gamma=args.prior_gamma,
+                           scale=args.prior_scale, reference_mpp=args.mpp, symbol=args.prior_symbol).validate()
+    except ValueError as exc:
+        raise SystemExit(f"--noise-prior: {exc}") from None
     opts = TrainOptions(
         out=Path(args.out), config=cfg, data=Path(args.data) if args.data else None, synthetic=args.synthetic,
         synthetic_sizes=tuple((h, w) for w, h in sizes), synthetic_mosaic=(mosaic[1], mosaic[0]),
@@ -363,7 +370,9 @@ def _run_infbrush(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, betas=(args.beta1, args.beta2), ema=args.ema,
         ema_every=args.ema_every, grad_clip=args.grad_clip, save_every=args.save_every, log_every=args.log_every,
         seed=args.seed, device=args.device, resume=args.resume, amp="bf16" if args.amp else None,
-        progress=not args.no_progress, native_mpp=args.mpp, command=" ".join(sys.argv))
+        progress=not args.no_progress, native_mpp=args.mpp, command=" ".join(sys.argv),
+        noise_prior=prior, levels=args.levels, coarse_fraction=args.coarse_fraction,
+        init=Path(args.init) if args.init else None)
     result = train_infbrush(opts)
     losses = result["losses"]
     tail = sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan")
@@ -429,6 +438,20 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--mpp", type=float, default=0.5, help="µm per pixel of the training images (model card)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--noise-prior", choices=["white", "bessel", "laplacian", "fno", "combined"], default="white",
+                   help="noise of the forward process and the loss: white = the mollified pixel noise A·ξ (default); "
+                        "bessel = (τI − Δ)^−γ, τ = 1/ℓ²; laplacian = (−Δ)^−γ (zero mean: unfit for H&E); fno = a "
+                        "random low-mode multiplier; combined = fno + bessel (models/infbrush/priors.py)")
+    p.add_argument("--prior-length-um", type=float, default=16.0, help="ℓ of the Bessel prior in µm (default 16)")
+    p.add_argument("--prior-gamma", type=float, default=0.55, help="γ of the prior (default 0.55: PSD slope −2.2)")
+    p.add_argument("--prior-scale", type=float, default=1.0, help="pixel std of the prior's noise at --mpp (default 1)")
+    p.add_argument("--prior-symbol", choices=["continuous", "discrete"], default="continuous",
+                   help="Laplacian eigenvalues: continuous (nested across resolutions) or the paper's 5-point stencil")
+    p.add_argument("--levels", type=int, choices=[1, 2], default=1,
+                   help="2: multilevel training — the first --coarse-fraction of the steps on the images Fourier-"
+                        "downsampled to half resolution (2 × --mpp) with the prior's noise at that µm/px")
+    p.add_argument("--coarse-fraction", type=float, default=0.5, help="share of the steps at the coarse level")
+    p.add_argument("--init", help="warm start from this ∞-Brush model folder (same configuration; recorded on the card)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")

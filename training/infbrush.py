@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ from models.infbrush.config import InfBrushConfig
 from models.infbrush.denoiser import InfBrushDenoiser, canvas_window, token_positions
 from models.infbrush.geometry import pixel_to_unit, point_geometry, points_grid_pairs
 from models.infbrush.noise import Mollifier, gaussian_noise
+from models.infbrush.priors import NoisePrior, fourier_downsample
 from models.infbrush.pipeline import InfBrushModels, check_state_dict, make_card, save_infbrush
 from models.infbrush.schedule import CosineSchedule
 
@@ -325,26 +326,37 @@ POINT_LAYOUTS = ("uniform", "patches")
 
 def make_batch(items, cfg: InfBrushConfig, sched: CosineSchedule, gen: torch.Generator, device,
                t: list[int] | None = None, drop: list[bool] | None = None, points: str = "uniform",
-               patch_px: int = 32) -> dict:
+               patch_px: int = 32, prior: NoisePrior | None = None, mpp: float = 0.5, level: int = 1) -> dict:
     """Noisy smoothed values at sampled pixels and their targets for a list of (image uint8 (3,H,W), embedding).
 
-    points: "uniform" (the paper: pixels uniformly without replacement) or "patches" (:func:`sample_patches`)."""
+    points: "uniform" (the paper: pixels uniformly without replacement) or "patches" (:func:`sample_patches`).
+    prior: the noise prior (None or white: A ξ and A u₀ as before); any other prior replaces A ξ by Q^{1/2} ξ drawn
+    at the image's µm/px ``mpp`` and the data is not mollified (Q already makes the noise trace class).
+    level: 2 (or 4, …) trains on the images Fourier-downsampled by that factor (values kept: the isometric
+    downsampling / factor) at mpp × level, with the prior's noise drawn at that µm/px (multilevel training)."""
     if points not in POINT_LAYOUTS:
         raise ValueError(f"points must be one of {', '.join(POINT_LAYOUTS)}, not {points!r}")
     N = cfg.n_points
     u_t, target, px, xy, ts, embs, poss, sizes, windows = [], [], [], [], [], [], [], [], []
     for b, (img, emb) in enumerate(items):
+        img = img.to(device).float() / 127.5 - 1
+        if level > 1:
+            img = (fourier_downsample(img.cpu(), level, dims=(1, 2)) / level).float().to(device)
         _, H, W = img.shape
         if H * W < N:
-            raise ValueError(f"image {b} of the batch has {H}×{W} = {H * W} pixels, fewer than n_points = {N}")
-        img = img.to(device).float() / 127.5 - 1
+            raise ValueError(f"image {b} of the batch has {H}×{W} = {H * W} pixels"
+                             f"{f' at level {level}' if level > 1 else ''}, fewer than n_points = {N}")
         flat = (sample_pixels(N, H * W, gen) if points == "uniform" else
                 sample_patches(N, H, W, patch_px, gen)).to(device)
         rows, cols = torch.div(flat, W, rounding_mode="floor"), flat % W
-        moll = Mollifier.for_side(max(H, W), cfg.mollify_sigma, cfg.train_resolution)
-        a_u0 = moll.at_points(lambda rr, cc: img[:, rr, cc].movedim(0, -1), rows, cols, H, W)
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
-        a_xi = moll.at_points(lambda rr, cc: gaussian_noise(seed, 0, rr, cc), rows, cols, H, W) * moll.noise_mul
+        if prior is None or prior.kind == "white":
+            moll = Mollifier.for_side(max(H, W), cfg.mollify_sigma, cfg.train_resolution)
+            a_u0 = moll.at_points(lambda rr, cc: img[:, rr, cc].movedim(0, -1), rows, cols, H, W)
+            a_xi = moll.at_points(lambda rr, cc: gaussian_noise(seed, 0, rr, cc), rows, cols, H, W) * moll.noise_mul
+        else:
+            a_u0 = img[:, rows, cols].movedim(0, -1)
+            a_xi = prior.at_points(seed, 0, rows.cpu(), cols.cpu(), H, W, mpp * level).to(device)
         ti = int(torch.randint(0, cfg.timesteps, (1,), generator=gen)) if t is None else int(t[b])
         ab = float(sched.alpha_bar[ti])
         u_t.append(math.sqrt(ab) * a_u0 + math.sqrt(1 - ab) * a_xi)
@@ -383,7 +395,7 @@ def batch_loss(model: InfBrushDenoiser, batch: dict, cfg: InfBrushConfig, lam: t
 @torch.no_grad()
 def evaluate_loss(model: InfBrushDenoiser, dataset, cfg: InfBrushConfig, n: int = 8, seed: int = 1234,
                   device="cpu", layout: tuple[int, int] | None = None, points: str = "uniform",
-                  patch_px: int = 32) -> float:
+                  patch_px: int = 32, prior: NoisePrior | None = None, mpp: float = 0.5, level: int = 1) -> float:
     """Deterministic held-out loss: fixed items, points, noise and evenly spread timesteps, condition kept.
     layout: the grid layout of a dataset with several (:class:`EncodedRegions`)."""
     was = model.training
@@ -392,7 +404,8 @@ def evaluate_loss(model: InfBrushDenoiser, dataset, cfg: InfBrushConfig, n: int 
     gen = torch.Generator().manual_seed(seed)
     items = [_item(dataset, i % len(dataset), layout) for i in range(n)]
     ts = [int((j + 0.5) * cfg.timesteps / n) for j in range(n)]
-    batch = make_batch(items, cfg, sched, gen, device, t=ts, drop=[False] * n, points=points, patch_px=patch_px)
+    batch = make_batch(items, cfg, sched, gen, device, t=ts, drop=[False] * n, points=points, patch_px=patch_px,
+                       prior=prior, mpp=mpp, level=level)
     loss = float(batch_loss(model, batch, cfg))
     model.train(was)
     return loss
@@ -441,6 +454,10 @@ class TrainOptions:
     native_mpp: float = 0.5
     command: str = ""
     extra: dict = field(default_factory=dict)
+    noise_prior: NoisePrior | None = None   # None: white (A ξ); its reference_mpp is set to native_mpp
+    levels: int = 1                    # 2: multilevel — the first coarse_fraction of the steps at half resolution
+    coarse_fraction: float = 0.5       # the paper's warm start: half the epochs at the coarse level
+    init: Path | None = None           # warm start: an ∞-Brush model folder with the same configuration
 
 
 def _dataset(opts: TrainOptions):
@@ -491,6 +508,15 @@ def train_infbrush(opts: TrainOptions) -> dict:
 
     cfg, out, device = opts.config, Path(opts.out), torch.device(opts.device)
     state_dir = out / "train_state"
+    prior = None
+    if opts.noise_prior is not None and opts.noise_prior.kind != "white":
+        prior = replace(opts.noise_prior, reference_mpp=float(opts.native_mpp)).validate()
+    prior_dict = prior.to_dict() if prior is not None else NoisePrior().to_dict()
+    if opts.levels not in (1, 2):
+        raise ValueError(f"levels must be 1 or 2, got {opts.levels}")
+    if not 0 < opts.coarse_fraction < 1:
+        raise ValueError(f"coarse_fraction must be in (0, 1), got {opts.coarse_fraction}")
+    coarse_steps = int(round(opts.coarse_fraction * opts.steps)) if opts.levels == 2 else 0
     dataset, data_desc, layouts = _dataset(opts)
     # a model that never saw a grid has no reason to follow one: its card offers grids only when it did
     conditioning = ["embedding", "embedding_grid", "subtype"] if any(r * c > 1 for r, c in layouts) else \
@@ -503,10 +529,28 @@ def train_infbrush(opts: TrainOptions) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=tuple(opts.betas))
     gen = torch.Generator().manual_seed(opts.seed)
     step, elapsed = 0, 0.0
+    init_info = None
+    if opts.init is not None and not state_dir.exists():
+        from models.infbrush.pipeline import load_infbrush
+
+        base = load_infbrush(opts.init)
+        if base.config.to_dict() != cfg.to_dict():
+            diff = sorted(k for k, v in cfg.to_dict().items() if base.config.to_dict().get(k) != v)
+            raise ValueError(f"--init {opts.init}: its configuration differs in {', '.join(diff)}")
+        sd = base.denoiser.state_dict()
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        ema.load_state_dict({k: v.float() for k, v in sd.items()})
+        init_info = {"model": base.card.name, "files": dict(base.card.files),
+                     "noise_prior": base.card.config.get("noise_prior", NoisePrior().to_dict())}
     if state_dir.exists():
         if not opts.resume:
             raise FileExistsError(f"{out} already holds a training run; pass --resume or choose another --out")
         saved = json.loads((state_dir / "state.json").read_text())
+        saved_prior = saved.get("options", {}).get("noise_prior") or NoisePrior().to_dict()
+        if saved_prior != prior_dict:
+            raise ValueError(f"--resume with a different noise prior: the run in {out} was started with "
+                             f"{saved_prior}, not {prior_dict}")
+        init_info = saved.get("options", {}).get("init_model")
         if saved["config"] != cfg.to_dict():
             diff = sorted(k for k in set(saved["config"]) | set(cfg.to_dict())
                           if saved["config"].get(k) != cfg.to_dict().get(k))
@@ -544,15 +588,23 @@ def train_infbrush(opts: TrainOptions) -> dict:
                     "region_embedding": opts.regions,
                     "single_tile_p": opts.single_tile_p, "lr": opts.lr, "betas": list(opts.betas), "ema": opts.ema,
                     "ema_every": opts.ema_every, "grad_clip": opts.grad_clip, "seed": opts.seed,
-                    "duration_s": round(elapsed, 1), "last_loss": losses[-1] if losses else None}
+                    "duration_s": round(elapsed, 1), "last_loss": losses[-1] if losses else None,
+                    "noise_prior": prior_dict, "levels": opts.levels,
+                    "coarse_steps": coarse_steps, "coarse_mpp": opts.native_mpp * 2 if coarse_steps else None}
+        if init_info is not None:
+            training["init"] = init_info
         card = make_card(cfg, name=opts.name, trained=True, training=training, training_data=data_desc,
                          native_mpp=opts.native_mpp, conditioning=conditioning,
-                         prototype_classes=list(opts.prototype_classes) or None)
+                         prototype_classes=list(opts.prototype_classes) or None, noise_prior=prior)
         save_infbrush(InfBrushModels(card=card, denoiser=ema), out)
         # not asdict(): it would deep-copy the encoder behind opts.embed
         opt_dict = {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(opts)
-                    if f.name not in ("config", "out", "data", "embed") for v in (getattr(opts, f.name),)}
+                    if f.name not in ("config", "out", "data", "embed", "noise_prior", "init")
+                    for v in (getattr(opts, f.name),)}
         opt_dict["embed"] = getattr(opts.embed, "__qualname__", None) if opts.embed is not None else None
+        opt_dict["noise_prior"] = prior_dict
+        opt_dict["init"] = str(opts.init) if opts.init is not None else None
+        opt_dict["init_model"] = init_info
         _write_json_atomic(state_dir / "state.json", {"step": step, "elapsed_s": elapsed, "config": cfg.to_dict(),
                                                       "options": json.loads(json.dumps(opt_dict, default=str))})
 
@@ -566,7 +618,8 @@ def train_infbrush(opts: TrainOptions) -> dict:
         if isinstance(dataset, EncodedRegions):
             layout = dataset.layouts[int(torch.randint(0, len(dataset.layouts), (1,), generator=gen))]
         batch = make_batch([_item(dataset, i, layout, gen) for i in idx], cfg, sched, gen, device, points=opts.points,
-                           patch_px=opts.patch_px)
+                           patch_px=opts.patch_px, prior=prior, mpp=opts.native_mpp,
+                           level=2 if step < coarse_steps else 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = batch_loss(model, batch, cfg, lam)
         opt.zero_grad(set_to_none=True)
@@ -585,7 +638,8 @@ def train_infbrush(opts: TrainOptions) -> dict:
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % opts.log_every == 0 or step == opts.steps:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": losses[-1], "elapsed_s": round(elapsed, 2)}) + "\n")
+                f.write(json.dumps({"step": step, "loss": losses[-1], "elapsed_s": round(elapsed, 2),
+                                    "level": 2 if step <= coarse_steps else 1}) + "\n")
         if step % opts.save_every == 0 and step < opts.steps:
             save()
     bar.close()

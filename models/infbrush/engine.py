@@ -3,16 +3,38 @@ VAE, so no decoder options); see :mod:`models.engine` for the contract. Imports 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import Field
 
 from models.cards import ModelCard
-from models.engine import (CancelFn, EngineBase, EngineOptions, ReportFn, Runtime, SlideBands, SlideRequest, Stage,
-                           register_engine, stage_progress)
+from models.engine import (CancelFn, EngineBase, EngineOptions, OptionError, ReportFn, Runtime, SlideBands,
+                           SlideRequest, Stage, register_engine, stage_progress)
 from models.infbrush.config import TEXT_ENCODER_DIRNAME, prototype_encoder, text_encoder_dir
 
 
+NOISE_PRIORS = ("white", "bessel", "laplacian", "fno", "combined")  # models/infbrush/priors.py (imports torch)
+
+
+def card_prior_kind(card: ModelCard) -> str:
+    """The kind of noise prior a card's model was trained with (``config.noise_prior.kind``; absent: white)."""
+    prior = card.config.get("noise_prior") if isinstance(card.config, dict) else None
+    return str(prior.get("kind", "white")) if isinstance(prior, dict) else "white"
+
+
 class InfBrushOptions(EngineOptions):
-    """Options of the ∞-Brush engine: none yet (any option sent for an ∞-Brush model is refused, naming it)."""
+    """Options of the ∞-Brush engine (`options` of a request for an ∞-Brush model)."""
+
+    noise_prior: Literal["white", "bessel", "laplacian", "fno", "combined"] | None = Field(
+        None,
+        description="The noise prior to sample with; default (and the only one accepted): the prior the model was "
+        "trained with, recorded on its card (`white`: the mollified pixel noise; `bessel`, `laplacian`, `fno`, "
+        "`combined`: trace-class priors in µm, drawn at the request's µm/px). A prior the model was not trained "
+        "with is refused, naming both.")
+    solver: Literal["ddim", "euler-maruyama"] = Field(
+        "ddim",
+        description="`ddim`: DDIM on trailing timesteps (η from the request); `euler-maruyama`: the multilevel "
+        "paper's reverse-SDE sampler on the same timesteps, its diffusion term the prior's noise (η ignored).")
 
 
 class InfBrushEngine(EngineBase):
@@ -51,6 +73,15 @@ class InfBrushEngine(EngineBase):
                     "embedding instead")
         return why
 
+    def check_options(self, card: ModelCard, options: EngineOptions) -> None:
+        """A noise prior other than the card's → :class:`OptionError` naming both."""
+        asked = getattr(options, "noise_prior", None)
+        trained = card_prior_kind(card)
+        if asked is not None and asked != trained:
+            raise OptionError("noise_prior", f"{asked!r} was asked for, but model {card.name} was trained with the "
+                                             f"{trained!r} prior (the prior is part of the model; omit noise_prior to "
+                                             f"use it)")
+
     def max_embedding_grid(self, card: ModelCard) -> int | None:
         limit = card.config.get("network", {}).get("max_cond_grid") if isinstance(card.config, dict) else None
         return int(limit) if isinstance(limit, int) else None
@@ -71,11 +102,14 @@ class InfBrushEngine(EngineBase):
             embedding = request.embedding
         else:
             embedding = pipe.embed_subtype(request.subtype)
+        opts = request.options if isinstance(request.options, InfBrushOptions) else InfBrushOptions()
+        self.check_options(models.card, opts)
         report(Stage.sampling, 0.0, 0)
         # The API's guidance is ω in (1+ω)·ε(c) − ω·ε(∅) for every engine; ∞-Brush takes the scale s = 1+ω.
         bands = pipe.sample_bands(height=request.height, width=request.width, embedding=embedding, seed=request.seed,
                                   steps=request.steps, guidance=1.0 + request.guidance, eta=request.eta,
-                                  progress=stage_progress(report, Stage.sampling, request.steps), cancel=cancel)
+                                  progress=stage_progress(report, Stage.sampling, request.steps), cancel=cancel,
+                                  mpp=request.mpp, solver=opts.solver, noise_prior=opts.noise_prior)
         return SlideBands(bands=bands)
 
 

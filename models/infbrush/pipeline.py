@@ -15,13 +15,19 @@ from models.hashing import sha256_file as _sha256
 from models.infbrush.config import (DESIGN_NOTES, ENCODER_ID, PROTOTYPES_SOURCE, InfBrushConfig, prototype_encoder,
                                     tiny_config)
 from models.infbrush.denoiser import InfBrushDenoiser, canvas_window, token_positions
-from models.infbrush.noise import Mollifier
+from models.infbrush.priors import NoisePrior, noise_source
 from models.infbrush.sampler import Canvas, _expand
-from models.infbrush.schedule import CosineSchedule, ddim_update
+from models.infbrush.schedule import CosineSchedule, ddim_update, em_update
 from models.runtime import check_cancel
 
 WEIGHTS_FILE = "denoiser.safetensors"
 MIN_SIDE = 8
+SOLVERS = ("ddim", "euler-maruyama")
+
+
+def card_prior(card: ModelCard) -> NoisePrior:
+    """The noise prior a card's model was trained with (``config.noise_prior``; absent: white)."""
+    return NoisePrior.from_dict(card.config.get("noise_prior") if isinstance(card.config, dict) else None)
 
 
 @dataclass
@@ -40,14 +46,19 @@ CONDITIONING = ["embedding", "embedding_grid", "subtype"]
 
 def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str = "", training: dict | None = None,
               training_data: str = "", native_mpp: float = 0.5, files: dict | None = None,
-              conditioning: list[str] | None = None, prototype_classes: list[str] | None = None) -> ModelCard:
+              conditioning: list[str] | None = None, prototype_classes: list[str] | None = None,
+              noise_prior=None) -> ModelCard:
     """conditioning: what the card offers (default all three; a model trained on global vectors only should
     not offer ``embedding_grid``, which it never learnt to follow).
 
     Subtypes: a model conditioned on QuiltNet embeddings takes the prompt set's subtype codes (the text tower
     embeds them); a model conditioned on another encoder takes ``prototype_classes`` — class names of that
     encoder's class prototypes (the mean embedding of a class's tiles, ``prototypes.json`` in its folder) — and
-    offers no subtype without them (text embeddings live in another space)."""
+    offers no subtype without them (text embeddings live in another space).
+
+    noise_prior: the :class:`models.infbrush.priors.NoisePrior` the model was trained with (None: white), recorded
+    as ``config.noise_prior`` with all its parameters; sampling draws that prior."""
+    from models.infbrush.priors import NoisePrior
     from models.infbrush.prompts import load_prompt_set
 
     prompts = load_prompt_set()
@@ -62,6 +73,10 @@ def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str
         offered.remove("subtype")
     intro = ("∞-Brush (Le et al., ECCV 2024): conditional diffusion in function space with the cross-attention neural "
              "operator, sampled at any resolution in linear time. Where the paper is silent we follow ∞-Diff; choices: ")
+    config_extra = {}
+    if noise_prior is not None and noise_prior.kind != "white":   # absent = white (cards from before priors)
+        config_extra["noise_prior"] = noise_prior.to_dict()
+        config_extra["noise_prior_description"] = noise_prior.describe()
     return ModelCard(
         name=name, engine="infinity-brush", trained=trained,
         description=(description + " " if description else "") + intro + " ".join(DESIGN_NOTES),
@@ -73,7 +88,7 @@ def make_card(cfg: InfBrushConfig, *, name: str, trained: bool, description: str
                 "subtypes_from": source,
                 "min_side": MIN_SIDE, "default_steps": 50, "sampler": "DDIM (eta 0), trailing timesteps",
                 "memory": "sampling state H×W×3 float32 held across steps (805 MB at 8192²); "
-                          "network working set bounded by chunk_pixels"},
+                          "network working set bounded by chunk_pixels", **config_extra},
     )
 
 
@@ -162,6 +177,7 @@ class InfBrushPipeline:
         self.cfg = models.config
         self.schedule = CosineSchedule(self.cfg.timesteps)
         self.text_encoder_dir = text_encoder_dir
+        self.prior = card_prior(models.card)
 
     @property
     def card(self) -> ModelCard:
@@ -224,28 +240,43 @@ class InfBrushPipeline:
     # --- sampling ---------------------------------------------------------------------------------------------
     def run(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50, guidance: float = 1.0,
             eta: float = 0.0, chunk_pixels: int = 65536, progress: Callable[[int, int], None] | None = None,
-            cancel: Callable[[], bool] | None = None, encoder: str | None = None) -> "SamplingRun":
-        """A validated sampling run (state not yet allocated); see :class:`SamplingRun`."""
+            cancel: Callable[[], bool] | None = None, encoder: str | None = None, *, mpp: float | None = None,
+            solver: str = "ddim", noise_prior: str | None = None) -> "SamplingRun":
+        """A validated sampling run (state not yet allocated); see :class:`SamplingRun`.
+
+        mpp: the slide's µm/px (default the card's): the grid spacing of a noise prior. solver: ``ddim`` or
+        ``euler-maruyama`` (the multilevel paper's reverse SDE). noise_prior: the prior kind the request asks
+        for; ValueError naming both when the model was trained with another."""
+        if noise_prior is not None and noise_prior != self.prior.kind:
+            raise ValueError(f"noise_prior {noise_prior!r} was asked for, but model {self.card.name} was trained with "
+                             f"the {self.prior.kind!r} prior")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
+        mpp = float(mpp if mpp is not None else (self.card.native_mpp or self.prior.reference_mpp))
+        if not mpp > 0:
+            raise ValueError(f"mpp must be positive, got {mpp}")
         return SamplingRun(self, height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress, cancel,
-                           encoder)
+                           encoder, mpp=mpp, solver=solver)
 
     def sample_float_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
                            guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
                            progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                           encoder: str | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+                           encoder: str | None = None, **kw) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(row0, row1, x̂₀ band (rows, W, 3) in [−1, 1]) in row order; the last DDIM step streams out.
 
         The request is validated now (ValueError before any work); sampling happens as the iterator is consumed."""
-        run = self.run(height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress, cancel, encoder)
+        run = self.run(height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress, cancel, encoder,
+                       **kw)
         return run.bands()
 
     def sample_bands(self, height: int, width: int, embedding=None, seed: int = 0, steps: int = 50,
                      guidance: float = 1.0, eta: float = 0.0, chunk_pixels: int = 65536,
                      progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                     encoder: str | None = None) -> Iterator[np.ndarray]:
-        """np.uint8 (rows, W, 3) bands in row order covering the canvas (validated on call, sampled lazily)."""
+                     encoder: str | None = None, **kw) -> Iterator[np.ndarray]:
+        """np.uint8 (rows, W, 3) bands in row order covering the canvas (validated on call, sampled lazily);
+        ``kw``: mpp, solver, noise_prior of :meth:`run`."""
         bands = self.sample_float_bands(height, width, embedding, seed, steps, guidance, eta, chunk_pixels, progress,
-                                        cancel, encoder)
+                                        cancel, encoder, **kw)
         return (to_uint8(band) for _, _, band in bands)
 
     def sample_array(self, height: int, width: int, **kw) -> np.ndarray:
@@ -253,10 +284,13 @@ class InfBrushPipeline:
 
 
 class SamplingRun:
-    """One DDIM sampling of an H×W canvas: the state, the canvas tiling and the per-step passes."""
+    """One sampling of an H×W canvas (DDIM or Euler–Maruyama): the state, the canvas tiling and the per-step
+    passes. The noise (initial, DDIM's η > 0 and EM's diffusion term) is the card's prior at ``mpp``: stream 0 for
+    the initial noise, s + 1 for step s, each a per-pixel function of the seed (chunk-exact)."""
 
     def __init__(self, pipe: InfBrushPipeline, height: int, width: int, embedding, seed: int, steps: int,
-                 guidance: float, eta: float, chunk_pixels: int, progress, cancel, encoder):
+                 guidance: float, eta: float, chunk_pixels: int, progress, cancel, encoder, *, mpp: float = 0.5,
+                 solver: str = "ddim"):
         pipe.validate_size(height, width)
         if seed < 0:
             raise ValueError("seed must be non-negative")
@@ -283,7 +317,8 @@ class SamplingRun:
         self.window = canvas_window(self.H, self.W)
         self.drop = torch.tensor(drop_flags, device=dev)
         self.canvas = Canvas(pipe.model, self.H, self.W, chunk_pixels, dev)
-        self.moll = Mollifier.for_side(max(self.H, self.W), cfg.mollify_sigma, cfg.train_resolution)
+        self.solver, self.mpp = solver, float(mpp)
+        self.noise = noise_source(pipe.prior, self.H, self.W, self.mpp, cfg.mollify_sigma, cfg.train_resolution)
         self.total, self.done = len(self.ts) * 2 * self.canvas.n_tiles, 0
         self.x: torch.Tensor | None = None
         self.cstats = None
@@ -296,11 +331,12 @@ class SamplingRun:
 
     @torch.inference_mode()
     def init_state(self) -> None:
-        """x_T = noise_mul · A z over the canvas (band by band) and the canvas's coordinate sums."""
+        """x_T = the prior's noise (white: noise_mul · A z) over the canvas (band by band) and the canvas's
+        coordinate sums."""
         dev, H, W = self.pipe.device, self.H, self.W
         self.x = torch.empty(H, W, 3, device=dev)
         for r0, r1 in self.canvas.bands():
-            self.x[r0:r1] = self.moll.noise_window(self.seed, 0, r0, r1, 0, W, H, W, device=dev)
+            self.x[r0:r1] = self.noise.noise_window(self.seed, 0, r0, r1, 0, W, device=dev)
         self.cstats = _expand(self.canvas.coord_stats(), self.B)
 
     @torch.inference_mode()
@@ -319,9 +355,12 @@ class SamplingRun:
         for r0, r1, e in canvas.eps_bands(x, ctx, B, self.cstats, sstats, grid_out, self._tick):
             eps = e[0] if B == 1 else e[1] + self.guidance * (e[0] - e[1])
             noise = None
-            if self.eta > 0 and not last:
-                noise = self.moll.noise_window(self.seed, s + 1, r0, r1, 0, self.W, self.H, self.W, device=dev)
-            x_prev, x0 = ddim_update(x[r0:r1], eps, ab_t, ab_p, eta=self.eta, noise=noise)
+            if (self.eta > 0 or self.solver == "euler-maruyama") and not last:
+                noise = self.noise.noise_window(self.seed, s + 1, r0, r1, 0, self.W, device=dev)
+            if self.solver == "euler-maruyama":
+                x_prev, x0 = em_update(x[r0:r1], eps, ab_t, ab_p, noise=noise)
+            else:
+                x_prev, x0 = ddim_update(x[r0:r1], eps, ab_t, ab_p, eta=self.eta, noise=noise)
             if last:
                 yield r0, r1, x0
                 continue

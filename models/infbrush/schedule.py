@@ -57,3 +57,31 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float,
             raise ValueError("eta > 0 needs the step's smoothed noise")
         x_prev = x_prev + sigma * noise
     return x_prev, x0
+
+
+EM_RENOISE_ABOVE = 1.0  # integrated β of a step beyond which Euler–Maruyama diverges: re-noise x̂₀ exactly instead
+
+
+def em_update(x: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float,
+              noise: torch.Tensor | None = None, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler–Maruyama step of the reverse VP SDE (multilevel diffusion's sampler) on the discrete schedule;
+    returns (x_prev, x̂₀). ``noise`` is Q^{1/2} ξ of the step (the prior's noise, fresh per step).
+
+    The reference's step y ← y + Δ·[α·Q∇log p + ½α·y] + √(αΔ)·Q^{1/2}ξ with α(s)Δ replaced by the integrated
+    β of the step, b = ln(ᾱ_prev/ᾱ_t), and Q∇log p_t(x) = −ε̂/√(1 − ᾱ_t) (x_t = √ᾱ x₀ + √(1−ᾱ) Q^{1/2}ξ, so no Q
+    is applied to the score). Adaptations: a step with b > ``EM_RENOISE_ABOVE`` (the cosine schedule's first
+    trailing step leaves ᾱ ≈ 0, b ≈ 13 at 50 steps, where EM diverges) is replaced by the exact re-noising
+    √ᾱ_prev·x̂₀ + √(1−ᾱ_prev)·Q^{1/2}ξ; the last step (ᾱ_prev = 1) returns x̂₀ like DDIM, not an EM update that would
+    leave noise of std √b in the slide."""
+    x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    if ab_prev >= 1.0:
+        return x0, x0
+    if noise is None:
+        raise ValueError("an Euler–Maruyama step needs the step's prior noise")
+    b = math.log(ab_prev / ab_t)
+    if b > EM_RENOISE_ABOVE:
+        return math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * noise, x0
+    x_prev = x + b * (0.5 * x - eps / math.sqrt(1 - ab_t)) + math.sqrt(b) * noise
+    return x_prev, x0
