@@ -170,12 +170,12 @@ class Engine(Protocol):
     # Optional (EngineBase has a default): ``probe_batch(models, device, batch, precision) -> bool`` runs one
     # forward of the network whose batch ``Runtime.batch_size`` sets, on ``batch`` items at ``precision``; the
     # worker measures its memory at start to size and check the batch. False: the engine has no such network.
-    # ``check_options(card, options, models_dir) -> None`` raises :class:`OptionError` for (resolved) options this
-    # deployment's copy of the model cannot serve (e.g. a file the option needs is missing from the model folder);
-    # the API answers 422 naming ``options.<field>``. Default: every option is served.
+    # ``check_options(card, options, models_dir=None) -> None`` raises :class:`OptionError` for (resolved) options
+    # the card's model cannot run (e.g. a noise prior it was not trained with) or, given ``models_dir``, this
+    # deployment's copy of it cannot serve (a file the option needs is missing from the model folder); the API
+    # answers 422 naming ``options.<field>``. Default: every option is served.
     # ``max_embedding_grid(card) -> int | None``: the most rows (and columns) of an embedding grid the card's model
     # takes, read from the card (the API refuses larger grids before storing a job); None: no limit of its own.
-    # ``check_options(card, options) -> None``: OptionError for (resolved) options the card's model cannot run.
 
 
 class EngineBase:
@@ -201,7 +201,8 @@ class EngineBase:
     def load_state(self, path: Path) -> Any:
         return None
 
-    def check_options(self, card: ModelCard, options: EngineOptions, models_dir: Path | None) -> None:
+    def check_options(self, card: ModelCard, options: EngineOptions, models_dir: Path | None = None) -> None:
+        """Every option is served (see the contract's optional parts)."""
         return None
 
     def probe_batch(self, models: Any, device: Any, batch: int, precision: str) -> bool:
@@ -210,11 +211,6 @@ class EngineBase:
 
     def max_embedding_grid(self, card: ModelCard) -> int | None:
         """No limit of the engine's own on embedding grids (the API's bound still applies)."""
-        return None
-
-    def check_options(self, card: ModelCard, options: EngineOptions) -> None:
-        """Nothing of the card constrains the options (an engine raises :class:`OptionError` for options the
-        card's model cannot run, e.g. a noise prior it was not trained with; the API answers 422)."""
         return None
 
 

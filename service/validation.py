@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from pathlib import Path
 
 import numpy as np
 
@@ -145,8 +146,9 @@ def check_labels(labels: np.ndarray, card: ModelCard) -> None:
         raise FieldError(("mask",), f"class values {unknown} are not classes of {card.name} ({names})")
 
 
-def engine_options(params: GenerateParams, card: ModelCard) -> EngineOptions:
-    """The request's ``options`` validated by the options model of the card's engine, defaults resolved."""
+def engine_options(params: GenerateParams, card: ModelCard, models_dir: Path | None = None) -> EngineOptions:
+    """The request's ``options`` validated by the options model of the card's engine, defaults resolved, and
+    checked against the card (and, given ``models_dir``, the model's folder: the engine's ``check_options``)."""
     engine = get_engine(card.engine)
     try:
         options = engine.options_model.model_validate(params.options or {})
@@ -161,7 +163,7 @@ def engine_options(params: GenerateParams, card: ModelCard) -> EngineOptions:
         options = options.resolved()
         check = getattr(engine, "check_options", None)   # optional in the contract (EngineBase has it)
         if check is not None:
-            check(card, options)
+            check(card, options, models_dir)
         return options
     except OptionError as exc:
         raise FieldError(("options", exc.field), exc.msg) from None
@@ -198,11 +200,7 @@ def build_spec(
     engine = get_engine(card.engine)
     webhook = check_webhook(params, settings, tenant)
     mpp = params.mpp or card.native_mpp
-    options = engine_options(params, card)
-    try:  # options that need something from the model's folder (e.g. the dde sampler's coordinator)
-        engine.check_options(card, options, settings.models_dir)
-    except OptionError as exc:
-        raise FieldError(("options", exc.field), exc.msg) from None
+    options = engine_options(params, card, settings.models_dir)
     steps = params.steps or steps_default(card, options)
     if steps > settings.max_steps:
         raise FieldError(("steps",), f"{steps} is over the maximum of {settings.max_steps}")

@@ -149,9 +149,12 @@ class DiffInfiniteEngine(EngineBase):
         models.folder = folder  # where a dde job finds the coordinator
         return models
 
-    def check_options(self, card: Any, options: DiffInfiniteOptions, models_dir: Path | None) -> None:
+    def check_options(self, card: Any, options: DiffInfiniteOptions, models_dir: Path | None = None) -> None:
         """:class:`OptionError` for options this deployment's copy of the model cannot serve: ``dde`` needs the
-        model folder's trained coordinator (``dde-coordinator/coordinator_card.json``)."""
+        model folder's trained coordinator (``dde-coordinator/coordinator_card.json``); without ``models_dir``
+        the folder is not checked."""
+        if models_dir is None:
+            return
         if options.sampler == "dde" and not has_coordinator(model_folder(card.name, models_dir)):
             raise OptionError("sampler", f"model {card.name} has no trained DDE coordinator "
                                          f"({COORDINATOR_DIR}/{COORDINATOR_CARD} in its folder): choose another sampler "

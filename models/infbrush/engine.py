@@ -73,7 +73,7 @@ class InfBrushEngine(EngineBase):
                     "embedding instead")
         return why
 
-    def check_options(self, card: ModelCard, options: EngineOptions) -> None:
+    def check_options(self, card: ModelCard, options: EngineOptions, models_dir: Path | None = None) -> None:
         """A noise prior other than the card's → :class:`OptionError` naming both."""
         asked = getattr(options, "noise_prior", None)
         trained = card_prior_kind(card)
