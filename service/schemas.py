@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 
 from models.engine import engines
 
@@ -62,7 +62,15 @@ def _engine_options_schema() -> dict[str, Any]:
                            + ". An option the engine does not take is a 422 naming it."}
 
 
-EngineOptionsField = Annotated[dict[str, Any] | None, WithJsonSchema(_engine_options_schema())]
+class _EngineOptionsSchema:
+    """Makes the `options` schema when a schema is generated (not when this module is imported), so it lists the
+    engines registered then."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler) -> dict[str, Any]:
+        return _engine_options_schema()
+
+
+EngineOptionsField = Annotated[dict[str, Any] | None, _EngineOptionsSchema()]
 
 
 class GenerateParams(_Strict):

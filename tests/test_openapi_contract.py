@@ -71,3 +71,19 @@ def test_downloads_document_range():
         op = spec["paths"][path]["get"]
         assert any(p["name"] == "Range" and p["in"] == "header" for p in op["parameters"]), path
         assert {"200", "206", "416"} <= set(op["responses"]), path
+
+
+def test_the_options_schema_lists_the_engines_registered_when_it_is_made():
+    """Made when a schema is generated, not when service.schemas is imported: an engine registered later (a plugin,
+    or another test's) appears, and is gone once unregistered."""
+    from models.engine import register_engine, unregister_engine
+    from service.openapi import render
+    from tests.test_engine_contract import ConstantEngine
+
+    before = render()
+    register_engine(ConstantEngine())
+    try:
+        assert "constant-colour options" in render()
+    finally:
+        unregister_engine("constant-colour")
+    assert render() == before
