@@ -58,8 +58,9 @@ def test_positions_are_canvas_positions():
     # canvas pixel (8, 4): token (2, 1) of window 0, token (0, 0) of window 1 → same position
     assert first[2, 1].tolist() == second[0, 0].tolist() == [2, 1]
     assert first[3, 3].tolist() == [3, 3] and second[3, 3].tolist() == [5, 4]
-    with pytest.raises(ValueError, match="multiples of the token size"):
-        canvas_token_positions(torch.tensor([[2, 0]]), patch=16, token=4)
+    # a clamped last window (origin not a multiple of the token): fractional positions, same pixel → same
+    clamped = canvas_token_positions(torch.tensor([[0, 0], [0, 6]]), patch=16, token=4)
+    assert clamped[side * side + 0].tolist() == [0.0, 1.5] and clamped[side * side + 2].tolist() == [0.0, 3.5]
 
 
 def test_translating_the_canvas_changes_nothing_but_origins():
@@ -216,3 +217,21 @@ def test_tampered_weights_are_refused(tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(CoordinatorLoadError, match="sha256"):
         load_coordinator(folder, "cpu")
+
+
+def test_is_a_patch_coordinator_and_untrained_dde_is_multidiffusion():
+    from models.patching import PatchCoordinator, combine, plan_windows
+
+    cfg = _cfg()
+    net = DDECoordinator(cfg)
+    assert isinstance(net, PatchCoordinator)
+    plan = plan_windows("dde", (36, 36), 16, 8)  # 36 = 16 + 2·8 + 4: the last window is clamped to 20
+    assert plan.origins[-1].tolist() == [20, 20]
+    g = torch.Generator().manual_seed(3)
+    outs = torch.randn(len(plan), 2, 16, 16, generator=g)
+    noisy = torch.randn(len(plan), 2, 16, 16, generator=g)
+    t = torch.full((len(plan),), 300.0)
+    with torch.no_grad():
+        dde = combine(plan, outs, noisy=noisy, t=t, coordinator=net)
+    md = combine(plan_windows("multidiffusion", (36, 36), 16, 8), outs)
+    assert torch.equal(dde, md)

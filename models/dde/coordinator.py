@@ -93,18 +93,20 @@ class CoordinatorConfig:
 
 # ------------------------------------------------------------------------------------------ positions
 def canvas_token_positions(origins: Tensor, patch: int, token: int) -> Tensor:
-    """(N·T, 2) canvas positions in token units of every token, windows in order, tokens row-major in each.
+    """(N·T, 2) float64 canvas positions in token units of every token (origin/token + offset in the window),
+    windows in order, tokens row-major in each.
 
-    ``origins``: (N, 2) canvas (y, x) in px of each window, multiples of ``token``.
+    ``origins``: (N, 2) canvas (y, x) in px of each window. Origins need not be multiples of ``token`` (plans
+    clamp their last window inward): positions are then fractional, still equal for tokens at the same pixel.
     """
     if origins.ndim != 2 or origins.shape[1] != 2:
         raise ValueError(f"origins must be (N, 2) canvas (y, x), got shape {tuple(origins.shape)}")
-    if bool((origins % token != 0).any()):
-        raise ValueError(f"window origins must be multiples of the token size {token}")
+    if origins.dtype.is_floating_point:
+        raise ValueError(f"origins must be integer canvas pixels, got {origins.dtype}")
     side = patch // token
-    offs = torch.arange(side, device=origins.device)
+    offs = torch.arange(side, device=origins.device, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(offs, offs, indexing="ij"), dim=-1).reshape(-1, 2)  # (T, 2)
-    return (origins.long()[:, None, :] // token + grid[None]).reshape(-1, 2)
+    return (origins.double()[:, None, :] / token + grid[None]).reshape(-1, 2)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class AttentionGroups:
 def attention_groups(pos: Tensor, canvas: Tensor, window_tokens: int, shift: int) -> AttentionGroups:
     """Group tokens whose positions fall in the same ``window_tokens``-square of the grid shifted by ``shift``
     tokens (and belong to the same canvas). Deterministic: groups and members in ascending key / token order."""
-    sq = torch.div(pos + shift, window_tokens, rounding_mode="floor")
+    sq = torch.floor((pos + shift) / window_tokens).long()
     key = torch.stack((canvas.long(), sq[:, 0], sq[:, 1]), dim=1)
     _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
@@ -267,7 +269,7 @@ class DDECoordinator(nn.Module):
         """Per-window corrections (N, C, P, P).
 
         ``outputs`` / ``noisy``: (N, C, P, P) patch outputs and their noisy inputs; ``origins``: (N, 2) canvas
-        (y, x) of each window (multiples of ``token``); ``cond``: (N, Cc, P·r, P·r) condition crops or None;
+        (y, x) of each window; ``cond``: (N, Cc, P·r, P·r) condition crops or None;
         ``t``: (N,) timestep or σ; ``canvas``: (N,) index of the canvas each window belongs to (training batches
         of several canvases; default all one canvas).
         """
