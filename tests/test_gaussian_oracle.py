@@ -1,0 +1,122 @@
+"""Gaussian-field oracle (evaluation/gaussian_oracle.py): the exact reference is right, independent tiles show
+seams, averaging removes most of them, a zero coordinator is MultiDiffusion bit for bit. Small: N=48, B=16."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.gaussian_oracle import (GaussianOracle, MaternField, field_metrics, karras_sigmas,
+                                        single_patch_check)
+from models.patching import ZeroCoordinator
+
+N, B, S, STEPS = 48, 16, 32, 16
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return GaussianOracle(N, B)
+
+
+def _bessel_k1(z: float) -> float:
+    # K1(z) = ∫_0^∞ exp(−z cosh t) cosh t dt (trapezoid; smooth, decays fast)
+    t = np.linspace(0.0, 12.0, 200001)
+    f = np.exp(-z * np.cosh(t)) * np.cosh(t)
+    return float(np.sum((f[1:] + f[:-1]) * 0.5 * (t[1] - t[0])))
+
+
+def test_field_is_matern_nu1_with_the_reference_parameters():
+    f = MaternField()
+    assert f.cov[0, 0] == pytest.approx(0.25, rel=1e-9)
+    for d in (8, 16, 32):  # Matérn ν=1: (r/ℓ)·K1(r/ℓ)
+        want = (d / 16) * _bessel_k1(d / 16)
+        assert f.cov[0, d] / f.cov[0, 0] == pytest.approx(want, abs=0.02), d
+    x = f.sample_windows(64, 64, np.random.default_rng(0))
+    m = field_metrics(x, 32)
+    assert m["var"] == pytest.approx(0.25, rel=0.1)
+    assert m["corr_8"] == pytest.approx(0.828, abs=0.04)
+    assert m["seam_b"] == pytest.approx(1.0, abs=0.15)
+
+
+def test_denoiser_is_the_bayes_estimator(oracle):
+    d = oracle.denoiser
+    sig = 0.3
+    m = d.matrix(sig).double().numpy()
+    cov = oracle.field.patch_covariance(B)
+    want = cov @ np.linalg.inv(cov + sig * sig * np.eye(B * B))
+    np.testing.assert_allclose(m, want.T, atol=2e-5)
+    x = torch.randn(5, 1, B, B)
+    torch.testing.assert_close(d(x, sig), d(x, torch.full((5,), sig)), atol=1e-4, rtol=1e-4)
+
+
+def test_karras_sigmas():
+    s = karras_sigmas(48)
+    assert len(s) == 49 and s[0] == pytest.approx(80) and s[-2] == pytest.approx(0.002) and s[-1] == 0
+    assert all(a > b for a, b in zip(s, s[1:]))
+
+
+def test_single_patch_sampling_matches_exact(oracle):
+    # one window = the exact global ODE: only the Heun discretisation (+4 % variance at 24 steps) and
+    # sampling noise separate it from the field (analytic variance and correlation)
+    r = single_patch_check(oracle, 256, steps=24)
+    assert r["var"] == pytest.approx(0.25, rel=0.08)
+    f = oracle.field
+    assert r["corr_8"] == pytest.approx(f.cov[0, 8] / f.cov[0, 0], abs=0.03)
+
+
+def test_independent_tiles_show_seams_and_averaging_removes_them(oracle):
+    ind = field_metrics(oracle.sample("independent", S, 0, steps=STEPS), B)
+    md = field_metrics(oracle.sample("multidiffusion", S, 0, steps=STEPS, stride=B // 4), B)
+    assert ind["seam_b"] > 10
+    assert md["seam_b"] <= 2.5 and md["seam_max"] <= 2.5
+    assert md["var"] < 0.9 * 0.25  # averaging over-smooths (the loss a coordinator should win back)
+    for comb in ("random", "offset", "mixture"):
+        m = field_metrics(oracle.sample(comb, 8, 0, steps=8), B)
+        assert math.isfinite(m["var"]) and 0.05 < m["var"] < 0.4, comb
+
+
+def test_sampling_is_deterministic_and_batch_independent(oracle):
+    a = oracle.sample("offset", 6, 3, steps=4, batch=6)
+    b = oracle.sample("offset", 6, 3, steps=4, batch=4)
+    assert torch.equal(a, b)
+
+
+def test_zero_coordinator_is_multidiffusion_bit_for_bit(oracle):
+    zc = ZeroCoordinator(B, B // 4)
+    a = oracle.sample("dde", 4, 1, steps=6, stride=B // 4, coordinator=zc)
+    b = oracle.sample("multidiffusion", 4, 1, steps=6, stride=B // 4)
+    assert torch.equal(a, b)
+
+
+class _ScaleCoordinator(torch.nn.Module):
+    """A one-parameter coordinator (correction = a·(output − noisy)) to check the plumbing and gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.stride = B, B // 2
+        self.a = torch.nn.Parameter(torch.tensor(0.0))
+        self.seen = []
+
+    def correction(self, outputs, noisy, origins, cond, t):
+        self.seen.append((outputs.shape, origins.clone(), t.clone()))
+        return self.a * (outputs - noisy)
+
+
+def test_composite_backprops_through_a_coordinator(oracle):
+    clean, noisy, sig = oracle.training_pairs(3, seed=5)
+    c2, n2, s2 = oracle.training_pairs(3, seed=5)
+    assert torch.equal(noisy, n2) and torch.equal(sig, s2) and (sig > 0).all()
+    coord = _ScaleCoordinator()
+    out = oracle.composite(noisy, sig, "dde", coord, stride=B // 2)
+    assert out.shape == clean.shape
+    shape, origins, t = coord.seen[0]
+    assert shape == (25, 1, B, B) and origins.tolist()[:2] == [[0, 0], [0, 8]]
+    assert torch.allclose(t, sig[0].expand(25))
+    loss = ((out - clean) ** 2).mean()
+    loss.backward()
+    assert coord.a.grad is not None and coord.a.grad.abs() > 0
+    with torch.no_grad():
+        coord.a.fill_(0.5)
+        moved = oracle.composite(noisy, sig, "dde", coord, stride=B // 2)
+        plain = oracle.composite(noisy, sig, "multidiffusion", stride=B // 2)
+    assert not torch.allclose(moved, plain)
