@@ -79,8 +79,8 @@ class DDETrainConfig:
     holdout_slides: int = 4
     slide_px: int = 1024
     # oracle base
-    p_mean: float = -1.2  # EDM log-normal σ
-    p_std: float = 1.2
+    p_mean: float = -1.0  # EDM log-normal σ (DDE maps setting)
+    p_std: float = 1.6
     # evaluation
     eval_crops: int = 16
     data_cache: Path | None = None  # DiffInfinite latents cache (default <out>/checkpoints/dde-data.pt)
@@ -238,23 +238,24 @@ class DiffInfiniteBase:
 
 
 class OracleBase:
-    """The exact Bayes patch denoiser of the Gaussian-field oracle (EDM, 1 channel)."""
+    """The exact Bayes patch denoiser of the Gaussian-field oracle (:class:`evaluation.gaussian_oracle.
+    GaussianOracle`: reference field, float64), EDM; the coordinator sees σ."""
 
     kind = "oracle"
 
     def __init__(self, cfg: DDETrainConfig, device: torch.device):
-        from evaluation import gaussian_oracle as go
+        from evaluation.gaussian_oracle import GaussianOracle
 
-        self.go = go
-        self.field = go.default_field() if hasattr(go, "default_field") else go.GaussianField()
-        self.patch = int(cfg.patch or self.field.patch)
+        self.patch = int(cfg.patch or 32)
         self.stride = int(cfg.stride or max(1, self.patch // 4))
-        self.denoise = go.PatchDenoiser(self.field, self.patch) if hasattr(go, "PatchDenoiser") else None
+        self.oracle = GaussianOracle(canvas=self.patch + cfg.max_extra * self.stride, patch=self.patch)
+        self.field = self.oracle.field
         self.channels = 1
         self.device = device
         self.sigma_data = float(math.sqrt(self.field.variance))
         self.p_mean, self.p_std = cfg.p_mean, cfg.p_std
-        self.identity = {"model": "gaussian-oracle", "file": None, "sha256": go.oracle_sha256(self.field, self.patch)}
+        self.identity = {"model": "gaussian-oracle", "file": None, "sha256": oracle_sha256(self.oracle),
+                         "field": oracle_description(self.oracle)}
 
     def coordinator_config(self, cfg: DDETrainConfig) -> CoordinatorConfig:
         return CoordinatorConfig(channels=1, patch=self.patch, stride=self.stride, token=cfg.token, hidden=cfg.hidden,
@@ -263,16 +264,16 @@ class OracleBase:
 
     def draw(self, rng: np.random.Generator, gen: torch.Generator, batch: int, side: int, holdout: bool = False
              ) -> Batch:
-        clean = self.go.sample_field(self.field, batch, side, generator=gen).float()  # (B, 1, L, L)
-        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(batch, generator=gen))
-        noise = torch.randn(clean.shape, generator=gen)
+        clean = torch.from_numpy(self.field.sample_windows(batch, side, rng))  # float64 (B, 1, L, L)
+        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(batch, generator=gen, dtype=torch.float64))
+        noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
         return Batch(clean.to(self.device), noise.to(self.device), sigma.to(self.device), None)
 
     def noisy(self, b: Batch) -> torch.Tensor:
         return b.clean + b.level[:, None, None, None] * b.noise
 
     def patch_outputs(self, xw: torch.Tensor, level: torch.Tensor, condw) -> torch.Tensor:
-        return self.denoise(xw, level)
+        return self.oracle.denoiser(xw, level)
 
     def coordinator_input(self, xw: torch.Tensor) -> torch.Tensor:
         return xw
@@ -281,6 +282,19 @@ class OracleBase:
         s, sd = b.level, self.sigma_data
         lam = (s ** 2 + sd ** 2) / (s * sd) ** 2
         return lam * (composite - b.clean).pow(2).flatten(1).mean(1)
+
+
+def oracle_description(oracle) -> dict[str, Any]:
+    """The oracle's field and patch: what a coordinator trained on it depends on."""
+    f = oracle.field
+    return {"torus": f.torus, "length": f.length, "variance": f.variance, "nu": f.nu, "patch": oracle.b}
+
+
+def oracle_sha256(oracle) -> str:
+    """sha256 of :func:`oracle_description` (canonical JSON): the oracle base's identity on a card."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(oracle_description(oracle), sort_keys=True).encode()).hexdigest()
 
 
 def build_base(cfg: DDETrainConfig, device: torch.device, cache: Path | None, log=print):
