@@ -307,24 +307,36 @@ def build_base(cfg: DDETrainConfig, device: torch.device, cache: Path | None, lo
 
 
 # ------------------------------------------------------------------------------------------ composite
-def composite_loss(base, net: DDECoordinator | None, b: Batch, side: int) -> torch.Tensor:
-    """Per-canvas loss (B,) of the composite: base outputs on the plan's windows, plus the coordinator's
-    correction (None = plain averaging), averaged over overlaps."""
+def window_outputs(base, b: Batch, side: int):
+    """The frozen base on the ``dde`` plan's windows of every canvas of ``b``: (plan, noisy windows (B·n, C, P, P),
+    base outputs, per-window levels, condition windows or None), canvas-major."""
     plan = plan_windows("dde", (side, side), base.patch, base.stride)
-    nw = len(plan)
     x = base.noisy(b)
     bsz = x.shape[0]
-    xw = torch.cat([plan.crops(x[i]) for i in range(bsz)])  # (B·n, C, P, P), canvas-major
-    level = b.level.repeat_interleave(nw)
+    xw = torch.cat([plan.crops(x[i]) for i in range(bsz)])
+    level = b.level.repeat_interleave(len(plan))
     condw = None if b.cond is None else torch.cat([plan.crops(b.cond[i]) for i in range(bsz)])
     with torch.no_grad():
         out = base.patch_outputs(xw, level, condw)
+    return plan, xw, out, level, condw
+
+
+def compose(base, net: DDECoordinator | None, b: Batch, windows) -> torch.Tensor:
+    """Per-canvas loss (B,) of the composite: the base outputs plus the coordinator's correction (None = plain
+    averaging), averaged over overlaps."""
+    plan, xw, out, level, condw = windows
+    nw, bsz = len(plan), b.level.shape[0]
     if net is not None:
-        origins = plan.origins_tensor(x.device).repeat(bsz, 1)
-        canvas = torch.arange(bsz, device=x.device).repeat_interleave(nw)
+        origins = plan.origins_tensor(xw.device).repeat(bsz, 1)
+        canvas = torch.arange(bsz, device=xw.device).repeat_interleave(nw)
         out = out + net.correction(out, base.coordinator_input(xw), origins, condw, level, canvas=canvas)
     comp = torch.stack([blend(out[i * nw:(i + 1) * nw], plan.origins, plan.weight, plan.canvas) for i in range(bsz)])
     return base.loss(comp, b)
+
+
+def composite_loss(base, net: DDECoordinator | None, b: Batch, side: int) -> torch.Tensor:
+    """Per-canvas loss (B,) of the composite denoiser on batch ``b`` of ``side``² canvases."""
+    return compose(base, net, b, window_outputs(base, b, side))
 
 
 @torch.no_grad()
@@ -337,8 +349,9 @@ def evaluate_composite(base, net: DDECoordinator, cfg: DDETrainConfig, crops: in
         avg, coord = [], []
         for i in range(crops):
             b = base.draw(_rng(cfg.seed, 0xE7A1, k, i), _generator(cfg.seed, 0xE7A1, k, i), 1, side, holdout=True)
-            avg.append(float(composite_loss(base, None, b, side)[0]))
-            coord.append(float(composite_loss(base, net, b, side)[0]))
+            windows = window_outputs(base, b, side)
+            avg.append(float(compose(base, None, b, windows)[0]))
+            coord.append(float(compose(base, net, b, windows)[0]))
         rows.append({"canvas": side, "windows": len(plan_windows("dde", (side, side), base.patch, base.stride)),
                      "averaging": float(np.mean(avg)), "coordinator": float(np.mean(coord)),
                      "ratio": float(np.mean(coord) / np.mean(avg))})
