@@ -91,3 +91,42 @@ def test_cli_trains_and_reports_bad_input(tiny_model, tmp_path, capsys):
     assert card["training"]["command"].startswith("slidesynth ") and "--steps 2" in card["training"]["command"]
     rc = main(["train", "dde-coordinator", "--base", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"])
     assert rc == 2 and "base" in capsys.readouterr().err
+
+
+def test_oracle_run_writes_its_card_and_the_exact_denoiser_figures(tmp_path):
+    cfg = DDETrainConfig(base="oracle", target="bayes", out=tmp_path / "oracle", patch=8, stride=4, token=2,
+                         attn_window=8, hidden=32, depth=2, heads=2, min_extra=1, max_extra=2, steps=5,
+                         batch_size=2, eval_crops=2, threads=1)
+    result = train_dde_coordinator(cfg, log=lambda m: None)
+    for r in result.evaluation["per_canvas"]:
+        assert r["excess_averaging"] > 0 and r["bayes"] > 0 and r["excess_ratio"] > 0
+    card = read_coordinator_card(tmp_path / "oracle")
+    assert card["base"]["model"] == "gaussian-oracle" and card["base"]["file"] is None
+    assert card["architecture"]["noise_input"] == "sigma"
+    net = load_coordinator(tmp_path / "oracle", base_sha256=card["base"]["sha256"])
+    assert net.patch == 8
+    with pytest.raises(ValueError, match="target: bayes needs the oracle"):
+        DDETrainConfig(base="weights/diffinfinite-demo", target="bayes").validate()
+
+
+def test_coordinator_can_close_the_gap_to_the_exact_canvas_denoiser():
+    # on a fixed batch the correction must be able to take averaging to the exact whole-canvas denoiser
+    from models.dde.coordinator import DDECoordinator
+    from training.dde import _generator, _rng, build_base, compose, window_outputs
+
+    torch.set_num_threads(1)
+    cfg = DDETrainConfig(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32,
+                         depth=2, heads=2, max_extra=2, p_mean=0.0, p_std=1.0)
+    base = build_base(cfg, torch.device("cpu"), None)
+    torch.manual_seed(0)
+    net = DDECoordinator(base.coordinator_config(cfg))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    b = base.draw(_rng(0, 1), _generator(0, 1), 8, 16)
+    windows = window_outputs(base, b, 16)
+    start = float(compose(base, None, b, windows).mean())
+    for _ in range(120):
+        loss = compose(base, net, b, windows).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(compose(base, net, b, windows).mean()) < 0.2 * start

@@ -509,7 +509,7 @@ def _run_dde(args: argparse.Namespace) -> int:
         save_every=args.save_every, seed=args.seed, device=args.device, threads=args.threads, hidden=args.hidden,
         depth=args.depth, heads=args.heads, token=args.token, attn_window=args.attn_window, p_null=args.p_null,
         slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
-        p_std=args.p_std, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
+        p_std=args.p_std, target=args.target, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
         command=_dde_command(args),
     )
     try:
@@ -562,6 +562,9 @@ def add_dde_train_parsers(train_subparsers) -> None:
     p.add_argument("--slide-px", type=int, default=1024, help="DiffInfinite: procedural slide side in px")
     p.add_argument("--p-mean", type=float, default=-1.0, help="oracle: mean of ln σ (default -1.0)")
     p.add_argument("--p-std", type=float, default=1.6, help="oracle: std of ln σ (default 1.6)")
+    p.add_argument("--target", choices=("clean", "bayes"), default="clean",
+                   help="oracle: regress the composite on the clean canvas (the paper's loss, default) or on the exact "
+                   "canvas denoiser E[X|x] (same minimiser, no irreducible noise)")
     p.add_argument("--eval-crops", type=int, default=16, help="held-out crops per canvas size for the card")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/dde-last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")

@@ -81,6 +81,7 @@ class DDETrainConfig:
     # oracle base
     p_mean: float = -1.0  # EDM log-normal σ (DDE maps setting)
     p_std: float = 1.6
+    target: str = "clean"  # oracle: "clean" (the paper's loss) or "bayes" (the exact canvas denoiser: same minimiser)
     # evaluation
     eval_crops: int = 16
     data_cache: Path | None = None  # DiffInfinite latents cache (default <out>/checkpoints/dde-data.pt)
@@ -98,6 +99,10 @@ class DDETrainConfig:
             raise ValueError(f"p_null must be in [0, 1), got {self.p_null}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be ≥ 1, got {self.stop_after}")
+        if self.target not in ("clean", "bayes"):
+            raise ValueError(f"target must be clean or bayes, got {self.target!r}")
+        if self.target == "bayes" and self.base != "oracle":
+            raise ValueError("target: bayes needs the oracle base (its exact canvas denoiser is known)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
 
@@ -256,6 +261,8 @@ class OracleBase:
         self.p_mean, self.p_std = cfg.p_mean, cfg.p_std
         self.identity = {"model": "gaussian-oracle", "file": None, "sha256": oracle_sha256(self.oracle),
                          "field": oracle_description(self.oracle)}
+        self._full: dict[int, Any] = {}  # exact whole-canvas denoisers, per side
+        self.target = cfg.target
 
     def coordinator_config(self, cfg: DDETrainConfig) -> CoordinatorConfig:
         return CoordinatorConfig(channels=1, patch=self.patch, stride=self.stride, token=cfg.token, hidden=cfg.hidden,
@@ -279,9 +286,33 @@ class OracleBase:
         return xw
 
     def loss(self, composite: torch.Tensor, b: Batch) -> torch.Tensor:
+        """EDM-weighted MSE to the clean canvas (the paper's), or with ``target="bayes"`` to the exact canvas
+        denoiser E[X | x]: the same expected minimiser (the two differ by a term free of the coordinator) without
+        the irreducible noise of X around it, which at high σ hides the small combination error."""
+        goal = self.bayes_denoise(b) if self.target == "bayes" else b.clean
+        return self._weighted(composite, goal, b)
+
+    def _weighted(self, composite: torch.Tensor, goal: torch.Tensor, b: Batch) -> torch.Tensor:
         s, sd = b.level, self.sigma_data
         lam = (s ** 2 + sd ** 2) / (s * sd) ** 2
-        return lam * (composite - b.clean).pow(2).flatten(1).mean(1)
+        return lam * (composite - goal).pow(2).flatten(1).mean(1)
+
+    def bayes_denoise(self, b: Batch) -> torch.Tensor:
+        """The exact denoiser of the whole canvas, E[X | X + σε]."""
+        from evaluation.gaussian_oracle import PatchBayesDenoiser
+
+        side = b.clean.shape[-1]
+        if side not in self._full:
+            self._full[side] = PatchBayesDenoiser(self.field, side)
+        return self._full[side](self.noisy(b), b.level)
+
+    def bayes_loss(self, b: Batch) -> torch.Tensor:
+        """The paper's loss of the exact canvas denoiser (the floor no combiner can beat)."""
+        return self._weighted(self.bayes_denoise(b), b.clean, b)
+
+    def excess_loss(self, composite: torch.Tensor, b: Batch) -> torch.Tensor:
+        """EDM-weighted distance of a composite to the exact canvas denoiser."""
+        return self._weighted(composite, self.bayes_denoise(b), b)
 
 
 def oracle_description(oracle) -> dict[str, Any]:
@@ -321,9 +352,9 @@ def window_outputs(base, b: Batch, side: int):
     return plan, xw, out, level, condw
 
 
-def compose(base, net: DDECoordinator | None, b: Batch, windows) -> torch.Tensor:
+def compose(base, net: DDECoordinator | None, b: Batch, windows, loss=None) -> torch.Tensor:
     """Per-canvas loss (B,) of the composite: the base outputs plus the coordinator's correction (None = plain
-    averaging), averaged over overlaps."""
+    averaging), averaged over overlaps; ``loss`` (default the base's training loss) maps (composite, b) → (B,)."""
     plan, xw, out, level, condw = windows
     nw, bsz = len(plan), b.level.shape[0]
     if net is not None:
@@ -331,7 +362,7 @@ def compose(base, net: DDECoordinator | None, b: Batch, windows) -> torch.Tensor
         canvas = torch.arange(bsz, device=xw.device).repeat_interleave(nw)
         out = out + net.correction(out, base.coordinator_input(xw), origins, condw, level, canvas=canvas)
     comp = torch.stack([blend(out[i * nw:(i + 1) * nw], plan.origins, plan.weight, plan.canvas) for i in range(bsz)])
-    return base.loss(comp, b)
+    return (loss or base.loss)(comp, b)
 
 
 def composite_loss(base, net: DDECoordinator | None, b: Batch, side: int) -> torch.Tensor:
@@ -340,21 +371,35 @@ def composite_loss(base, net: DDECoordinator | None, b: Batch, side: int) -> tor
 
 
 @torch.no_grad()
-def evaluate_composite(base, net: DDECoordinator, cfg: DDETrainConfig, crops: int | None = None) -> dict[str, Any]:
-    """Composite loss of averaging vs the coordinator on fixed held-out draws (same crops, levels, noise)."""
+def evaluate_composite(base, net: DDECoordinator, cfg: DDETrainConfig, crops: int | None = None,
+                       with_bayes: bool = True) -> dict[str, Any]:
+    """Composite loss of averaging vs the coordinator on fixed held-out draws (same crops, levels, noise); for the
+    oracle also the exact whole-canvas denoiser's (``bayes``) and the share of the gap closed."""
     crops = int(crops or cfg.eval_crops)
     rows = []
     for k in range(cfg.min_extra, cfg.max_extra + 1):
         side = base.patch + k * base.stride
-        avg, coord = [], []
+        avg, coord, bayes, ex_avg, ex_coord = [], [], [], [], []
+        paper = getattr(base, "_weighted", None)
+        to_clean = (lambda comp, b: paper(comp, b.clean, b)) if paper is not None else None
         for i in range(crops):
             b = base.draw(_rng(cfg.seed, 0xE7A1, k, i), _generator(cfg.seed, 0xE7A1, k, i), 1, side, holdout=True)
             windows = window_outputs(base, b, side)
-            avg.append(float(compose(base, None, b, windows)[0]))
-            coord.append(float(compose(base, net, b, windows)[0]))
-        rows.append({"canvas": side, "windows": len(plan_windows("dde", (side, side), base.patch, base.stride)),
-                     "averaging": float(np.mean(avg)), "coordinator": float(np.mean(coord)),
-                     "ratio": float(np.mean(coord) / np.mean(avg))})
+            avg.append(float(compose(base, None, b, windows, to_clean)[0]))
+            coord.append(float(compose(base, net, b, windows, to_clean)[0]))
+            if with_bayes and hasattr(base, "bayes_loss"):
+                bayes.append(float(base.bayes_loss(b)[0]))
+                ex_avg.append(float(compose(base, None, b, windows, base.excess_loss)[0]))
+                ex_coord.append(float(compose(base, net, b, windows, base.excess_loss)[0]))
+        row = {"canvas": side, "windows": len(plan_windows("dde", (side, side), base.patch, base.stride)),
+               "averaging": float(np.mean(avg)), "coordinator": float(np.mean(coord)),
+               "ratio": float(np.mean(coord) / np.mean(avg))}
+        if bayes:  # exact whole-canvas denoiser: its loss, and each composite's distance to it
+            row["bayes"] = float(np.mean(bayes))
+            row["excess_averaging"] = float(np.mean(ex_avg))
+            row["excess_coordinator"] = float(np.mean(ex_coord))
+            row["excess_ratio"] = row["excess_coordinator"] / row["excess_averaging"]
+        rows.append(row)
     avg = float(np.mean([r["averaging"] for r in rows]))
     coord = float(np.mean([r["coordinator"] for r in rows]))
     return {"held_out_crops_per_canvas": crops, "loss": "composite ε MSE" if base.kind == "diffinfinite"

@@ -20,7 +20,8 @@ attention only through 2-D rotary embeddings (first half of each head's channels
 by the column), so translating the whole canvas by a multiple of ``attn_window`` changes nothing.
 
 Noise level: adaLN-Zero modulation (DiT) from a sinusoidal embedding of the DDPM timestep (``noise_input =
-"timestep"``) or of ln σ (``"sigma"``, EDM; the noisy input is then scaled by 1/√(σ² + σ_data²)).
+"timestep"``) or of ln σ (``"sigma"``, EDM; the noisy input is then scaled by c_in = 1/√(σ² + σ_data²) and the correction by
+c_out = σ·σ_data/√(σ² + σ_data²), Karras et al.'s preconditioning).
 """
 from __future__ import annotations
 
@@ -308,6 +309,9 @@ class DDECoordinator(nn.Module):
         y = self.out(modulate(self.norm_out(x), shift, scale))  # (N·T, k·k·C)
         k = cfg.token
         y = y.reshape(n, side, side, k, k, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, p, p)
+        if cfg.noise_input == "sigma":  # EDM c_out: unit-scale network output whatever σ (D's error shrinks with σ)
+            sig = t.to(dtype)
+            y = y * (sig * cfg.sigma_data / torch.sqrt(sig ** 2 + cfg.sigma_data ** 2))[:, None, None, None]
         return y.to(outputs.dtype)
 
     forward = correction
