@@ -89,6 +89,13 @@ def test_cli_trains_and_reports_bad_input(tiny_model, tmp_path, capsys):
     assert rc == 0
     card = json.loads((out / COORDINATOR_CARD).read_text())
     assert card["training"]["command"].startswith("slidesynth ") and "--steps 2" in card["training"]["command"]
+    weights_sha = card["weights_sha256"]
+    rc = main(["train", "dde-coordinator", "--evaluate-only", "--base", str(tiny_model), "--out", str(out),
+               "--patch", "16", "--stride", "8", "--slides", "2", "--holdout-slides", "1", "--slide-px", "256",
+               "--eval-crops", "2", "--threads", "1", "--quiet"])
+    assert rc == 0
+    card = json.loads((out / COORDINATOR_CARD).read_text())
+    assert card["evaluation"]["held_out_crops_per_canvas"] == 2 and card["weights_sha256"] == weights_sha
     rc = main(["train", "dde-coordinator", "--base", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"])
     assert rc == 2 and "base" in capsys.readouterr().err
 

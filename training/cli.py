@@ -489,7 +489,7 @@ def _dde_command(args: argparse.Namespace) -> str:
 
     parts = ["slidesynth", "train", "dde-coordinator"]
     for key, value in vars(args).items():
-        if key in ("func", "command", "model_kind", "resume", "overwrite", "quiet", "stop_after") or value is None:
+        if key in ("func", "command", "model_kind", "resume", "overwrite", "quiet", "stop_after", "evaluate_only") or value is None:
             continue
         if value is False:
             continue
@@ -500,7 +500,7 @@ def _dde_command(args: argparse.Namespace) -> str:
 
 
 def _run_dde(args: argparse.Namespace) -> int:
-    from training.dde import DDETrainConfig, train_dde_coordinator
+    from training.dde import DDETrainConfig, evaluate_trained, train_dde_coordinator
 
     cfg = DDETrainConfig(
         base=args.base, out=args.out, steps=args.steps, stop_after=args.stop_after, batch_size=args.batch_size,
@@ -512,8 +512,12 @@ def _run_dde(args: argparse.Namespace) -> int:
         p_std=args.p_std, target=args.target, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
         command=_dde_command(args),
     )
+    log = (lambda _m: None) if args.quiet else print
     try:
-        result = train_dde_coordinator(cfg, log=(lambda _m: None) if args.quiet else print)
+        if args.evaluate_only:
+            evaluate_trained(cfg, log=log)
+            return 0
+        result = train_dde_coordinator(cfg, log=log)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -568,5 +572,8 @@ def add_dde_train_parsers(train_subparsers) -> None:
     p.add_argument("--eval-crops", type=int, default=16, help="held-out crops per canvas size for the card")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/dde-last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no training: re-run the held-out evaluation of the coordinator in --out (e.g. with more "
+                   "--eval-crops) and record it on its card")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_dde)

@@ -505,6 +505,30 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
     return DDETrainResult(out=out, steps_done=step, losses=losses, evaluation=evaluation)
 
 
+def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-run the held-out evaluation of the coordinator in ``cfg.out`` (e.g. with more ``eval_crops``) and record
+    it on its card (the weights and their hash are unchanged)."""
+    from models.dde.loading import COORDINATOR_CARD, load_coordinator
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = _out_folder(cfg)
+    device = torch.device(cfg.device)
+    base = build_base(cfg, device, Path(cfg.data_cache) if cfg.data_cache else out / DATA_CACHE, log)
+    net = load_coordinator(out, device, base_sha256=base.identity["sha256"])
+    if (net.patch, net.stride) != (base.patch, base.stride):
+        raise ValueError(f"patch/stride: the coordinator has {net.patch}/{net.stride}, the run {base.patch}/{base.stride}")
+    evaluation = evaluate_composite(base, net, cfg)
+    path = out / COORDINATOR_CARD
+    card = json.loads(path.read_text())
+    card["evaluation"] = evaluation
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    log(f"held-out composite loss ({evaluation['held_out_crops_per_canvas']} crops per canvas size): averaging "
+        f"{evaluation['averaging']:.5f}, coordinator {evaluation['coordinator']:.5f} (ratio {evaluation['ratio']:.3f})")
+    return evaluation
+
+
 def _run_key(cfg: DDETrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues."""
     skip = ("resume", "overwrite", "stop_after", "save_every", "command", "threads", "out", "data_cache")
