@@ -170,6 +170,9 @@ class Engine(Protocol):
     # Optional (EngineBase has a default): ``probe_batch(models, device, batch, precision) -> bool`` runs one
     # forward of the network whose batch ``Runtime.batch_size`` sets, on ``batch`` items at ``precision``; the
     # worker measures its memory at start to size and check the batch. False: the engine has no such network.
+    # ``check_options(card, options, models_dir) -> None`` raises :class:`OptionError` for (resolved) options this
+    # deployment's copy of the model cannot serve (e.g. a file the option needs is missing from the model folder);
+    # the API answers 422 naming ``options.<field>``. Default: every option is served.
     # ``max_embedding_grid(card) -> int | None``: the most rows (and columns) of an embedding grid the card's model
     # takes, read from the card (the API refuses larger grids before storing a job); None: no limit of its own.
 
@@ -195,6 +198,9 @@ class EngineBase:
         return None if conditioning in card.conditioning else f"model {card.name} does not take {conditioning} conditioning"
 
     def load_state(self, path: Path) -> Any:
+        return None
+
+    def check_options(self, card: ModelCard, options: EngineOptions, models_dir: Path | None) -> None:
         return None
 
     def probe_batch(self, models: Any, device: Any, batch: int, precision: str) -> bool:

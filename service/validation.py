@@ -195,6 +195,10 @@ def build_spec(
     webhook = check_webhook(params, settings, tenant)
     mpp = params.mpp or card.native_mpp
     options = engine_options(params, card)
+    try:  # options that need something from the model's folder (e.g. the dde sampler's coordinator)
+        engine.check_options(card, options, settings.models_dir)
+    except OptionError as exc:
+        raise FieldError(("options", exc.field), exc.msg) from None
     steps = params.steps or steps_default(card, options)
     if steps > settings.max_steps:
         raise FieldError(("steps",), f"{steps} is over the maximum of {settings.max_steps}")

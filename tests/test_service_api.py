@@ -394,7 +394,7 @@ def test_corrupt_tiff_and_png_data_are_422(client):
     ({"decoder": "four-pass", "decode_tile": 33}, "decode_tile", "even decode_tile"),
     ({"decode_tile": 4}, "decode_tile", "greater than or equal to 8"),
     ({"decode_tile": "64"}, "decode_tile", "valid integer"),
-    ({"sampler": "fast"}, "sampler", "'random' or 'tiled'"),
+    ({"sampler": "fast"}, "sampler", "'random', 'tiled', 'independent', 'multidiffusion', 'mixture' or 'dde'"),
     ({"solver": "euler"}, "solver", "'ddim', 'dpmpp-2m' or 'dpmpp-2m-sde'"),
     ({"steps_per_tile": 3}, "steps_per_tile", "takes no option 'steps_per_tile'"),
 ])

@@ -18,6 +18,33 @@ from models.engine import (CancelFn, EngineBase, EngineOptions, OptionError, Rep
 DECODE_TILE = 64  # latent px: the image model's patch
 MULTISTEP_STEPS = 25  # default steps of the multistep solvers (bench.solver measures them against DDIM)
 TUKEY_OVERLAP = 6  # latent px: cosine ramps that sum to one like Hann at 50 % but need ≈1.2× the decodes, not ≈4×
+IMAGE_PATCH = 64  # latent px: the image model's sampler window
+WINDOW_SAMPLERS = ("independent", "multidiffusion", "mixture", "dde")  # = models.patching.COMBINERS (no torch here)
+COORDINATOR_DIR = "dde-coordinator"  # a model folder's trained DDE coordinator (written by `slidesynth train dde-coordinator`)
+COORDINATOR_CARD = "coordinator_card.json"
+
+
+def has_coordinator(folder: Path | None) -> bool:
+    """Whether a model folder holds a trained DDE coordinator (``dde-coordinator/coordinator_card.json``)."""
+    return folder is not None and (Path(folder) / COORDINATOR_DIR / COORDINATOR_CARD).is_file()
+
+
+def model_folder(card_name: str, models_dir: Path | None) -> Path | None:
+    """The folder under ``models_dir`` whose ``model_card.json`` names ``card_name`` (None: a built-in model)."""
+    if models_dir is None or not Path(models_dir).is_dir():
+        return None
+    import json
+
+    from models.cards import CARD_FILENAME
+
+    direct = Path(models_dir) / card_name
+    for path in [direct / CARD_FILENAME, *sorted(Path(models_dir).glob(f"*/{CARD_FILENAME}"))]:
+        try:
+            if path.is_file() and json.loads(path.read_text()).get("name") == card_name:
+                return path.parent
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def default_decode_overlap(window: str, tile: int) -> int:
@@ -30,17 +57,25 @@ def default_decode_overlap(window: str, tile: int) -> int:
 class DiffInfiniteOptions(EngineOptions):
     """Options of the DiffInfinite engine (`options` of a request for a DiffInfinite model)."""
 
-    sampler: Literal["random", "tiled"] = Field(
+    sampler: Literal["random", "tiled", "independent", "multidiffusion", "mixture", "dde"] = Field(
         "tiled",
         description="`random`: the paper's random-patch sampler (Algorithm 2); `tiled`: randomly offset "
-        "non-overlapping tiling per step (about a quarter of the official cost).")
+        "non-overlapping tiling per step (about a quarter of the official cost). Overlapping patch combiners "
+        "(fixed 64-latent-px windows at `sampler_stride`, guided ε averaged per pixel): `independent` (no overlap: "
+        "seams, for comparison), `multidiffusion` (uniform average), `mixture` (Gaussian-weighted average, σ = "
+        "0.1 patch), `dde` (average plus the model's trained DDE coordinator; only for models that have one).")
+    sampler_stride: int | None = Field(
+        None, ge=8, le=IMAGE_PATCH,
+        description="Window spacing in latent px of `multidiffusion`, `mixture` and `dde` (default 32, half the "
+        "64-px patch; `dde`: the stride its coordinator was trained with). Smaller = more overlap, more network "
+        "passes (≈ (64/stride)² per latent px).")
     solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] | None = Field(
         None,
         description="`ddim`: the paper's DDIM (η from the request; default 250 steps, or the card's); `dpmpp-2m`: "
         "DPM-Solver++(2M), deterministic; `dpmpp-2m-sde`: its stochastic variant, which holds the quality of DDIM 50 "
         f"at {MULTISTEP_STEPS} steps on the demo model (bench.solver). The multistep solvers default to "
-        f"{MULTISTEP_STEPS} steps (the card's when fewer); η applies to `ddim` only. Default: `dpmpp-2m-sde` with the `tiled` sampler, `ddim` "
-        "with `random` (the paper's configuration).")
+        f"{MULTISTEP_STEPS} steps (the card's when fewer); η applies to `ddim` only. Default: `ddim` with the `random` "
+        "sampler (the paper's configuration), `dpmpp-2m-sde` with every other.")
     decoder: Literal["tukey", "hann", "four-pass"] = Field(
         "tukey",
         description="Tiled VAE decoding: `tukey` (cosine ramps, ≈1.2× decodes), `hann` (50 % overlap, ≈4×) or "
@@ -64,7 +99,10 @@ class DiffInfiniteOptions(EngineOptions):
     def resolved(self) -> "DiffInfiniteOptions":
         """These options with the solver and the decode geometry filled in; :class:`OptionError` for pairs the
         window can't blend."""
-        solver = self.solver or ("dpmpp-2m-sde" if self.sampler == "tiled" else "ddim")
+        solver = self.solver or ("ddim" if self.sampler == "random" else "dpmpp-2m-sde")
+        if self.sampler_stride is not None and self.sampler not in ("multidiffusion", "mixture", "dde"):
+            raise OptionError("sampler_stride", f"applies to the multidiffusion, mixture and dde samplers, not "
+                                                f"{self.sampler!r}")
         tile = self.decode_tile if self.decode_tile is not None else DECODE_TILE
         overlap = self.decode_overlap
         if self.decoder == "tukey":
@@ -107,7 +145,35 @@ class DiffInfiniteEngine(EngineBase):
     def load(self, folder: Path | None, device: Any) -> Any:
         from models.diffinfinite.loading import load_diffinfinite, untrained_diffinfinite
 
-        return untrained_diffinfinite(seed=0, device=device) if folder is None else load_diffinfinite(folder, device)
+        models = untrained_diffinfinite(seed=0, device=device) if folder is None else load_diffinfinite(folder, device)
+        models.folder = folder  # where a dde job finds the coordinator
+        return models
+
+    def check_options(self, card: Any, options: DiffInfiniteOptions, models_dir: Path | None) -> None:
+        """:class:`OptionError` for options this deployment's copy of the model cannot serve: ``dde`` needs the
+        model folder's trained coordinator (``dde-coordinator/coordinator_card.json``)."""
+        if options.sampler == "dde" and not has_coordinator(model_folder(card.name, models_dir)):
+            raise OptionError("sampler", f"model {card.name} has no trained DDE coordinator "
+                                         f"({COORDINATOR_DIR}/{COORDINATOR_CARD} in its folder): choose another sampler "
+                                         f"(e.g. multidiffusion) or train one (slidesynth train dde-coordinator)")
+
+    def coordinator(self, models: Any, options: DiffInfiniteOptions, device: Any) -> Any:
+        """The trained coordinator of a ``dde`` job (``models.dde.load_coordinator``, imported here only); None
+        for other samplers. ValueError when the model has none."""
+        if options.sampler != "dde":
+            return None
+        folder = getattr(models, "folder", None)
+        name = getattr(getattr(models, "card", None), "name", "?")
+        if not has_coordinator(folder):
+            raise ValueError(f"options.sampler: model {name} has no trained DDE coordinator "
+                             f"({COORDINATOR_DIR}/{COORDINATOR_CARD})")
+        import importlib
+
+        coord = importlib.import_module("models.dde").load_coordinator(folder, device)
+        if int(coord.patch) != IMAGE_PATCH:
+            raise ValueError(f"options.sampler: the DDE coordinator of {name} was trained on {coord.patch}-px windows, "
+                             f"the sampler's are {IMAGE_PATCH}")
+        return coord
 
     def stages(self, conditioning) -> tuple[Stage, ...]:
         head = (Stage.mask,) if conditioning == "subtype" else ()  # a subtype job samples its mask first
@@ -160,13 +226,18 @@ class DiffInfiniteEngine(EngineBase):
         from models.diffinfinite.layers import set_fused_kernels
 
         set_fused_kernels(runtime.fused_kernels)  # process-wide, before any compiled graph is traced
-        pipe = DiffInfinitePipeline(models, device=device, compile_mode=runtime.compile_mode if runtime.compile else None)
+        coordinator = self.coordinator(models, options, device)  # before any work: a missing one fails the job now
+        pipe = DiffInfinitePipeline(models, device=device, compile_mode=runtime.compile_mode if runtime.compile else None,
+                                    coordinator=coordinator)
         precision = runtime.precision
         if precision == "auto":
             precision = "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
+        stride = options.sampler_stride
+        if stride is None and coordinator is not None:
+            stride = int(coordinator.stride)  # the windows it was trained on
         opts = SamplingOptions(steps=request.steps, guidance=request.guidance, eta=request.eta, mode=options.sampler,
                                solver=options.solver, seed=request.seed, batch_size=runtime.batch_size,
-                               precision=precision)
+                               precision=precision, window_stride=stride)
         # A slide of any size: sample the latent grid that covers it (sides rounded up to the VAE's factor) and
         # crop the decoded bands; a mask is extended by edge replication over the few extra rows and columns.
         f = models.codec.scale_factor

@@ -24,7 +24,7 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 from .guidance import ImageDenoiser, MaskDenoiser
 from .mask_cleaning import clean_mask, resize_labels_nearest, upsample_labels
-from .sampler import TILE_EDGES, RandomPatchSampler, SamplerState
+from .sampler import MODES, TILE_EDGES, WINDOW_MODES, RandomPatchSampler, SamplerState
 from .solvers import SOLVERS
 from .unet import downsample_label_mask
 
@@ -41,9 +41,12 @@ class SamplingOptions:
     """Sampling knobs of one job (defaults: the paper's settings, our fast paths off).
 
     ``guidance`` is ω of the image model (ε̃ = (1+ω)ε(c) − ωε(∅)); ``mask_guidance`` ω of the mask model
-    (0 in the official large-image pipeline). ``mode``: "random" (paper-exact random patches) or "tiled"
-    (randomly offset non-overlapping tiling) for the image stage; ``mask_mode`` for the mask stage (default
-    "random", as in the paper: the mask UNet is cheap); ``mask_steps`` defaults to ``steps``.
+    (0 in the official large-image pipeline). ``mode``: "random" (paper-exact random patches), "tiled"
+    (randomly offset non-overlapping tiling) or an overlapping-window combiner — "independent",
+    "multidiffusion", "mixture", "dde" (:mod:`.sampler`, :mod:`models.patching`) — for the image stage;
+    ``window_stride`` (latent px, window modes; default image_patch/2) and ``mixture_sigma`` (fraction of the
+    patch) shape the windows; ``mask_mode`` for the mask stage (default "random", as in the paper: the mask
+    UNet is cheap; not "dde"); ``mask_steps`` defaults to ``steps``.
     ``official_early_stop`` reproduces the official loop that never runs the last DDIM pair (comparison only).
     ``precision``: the UNets' autocast dtype ("bfloat16" on GPU is the fast path).
     ``tile_margin`` (latent px, image stage, tiled mode): cells of ``image_patch − 2·margin`` px sampled in
@@ -63,12 +66,12 @@ class SamplingOptions:
     steps: int = 250
     guidance: float = 3.0
     eta: float = 1.0
-    mode: Literal["random", "tiled"] = "random"
+    mode: Literal["random", "tiled", "independent", "multidiffusion", "mixture", "dde"] = "random"
     batch_size: int = 8
     seed: int = 0
     mask_steps: int | None = None
     mask_guidance: float = 0.0
-    mask_mode: Literal["random", "tiled"] | None = None
+    mask_mode: Literal["random", "tiled", "independent", "multidiffusion", "mixture"] | None = None
     mask_batch_size: int = 64
     image_patch: int = 64
     mask_patch: int = 16
@@ -81,6 +84,8 @@ class SamplingOptions:
     final_tile_steps: int = 10
     tile_edges: Literal["bucket", "fit", "full"] = "bucket"
     solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] = "ddim"
+    window_stride: int | None = None
+    mixture_sigma: float = 0.1
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,10 +97,14 @@ class SamplingOptions:
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 problems.append(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
-        for name in ("mode", "mask_mode"):
+        for name, allowed in (("mode", MODES), ("mask_mode", tuple(m for m in MODES if m != "dde"))):
             v = getattr(self, name)
-            if v is not None and v not in ("random", "tiled"):
-                problems.append(f"{name} must be 'random' or 'tiled', got {v!r}")
+            if v is not None and v not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {v!r}")
+        if self.window_stride is not None and not 1 <= int(self.window_stride) <= int(self.image_patch):
+            problems.append(f"window_stride must be in 1…image_patch ({self.image_patch}), got {self.window_stride}")
+        if not (math.isfinite(float(self.mixture_sigma)) and float(self.mixture_sigma) > 0):
+            problems.append(f"mixture_sigma must be a finite number > 0, got {self.mixture_sigma}")
         for name in ("batch_size", "mask_batch_size", "image_patch", "mask_patch", "mask_pool", "decode_batch_size"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -131,10 +140,13 @@ class DiffInfinitePipeline:
     ``codec`` (:class:`models.vae.LatentCodec`) and ``card`` (:class:`models.cards.ModelCard`)."""
 
     def __init__(self, models: Any, device: torch.device | str = torch.device("cpu"), *,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, coordinator: Any = None) -> None:
         """``compile_mode``: None runs the networks eagerly; a mode of :data:`models.acceleration.MODES` runs
-        them through :func:`models.acceleration.inference_network` (compiled once per process and module)."""
+        them through :func:`models.acceleration.inference_network` (compiled once per process and module).
+        ``coordinator``: the :class:`models.patching.PatchCoordinator` of the image stage's ``dde`` mode (None:
+        a zero correction, i.e. multidiffusion)."""
         self.models = models
+        self.coordinator = coordinator
         self.device = torch.device(device)
         self.compile_mode = compile_mode
         # CUDA graphs record one graph per input shape: pad network calls to a few batch sizes
@@ -230,6 +242,8 @@ class DiffInfinitePipeline:
             official_early_stop=options.official_early_stop, stream=IMAGE_STREAM,
             tile_margin=options.tile_margin, final_tile_margin=options.final_tile_margin,
             final_tile_steps=options.final_tile_steps, tile_edges=options.tile_edges, solver=options.solver,
+            window_stride=options.window_stride if options.mode in WINDOW_MODES else None,
+            mixture_sigma=options.mixture_sigma, coordinator=self.coordinator if options.mode == "dde" else None,
         )
 
     def mask_sampler(self, options: SamplingOptions) -> RandomPatchSampler:
@@ -329,11 +343,19 @@ class DiffInfinitePipeline:
     def sampler_cut_lines(self, labels: np.ndarray | torch.Tensor,
                           options: SamplingOptions) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
         """Output-pixel rows and columns where the image sampler's last step cut the canvas into cells, as
-        zero-width zones for the quilt score; None in ``random`` mode (its crops leave no straight lines)."""
-        if options.mode != "tiled":
+        zero-width zones for the quilt score; None in ``random`` mode (its crops leave no straight lines). Window
+        modes: the window edges (where a window's contribution starts or ends)."""
+        if options.mode not in ("tiled",) + WINDOW_MODES:
             return None
         sampler = self.image_sampler(options)
         lab = sampler._prepare_labels(self.latent_labels(labels))
+        if options.mode in WINDOW_MODES:
+            plan = sampler.window_plan(lab.shape)
+            f = self.scale_factor
+            (h, w), (ph, pw) = lab.shape, plan.size
+            rows = sorted({int(y) for y in plan.origins[:, 0]} | {int(y) + ph for y in plan.origins[:, 0]})
+            cols = sorted({int(x) for x in plan.origins[:, 1]} | {int(x) + pw for x in plan.origins[:, 1]})
+            return ([(r * f, r * f) for r in rows if 0 < r < h], [(c * f, c * f) for c in cols if 0 < c < w])
         crops = sampler.plan(lab, options.seed, sampler.stop_at - 1)
         f = self.scale_factor
         h, w = lab.shape

@@ -17,7 +17,18 @@ seams move every step and every seam position is used equally often). Border cel
 sampled in a window just wide enough for them and their context (``tile_edges="fit"``, ≥ half a patch) or in a
 full patch clamped inward (``"full"``) and keep only their own pixels. Coverage is exactly 1 per step.
 
-In both modes a crop only runs the label passes its *owned* pixels need (others would be discarded), the
+``"independent"``, ``"multidiffusion"``, ``"mixture"``, ``"dde"`` — overlapping windows (patch combiners,
+:mod:`models.patching`): fixed patch-sized windows at ``window_stride`` (default patch/2; ``independent``: the
+patch) with the last row/column clamped inward; each window's guided ε̃ is weighted (uniform, or a Gaussian
+window for ``mixture``) and averaged per pixel in ε space (Σ w·ε̃ / Σ w), then the same per-pixel DDIM update.
+``dde`` first adds a :class:`~models.patching.PatchCoordinator`'s correction to every window's ε̃ (no
+coordinator = a zero correction = ``multidiffusion`` exactly). Windows are added to the running sums one at a
+time in plan order, so the result does not depend on ``batch_size``; the sums (``dde``: the windows' ε̃) are
+part of :class:`SamplerState`, so a run resumes bit-identically in the middle of a step. Memory of ``dde``: the
+step keeps every window's ε̃, (P/stride)² × the latent canvas (4× at stride P/2: 4·4·4 B per latent px; a
+100 k² px slide = 12.5 k² latents needs ≈ 10 GB), since its coordinator relates all windows of a step.
+
+In every mode a crop only runs the label passes its *owned* pixels need (others would be discarded), the
 unconditional pass is shared by the crop's labels, and the pixel-wise DDIM update runs once per step on the
 whole canvas with per-pixel noise. All randomness is a pure function of (seed, stream, step, …): the initial
 noise and the DDIM noise come from counter-keyed generators per 128×128 canvas block, the crop draw of a step
@@ -37,6 +48,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from models import patching
 from models.runtime import CancelFn, ProgressFn, check_cancel
 
 from .guidance import ConditionalDenoiser, combine, passes_for
@@ -45,12 +57,15 @@ from .solvers import SOLVERS, DPMSolverPP2M, Solver
 
 __all__ = [
     "Crop", "SamplerState", "RandomPatchSampler", "plan_random", "plan_tiled", "tile_offset", "keyed_seed",
-    "NOISE_BLOCK", "STATE_VERSION", "TILE_EDGES", "edge_buckets",
+    "NOISE_BLOCK", "STATE_VERSION", "TILE_EDGES", "edge_buckets", "MODES", "WINDOW_MODES", "plan_windows",
 ]
 
-Mode = Literal["random", "tiled"]
+Mode = Literal["random", "tiled", "independent", "multidiffusion", "mixture", "dde"]
+WINDOW_MODES: tuple[str, ...] = patching.COMBINERS  # overlapping windows, blended in ε space
+MODES: tuple[str, ...] = ("random", "tiled") + WINDOW_MODES
 NOISE_BLOCK = 128  # canvas block (latent px) of the counter-keyed noise generators
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + the window modes' partial sums (``weight``, ``windows``); version-1 states still load
+READABLE_STATE_VERSIONS = (1, 2)
 
 _TAG_INIT, _TAG_NOISE, _TAG_CROPS, _TAG_TILE = 1, 2, 3, 4
 
@@ -207,6 +222,14 @@ def plan_tiled(labels: np.ndarray, patch: tuple[int, int], offset: tuple[int, in
     return crops
 
 
+def plan_windows(labels: np.ndarray, plan: patching.WindowPlan) -> list[Crop]:
+    """Crops of a window plan, in plan order: each window owns all its pixels (they are blended, not
+    assigned) and runs the label passes of every label in it."""
+    h, w = plan.size
+    return [Crop(int(y), int(x), h, w, _owned_labels(labels[y:y + h, x:x + w], None), h * w)
+            for y, x in plan.origins]
+
+
 def _offset_sequence(seed: int, stream: int, axis: int, period: int, step: int) -> int:
     """Offset of ``step`` on one axis: cycles through random permutations of 0…period-1, never repeating the
     previous step's offset across a cycle boundary."""
@@ -237,7 +260,8 @@ class SamplerState:
     is the per-pixel time state: ``step`` for pixels not yet updated in the current step, ``step + 1`` for
     pixels whose guided ε̃ is already in ``eps`` (only non-None in the middle of a step); ``cursor`` counts the
     crops of the current step already done; ``x0_prev`` is the multistep solver's x̂0 canvas of the previous
-    step (None for DDIM). The RNG state is (seed, stream, step, cursor): every random draw
+    step (None for DDIM). Window modes in the middle of a step: ``eps`` holds Σ w·ε̃ and ``weight`` (H, W) Σ w
+    of the windows done (``dde``: ``windows`` (N, C, h, w) holds each done window's ε̃ instead). The RNG state is (seed, stream, step, cursor): every random draw
     is keyed by them. H, W are the sampler's internal (padded) canvas; ``shape`` is the requested one.
     """
 
@@ -257,6 +281,8 @@ class SamplerState:
     cursor: int = 0
     eps: torch.Tensor | None = None
     x0_prev: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    windows: torch.Tensor | None = None
     version: int = STATE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -275,13 +301,15 @@ class SamplerState:
             "times": self.times.detach().to("cpu", copy=True),
             "eps": None if self.eps is None else self.eps.detach().to("cpu", copy=True),
             "x0_prev": None if self.x0_prev is None else self.x0_prev.detach().to("cpu", copy=True),
+            "weight": None if self.weight is None else self.weight.detach().to("cpu", copy=True),
+            "windows": None if self.windows is None else self.windows.detach().to("cpu", copy=True),
             "extra": dict(self.extra),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], device: torch.device | str | None = None) -> "SamplerState":
-        if int(d.get("version", -1)) != STATE_VERSION:
-            raise ValueError(f"sampler state version {d.get('version')} is not {STATE_VERSION}")
+        if int(d.get("version", -1)) not in READABLE_STATE_VERSIONS:
+            raise ValueError(f"sampler state version {d.get('version')} is not one of {READABLE_STATE_VERSIONS}")
         dev = torch.device(device) if device is not None else d["latents"].device
         return cls(
             mode=str(d["mode"]), seed=int(d["seed"]), stream=int(d["stream"]), steps=int(d["steps"]),
@@ -291,6 +319,8 @@ class SamplerState:
             latents=d["latents"].to(dev, copy=True), times=d["times"].to(dev, copy=True),
             eps=None if d.get("eps") is None else d["eps"].to(dev, copy=True),
             x0_prev=None if d.get("x0_prev") is None else d["x0_prev"].to(dev, copy=True),
+            weight=None if d.get("weight") is None else d["weight"].to(dev, copy=True),
+            windows=None if d.get("windows") is None else d["windows"].to(dev, copy=True),
             extra=dict(d.get("extra") or {}),
         )
 
@@ -333,7 +363,10 @@ class RandomPatchSampler:
     """Batched random-patch DDIM sampler over a label map (latent resolution, uint8).
 
     Parameters: ``denoiser`` (see :mod:`.guidance`), ``patch`` (latent side, 64 for the image model, 16 for the
-    mask model), ``mode`` ("random" | "tiled"), ``steps`` (DDIM steps, 250 in the paper), ``eta``, ``guidance``
+    mask model), ``mode`` (one of :data:`MODES`; the window modes need a square patch), ``window_stride``
+    (window modes: spacing in latent px, default patch/2; ``independent`` uses the patch), ``mixture_sigma``
+    (``mixture``: Gaussian σ as a fraction of the patch), ``coordinator`` (``dde``: a
+    :class:`~models.patching.PatchCoordinator`; None = zero correction), ``steps`` (DDIM steps, 250 in the paper), ``eta``, ``guidance``
     (ω), ``batch_size`` (UNet passes per forward call), ``multiple`` (the UNet's spatial divisor: a canvas side
     smaller than the patch is padded up to a multiple of it and cropped back), ``official_early_stop`` (stop
     one pair early like the official code, output x_3 instead of x̂0: bug #3, for comparison only), ``stream``
@@ -345,12 +378,28 @@ class RandomPatchSampler:
                  multiple: int = 1, official_early_stop: bool = False, stream: int = 0,
                  scheduler: DDIMScheduler | None = None, tile_offsets: Literal["random", "fixed"] = "random",
                  tile_margin: int = 0, final_tile_margin: int = 0, final_tile_steps: int = 0,
-                 tile_edges: TileEdges = "fit", solver: Solver = "ddim"):
-        if mode not in ("random", "tiled"):
-            raise ValueError(f"mode must be 'random' or 'tiled', got {mode!r}")
+                 tile_edges: TileEdges = "fit", solver: Solver = "ddim", window_stride: int | None = None,
+                 mixture_sigma: float = patching.DEFAULT_MIXTURE_SIGMA,
+                 coordinator: patching.PatchCoordinator | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
         if ph < 1 or pw < 1:
             raise ValueError(f"patch must be positive, got {patch}")
+        if mode in WINDOW_MODES:
+            if ph != pw:
+                raise ValueError(f"the {mode} sampler needs a square patch, got {ph}×{pw}")
+            if window_stride is not None and not 1 <= int(window_stride) <= ph:
+                raise ValueError(f"window_stride must be in 1…{ph} (the patch), got {window_stride}")
+            if mode == "mixture" and not mixture_sigma > 0:
+                raise ValueError(f"mixture_sigma must be > 0, got {mixture_sigma}")
+            if coordinator is not None and mode != "dde":
+                raise ValueError(f"a coordinator is used by the dde sampler only, not {mode!r}")
+        self.window_stride = None if window_stride is None else int(window_stride)
+        self.mixture_sigma = float(mixture_sigma)
+        self.coordinator = coordinator
+        self._window_plans: dict[tuple[int, int], patching.WindowPlan] = {}
+        self._plan_weights: dict[tuple[int, int, str], torch.Tensor] = {}
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if multiple < 1 or ph % multiple or pw % multiple:
@@ -432,10 +481,26 @@ class RandomPatchSampler:
         """Crop list of one step (a pure function of the label map, seed, stream and step)."""
         if self.mode == "random":
             return plan_random(labels_padded, self.patch, _np_rng(seed, self.stream, _TAG_CROPS, step))
+        if self.mode in WINDOW_MODES:
+            return plan_windows(labels_padded, self.window_plan(labels_padded.shape))
         m = self.tile_margin_at(step)
         cells = (self.patch[0] - 2 * m, self.patch[1] - 2 * m)
         offset = (0, 0) if self.tile_offsets == "fixed" else tile_offset(seed, self.stream, cells, step)
         return plan_tiled(labels_padded, self.patch, offset, m, edges=self.tile_edges, multiple=self.multiple)
+
+    def window_plan(self, canvas: tuple[int, int]) -> patching.WindowPlan:
+        """The window modes' plan over a (padded) canvas: the same windows at every step."""
+        key = (int(canvas[0]), int(canvas[1]))
+        if key not in self._window_plans:
+            self._window_plans[key] = patching.plan_windows(self.mode, key, self.patch[0], self.window_stride,
+                                                            self.mixture_sigma)
+        return self._window_plans[key]
+
+    def _plan_weight(self, canvas: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = (int(canvas[0]), int(canvas[1]), str(device))
+        if key not in self._plan_weights:  # one copy per device, not a transfer per window
+            self._plan_weights[key] = self.window_plan(canvas).weight.to(device)
+        return self._plan_weights[key]
 
     def tile_margin_at(self, step: int) -> int:
         """Context margin of the tiled mode at ``step`` (the last ``final_tile_steps`` use ``final_tile_margin``)."""
@@ -465,6 +530,9 @@ class RandomPatchSampler:
         )
 
     def _tiling(self) -> list:
+        if self.mode in WINDOW_MODES:
+            stride = self.patch[0] if self.mode == "independent" else (self.window_stride or max(1, self.patch[0] // 2))
+            return [stride, self.mixture_sigma if self.mode == "mixture" else None]
         if self.mode != "tiled":
             return []
         return [self.tile_offsets, self.tile_margin, self.final_tile_margin, self.final_tile_steps, self.tile_edges]
@@ -517,9 +585,17 @@ class RandomPatchSampler:
             if state.eps is None:
                 state.eps = torch.zeros_like(state.latents)
                 state.cursor = 0
+                if self.mode in WINDOW_MODES:
+                    state.weight = torch.zeros(state.latents.shape[2:], dtype=torch.float32, device=device)
+                    if self.mode == "dde":
+                        h, w = self.window_plan(lab.shape).size
+                        state.windows = torch.zeros((len(crops), state.latents.shape[1], h, w),
+                                                    dtype=torch.float32, device=device)
             self._eval_crops(state, crops, lab_dev, cancel)
             if bool((state.times != k + 1).any()):
                 raise RuntimeError(f"step {k}: some latent pixels were not updated (coverage bug)")
+            if self.mode in WINDOW_MODES:
+                self._blend_windows(state, lab_dev)
             self._update_canvas(state)
             if progress is not None:
                 progress(state.step, state.stop_at)
@@ -578,7 +654,7 @@ class RandomPatchSampler:
                     continue
                 pending.setdefault(ci, {})[u] = e
                 if len(pending[ci]) == needed[ci]:
-                    self._finalize(state, crops[ci], pending.pop(ci), lab_dev, null_label)
+                    self._finalize(state, crops[ci], pending.pop(ci), lab_dev, null_label, ci)
                     state.cursor = ci + 1
                     stats.crops += 1
                     stats.crop_pixels += crops[ci].h * crops[ci].w
@@ -605,8 +681,18 @@ class RandomPatchSampler:
         return eps  # type: ignore[return-value]
 
     def _finalize(self, state: SamplerState, crop: Crop, preds: dict[int | None, torch.Tensor],
-                  lab_dev: torch.Tensor, null_label: int | None) -> None:
+                  lab_dev: torch.Tensor, null_label: int | None, index: int = 0) -> None:
         k = state.step
+        if self.mode in WINDOW_MODES:  # overlapping windows: ε̃ into the running weighted sums (dde: kept per window)
+            ys, xs = crop.window
+            comb = combine(lab_dev[ys, xs], preds, self.guidance, null_label).float()
+            if self.mode == "dde":
+                state.windows[index] = comb
+            else:
+                acc = patching.BlendAccumulator.restore(state.eps[0], state.weight)
+                acc.add(comb[None], [(crop.y0, crop.x0)], self._plan_weight(state.weight.shape, comb.device))
+            state.times[ys, xs] = k + 1
+            return
         if crop.cell is not None:  # tiled: the crop owns exactly its cell (cells cover the canvas once per step)
             cy, cx, ch, cw = crop.cell
             ry, rx = slice(cy - crop.y0, cy - crop.y0 + ch), slice(cx - crop.x0, cx - crop.x0 + cw)
@@ -621,6 +707,28 @@ class RandomPatchSampler:
         ew = state.eps[0, :, ys, xs]
         ew.copy_(torch.where(own, comb, ew))
         tw.masked_fill_(own, k + 1)
+
+    def _blend_windows(self, state: SamplerState, lab_dev: torch.Tensor) -> None:
+        """ε̃ canvas of a window step: Σ w·ε̃ / Σ w; for ``dde`` the coordinator's correction is added to the
+        windows' ε̃ first (its inputs: the windows' latents, label crops (N, 1, h, w) long, timesteps (N,))."""
+        plan = self.window_plan(state.weight.shape)
+        if self.mode == "dde":
+            outs = state.windows
+            if self.coordinator is not None:
+                t = self.scheduler.pairs[state.step][0]
+                n = len(plan)
+                noisy = plan.crops(state.latents[0])
+                cond = plan.crops(lab_dev.long())[:, None]
+                tt = torch.full((n,), int(t), dtype=torch.long, device=outs.device)
+                with torch.no_grad():
+                    outs = patching.corrected(plan, outs, noisy=noisy, cond=cond, t=tt, coordinator=self.coordinator)
+            acc = patching.BlendAccumulator(outs.shape[1], plan.canvas, device=outs.device)
+            acc.add(outs, plan.origins, plan.weight)
+            state.eps = acc.result()[None].to(state.latents.dtype)
+        else:
+            state.eps = patching.BlendAccumulator.restore(state.eps[0], state.weight).result()[None]
+        state.weight = None
+        state.windows = None
 
     def _update_canvas(self, state: SamplerState) -> None:
         """Pixel-wise update of the whole canvas with the step's ε̃ (DDIM, or the multistep solver with the

@@ -1,0 +1,139 @@
+"""The `sampler` job option's patch combiners: options, the 422 for a `dde` request without a trained
+coordinator (naming options.sampler and the model), the lazy coordinator hook, and a job through the engine."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from models.diffinfinite.engine import (COORDINATOR_CARD, COORDINATOR_DIR, DiffInfiniteEngine, DiffInfiniteOptions,
+                                        has_coordinator, model_folder)
+from models.engine import OptionError, Runtime, SlideRequest
+from models.patching import ZeroCoordinator
+from tests.conftest import REPO, make_mask, png_bytes
+
+UNTRAINED_CARD = REPO / "models" / "diffinfinite" / "untrained_card.json"
+
+
+@pytest.mark.parametrize("sampler", ["independent", "multidiffusion", "mixture", "dde"])
+def test_window_samplers_default_to_the_fast_solver(sampler):
+    opts = DiffInfiniteOptions(sampler=sampler).resolved()
+    assert opts.solver == "dpmpp-2m-sde" and opts.sampler_stride is None
+    assert DiffInfiniteOptions(sampler="random").resolved().solver == "ddim"
+
+
+def test_sampler_stride_only_for_overlapping_samplers():
+    assert DiffInfiniteOptions(sampler="mixture", sampler_stride=16).resolved().sampler_stride == 16
+    for sampler in ("tiled", "random", "independent"):
+        with pytest.raises(OptionError) as exc:
+            DiffInfiniteOptions(sampler=sampler, sampler_stride=16).resolved()
+        assert exc.value.field == "sampler_stride"
+    with pytest.raises(ValueError):
+        DiffInfiniteOptions(sampler="multidiffusion", sampler_stride=65)
+
+
+def _model_with(models_dir, name: str, coordinator: bool):
+    folder = models_dir / f"folder-of-{name}"
+    folder.mkdir(parents=True)
+    card = json.loads(UNTRAINED_CARD.read_text())
+    card["name"] = name
+    (folder / "model_card.json").write_text(json.dumps(card))
+    if coordinator:
+        (folder / COORDINATOR_DIR).mkdir()
+        (folder / COORDINATOR_DIR / COORDINATOR_CARD).write_text("{}")
+    return folder
+
+
+def test_model_folder_and_coordinator_presence(tmp_path):
+    with_c = _model_with(tmp_path, "m-with", True)
+    _model_with(tmp_path, "m-without", False)
+    assert model_folder("m-with", tmp_path) == with_c and has_coordinator(with_c)
+    assert not has_coordinator(model_folder("m-without", tmp_path))
+    assert model_folder("nope", tmp_path) is None and not has_coordinator(None)
+
+
+@pytest.fixture
+def client(embedded_settings):
+    from service.app import create_app
+
+    app = create_app(embedded_settings)
+    with TestClient(app) as c:
+        c.settings = embedded_settings
+        c.store = app.state.services.store
+        yield c
+
+
+def test_dde_without_a_coordinator_is_a_422_naming_the_field_and_the_model(embedded_settings):
+    _model_with(embedded_settings.models_dir, "demo-with-dde", True)
+    _model_with(embedded_settings.models_dir, "demo-plain", False)
+    from service.app import create_app
+
+    app = create_app(embedded_settings)
+    with TestClient(app) as client:
+        body = {"conditioning": {"type": "subtype", "subtype": "LUAD"}, "width": 256, "height": 256,
+                "options": {"sampler": "dde"}}
+        for model in ("diffinfinite-untrained", "demo-plain"):
+            resp = client.post("/generate", json={**body, "model": model})
+            assert resp.status_code == 422, resp.text
+            assert [d["loc"] for d in resp.json()["detail"]] == [["body", "options", "sampler"]]
+            assert model in resp.text and "coordinator" in resp.text
+            resp = client.post("/generate", files={"mask": ("m.png", png_bytes(make_mask(16, 16)), "image/png")},
+                               data={"params": json.dumps({"model": model, "options": {"sampler": "dde"}})})
+            assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "params", "options", "sampler"]
+        assert app.state.services.store.list("public", 0, 100)[1] == 0
+        ok = client.post("/generate", json={**body, "model": "demo-with-dde"})
+        assert ok.status_code == 202, ok.text
+        spec = app.state.services.store.get(ok.json()["id"]).spec
+        assert spec.options["sampler"] == "dde" and spec.options["solver"] == "dpmpp-2m-sde"
+        md = client.post("/generate", json={**body, "options": {"sampler": "multidiffusion", "sampler_stride": 16}})
+        assert md.status_code == 202, md.text
+        assert app.state.services.store.get(md.json()["id"]).spec.options["sampler_stride"] == 16
+
+
+@pytest.fixture
+def fake_dde(monkeypatch):
+    """A stand-in for models.dde (the DDE engineer's package): records how the hook calls it."""
+    calls = []
+    mod = types.ModuleType("models.dde")
+
+    def load_coordinator(folder, device):
+        calls.append((folder, device))
+        return ZeroCoordinator(64, 16)
+
+    mod.load_coordinator = load_coordinator
+    monkeypatch.setitem(sys.modules, "models.dde", mod)
+    return calls
+
+
+def _generate(models, options, labels):
+    req = SlideRequest(width=labels.shape[1], height=labels.shape[0], mpp=0.5, seed=3, steps=2, guidance=1.0, eta=1.0,
+                       conditioning="mask", options=DiffInfiniteOptions(**options).resolved(), labels=labels)
+    slide = DiffInfiniteEngine().generate(models, req, device=torch.device("cpu"), runtime=Runtime(batch_size=4),
+                                          report=lambda *a: None, cancel=lambda: False)
+    return np.concatenate(list(slide.bands)), slide
+
+
+def test_engine_runs_window_samplers_and_dde_through_the_hook(tmp_path, fake_dde):
+    from models.diffinfinite.loading import untrained_diffinfinite
+
+    models = untrained_diffinfinite(seed=0)
+    lab = make_mask(64, 896, classes=(0, 1, 2))  # 8×112 latents: windows at x = 0, 16, 32, 48 at stride 16
+    models.folder = None
+    with pytest.raises(ValueError, match="options.sampler.*no trained DDE coordinator"):
+        _generate(models, {"sampler": "dde"}, lab)
+    models.folder = _model_with(tmp_path, "x", True)
+    dde, slide = _generate(models, {"sampler": "dde"}, lab)
+    assert fake_dde == [(models.folder, torch.device("cpu"))]
+    # the stride comes from the coordinator (16), and a zero correction is multidiffusion at that stride
+    md, md_slide = _generate(models, {"sampler": "multidiffusion", "sampler_stride": 16}, lab)
+    assert np.array_equal(dde, md)
+    assert slide.notes["sampler_passes"] == md_slide.notes["sampler_passes"] > 0
+    assert "sampler" in slide.cut_lines
+    md32, md32_slide = _generate(models, {"sampler": "multidiffusion"}, lab)  # default stride 32: other windows
+    assert not np.array_equal(md32, md) and md32_slide.notes["sampler_passes"] < md_slide.notes["sampler_passes"]
