@@ -44,14 +44,12 @@ import asyncio
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from bench.scaleout import REPO, free_port, machine, mask_png, start_redis, wait
+from bench._stack import Deployment as Stack, RedisServer, mask_png, wait
+from bench.scaleout import machine
 
 REFERENCE_P99_MS = 28.0  # issue 21: "p99 11–28 ms at 200 req/s with an idle worker"
 
@@ -64,52 +62,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-class Deployment:
+class Deployment(Stack):
     """Redis, the API (P uvicorn processes) and one worker, under a key prefix and queue of their own."""
 
     def __init__(self, redis_url: str, folder: Path, args):
-        self.folder, self.redis_url = folder, redis_url
-        self.prefix = f"apilat-{uuid.uuid4().hex[:8]}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")
-               and k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(folder / "data"),
-                   SLIDESYNTH_KEY_PREFIX=self.prefix, SLIDESYNTH_QUEUE=self.prefix, SLIDESYNTH_DEVICE="cpu",
-                   SLIDESYNTH_DEFAULT_MODEL=args.model, SLIDESYNTH_WORKER_CONCURRENCY="1",
-                   SLIDESYNTH_TORCH_THREADS="1", SLIDESYNTH_METRICS_PORT="0", SLIDESYNTH_LOG_FORMAT="json",
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.logs = folder / "logs"
-        self.logs.mkdir(parents=True)
-        self.worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--name", "w0",
-                                        "--log-level", "INFO"], cwd=REPO, env=env,
-                                       stdout=open(self.logs / "worker.log", "w"), stderr=subprocess.STDOUT)
-        self.api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--no-worker", "--port",
-                                     str(self.port), "--processes", str(args.processes), "--log-level",
-                                     args.log_level], cwd=REPO, env=env,
-                                    stdout=open(self.logs / "api.log", "w"), stderr=subprocess.STDOUT)
-        import httpx
-
-        self.http = httpx.Client(base_url=self.base_url, timeout=60)
-
-    def ready(self, timeout: float) -> None:
-        import httpx
-
-        def api_up():
-            if self.api.poll() is not None:
-                raise RuntimeError(f"the API exited: {(self.logs / 'api.log').read_text()[-2000:]}")
-            try:
-                return self.http.get("/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        def worker_up():  # Celery logs "<name>@<host> ready." once it consumes
-            if self.worker.poll() is not None:
-                raise RuntimeError(f"the worker exited: {(self.logs / 'worker.log').read_text()[-2000:]}")
-            return "ready." in (self.logs / "worker.log").read_text()
-
-        wait(api_up, timeout, "the API")
-        wait(worker_up, timeout, "the worker")
+        super().__init__(redis_url, folder, workers=1, name="apilat", api_args=("--processes", str(args.processes)),
+                         log_level=args.log_level, default_model=args.model, log_format="json")
 
     def submit(self, size: int, steps: int) -> str:
         resp = self.http.post("/generate", files={"mask": ("mask.png", mask_png(size), "image/png")},
@@ -188,15 +146,6 @@ class Deployment:
                 out.append(float(rec["duration_ms"]))
         return out
 
-    def stop(self) -> None:
-        self.http.close()
-        for proc in (self.api, self.worker):
-            proc.terminate()
-        for proc in (self.api, self.worker):
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 # -- status latency ---------------------------------------------------------------------------------------------
@@ -533,17 +482,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"and the worker (load average {info['load_avg_1m_at_start']} at start)", flush=True)
     with tempfile.TemporaryDirectory(prefix="slidesynth-apilat-") as tmp:
         root = Path(tmp)
-        redis_proc, redis_url = (None, args.redis) if args.redis else start_redis(root)
+        redis_server = None if args.redis else RedisServer(root / "redis").start()
         try:
-            deployment = Deployment(redis_url, root / "deployment", args)
+            deployment = Deployment(args.redis or redis_server.url, root / "deployment", args)
             try:
                 result = run(deployment, args)
             finally:
                 deployment.stop()
         finally:
-            if redis_proc is not None:
-                redis_proc.terminate()
-                redis_proc.wait(timeout=10)
+            if redis_server is not None:
+                redis_server.stop()
     info["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     idle, running = result["idle"], result["running"]
 

@@ -60,17 +60,16 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-REPO = Path(__file__).resolve().parents[1]
+from bench._stack import Deployment as Stack, RedisServer, mask_png, wait
+
 TERMINAL = ("succeeded", "failed", "canceled", "expired")
 RECOVERY_SECONDS = 2
 RESTART_WINDOW = 30.0  # a run that ends this soon after Redis went down counts as ended by the restart
@@ -340,126 +339,18 @@ def slide_digests(path: Path) -> tuple[str, str]:
 
 # --- the deployment -----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class RedisServer:
-    """A private redis-server with AOF in its own folder, restartable on the same port."""
-
-    def __init__(self, folder: Path):
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            raise SystemExit("bench.chaos needs redis-server (apt-get install redis-server)")
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def answers(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=1,
-                                             retry=None).ping())
-        except Exception:
-            return False
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "everysec", "--dir", str(self.folder)],
-            stdout=open(self.folder / "redis.log", "a"), stderr=subprocess.STDOUT)
-        wait(self.answers, 30, "redis-server", interval=0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # a clean shutdown: the AOF is flushed
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self, downtime: float) -> float:
-        """SIGTERM, ``downtime`` seconds, start again (same port, same AOF): the seconds it did not answer."""
-        t0 = time.time()
-        self.stop()
-        time.sleep(downtime)
-        self.start()
-        return time.time() - t0
-
-
-class Deployment:
+class Deployment(Stack):
     """The API and two workers on one Redis, under their own key prefix and queue."""
 
     def __init__(self, redis_url: str, folder: Path, args, workers: int = 2):
-        self.folder, self.prefix = folder, f"chaos-{uuid.uuid4().hex[:8]}"
-        self.data = folder / "data"
-        self.logs = folder / "logs"
-        self.logs.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")
-               and k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(self.data),
-                   SLIDESYNTH_KEY_PREFIX=self.prefix, SLIDESYNTH_QUEUE=self.prefix, SLIDESYNTH_DEVICE="cpu",
-                   SLIDESYNTH_DEFAULT_MODEL=args.model, SLIDESYNTH_WORKER_CONCURRENCY="1",
-                   SLIDESYNTH_TORCH_THREADS="1", SLIDESYNTH_METRICS_PORT="0", SLIDESYNTH_LOG_FORMAT="json",
-                   SLIDESYNTH_CHECKPOINT_EVERY=str(args.checkpoint_every),
-                   SLIDESYNTH_RECOVERY_SECONDS=str(RECOVERY_SECONDS), SLIDESYNTH_MAX_ATTEMPTS=str(args.kills + 3),
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-        self.workers = [subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--name", f"w{i}",
-                                          "--log-level", "INFO"], cwd=REPO, env=env,
-                                         stdout=open(self.logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT)
-                        for i in range(workers)]
-        self.port = free_port()
-        self.api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--no-worker", "--port",
-                                     str(self.port), "--log-level", "warning"], cwd=REPO, env=env,
-                                    stdout=open(self.logs / "api.log", "w"), stderr=subprocess.STDOUT)
-        import httpx
         import redis
 
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        super().__init__(redis_url, folder, workers=workers, name="chaos", default_model=args.model,
+                         log_format="json", checkpoint_every=args.checkpoint_every,
+                         recovery_seconds=RECOVERY_SECONDS, max_attempts=args.kills + 3)
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5)
 
-    def worker_logs(self) -> list[Path]:
-        return [self.logs / f"worker{i}.log" for i in range(len(self.workers))]
-
-    def ready(self, timeout: float) -> None:
-        import httpx
-
-        def api_up():
-            try:
-                return self.http.get("/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        def workers_up():
-            for i, proc in enumerate(self.workers):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker {i} exited: {self.worker_logs()[i].read_text()[-2000:]}")
-            return all("ready." in path.read_text() for path in self.worker_logs())
-
-        wait(api_up, timeout, "the API")
-        wait(workers_up, timeout, "the workers")
-
     def submit(self, size: int, steps: int, seeds: list[int]) -> list[str]:
-        from bench.scaleout import mask_png
-
         png = mask_png(size)
         ids = []
         for seed in seeds:
@@ -503,15 +394,6 @@ class Deployment:
                 out[child.pid] = i
         return out
 
-    def stop(self) -> None:
-        self.http.close()
-        for proc in (self.api, *self.workers):
-            proc.terminate()
-        for proc in (self.api, *self.workers):
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 # --- the chaos run ------------------------------------------------------------------------------------------------
@@ -753,7 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="slidesynth-chaos-") as tmp:
         root = Path(tmp)
-        redis_server = RedisServer(root / "redis")
+        redis_server = RedisServer(root / "redis", aof=True)
         redis_server.start()
         d = None
         try:

@@ -27,68 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def mask_png(size: int) -> bytes:
-    """A 5-class striped label mask, ``size``² (PNG)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    labels = np.zeros((size, size), np.uint8)
-    for cls, cols in enumerate(np.array_split(np.arange(size), 5)):
-        labels[:, cols] = cls
-    buf = io.BytesIO()
-    Image.fromarray(labels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("bench.scaleout needs redis-server (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def answers():
-        try:
-            return redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-        except Exception:
-            return False
-
-    wait(answers, 20, "redis-server")
-    return proc, url
+from bench._stack import Deployment as Stack, RedisServer, mask_png, wait
 
 
 def tree_memory_mb(pid: int) -> tuple[float, float, float]:
@@ -116,51 +58,12 @@ def tree_memory_mb(pid: int) -> tuple[float, float, float]:
     return rss, pss, peak
 
 
-class Deployment:
+class Deployment(Stack):
     """The API and N workers on one Redis, under their own key prefix and queue."""
 
     def __init__(self, redis_url: str, workers: int, folder: Path, model: str):
-        self.folder = folder
-        prefix = f"scaleout-{workers}-{uuid.uuid4().hex[:8]}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")
-               and k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(folder / "data"),
-                   SLIDESYNTH_KEY_PREFIX=prefix, SLIDESYNTH_QUEUE=prefix, SLIDESYNTH_DEVICE="cpu",
-                   SLIDESYNTH_DEFAULT_MODEL=model, SLIDESYNTH_WORKER_CONCURRENCY="1", SLIDESYNTH_TORCH_THREADS="1",
-                   SLIDESYNTH_METRICS_PORT="0", SLIDESYNTH_LOG_FORMAT="text", OMP_NUM_THREADS="1",
-                   MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-        self.port = free_port()
-        logs = folder / "logs"
-        logs.mkdir(parents=True)
-        self.logs = logs
-        self.workers = [subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--name", f"w{i}",
-                                          "--log-level", "INFO"], cwd=REPO, env=env,
-                                         stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT)
-                        for i in range(workers)]
-        self.api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--no-worker", "--port",
-                                     str(self.port), "--log-level", "warning"], cwd=REPO, env=env,
-                                    stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT)
-        import httpx
-
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-
-    def ready(self, timeout: float) -> None:
-        import httpx
-
-        def api_up():
-            try:
-                return self.http.get("/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        def workers_up():  # Celery logs "<name>@<host> ready." once it consumes
-            for i, proc in enumerate(self.workers):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker {i} exited: {(self.logs / f'worker{i}.log').read_text()[-2000:]}")
-            return all("ready." in (self.logs / f"worker{i}.log").read_text() for i in range(len(self.workers)))
-
-        wait(api_up, timeout, "the API")
-        wait(workers_up, timeout, "the workers")
+        super().__init__(redis_url, folder, workers=workers, name=f"scaleout-{workers}", default_model=model,
+                         log_format="text")
 
     def submit(self, count: int, size: int, steps: int) -> list[str]:
         png = mask_png(size)
@@ -188,16 +91,6 @@ class Deployment:
 
         wait(all_done, timeout, f"{len(ids)} jobs", interval=0.5)
         return [done[i] for i in ids]
-
-    def stop(self) -> None:
-        self.http.close()
-        for proc in (self.api, *self.workers):
-            proc.terminate()
-        for proc in (self.api, *self.workers):
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def _ts(value: str) -> float:
@@ -258,14 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="slidesynth-scaleout-") as tmp:
         root = Path(tmp)
-        redis_proc, redis_url = start_redis(root)
+        redis_server = RedisServer(root / "redis").start()
         try:
             for n in counts:
-                rows.append(measure(redis_url, n, args, root))
+                rows.append(measure(redis_server.url, n, args, root))
                 print(f"  measured {n} worker(s): {rows[-1]['jobs_per_min']} jobs/min", flush=True)
         finally:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+            redis_server.stop()
     base = rows[0]["jobs_per_min"]
     for row in rows:
         row["efficiency"] = round(row["jobs_per_min"] / (row["workers"] * base), 3)

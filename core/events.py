@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import AsyncIterator, Callable
 
 from core.jobs import (JobRecord, JobStore, RedisJobStore, decode_snapshot, event_channel, event_stream_key,
@@ -221,6 +222,27 @@ def open_event_feed(store: JobStore) -> EventFeed:
     if isinstance(store, RedisJobStore):
         return RedisEventFeed(store.url, store.prefix)
     return PollingEventFeed(store)
+
+
+class RenderedEvents:
+    """``render`` memoised by (job id, event_seq), shared by every stream of an API process: a snapshot's data is
+    made once however many clients follow the job (a record at a given ``event_seq`` never changes; ``render``
+    must depend on nothing else that changes). Keeps the ``size`` most recent entries."""
+
+    def __init__(self, render: Callable[[JobRecord], str], size: int = 4096):
+        self.render, self.size = render, size
+        self._data: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self.misses = 0
+
+    def __call__(self, record: JobRecord) -> str:
+        key = (record.id, record.event_seq)
+        data = self._data.get(key)
+        if data is None:
+            self.misses += 1
+            data = self._data[key] = self.render(record)
+            if len(self._data) > self.size:
+                self._data.popitem(last=False)
+        return data
 
 
 class JobEventStream:

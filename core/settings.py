@@ -22,6 +22,19 @@ def comma_items(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def tenant_pairs(value: str, what: str = "value") -> list[tuple[str, str]]:
+    """The ``tenant:<what>`` pairs of a comma-separated setting, stripped, in the order given; ValueError when an
+    item lacks the tenant, the colon or the value."""
+    pairs = []
+    for item in comma_items(value):
+        tenant, sep, rest = item.partition(":")
+        tenant, rest = tenant.strip(), rest.strip()
+        if not sep or not tenant or not rest:
+            raise ValueError(f"must be comma-separated tenant:{what} pairs")
+        pairs.append((tenant, rest))
+    return pairs
+
+
 class Settings(BaseSettings):
     """Every field maps to ``SLIDESYNTH_<FIELD NAME IN CAPITALS>``; the README lists them all."""
 
@@ -233,10 +246,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _key_pairs(cls, value: str) -> str:
-        for pair in comma_items(value):
-            tenant, sep, key = pair.partition(":")
-            if not sep or not tenant or not key:
-                raise ValueError("must be comma-separated tenant:key pairs")
+        tenant_pairs(value, "key")
         return value
 
     @field_validator("webhook_secrets")
@@ -244,11 +254,8 @@ class Settings(BaseSettings):
     def _webhook_secrets(cls, value: str) -> str:
         from core.webhooks import decode_secret
 
-        for pair in comma_items(value):
-            tenant, sep, secret = pair.partition(":")
-            if not sep or not tenant or not secret:
-                raise ValueError("must be comma-separated tenant:whsec_… pairs")
-            decode_secret(secret.strip())  # a ValueError naming what is wrong
+        for _, secret in tenant_pairs(value, "whsec_…"):
+            decode_secret(secret)  # a ValueError naming what is wrong
         return value
 
     @property
@@ -257,9 +264,8 @@ class Settings(BaseSettings):
         from core.webhooks import decode_secret
 
         out: dict[str, list[bytes]] = {}
-        for pair in comma_items(self.webhook_secrets):
-            tenant, _, secret = pair.partition(":")
-            out.setdefault(tenant.strip(), []).append(decode_secret(secret.strip()))
+        for tenant, secret in tenant_pairs(self.webhook_secrets):
+            out.setdefault(tenant, []).append(decode_secret(secret))
         return out
 
     @field_validator("quota_running", "quota_queued", "quota_pixels_per_day", mode="before")
@@ -297,11 +303,7 @@ class Settings(BaseSettings):
 
     @property
     def tenants_by_key(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for pair in comma_items(self.api_keys):
-            tenant, _, key = pair.partition(":")
-            out[key] = tenant
-        return out
+        return {key: tenant for tenant, key in tenant_pairs(self.api_keys)}
 
 
 @lru_cache

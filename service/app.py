@@ -20,9 +20,10 @@ from service.deps import Services
 from service.metrics import RequestObserver
 from service.routes import embed, generate, jobs, system, web
 from service.schemas import GenerateRequest, MultipartEmbed, MultipartGenerate
+from service.views import job_view
 from core import __version__
 from core.embedding import open_reply_box
-from core.events import open_event_feed, stop_streams
+from core.events import RenderedEvents, open_event_feed, stop_streams
 from core.idempotency import open_idempotency_keys
 from core.jobs import open_store
 from core.metrics import JobStoreCollector
@@ -144,7 +145,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = Services(settings=settings, store=store,
                                   registry=ModelRegistry(settings.models_dir), celery=make_celery(settings),
                                   replies=open_reply_box(settings), idempotency=open_idempotency_keys(settings),
-                                  events=open_event_feed(store), webhooks=WebhookDispatcher(store, settings))
+                                  events=open_event_feed(store), webhooks=WebhookDispatcher(store, settings),
+                                  event_data=RenderedEvents(lambda record: job_view(
+                                      record, settings.retention_hours).model_dump_json()))
     routers = (generate.router, jobs.router, system.router, embed.router, web.router)  # web: the page at /
     for router in routers:
         app.include_router(router)

@@ -13,7 +13,7 @@ from core import logs
 from models.registry import ModelRegistry
 from service.deepzoom import DeepZoomSlides
 from core.embedding import ReplyBox
-from core.events import EventFeed
+from core.events import EventFeed, RenderedEvents
 from core.idempotency import IdempotencyKeys
 from core.jobs import JobStore
 from core.settings import Settings
@@ -33,6 +33,7 @@ class Services:
     idempotency: IdempotencyKeys | None = None  # Idempotency-Key → job of POST /generate (core.idempotency)
     slides: DeepZoomSlides = field(default_factory=DeepZoomSlides)  # open TIFFs behind the Deep Zoom routes
     events: EventFeed | None = None  # what GET /jobs/{id}/events follows (core.events)
+    event_data: RenderedEvents | None = None  # each event's data, made once per process for all its streams
     webhooks: WebhookDispatcher | None = None  # `completed` webhooks of jobs the API itself cancels
 
 

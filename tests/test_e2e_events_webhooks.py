@@ -3,82 +3,34 @@ served by uvicorn (`slidesynth serve`), httpx streaming the server-sent events, 
 in this process) checking each webhook's Standard Webhooks signature with its own HMAC code."""
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
 
-import httpx
 import pytest
 
-from tests.conftest import REPO, free_port, make_mask, png_bytes
+from tests.conftest import make_mask, png_bytes
+from tests.services import running_stack, wait_for
 from tests.webhook_helpers import SECRET, Receiver, sse_events, verify
 
 pytestmark = pytest.mark.integration
 
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+_wait = functools.partial(wait_for, interval=0.1)
 
 
 @pytest.fixture(scope="module")
 def service(redis_url, tmp_path_factory):
     """One worker and one API for the module's tests (each starts in ≈ 10 s on two cores)."""
     key_prefix = f"slidesynth-test-{uuid.uuid4().hex[:10]}"
-    tmp_path = tmp_path_factory.mktemp("events-webhooks")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
-    env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
-               SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
-               SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_WEBHOOK_SECRETS=f"public:{SECRET}",
-               SLIDESYNTH_WEBHOOK_ALLOW_PRIVATE="true", SLIDESYNTH_WEBHOOK_RETRY_SECONDS="0.5",
-               SLIDESYNTH_WEBHOOK_TIMEOUT="120",  # a held answer (the slow-receiver test) is not a timeout
-               SLIDESYNTH_EVENTS_PING_SECONDS="1", PYTHONUNBUFFERED="1")
-    port = free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--log-level", "INFO"], cwd=REPO,
-                              env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
-    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
-                            "--log-level", "warning"], cwd=REPO, env=env, stdout=open(logs / "api.log", "w"),
-                           stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-
-    def healthy():
-        try:
-            return client.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait(healthy, 60, "the API to answer /healthz", interval=0.2)
-        client.logs = logs
-        yield client
-    finally:
-        client.close()
-        for proc in (api, worker):
-            proc.terminate()
-        for proc in (api, worker):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        import redis
-
-        r = redis.Redis.from_url(redis_url)
-        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}*"):  # .high, .low, .embed too
-            for key in r.scan_iter(pattern):
-                r.delete(key)
+    with running_stack(redis_url, key_prefix, tmp_path_factory.mktemp("events-webhooks"),
+                       webhook_secrets=f"public:{SECRET}", webhook_allow_private="true", webhook_retry_seconds="0.5",
+                       webhook_timeout="120",  # a held answer (the slow-receiver test) is not a timeout
+                       events_ping_seconds="1") as stack:
+        stack.client.logs = stack.logs
+        yield stack.client
 
 
 def submit(service, steps: int, size: int = 64, **params) -> str:

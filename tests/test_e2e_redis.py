@@ -6,70 +6,23 @@ import io
 import json
 import os
 import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, make_mask, png_bytes
+from tests.conftest import make_mask, png_bytes
+from tests.services import running_stack, wait_for as _wait
 
 pytestmark = pytest.mark.integration
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture
 def service(redis_url, key_prefix, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
-    env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
-               SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
-               SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_CHECKPOINT_EVERY="5",
-               SLIDESYNTH_RECOVERY_SECONDS="2", PYTHONUNBUFFERED="1")
-    port = free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--log-level", "INFO"], cwd=REPO,
-                              env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
-    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
-                            "--log-level", "warning"], cwd=REPO, env=env, stdout=open(logs / "api.log", "w"),
-                           stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-
-    def healthy():
-        try:
-            return client.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait(healthy, 60, "the API to answer /healthz")
-        client.logs, client.redis_url, client.key_prefix = logs, redis_url, key_prefix
+    with running_stack(redis_url, key_prefix, tmp_path, checkpoint_every="5", recovery_seconds="2") as stack:
+        client = stack.client
+        client.logs, client.redis_url, client.key_prefix = stack.logs, redis_url, key_prefix
         yield client
-    finally:
-        client.close()
-        for proc in (api, worker):
-            proc.terminate()
-        for proc in (api, worker):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        import redis
-
-        r = redis.Redis.from_url(redis_url)
-        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}*"):  # .high, .low, .embed too
-            for key in r.scan_iter(pattern):
-                r.delete(key)
 
 
 def _job(client, job_id):

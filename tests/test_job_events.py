@@ -147,7 +147,7 @@ def redis_app(redis_url, key_prefix, embedded_settings):
     app = create_app(embedded_settings)
     try:
         with uvicorn_thread(app, free_port()) as base:
-            yield base, app.state.services.store
+            yield base, app.state.services.store, app.state.services
     finally:
         r = redis.Redis.from_url(redis_url)
         for key in r.scan_iter(f"{key_prefix}*"):
@@ -195,7 +195,7 @@ def test_redis_store_writes_bump_the_sequence_and_append_snapshots(redis_url, ke
 
 
 def test_redis_stream_resumes_with_last_event_id(redis_app):
-    base, store = redis_app
+    base, store, _ = redis_app
     job = new_job(store, "resume01")
     run_steps(store, job.id, 6, 0.0)  # the whole job happens before anyone listens
 
@@ -229,7 +229,7 @@ def test_redis_live_stream_and_many_streams_share_one_connection(redis_app, redi
 
     from core.jobs import event_channel
 
-    base, store = redis_app
+    base, store, services = redis_app
     job = new_job(store, "live01")
     other = new_job(store, "live02")
     r = redis.Redis.from_url(redis_url)
@@ -277,6 +277,9 @@ def test_redis_live_stream_and_many_streams_share_one_connection(redis_app, redi
         assert datas[0]["status"] == "queued" and datas[-1]["status"] == "succeeded"
         # every write is an event (the stream keeps each snapshot, even those the reader was too slow for)
         assert [d["step"] for d in datas if d["status"] == "running"] == [None, 1, 2, 3, 4, 5]
+    # each snapshot's data was made once for all 30 streams of its job, not once per stream
+    distinct = {(d["id"], json.dumps(d, sort_keys=True)) for datas in results for d in datas}
+    assert services.event_data.misses <= len(distinct) + 4, (services.event_data.misses, len(distinct))
     # all closed: the listener let go of its subscription
     deadline = time.time() + 5
     while channel_subscribers() and time.time() < deadline:
@@ -330,3 +333,21 @@ def test_a_stopping_server_ends_its_open_streams(tmp_path, processes):
     finally:
         if api.poll() is None:
             api.kill()
+
+
+def test_rendered_events_are_made_once_per_snapshot_and_bounded():
+    from core.events import RenderedEvents
+
+    calls = []
+
+    def render(record):
+        calls.append((record.id, record.event_seq))
+        return f"{record.id}:{record.event_seq}"
+
+    cache = RenderedEvents(render, size=3)
+    a1, a2, b1 = (JobRecord(id=i, spec=spec(), event_seq=n) for i, n in (("a", 1), ("a", 2), ("b", 1)))
+    assert [cache(r) for r in (a1, a1, a2, b1, a2)] == ["a:1", "a:1", "a:2", "b:1", "a:2"]
+    assert calls == [("a", 1), ("a", 2), ("b", 1)] and cache.misses == 3
+    cache(JobRecord(id="c", spec=spec(), event_seq=1))  # a fourth entry pushes out the oldest
+    cache(a1)
+    assert calls[-1] == ("a", 1) and cache.misses == 5

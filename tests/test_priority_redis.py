@@ -3,67 +3,28 @@ processes (``slidesynth worker``), HTTP requests. Jobs are tiny (64² mask, 2 st
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port, make_mask, png_bytes
+from tests.conftest import make_mask, png_bytes
+from tests.services import Stack, wait_for as _wait
 
 pytestmark = pytest.mark.integration
 
 MASK = png_bytes(make_mask(64, 64))
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Deployment:
+class Deployment(Stack):
     """The API (no worker of its own) on a free port; workers started by the test."""
 
     def __init__(self, redis_url: str, prefix: str, tmp_path):
-        self.redis_url, self.prefix, self.logs = redis_url, prefix, tmp_path / "logs"
-        self.logs.mkdir()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
-        self.env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
-                        SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=prefix,
-                        SLIDESYNTH_QUEUE=prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_RECOVERY_SECONDS="2",
-                        PYTHONUNBUFFERED="1")
-        self.procs: list[subprocess.Popen] = []
-        port = free_port()
-        self._start("api", ["serve", "--port", str(port), "--no-worker", "--log-level", "warning"])
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        import redis
-
-        self.redis = redis.Redis.from_url(redis_url)
-
-    def _start(self, name: str, args: list[str]) -> None:
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "slidesynth.cli", *args], cwd=REPO, env=self.env,
-                                           stdout=open(self.logs / f"{name}.log", "w"), stderr=subprocess.STDOUT))
-
-    def start_worker(self, *args: str) -> None:
-        self._start("worker", ["worker", "--log-level", "INFO", *args])
-
-    def wait_healthy(self) -> None:
-        def healthy():
-            try:
-                return self.client.get("/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait(healthy, 60, "the API to answer /healthz")
+        super().__init__(redis_url, prefix, tmp_path, recovery_seconds="2")
+        self.start_api()
 
     def job(self, job_id: str) -> dict:
         return self.client.get(f"/jobs/{job_id}").json()
@@ -75,23 +36,7 @@ class Deployment:
 
     def queued_ids(self, queue: str) -> list[str]:
         """Task ids (= job ids) of the messages waiting in a queue's Redis list."""
-        return [json.loads(raw)["headers"]["id"] for raw in self.redis.lrange(queue, 0, -1)]
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text()[-5000:]
-
-    def close(self) -> None:
-        self.client.close()
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for pattern in (f"{self.prefix}*", f"_kombu.binding*{self.prefix}*"):
-            for key in self.redis.scan_iter(pattern):
-                self.redis.delete(key)
+        return [json.loads(raw)["headers"]["id"] for raw in self.redis().lrange(queue, 0, -1)]
 
 
 @pytest.fixture
@@ -147,13 +92,13 @@ def test_recovery_requeues_a_job_on_its_priority_queue(deployment):
     high = d.submit("high", 1).json()["id"]
     low = d.submit("low", 2).json()["id"]
     assert d.queued_ids(f"{q}.high") == [high] and d.queued_ids(f"{q}.low") == [low]
-    d.redis.delete(f"{q}.high", f"{q}.low")  # their messages are gone (a run took them, then its process died)
+    d.redis().delete(f"{q}.high", f"{q}.low")  # their messages are gone (a run took them, then its process died)
     dead = subprocess.Popen(["true"])
     dead.wait()
     for job_id in (high, low):
         stuck = {"status": "running", "worker": f"{socket.gethostname()}/{dead.pid}", "claim": "lost-run",
                  "heartbeat_at": time.time(), "attempts": 1}
-        d.redis.hset(f"{q}:job:{job_id}", mapping={k: json.dumps(v) for k, v in stuck.items()})
+        d.redis().hset(f"{q}:job:{job_id}", mapping={k: json.dumps(v) for k, v in stuck.items()})
     d.start_worker("--queues", f"{q}.embed")
     try:
         _wait(lambda: d.queued_ids(f"{q}.high") == [high] and d.queued_ids(f"{q}.low") == [low], 120,

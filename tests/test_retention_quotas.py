@@ -16,7 +16,8 @@ import pytest
 
 from core.jobs import FINISHED, FileJobStore, JobRecord, JobSpec, JobStatus, RedisJobStore
 from core.quotas import PIXEL_WINDOW_SECONDS, Quota, QuotaExceeded
-from tests.conftest import REPO, free_port, make_mask, png_bytes
+from tests.conftest import REPO, make_mask, png_bytes
+from tests.services import running_stack, stop_processes, wait_for as _wait
 
 SPEC = JobSpec(model="m", engine="diffinfinite", conditioning="embedding", width=64, height=64, mpp=0.5, seed=1,
                steps=3, guidance=3.0, embedding=[0.5] * 8)
@@ -458,67 +459,14 @@ def test_the_contract_declares_410_and_429():
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _stop(*procs):
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.fixture
 def service(redis_url, key_prefix, tmp_path):
     """uvicorn serving the API, one real Celery worker, a real Redis; tenants t1, t2, t3."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDESYNTH_")}
-    env.update(SLIDESYNTH_BROKER_URL=redis_url, SLIDESYNTH_DATA_DIR=str(tmp_path / "data"),
-               SLIDESYNTH_MODELS_DIR=str(tmp_path / "weights"), SLIDESYNTH_KEY_PREFIX=key_prefix,
-               SLIDESYNTH_QUEUE=key_prefix, SLIDESYNTH_DEVICE="cpu", SLIDESYNTH_API_KEYS="t1:k1,t2:k2,t3:k3",
-               SLIDESYNTH_QUOTA_QUEUED="3", SLIDESYNTH_QUOTA_RUNNING="t2:1",
-               SLIDESYNTH_QUOTA_PIXELS_PER_DAY=f"t3:{2 * 64 * 64 + 100}", SLIDESYNTH_RETENTION_HOURS="1",
-               SLIDESYNTH_RETENTION_SWEEP_SECONDS="1", PYTHONUNBUFFERED="1")
-    port = free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    worker = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "worker", "--log-level", "INFO"], cwd=REPO,
-                              env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
-    api = subprocess.Popen([sys.executable, "-m", "slidesynth.cli", "serve", "--port", str(port), "--no-worker",
-                            "--log-level", "warning"], cwd=REPO, env=env, stdout=open(logs / "api.log", "w"),
-                           stderr=subprocess.STDOUT)
-    clients = {t: httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"X-API-Key": f"k{t[1]}"})
-               for t in ("t1", "t2", "t3")}
-
-    def healthy():
-        try:
-            return clients["t1"].get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait(healthy, 60, "the API to answer /healthz")
-        store = RedisJobStore(redis_url, tmp_path / "data", prefix=key_prefix)
-        yield clients, store, logs
-    finally:
-        for c in clients.values():
-            c.close()
-        _stop(api, worker)
-        import redis
-
-        r = redis.Redis.from_url(redis_url)
-        for pattern in (f"{key_prefix}*", f"_kombu.binding*{key_prefix}"):
-            for key in r.scan_iter(pattern):
-                r.delete(key)
+    with running_stack(redis_url, key_prefix, tmp_path, api_keys="t1:k1,t2:k2,t3:k3", quota_queued="3",
+                       quota_running="t2:1", quota_pixels_per_day=f"t3:{2 * 64 * 64 + 100}", retention_hours="1",
+                       retention_sweep_seconds="1") as stack:
+        clients = {t: stack.new_client(**{"X-API-Key": f"k{t[1]}"}) for t in ("t1", "t2", "t3")}
+        yield clients, RedisJobStore(redis_url, stack.data_dir, prefix=key_prefix), stack.logs
 
 
 def _small(client, steps=2):
@@ -703,7 +651,7 @@ def test_the_embedded_worker_sweeps_the_file_store(tmp_path):
         _wait(lambda: store.get("later").status == JobStatus.expired, 30, "the next sweep")
         assert store.get("recent").status == JobStatus.succeeded and "slide.tiff" in files_left(store, "recent")
     finally:
-        _stop(worker)
+        stop_processes(worker)
 
 
 def test_the_redis_pixel_ledger_expires_with_its_window(redis_url, key_prefix, tmp_path):

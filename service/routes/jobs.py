@@ -74,9 +74,7 @@ async def job_events(job_id: str, last_event_id: str | None = Header(
                          None, description="The id of the last event received, to resume after it."),
                      tenant: str = Depends(get_tenant), services: Services = Depends(get_services)):
     job = await run_in_threadpool(_own_job, job_id, tenant, services)
-    retention = services.settings.retention_hours
-    stream = JobEventStream(services.events, job, lambda record: job_view(record, retention).model_dump_json(),
-                            services.settings.events_ping_seconds)
+    stream = JobEventStream(services.events, job, services.event_data, services.settings.events_ping_seconds)
     after = last_event_id.strip() if last_event_id else ""
     known = after.isascii() and after.isdigit() and len(after) < 19  # another id is one the stream does not know
     if not await stream.open(int(after) if known else None):
