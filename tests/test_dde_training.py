@@ -121,7 +121,6 @@ def test_coordinator_can_close_the_gap_to_the_exact_canvas_denoiser():
     from models.dde.coordinator import DDECoordinator
     from training.dde import _generator, _rng, build_base, compose, window_outputs
 
-    torch.set_num_threads(1)
     cfg = DDETrainConfig(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32,
                          depth=2, heads=2, max_extra=2, p_mean=0.0, p_std=1.0)
     base = build_base(cfg, torch.device("cpu"), None)
@@ -136,4 +135,5 @@ def test_coordinator_can_close_the_gap_to_the_exact_canvas_denoiser():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(compose(base, net, b, windows).mean()) < 0.2 * start
+    with torch.no_grad():
+        assert float(compose(base, net, b, windows).mean()) < 0.2 * start
