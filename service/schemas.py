@@ -195,6 +195,17 @@ class JobList(BaseModel):
     limit: int
 
 
+class CoordinatorInfo(BaseModel):
+    combiner: str = Field("dde", description="The patch combiner (`sampler`) this coordinator serves.")
+    patch: int = Field(description="Window side it was trained for (latent px).")
+    stride: int = Field(description="Window stride it was trained for (latent px).")
+    parameters: int = Field(description="Trainable parameters.")
+    base_model: str = Field(description="Base model it was trained against (its weights' sha256 matches).")
+    evaluation: dict[str, Any] = Field(
+        description="Held-out figures from its card: composite loss of plain averaging vs the coordinator.")
+    card: dict[str, Any] = Field(description="The coordinator's card (architecture, base, training recipe, hashes).")
+
+
 class ModelInfo(BaseModel):
     name: str
     engine: str
@@ -217,6 +228,8 @@ class ModelInfo(BaseModel):
     embedding_encoder: str | None
     embedding_dim: int | None
     training_data: str
+    coordinators: list[CoordinatorInfo] = Field(
+        default_factory=list, description="Trained DDE coordinators shipped with this model (`dde-coordinator/`).")
 
 
 class ModelList(BaseModel):

@@ -8,6 +8,7 @@ returns an exit code). Commands:
 * ``train vae``: the KL autoencoder from scratch on a tile folder (:mod:`training.vae`);
 * ``train infinity-brush`` (:mod:`training.infbrush`);
 * ``train tile-encoder``: the project's tile encoder on procedural tissue (:mod:`training.tile_encoder`);
+* ``train dde-coordinator``: a DDE coordinator over a frozen patch model (:mod:`training.dde`);
 * ``convert diffinfinite-official``: an official DiffInfinite checkpoint into a servable model folder (the
   converter itself, :func:`models.diffinfinite.checkpoints.convert_official_checkpoint`, stays in ``models/``:
   loading reads official checkpoints with the same code).
@@ -26,11 +27,12 @@ from models.infbrush.config import PRESETS, InfBrushConfig
 
 def add_train_parsers(train_subparsers) -> None:
     """Add every training command: ``diffinfinite``, ``diffinfinite-mask``, ``vae``, ``infinity-brush``,
-    ``tile-encoder``."""
+    ``tile-encoder``, ``dde-coordinator``."""
     add_diffinfinite_train_parsers(train_subparsers)
     add_vae_train_parsers(train_subparsers)
     add_infbrush_train_parsers(train_subparsers)
     add_tile_encoder_train_parsers(train_subparsers)
+    add_dde_train_parsers(train_subparsers)
 
 
 def add_convert_parsers(convert_subparsers) -> None:
@@ -499,3 +501,102 @@ def add_tile_encoder_train_parsers(train_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_tile_encoder)
     return p
+
+
+# ------------------------------------------------------------------------------------------ DDE coordinator
+
+
+def _dde_command(args: argparse.Namespace) -> str:
+    """The full command line of this run (every option, defaults included): the card's exact recipe."""
+    import shlex
+
+    parts = ["slidesynth", "train", "dde-coordinator"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "model_kind", "resume", "overwrite", "quiet", "stop_after", "evaluate_only") or value is None:
+            continue
+        if value is False:
+            continue
+        parts.append("--" + key.replace("_", "-"))
+        if value is not True:
+            parts.append(str(value))
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run_dde(args: argparse.Namespace) -> int:
+    from training.dde import DDETrainConfig, evaluate_trained, train_dde_coordinator
+
+    cfg = DDETrainConfig(
+        base=args.base, out=args.out, steps=args.steps, stop_after=args.stop_after, batch_size=args.batch_size,
+        min_extra=args.min_extra, max_extra=args.max_extra, patch=args.patch, stride=args.stride, lr=args.lr,
+        warmup=args.warmup, grad_clip=args.grad_clip, ema_beta=args.ema_beta, ema_after=args.ema_after,
+        save_every=args.save_every, seed=args.seed, device=args.device, threads=args.threads, hidden=args.hidden,
+        depth=args.depth, heads=args.heads, token=args.token, attn_window=args.attn_window, p_null=args.p_null,
+        slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
+        p_std=args.p_std, target=args.target, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
+        command=_dde_command(args),
+    )
+    log = (lambda _m: None) if args.quiet else print
+    try:
+        if args.evaluate_only:
+            evaluate_trained(cfg, log=log)
+            return 0
+        result = train_dde_coordinator(cfg, log=log)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained the DDE coordinator to step {result.steps_done}: {result.out}")
+    return 0
+
+
+def add_dde_train_parsers(train_subparsers) -> None:
+    """Add ``dde-coordinator``: a DDE coordinator over a frozen patch model (:mod:`training.dde`)."""
+    p = train_subparsers.add_parser(
+        "dde-coordinator",
+        help="train a DDE coordinator over a frozen patch model (DiffInfinite image UNet or the Gaussian oracle)",
+        description="Only the coordinator is trained: the frozen base runs on the overlapping windows of larger "
+        "crops (canvas sides patch + k·stride, k random per step), the coordinator corrects each window's "
+        "output, the corrected outputs are averaged over overlaps and the base's denoising loss is taken on "
+        "the composite. Writes <out>/coordinator.safetensors + coordinator_card.json; resumable.",
+    )
+    p.add_argument("--base", default="weights/diffinfinite-demo",
+                   help="'oracle' (the Gaussian-field oracle) or a DiffInfinite model folder (default "
+                   "weights/diffinfinite-demo)")
+    p.add_argument("--out", type=Path, help="coordinator folder (default <base>/dde-coordinator; required for oracle)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--stop-after", type=int, help="stop after this many steps in this run (resume later)")
+    p.add_argument("--batch-size", type=int, default=2, help="canvases per step (default 2)")
+    p.add_argument("--min-extra", type=int, default=1, help="smallest canvas: patch + this × stride (default 1)")
+    p.add_argument("--max-extra", type=int, default=2, help="largest canvas: patch + this × stride (default 2)")
+    p.add_argument("--patch", type=int, help="window side (default 64 latent px; oracle: its patch)")
+    p.add_argument("--stride", type=int, help="window stride (default patch/2; oracle: patch/4)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-beta", type=float, default=0.995)
+    p.add_argument("--ema-after", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--token", type=int, default=4, help="token cell side in px (default 4)")
+    p.add_argument("--attn-window", type=int, default=32, help="canvas square attention is confined to (px)")
+    p.add_argument("--p-null", type=float, default=0.1, help="DiffInfinite: share of null-condition canvases")
+    p.add_argument("--slides", type=int, default=16, help="DiffInfinite: procedural training slides")
+    p.add_argument("--holdout-slides", type=int, default=4, help="DiffInfinite: held-out slides (evaluation)")
+    p.add_argument("--slide-px", type=int, default=1024, help="DiffInfinite: procedural slide side in px")
+    p.add_argument("--p-mean", type=float, default=-1.0, help="oracle: mean of ln σ (default -1.0)")
+    p.add_argument("--p-std", type=float, default=1.6, help="oracle: std of ln σ (default 1.6)")
+    p.add_argument("--target", choices=("clean", "bayes"), default="clean",
+                   help="oracle: regress the composite on the clean canvas (the paper's loss, default) or on the exact "
+                   "canvas denoiser E[X|x] (same minimiser, no irreducible noise)")
+    p.add_argument("--eval-crops", type=int, default=16, help="held-out crops per canvas size for the card")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/dde-last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no training: re-run the held-out evaluation of the coordinator in --out (e.g. with more "
+                   "--eval-crops) and record it on its card")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_dde)

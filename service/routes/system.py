@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from core.metrics import render
 
 from service.deps import Services, get_services
-from service.schemas import Health, ModelInfo, ModelList
+from service.schemas import CoordinatorInfo, Health, ModelInfo, ModelList
 from models.engine import get_engine, steps_default
 from service.validation import DEFAULT_GUIDANCE, usable_conditioning
 
@@ -30,9 +30,16 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
             embedding_encoder=card.embedding_encoder, embedding_dim=card.embedding_dim,
             training_data=card.training_data,
             options=get_engine(card.engine).options_model.model_json_schema(),
+            coordinators=[_coordinator_info(c) for c in services.registry.coordinators(card.name)],
         ))
     return ModelList(default=settings.default_model, default_embedding=settings.default_embedding_model,
                      models=infos)
+
+
+def _coordinator_info(card: dict) -> CoordinatorInfo:
+    return CoordinatorInfo(patch=int(card["patch"]), stride=int(card["stride"]),
+                           parameters=int(card.get("parameters", 0)), base_model=str(card["base"].get("model")),
+                           evaluation=dict(card.get("evaluation") or {}), card=card)
 
 
 @router.get("/healthz", response_model=Health, tags=["system"], summary="Liveness and job-store reachability",

@@ -1,0 +1,320 @@
+"""The DDE coordinator (Lifar, Savkin et al., "Diffusion Domain Expansion"): a small transformer over the
+outputs of all overlapping windows of one denoising step, trained while the patch model stays frozen.
+
+What it computes: a *correction* per window, added to that window's patch output before the per-pixel average
+over overlapping windows (MultiDiffusion). The output projection is zero-initialised, so an untrained
+coordinator returns exactly 0 and the combined result is exactly averaging (reference §4, P2 "residual
+parametrisation"; the paper's code instead starts from c_skip·x, see reference §2.5).
+
+Tokens: each window's patch output, its noisy input and its condition crop are cut into ``token``×``token`` px
+cells and embedded (the three embeddings are summed into one token per cell). Every token carries the canvas
+position of its cell, origin + offset inside the window, in token units: tokens of two windows covering the same
+canvas pixel get the same position (the paper's "positions in the large image"; the paper's code tiled
+positions by window instead, reference §2.2).
+
+Attention is windowed over the *canvas*: a token attends to the tokens of every window whose canvas position
+falls in the same ``attn_window``×``attn_window`` px square of a grid anchored at canvas (0, 0); odd blocks shift
+the grid by half a square (Swin-style) so information crosses square borders. A square holds at most
+(attn_window/token)² × (windows covering a pixel) tokens, so the cost is linear in canvas area. Positions enter
+attention only through 2-D rotary embeddings (first half of each head's channels rotated by the row, second half
+by the column), so translating the whole canvas by a multiple of ``attn_window`` changes nothing.
+
+Noise level: adaLN-Zero modulation (DiT) from a sinusoidal embedding of the DDPM timestep (``noise_input =
+"timestep"``) or of ln σ (``"sigma"``, EDM; the noisy input is then scaled by c_in = 1/√(σ² + σ_data²) and the correction by
+c_out = σ·σ_data/√(σ² + σ_data²), Karras et al.'s preconditioning).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups"]
+
+NoiseInput = Literal["timestep", "sigma"]
+CondKind = Literal["none", "labels", "channels"]
+
+
+@dataclass
+class CoordinatorConfig:
+    """Architecture of a coordinator (stored in its card as ``architecture``)."""
+
+    channels: int = 4  # C of the patch outputs and noisy inputs
+    patch: int = 64  # window side P (px of the canvas the patch model runs on)
+    stride: int = 32  # window stride s of the plans it is trained for
+    token: int = 4  # token cell side (px)
+    hidden: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    attn_window: int = 32  # side of the canvas squares attention is restricted to (px)
+    cond: CondKind = "none"
+    cond_channels: int = 0  # classes (``labels``: class ids → one-hot) or channels (``channels``)
+    noise_input: NoiseInput = "timestep"
+    sigma_data: float = 0.5  # EDM σ_data (``noise_input="sigma"``)
+    rope_base: float = 10000.0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        positive = ("channels", "patch", "stride", "token", "hidden", "depth", "heads", "attn_window")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.patch % self.token or self.stride % self.token:
+            raise ValueError(f"token {self.token} must divide patch {self.patch} and stride {self.stride}")
+        if self.attn_window % (2 * self.token):
+            raise ValueError(f"attn_window {self.attn_window} must be a multiple of 2·token = {2 * self.token}")
+        head_dim, rem = divmod(self.hidden, self.heads)
+        if rem or head_dim % 4:
+            raise ValueError(f"hidden {self.hidden} must be heads {self.heads} × a multiple of 4 (2-D RoPE pairs)")
+        if self.cond not in ("none", "labels", "channels"):
+            raise ValueError(f"cond must be none, labels or channels, got {self.cond!r}")
+        if self.cond != "none" and self.cond_channels <= 0:
+            raise ValueError(f"cond_channels must be > 0 with cond={self.cond!r}")
+        if self.noise_input not in ("timestep", "sigma"):
+            raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CoordinatorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown coordinator architecture fields: {unknown}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------ positions
+def canvas_token_positions(origins: Tensor, patch: int, token: int) -> Tensor:
+    """(N·T, 2) float64 canvas positions in token units of every token (origin/token + offset in the window),
+    windows in order, tokens row-major in each.
+
+    ``origins``: (N, 2) canvas (y, x) in px of each window. Origins need not be multiples of ``token`` (plans
+    clamp their last window inward): positions are then fractional, still equal for tokens at the same pixel.
+    """
+    if origins.ndim != 2 or origins.shape[1] != 2:
+        raise ValueError(f"origins must be (N, 2) canvas (y, x), got shape {tuple(origins.shape)}")
+    if origins.dtype.is_floating_point:
+        raise ValueError(f"origins must be integer canvas pixels, got {origins.dtype}")
+    side = patch // token
+    offs = torch.arange(side, device=origins.device, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(offs, offs, indexing="ij"), dim=-1).reshape(-1, 2)  # (T, 2)
+    return (origins.double()[:, None, :] / token + grid[None]).reshape(-1, 2)
+
+
+@dataclass
+class AttentionGroups:
+    """Tokens grouped by canvas square: ``index`` (G, L) token indices (padding → the extra index
+    ``num_tokens``), ``valid`` (G, L) bool."""
+
+    index: Tensor
+    valid: Tensor
+
+
+def attention_groups(pos: Tensor, canvas: Tensor, window_tokens: int, shift: int) -> AttentionGroups:
+    """Group tokens whose positions fall in the same ``window_tokens``-square of the grid shifted by ``shift``
+    tokens (and belong to the same canvas). Deterministic: groups and members in ascending key / token order."""
+    sq = torch.floor((pos + shift) / window_tokens).long()
+    key = torch.stack((canvas.long(), sq[:, 0], sq[:, 1]), dim=1)
+    _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    g = int(counts.numel())
+    length = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=pos.device) - starts[inverse[order]]
+    n = pos.shape[0]
+    index = torch.full((g, length), n, dtype=torch.long, device=pos.device)
+    index[inverse[order], rank] = order
+    valid = index < n
+    return AttentionGroups(index=index, valid=valid)
+
+
+def rope_tables(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (N, head_dim/2) for 2-D RoPE: the first head_dim/4 pairs rotate by the row, the rest by the
+    column. Angles in float64 so large canvas positions keep their precision."""
+    quarter = head_dim // 4
+    inv = base ** (-torch.arange(quarter, dtype=torch.float64, device=pos.device) / quarter)
+    ang = torch.cat((pos[:, :1].double() * inv, pos[:, 1:].double() * inv), dim=1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive channel pairs of ``x`` (..., head_dim) by the tables (..., head_dim/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------ layers
+def timestep_embedding(v: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=v.device) / half)
+    args = v.float()[:, None] * freqs[None]
+    return torch.cat((args.cos(), args.sin()), dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within canvas squares, with 2-D RoPE on queries and keys."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, groups: AttentionGroups, cos: Tensor, sin: Tensor) -> Tensor:
+        n, d = x.shape
+        h = self.heads
+        qkv = self.qkv(x).reshape(n, 3, h, d // h)
+        q, k, v = qkv.unbind(1)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        pad = x.new_zeros(1, h, d // h)
+        q, k, v = (torch.cat((t, pad)) [groups.index].transpose(1, 2) for t in (q, k, v))  # (G, h, L, dh)
+        mask = groups.valid[:, None, None, :]  # keys: padding excluded
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G, h, L, dh)
+        out = out.transpose(1, 2).reshape(-1, d)
+        flat = groups.index.reshape(-1)
+        keep = groups.valid.reshape(-1)
+        res = x.new_empty(n, d)
+        res[flat[keep]] = out[keep]
+        return self.proj(res)
+
+
+class CoordinatorBlock(nn.Module):
+    """DiT block with adaLN-Zero: gates start at 0, so each block starts as the identity."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = WindowAttention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        inner = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor, groups: AttentionGroups, cos: Tensor, sin: Tensor) -> Tensor:
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), s1, sc1), groups, cos, sin)
+        return x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
+
+
+# ------------------------------------------------------------------------------------------ the network
+class DDECoordinator(nn.Module):
+    """``correction(outputs, noisy, origins, cond, t) → (N, C, P, P)``: added to each window's patch output
+    before averaging over overlaps. Zero at initialisation (exactly averaging)."""
+
+    def __init__(self, config: CoordinatorConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c, d, k = config.channels, config.hidden, config.token
+        self.patch, self.stride = config.patch, config.stride
+        self.embed_out = nn.Conv2d(c, d, k, stride=k)
+        self.embed_noisy = nn.Conv2d(c, d, k, stride=k)
+        self.embed_cond = nn.Conv2d(config.cond_channels, d, k, stride=k) if config.cond != "none" else None
+        self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(CoordinatorBlock(d, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.Linear(d, k * k * c)
+        for m in (self.ada_out[1], self.out):  # zero output ⇒ correction exactly 0 at init
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------- inputs
+    def _cond_channels(self, cond: Tensor, n: int) -> Tensor:
+        cfg = self.config
+        p = cfg.patch
+        if cond.shape[0] != n or cond.ndim != 4:
+            raise ValueError(f"cond must be (N={n}, Cc, H, W), got shape {tuple(cond.shape)}")
+        if cfg.cond == "labels":
+            if cond.shape[1] != 1 or cond.dtype.is_floating_point:
+                raise ValueError(f"cond must be integer class ids (N, 1, H, W), got {cond.dtype} {tuple(cond.shape)}")
+            ids = cond[:, 0].long()
+            if bool(((ids < 0) | (ids >= cfg.cond_channels)).any()):
+                raise ValueError(f"cond class ids must be in 0…{cfg.cond_channels - 1}")
+            x = F.one_hot(ids, cfg.cond_channels).permute(0, 3, 1, 2).float()
+        else:
+            if cond.shape[1] != cfg.cond_channels:
+                raise ValueError(f"cond must have {cfg.cond_channels} channels, got {cond.shape[1]}")
+            x = cond.float()
+        h, w = x.shape[-2:]
+        if h != w or h % p:
+            raise ValueError(f"cond crops must be square multiples of the patch {p}, got {h}×{w}")
+        if h != p:  # label masks at a finer resolution: class fractions per patch pixel
+            x = F.avg_pool2d(x, h // p)
+        return x
+
+    def _noise_value(self, t: Tensor) -> Tensor:
+        if self.config.noise_input == "sigma":
+            return 250.0 * torch.log(t.float().clamp_min(1e-12))  # ¼·ln σ on the DDPM-like 0…1000 scale
+        return t.float()
+
+    # ---------------------------------------------------------------- forward
+    def correction(self, outputs: Tensor, noisy: Tensor, origins: Tensor, cond: Tensor | None, t: Tensor, *,
+                   canvas: Tensor | None = None) -> Tensor:
+        """Per-window corrections (N, C, P, P).
+
+        ``outputs`` / ``noisy``: (N, C, P, P) patch outputs and their noisy inputs; ``origins``: (N, 2) canvas
+        (y, x) of each window; ``cond``: (N, Cc, P·r, P·r) condition crops or None;
+        ``t``: (N,) timestep or σ; ``canvas``: (N,) index of the canvas each window belongs to (training batches
+        of several canvases; default all one canvas).
+        """
+        cfg = self.config
+        n, c, p = outputs.shape[0], cfg.channels, cfg.patch
+        if outputs.shape != (n, c, p, p) or noisy.shape != outputs.shape:
+            raise ValueError(f"outputs and noisy must be (N, {c}, {p}, {p}), got {tuple(outputs.shape)} and "
+                             f"{tuple(noisy.shape)}")
+        if t.shape != (n,):
+            raise ValueError(f"t must be (N={n},), got {tuple(t.shape)}")
+        if (cond is None) != (cfg.cond == "none"):
+            raise ValueError("cond is required" if cond is None else "this coordinator takes no cond")
+        dtype = self.out.weight.dtype
+        x_in = noisy.to(dtype)
+        if cfg.noise_input == "sigma":
+            x_in = x_in / torch.sqrt(t.to(dtype) ** 2 + cfg.sigma_data ** 2)[:, None, None, None]
+        tok = self.embed_out(outputs.to(dtype)) + self.embed_noisy(x_in)
+        if self.embed_cond is not None:
+            tok = tok + self.embed_cond(self._cond_channels(cond, n).to(dtype))
+        side = p // cfg.token
+        per = side * side
+        x = tok.flatten(2).transpose(1, 2).reshape(n * per, cfg.hidden)
+
+        pos = canvas_token_positions(origins.to(outputs.device), p, cfg.token)
+        canvas = torch.zeros(n, dtype=torch.long, device=outputs.device) if canvas is None else canvas.long()
+        canvas_tok = canvas.to(outputs.device).repeat_interleave(per)
+        wt = cfg.attn_window // cfg.token
+        groups = [attention_groups(pos, canvas_tok, wt, 0), attention_groups(pos, canvas_tok, wt, wt // 2)]
+        cos, sin = rope_tables(pos, cfg.hidden // cfg.heads, cfg.rope_base, dtype)
+
+        emb = self.noise_mlp(timestep_embedding(self._noise_value(t), cfg.hidden).to(dtype))
+        c_tok = emb.repeat_interleave(per, dim=0)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c_tok, groups[i % 2], cos, sin)
+        shift, scale = self.ada_out(c_tok).chunk(2, dim=1)
+        y = self.out(modulate(self.norm_out(x), shift, scale))  # (N·T, k·k·C)
+        k = cfg.token
+        y = y.reshape(n, side, side, k, k, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, p, p)
+        if cfg.noise_input == "sigma":  # EDM c_out: unit-scale network output whatever σ (D's error shrinks with σ)
+            sig = t.to(dtype)
+            y = y * (sig * cfg.sigma_data / torch.sqrt(sig ** 2 + cfg.sigma_data ** 2))[:, None, None, None]
+        return y.to(outputs.dtype)
+
+    forward = correction
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,237 @@
+"""The DDE coordinator network (models/dde): zero at init, canvas RoPE positions, windowed attention, strict
+loading and the base-model check."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.dde.coordinator import (CoordinatorConfig, DDECoordinator, attention_groups,
+                                    canvas_token_positions)
+from models.dde.loading import (COORDINATOR_CARD, COORDINATOR_DIR, BaseModelMismatch, CoordinatorLoadError,
+                                load_coordinator, read_coordinator_card, save_coordinator)
+from models.hashing import sha256_file
+
+
+def _cfg(**kw) -> CoordinatorConfig:
+    base = dict(channels=2, patch=16, stride=8, token=4, hidden=32, depth=2, heads=2, attn_window=16)
+    base.update(kw)
+    return CoordinatorConfig(**base)
+
+
+def _randomise(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net
+
+
+def _grid(rows: int, cols: int, stride: int, dy: int = 0, dx: int = 0) -> torch.Tensor:
+    return torch.tensor([[dy + i * stride, dx + j * stride] for i in range(rows) for j in range(cols)])
+
+
+def _inputs(n: int, cfg: CoordinatorConfig, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, cfg.channels, cfg.patch, cfg.patch)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.rand(n, generator=g) * 999
+
+
+def test_untrained_correction_is_exactly_zero_and_training_moves_it():
+    cfg = _cfg(cond="labels", cond_channels=3)
+    net = DDECoordinator(cfg)
+    origins = _grid(3, 3, 8)
+    out, noisy, t = _inputs(9, cfg)
+    labels = torch.randint(0, 3, (9, 1, 64, 64))  # label crops at 4× the latent resolution
+    corr = net.correction(out, noisy, origins, labels, t)
+    assert corr.shape == out.shape
+    assert torch.equal(corr, torch.zeros_like(corr))
+    (corr - out).pow(2).sum().backward()  # zero output but a trainable path: the output layer gets gradients
+    assert net.out.weight.grad is not None and net.out.weight.grad.abs().sum() > 0
+
+
+def test_positions_are_canvas_positions():
+    pos = canvas_token_positions(torch.tensor([[0, 0], [8, 4]]), patch=16, token=4)
+    side = 4
+    first, second = pos[:side * side].reshape(side, side, 2), pos[side * side:].reshape(side, side, 2)
+    # canvas pixel (8, 4): token (2, 1) of window 0, token (0, 0) of window 1 → same position
+    assert first[2, 1].tolist() == second[0, 0].tolist() == [2, 1]
+    assert first[3, 3].tolist() == [3, 3] and second[3, 3].tolist() == [5, 4]
+    # a clamped last window (origin not a multiple of the token): fractional positions, same pixel → same
+    clamped = canvas_token_positions(torch.tensor([[0, 0], [0, 6]]), patch=16, token=4)
+    assert clamped[side * side + 0].tolist() == [0.0, 1.5] and clamped[side * side + 2].tolist() == [0.0, 3.5]
+
+
+def test_translating_the_canvas_changes_nothing_but_origins():
+    cfg = _cfg()
+    net = _randomise(DDECoordinator(cfg)).eval()
+    out, noisy, t = _inputs(9, cfg)
+    with torch.no_grad():
+        a = net.correction(out, noisy, _grid(3, 3, 8), None, t)
+        b = net.correction(out, noisy, _grid(3, 3, 8, dy=64, dx=160), None, t)  # multiples of the square
+        moved = _grid(3, 3, 8)
+        moved[4] += torch.tensor([4, 0])  # one window elsewhere: the output must change (the test can fail)
+        c = net.correction(out, noisy, moved, None, t)
+    assert a.abs().max() > 1e-3
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_rope_gives_overlapping_tokens_the_same_rotation():
+    # the same content at the same canvas pixels, presented by two different window plans (stride 8 vs 16),
+    # must yield the same tokens' attention geometry: check the RoPE tables of coinciding tokens are equal
+    from models.dde.coordinator import rope_tables
+    pos_a = canvas_token_positions(_grid(2, 2, 8), 16, 4)
+    cos, sin = rope_tables(pos_a, 16, 10000.0, torch.float32)
+    same = [(i, j) for i in range(len(pos_a)) for j in range(i + 1, len(pos_a)) if pos_a[i].tolist() == pos_a[j].tolist()]
+    assert same, "overlapping windows share canvas positions"
+    for i, j in same:
+        assert torch.equal(cos[i], cos[j]) and torch.equal(sin[i], sin[j])
+
+
+def test_attention_is_confined_to_canvas_squares():
+    cfg = _cfg(depth=1)  # one (unshifted) block: a token sees only its own 16-px square
+    net = _randomise(DDECoordinator(cfg)).eval()
+    origins = _grid(6, 6, 8)  # 56×56 canvas, squares of 16 px
+    out, noisy, t = _inputs(36, cfg)
+    far = 35  # window at (40, 40): squares (2..3, 2..3); window 0 covers square (0, 0) only
+    out2, noisy2 = out.clone(), noisy.clone()
+    out2[far] += 5.0
+    noisy2[far] -= 3.0
+    with torch.no_grad():
+        a = net.correction(out, noisy, origins, None, t)
+        b = net.correction(out2, noisy2, origins, None, t)
+    assert torch.equal(a[0], b[0])  # far away: bit-identical
+    assert torch.equal(a[14], b[14])  # window (16, 16): square (1, 1) only, next to the perturbed squares
+    near = 28  # window at (32, 32) shares squares with the perturbed window: must change
+    assert (a[near] - b[near]).abs().max() > 1e-4
+    # with the shifted second block information crosses square borders
+    net2 = _randomise(DDECoordinator(_cfg(depth=2))).eval()
+    with torch.no_grad():
+        a2 = net2.correction(out, noisy, origins, None, t)
+        b2 = net2.correction(out2, noisy2, origins, None, t)
+    assert (a2[14] - b2[14]).abs().max() > 1e-4  # window (16, 16): reached only through the shifted grid
+    assert torch.equal(a2[0], b2[0])  # two blocks reach one square further, not the whole canvas
+
+
+def test_tokens_per_square_are_bounded_whatever_the_canvas():
+    cfg = _cfg()
+    lengths = []
+    for side in (3, 6, 12, 24):
+        pos = canvas_token_positions(_grid(side, side, 8), 16, 4)
+        canvas = torch.zeros(len(pos), dtype=torch.long)
+        for shift in (0, 2):
+            groups = attention_groups(pos, canvas, cfg.attn_window // cfg.token, shift)
+            assert int(groups.valid.sum()) == len(pos)  # every token in exactly one square
+            lengths.append(groups.index.shape[1])
+    assert max(lengths) <= (16 // 4) ** 2 * 4  # square tokens × windows covering a pixel (2 × 2)
+
+
+def test_windows_of_different_canvases_do_not_attend_to_each_other():
+    cfg = _cfg(depth=2)
+    net = _randomise(DDECoordinator(cfg)).eval()
+    out, noisy, t = _inputs(8, cfg)
+    origins = torch.cat((_grid(2, 2, 8), _grid(2, 2, 8)))
+    canvas = torch.tensor([0] * 4 + [1] * 4)
+    with torch.no_grad():
+        both = net.correction(out, noisy, origins, None, t, canvas=canvas)
+        alone = net.correction(out[:4], noisy[:4], origins[:4], None, t[:4])
+    torch.testing.assert_close(both[:4], alone, rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    cfg = _cfg(cond="labels", cond_channels=3)
+    net = DDECoordinator(cfg)
+    out, noisy, t = _inputs(4, cfg)
+    o = _grid(2, 2, 8)
+    with pytest.raises(ValueError, match="cond is required"):
+        net.correction(out, noisy, o, None, t)
+    with pytest.raises(ValueError, match="class ids"):
+        net.correction(out, noisy, o, torch.full((4, 1, 16, 16), 7), t)
+    with pytest.raises(ValueError, match="t must be"):
+        net.correction(out, noisy, o, torch.zeros(4, 1, 16, 16, dtype=torch.long), t[:2])
+    with pytest.raises(ValueError, match="attn_window"):
+        _cfg(attn_window=12).validate()
+
+
+# ------------------------------------------------------------------------------------------ folders
+def _model_folder(tmp_path, cfg=None):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    base = folder / "image_unet.safetensors"
+    base.write_bytes(b"base weights v1")
+    net = _randomise(DDECoordinator(cfg or _cfg()))
+    save_coordinator(net, folder / COORDINATOR_DIR,
+                     base={"model": "demo", "file": base.name, "sha256": sha256_file(base)},
+                     training={"command": "test"})
+    return folder, net
+
+
+def test_save_and_load_round_trip(tmp_path):
+    folder, net = _model_folder(tmp_path)
+    loaded = load_coordinator(folder, "cpu")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    card = read_coordinator_card(folder)
+    assert card["patch"] == 16 and card["stride"] == 8 and card["base"]["model"] == "demo"
+
+
+def test_strict_load_lists_the_mismatched_keys(tmp_path):
+    folder, _ = _model_folder(tmp_path)
+    card_path = folder / COORDINATOR_DIR / COORDINATOR_CARD
+    card = json.loads(card_path.read_text())
+    card["architecture"]["depth"] = 3  # the file lacks block 2
+    card["architecture"]["mlp_ratio"] = 2.0  # every block's MLP has another shape
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CoordinatorLoadError) as err:
+        load_coordinator(folder, "cpu")
+    msg = str(err.value)
+    assert "missing keys" in msg and "blocks.2.attn.qkv.weight" in msg
+    assert "shape-mismatched keys" in msg and "blocks.0.mlp.0.weight: file (128, 32) vs model (64, 32)" in msg
+    card["architecture"]["depth"] = 1
+    card["architecture"]["mlp_ratio"] = 4.0
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CoordinatorLoadError, match=r"unexpected keys \[.*blocks\.1\.ada\.1\.bias"):
+        load_coordinator(folder, "cpu")
+
+
+def test_base_model_mismatch_names_both(tmp_path):
+    folder, _ = _model_folder(tmp_path)
+    trained_against = sha256_file(folder / "image_unet.safetensors")
+    (folder / "image_unet.safetensors").write_bytes(b"base weights v2")
+    now = sha256_file(folder / "image_unet.safetensors")
+    with pytest.raises(BaseModelMismatch) as err:
+        load_coordinator(folder, "cpu")
+    assert trained_against in str(err.value) and now in str(err.value) and "'demo'" in str(err.value)
+    with pytest.raises(BaseModelMismatch):
+        load_coordinator(folder / COORDINATOR_DIR, "cpu", base_sha256="0" * 64)
+    load_coordinator(folder / COORDINATOR_DIR, "cpu", base_sha256=trained_against)
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    folder, _ = _model_folder(tmp_path)
+    w = folder / COORDINATOR_DIR / "coordinator.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(CoordinatorLoadError, match="sha256"):
+        load_coordinator(folder, "cpu")
+
+
+def test_is_a_patch_coordinator_and_untrained_dde_is_multidiffusion():
+    from models.patching import PatchCoordinator, combine, plan_windows
+
+    cfg = _cfg()
+    net = DDECoordinator(cfg)
+    assert isinstance(net, PatchCoordinator)
+    plan = plan_windows("dde", (36, 36), 16, 8)  # 36 = 16 + 2·8 + 4: the last window is clamped to 20
+    assert plan.origins[-1].tolist() == [20, 20]
+    g = torch.Generator().manual_seed(3)
+    outs = torch.randn(len(plan), 2, 16, 16, generator=g)
+    noisy = torch.randn(len(plan), 2, 16, 16, generator=g)
+    t = torch.full((len(plan),), 300.0)
+    with torch.no_grad():
+        dde = combine(plan, outs, noisy=noisy, t=t, coordinator=net)
+    md = combine(plan_windows("multidiffusion", (36, 36), 16, 8), outs)
+    assert torch.equal(dde, md)
