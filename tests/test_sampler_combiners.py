@@ -104,21 +104,30 @@ def test_resume_mid_step_bit_identical(image_unet, mode, tmp_path):
 
 class RecordingCoordinator:
     def __init__(self, scale=0.0):
-        self.patch, self.stride, self.scale, self.calls = 32, 16, scale, []
+        self.patch, self.stride, self.scale, self.calls, self.outputs = 32, 16, scale, [], []
 
     def correction(self, outputs, noisy, origins, cond, t):
         self.calls.append((outputs.shape, noisy.shape, origins.clone(), cond.clone(), t.clone()))
+        self.outputs.append(outputs.clone())
         return self.scale * outputs
 
 
-def test_zero_coordinator_dde_is_multidiffusion_bit_for_bit(image_unet):
+def test_zero_coordinator_dde_is_multidiffusion(image_unet):
     lab = _labels(40, 72)
     md = _sampler(image_unet, "multidiffusion").sample(lab, seed=5)
     assert torch.equal(md, _sampler(image_unet, "dde").sample(lab, seed=5))
-    assert torch.equal(md, _sampler(image_unet, "dde", coordinator=ZeroCoordinator(32, 16)).sample(lab, seed=5))
+    # unguided (ω = 0): one coordinator call per step on the windows' ε, bit for bit MultiDiffusion at zero
+    md0 = _sampler(image_unet, "multidiffusion", guidance=0.0).sample(lab, seed=5)
+    assert torch.equal(md0, _sampler(image_unet, "dde", guidance=0.0, coordinator=ZeroCoordinator(32, 16))
+                       .sample(lab, seed=5))
+    # guided (ω = 2): DDE's Eq. 6 — the conditional and the null predictions are corrected apart and blended,
+    # then guided: (1+ω)·avg(ε(c)) − ω·avg(ε(∅)) equals MultiDiffusion's avg((1+ω)·ε(c) − ω·ε(∅)) up to rounding
+    zero = _sampler(image_unet, "dde", coordinator=ZeroCoordinator(32, 16)).sample(lab, seed=5)
+    torch.testing.assert_close(zero, md, rtol=0, atol=1e-5)
     rec = RecordingCoordinator(0.0)
-    assert torch.equal(md, _sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5))
-    assert len(rec.calls) == 3
+    torch.testing.assert_close(_sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5), md, rtol=0, atol=1e-5)
+    assert len(rec.calls) == 6  # two per step: the conditional windows, then the null windows
+    assert not torch.equal(rec.outputs[0], rec.outputs[1])
     out_shape, noisy_shape, origins, cond, t = rec.calls[0]
     plan = plan_windows("dde", (40, 72), 32, 16)
     assert out_shape == noisy_shape == (len(plan), 4, 32, 32)

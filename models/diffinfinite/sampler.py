@@ -51,7 +51,7 @@ import torch
 from models import patching
 from models.runtime import CancelFn, ProgressFn, check_cancel
 
-from .guidance import ConditionalDenoiser, combine, passes_for
+from .guidance import NULL, ConditionalDenoiser, cfg, combine, passes_for
 from .scheduler import DDIMScheduler
 from .solvers import SOLVERS, DPMSolverPP2M, Solver
 
@@ -437,6 +437,13 @@ class RandomPatchSampler:
         self.stats: dict[int, StepStats] = {}  # per step: crops done, UNet passes, crop pixels
         self.batch_reductions: list[dict[str, int]] = []  # CUDA out-of-memory: {"step", "from", "to"}
 
+    @property
+    def _coordinated_guidance(self) -> bool:
+        """``dde`` with a coordinator and ω ≠ 0 guides as DDE's Eq. 6: (1+ω)·C([ε(c)]) − ω·C([ε(∅)]) — the
+        coordinator corrects the conditional and the null predictions apart (what it was trained on), and the
+        guidance is applied to the two blended canvases. Each window then keeps both (2·C channels)."""
+        return self.mode == "dde" and self.coordinator is not None and self.guidance != 0
+
     # -------------------------------------------------------------------------- canvas geometry
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
         def pad(s: int, p: int) -> int:
@@ -589,8 +596,8 @@ class RandomPatchSampler:
                     state.weight = torch.zeros(state.latents.shape[2:], dtype=torch.float32, device=device)
                     if self.mode == "dde":
                         h, w = self.window_plan(lab.shape).size
-                        state.windows = torch.zeros((len(crops), state.latents.shape[1], h, w),
-                                                    dtype=torch.float32, device=device)
+                        c = state.latents.shape[1] * (2 if self._coordinated_guidance else 1)
+                        state.windows = torch.zeros((len(crops), c, h, w), dtype=torch.float32, device=device)
             self._eval_crops(state, crops, lab_dev, cancel)
             if bool((state.times != k + 1).any()):
                 raise RuntimeError(f"step {k}: some latent pixels were not updated (coverage bug)")
@@ -685,6 +692,11 @@ class RandomPatchSampler:
         k = state.step
         if self.mode in WINDOW_MODES:  # overlapping windows: ε̃ into the running weighted sums (dde: kept per window)
             ys, xs = crop.window
+            if self._coordinated_guidance:  # DDE Eq. 6: the coordinator sees the conditional and the null ε apart
+                state.windows[index] = torch.cat([combine(lab_dev[ys, xs], preds, 0.0, null_label).float(),
+                                                  preds[NULL].float()])
+                state.times[ys, xs] = k + 1
+                return
             comb = combine(lab_dev[ys, xs], preds, self.guidance, null_label).float()
             if self.mode == "dde":
                 state.windows[index] = comb
@@ -720,11 +732,22 @@ class RandomPatchSampler:
                 noisy = plan.crops(state.latents[0])
                 cond = plan.crops(lab_dev.long())[:, None]
                 tt = torch.full((n,), int(t), dtype=torch.long, device=outs.device)
+                parts = outs.chunk(2, dim=1) if self._coordinated_guidance else (outs,)
                 with torch.no_grad():
-                    outs = patching.corrected(plan, outs, noisy=noisy, cond=cond, t=tt, coordinator=self.coordinator)
-            acc = patching.BlendAccumulator(outs.shape[1], plan.canvas, device=outs.device)
-            acc.add(outs, plan.origins, plan.weight)
-            state.eps = acc.result()[None].to(state.latents.dtype)
+                    parts = [patching.corrected(plan, part, noisy=noisy, cond=cond, t=tt, coordinator=self.coordinator)
+                             for part in parts]
+                outs = parts[0]
+            canvases = []
+            for part in parts if self.coordinator is not None else (outs,):
+                acc = patching.BlendAccumulator(part.shape[1], plan.canvas, device=part.device)
+                acc.add(part, plan.origins, plan.weight)
+                canvases.append(acc.result())
+            if len(canvases) == 2:  # (1+ω)·C([ε(c)]) − ω·C([ε(∅)]); null-label pixels: C([ε(∅)])
+                cond_eps, null_eps = canvases
+                guided = cfg(cond_eps, null_eps, self.guidance)
+                null_px = (lab_dev == self.denoiser.null_label) if self.denoiser.null_label is not None else None
+                canvases = [guided if null_px is None else torch.where(null_px, null_eps, guided)]
+            state.eps = canvases[0][None].to(state.latents.dtype)
         else:
             state.eps = patching.BlendAccumulator.restore(state.eps[0], state.weight).result()[None]
         state.weight = None
