@@ -14,28 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator
 
 import httpx
 
+from bench._stack import wait as wait_for  # noqa: F401  (the one polling helper, for the tests too)
 from tests.conftest import REPO, free_port
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """The first truthy value of ``predicate()``, polled every ``interval`` s; AssertionError naming ``what``
-    after ``timeout`` s."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def stop_processes(*procs: subprocess.Popen, timeout: float = 30) -> None:

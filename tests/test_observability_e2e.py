@@ -5,34 +5,26 @@ and after, and every line either process wrote is read back: JSON (or text) with
 job's lines, and never the API key nor the Redis password."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, free_port, make_mask, png_bytes
+from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
+_wait = functools.partial(wait_for, interval=0.1)
 
 API_KEY = "obs-key-7f3a9c1e5d"
 REDIS_PASSWORD = "redis-pw-4b8e2d6a90"
 TENANT = "lab-obs"
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def scrape(client: httpx.Client, url: str) -> dict[tuple[str, tuple], float]:
