@@ -130,9 +130,11 @@ def test_engine_runs_window_samplers_and_dde_through_the_hook(tmp_path, fake_dde
     models.folder = _model_with(tmp_path, "x", True)
     dde, slide = _generate(models, {"sampler": "dde"}, lab)
     assert fake_dde == [(models.folder, torch.device("cpu"))]
-    # the stride comes from the coordinator (16), and a zero correction is multidiffusion at that stride
+    # the stride comes from the coordinator (16), and a zero correction is multidiffusion at that stride (guided
+    # as DDE's Eq. 6, (1+ω)·avg ε(c) − ω·avg ε(∅) vs avg((1+ω)·ε(c) − ω·ε(∅)): equal up to float rounding, which
+    # may move a pixel by one 8-bit level)
     md, md_slide = _generate(models, {"sampler": "multidiffusion", "sampler_stride": 16}, lab)
-    assert np.array_equal(dde, md)
+    assert np.abs(dde.astype(np.int16) - md.astype(np.int16)).max() <= 1
     assert slide.notes["sampler_passes"] == md_slide.notes["sampler_passes"] > 0
     assert "sampler" in slide.cut_lines
     md32, md32_slide = _generate(models, {"sampler": "multidiffusion"}, lab)  # default stride 32: other windows
