@@ -86,6 +86,21 @@ def embedded_settings(tmp_path, monkeypatch):
                     max_width=4096, max_height=4096, max_mask_pixels=1_000_000)
 
 
+@pytest.fixture
+def client(embedded_settings):
+    """A TestClient of the app on the embedded settings (the API in process, file job store, no worker), with
+    ``settings`` and ``store`` at hand. A test module may define its own ``client`` instead."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(embedded_settings)
+    with TestClient(app) as c:
+        c.settings = embedded_settings
+        c.store = app.state.services.store
+        yield c
+
+
 def make_mask(height: int = 64, width: int = 64, classes=(0, 1, 2, 3, 4)) -> np.ndarray:
     """Vertical stripes of the given classes (uint8)."""
     labels = np.zeros((height, width), np.uint8)

@@ -9,18 +9,6 @@ from PIL import Image
 from tests.conftest import png_bytes
 
 
-@pytest.fixture
-def client(embedded_settings):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-
-    app = create_app(embedded_settings)
-    with TestClient(app) as c:
-        c.store = app.state.services.store
-        yield c
-
-
 def test_the_job_spec_keeps_the_masks_exact_size(client):
     mask = np.zeros((750, 1001), np.uint8)       # was rounded to 1000 × 752
     mask[:, 500:] = 1

@@ -3,7 +3,6 @@ coordinator (naming options.sampler and the model), the lazy coordinator hook, a
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import types
 
@@ -56,17 +55,6 @@ def test_model_folder_and_coordinator_presence(tmp_path):
     assert model_folder("m-with", tmp_path) == with_c and has_coordinator(with_c)
     assert not has_coordinator(model_folder("m-without", tmp_path))
     assert model_folder("nope", tmp_path) is None and not has_coordinator(None)
-
-
-@pytest.fixture
-def client(embedded_settings):
-    from service.app import create_app
-
-    app = create_app(embedded_settings)
-    with TestClient(app) as c:
-        c.settings = embedded_settings
-        c.store = app.state.services.store
-        yield c
 
 
 def test_dde_without_a_coordinator_is_a_422_naming_the_field_and_the_model(embedded_settings):

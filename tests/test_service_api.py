@@ -13,17 +13,6 @@ from fastapi.testclient import TestClient
 from tests.conftest import make_mask, png_bytes
 
 
-@pytest.fixture
-def client(embedded_settings):
-    from service.app import create_app
-
-    app = create_app(embedded_settings)
-    with TestClient(app) as c:
-        c.settings = embedded_settings
-        c.store = app.state.services.store
-        yield c
-
-
 def post_mask(client, data: bytes, params: dict | None = None, filename="mask.png"):
     return client.post("/generate", files={"mask": (filename, data, "application/octet-stream")},
                        data={"params": json.dumps(params or {})})
