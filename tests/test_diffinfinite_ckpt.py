@@ -99,9 +99,9 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     with pytest.raises(CheckpointKeyError) as err:
         load_network(path, ImageUNetConfig.tiny())
     msg = str(err.value)
-    assert "missing key(s): mid_attn.fn.fn.to_q.weight" in msg
-    assert "unexpected key(s): mid_attn.fn.fn.to_q.bias" in msg
-    assert "ups.0.0.block1.proj.bias (checkpoint [3]" in msg
+    assert "missing keys (1): mid_attn.fn.fn.to_q.weight" in msg
+    assert "unexpected keys (1): mid_attn.fn.fn.to_q.bias" in msg
+    assert "ups.0.0.block1.proj.bias: file (3,) vs network" in msg
     assert err.value.missing == ["mid_attn.fn.fn.to_q.weight"]
 
 

@@ -242,7 +242,7 @@ def test_quilt_folder_problems_are_named(tmp_path):
         load_encoder("quilt-vit-b-32", root)
     (folder / "encoder_card.json").unlink()
     save_file({k: v for k, v in sd.items() if k != "visual.ln_post.bias"}, str(folder / "open_clip_model.safetensors"))
-    with pytest.raises(ValueError, match=r"open_clip_model\.safetensors does not match.*missing keys.*ln_post\.bias"):
+    with pytest.raises(ValueError, match=r"open_clip_model\.safetensors does not fit.*missing keys.*ln_post\.bias"):
         load_encoder("quilt-vit-b-32", root)
     (folder / "open_clip_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read weight file .*open_clip_model.safetensors"):

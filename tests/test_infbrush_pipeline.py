@@ -85,7 +85,7 @@ def test_save_load_roundtrip_and_mismatches(tmp_path):
     d["config"]["network"]["heads"] = 2
     d["files"] = {}
     (folder / "model_card.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): .*lift\.weight: checkpoint \(16, 3\) vs config \(24, 3\)"):
+    with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): .*lift\.weight: file \(16, 3\) vs network \(24, 3\)"):
         load_infbrush(folder)
 
     # missing and unexpected keys

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from models.hashing import sha256_file
+from models.state_dicts import compare_state_dicts, mismatch_message
 
 __all__ = [
     "COORDINATOR_DIR", "COORDINATOR_WEIGHTS", "COORDINATOR_CARD", "CARD_FORMAT", "CoordinatorLoadError",
@@ -96,21 +97,9 @@ def save_coordinator(net, folder: str | Path, *, base: dict[str, Any], training:
 
 def check_state_dict(model_state: dict, file_state: dict, where: str) -> None:
     """Raise :class:`CoordinatorLoadError` listing every missing, unexpected and shape-mismatched key."""
-    missing = sorted(set(model_state) - set(file_state))
-    unexpected = sorted(set(file_state) - set(model_state))
-    mismatched = sorted(
-        f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(model_state[k].shape)}"
-        for k in set(model_state) & set(file_state) if tuple(model_state[k].shape) != tuple(file_state[k].shape))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            parts.append(f"shape-mismatched keys {mismatched}")
-        raise CoordinatorLoadError(f"{where} does not fit the coordinator architecture of its card: "
-                                   + "; ".join(parts))
+    mismatch = compare_state_dicts(model_state, file_state)
+    if mismatch:
+        raise CoordinatorLoadError(mismatch_message(where, "the coordinator architecture of its card", mismatch))
 
 
 def load_coordinator(folder: str | Path, device="cpu", *, base_sha256: str | None = None):

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from models.diffinfinite.mask_unet import MaskUNet, MaskUNetConfig
 from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
 from models.hashing import sha256_file
+from models.state_dicts import KeyMismatch, compare_state_dicts, mismatch_message
 
 OFFICIAL_EMA_PREFIX = "ema_model.model."
 OFFICIAL_ONLINE_PREFIX = "model."  # inside ckpt["model"]
@@ -58,21 +59,9 @@ class CheckpointError(ValueError):
 class CheckpointKeyError(CheckpointError):
     """State dict keys or shapes that do not match the network; lists every offending key."""
 
-    def __init__(self, what: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_fmt_keys(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {_fmt_keys(mismatched)}")
-        super().__init__(f"{what} does not match the network: " + "; ".join(parts))
-
-
-def _fmt_keys(keys: list[str], limit: int = 40) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … (+{len(keys) - limit} more)" if len(keys) > limit else "")
+    def __init__(self, what: str, mismatch: KeyMismatch):
+        self.missing, self.unexpected, self.mismatched = mismatch.missing, mismatch.unexpected, mismatch.mismatched
+        super().__init__(mismatch_message(what, "the network", mismatch))
 
 
 # ------------------------------------------------------------------------------------------------ torch.load
@@ -278,16 +267,9 @@ def infer_config(
 
 def check_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str = "state dict") -> None:
     """Raise :class:`CheckpointKeyError` listing missing, unexpected and wrongly shaped keys."""
-    ref = model.state_dict()
-    missing = [k for k in ref if k not in sd]
-    unexpected = [k for k in sd if k not in ref]
-    mismatched = [
-        f"{k} (checkpoint {list(sd[k].shape)}, network {list(ref[k].shape)})"
-        for k in ref
-        if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        raise CheckpointKeyError(source, missing, unexpected, mismatched)
+    mismatch = compare_state_dicts(model.state_dict(), sd)
+    if mismatch:
+        raise CheckpointKeyError(source, mismatch)
 
 
 def build_network(config: ImageUNetConfig | MaskUNetConfig) -> ImageUNet | MaskUNet:

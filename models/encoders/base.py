@@ -18,6 +18,7 @@ from torch import nn
 from models.encoders.cards import EncoderCard
 from models.encoders.preprocess import prepare_tiles
 from models.hashing import sha256_file
+from models.state_dicts import compare_state_dicts, mismatch_message
 
 
 def verify_files(folder: Path, card: EncoderCard, names: Sequence[str], *, require_pins: bool) -> dict[str, str]:
@@ -62,16 +63,9 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``module``; any missing, unexpected or mis-shaped tensor raises naming ``source``."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}"
-                    for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-    problems = [f"{label} ({len(items)}): {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatches", shapes)) if items]
-    if problems:
-        raise ValueError(f"weight file {source} does not match the encoder's network: " + "; ".join(problems))
+    mismatch = compare_state_dicts(module.state_dict(), state)
+    if mismatch:
+        raise ValueError(mismatch_message(f"weight file {source}", "the encoder's network", mismatch))
     module.load_state_dict(state, strict=True)
 
 

@@ -19,6 +19,7 @@ from models.infbrush.priors import NoisePrior, noise_source
 from models.infbrush.sampler import Canvas, _expand
 from models.infbrush.schedule import CosineSchedule, ddim_update, em_update
 from models.runtime import check_cancel
+from models.state_dicts import compare_state_dicts, mismatch_message
 
 WEIGHTS_FILE = "denoiser.safetensors"
 MIN_SIDE = 8
@@ -125,16 +126,9 @@ def save_infbrush(models: InfBrushModels, folder: str | Path, state_dict: dict |
 
 def check_state_dict(expected: dict, got: dict, source: str) -> None:
     """Raise ValueError listing every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(got[k].shape)} vs config {tuple(expected[k].shape)}"
-                    for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                parts.append(f"{label} ({len(items)}): " + ", ".join(items))
-        raise ValueError(f"checkpoint {source} does not match the model configuration: " + "; ".join(parts))
+    mismatch = compare_state_dicts(expected, got)
+    if mismatch:
+        raise ValueError(mismatch_message(f"checkpoint {source}", "the model configuration", mismatch))
 
 
 def load_infbrush(folder: str | Path, device: str | torch.device = "cpu") -> InfBrushModels:
