@@ -22,7 +22,8 @@ full patch clamped inward (``"full"``) and keep only their own pixels. Coverage 
 patch) with the last row/column clamped inward; each window's guided ε̃ is weighted (uniform, or a Gaussian
 window for ``mixture``) and averaged per pixel in ε space (Σ w·ε̃ / Σ w), then the same per-pixel DDIM update.
 ``dde`` first adds a :class:`~models.patching.PatchCoordinator`'s correction to every window's ε̃ (no
-coordinator = a zero correction = ``multidiffusion`` exactly). Windows are added to the running sums one at a
+coordinator = a zero correction = ``multidiffusion`` exactly); with a coordinator, a canvas side below the patch is
+sampled at the patch (labels edge-replicated) and cropped back, since the coordinator reads whole windows. Windows are added to the running sums one at a
 time in plan order, so the result does not depend on ``batch_size``; the sums (``dde``: the windows' ε̃) are
 part of :class:`SamplerState`, so a run resumes bit-identically in the middle of a step. Memory of ``dde``: the
 step keeps every window's ε̃, (P/stride)² × the latent canvas (4× at stride P/2: 4·4·4 B per latent px; a
@@ -447,9 +448,14 @@ class RandomPatchSampler:
     # -------------------------------------------------------------------------- canvas geometry
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
         def pad(s: int, p: int) -> int:
-            if s >= p or s % self.multiple == 0:
+            if s >= p or (s % self.multiple == 0 and not whole_windows):
                 return s
+            if whole_windows:
+                return p
             return -(-s // self.multiple) * self.multiple
+        # a coordinator reads whole patch-sized windows only (its tokens and positions are laid out for them):
+        # a smaller canvas is sampled at the patch size (labels edge-replicated) and cropped back
+        whole_windows = self.mode == "dde" and self.coordinator is not None
         return pad(height, self.patch[0]), pad(width, self.patch[1])
 
     def _prepare_labels(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
