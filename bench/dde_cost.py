@@ -10,13 +10,20 @@ windowed attention is built for; a global-attention coordinator would approach 2
 (windows × tokens per window, which on small canvases grows faster than the area because of the border windows). It also prints the largest
 attention group (tokens that attend to each other), which must not grow with the canvas.
 
+Bands: at the largest canvas it also runs the correction in bands of window rows (``--band-tokens``, default a
+quarter of the canvas's tokens; :meth:`models.dde.coordinator.DDECoordinator.bands`) and prints the peak memory
+the correction adds (CUDA: ``max_memory_allocated``; CPU: the peak resident size of a forked child) and the time,
+one pass against bands, with the largest difference between the two results (0 or float rounding).
+
 Last line: JSON with ``ours`` = coordinator seconds per step at the largest canvas, ``reference`` = the patch
-model's passes at that canvas (same run), ``ratio`` = overhead, and the fitted exponents.
+model's passes at that canvas (same run), ``ratio`` = overhead, the fitted exponents and the band figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +46,31 @@ def _fit(areas: list[float], secs: list[float]) -> float:
     return float(np.polyfit(np.log(areas), np.log(secs), 1)[0])
 
 
+def _peak_mb(fn, device: torch.device) -> float:
+    """Peak memory (MB) ``fn`` adds: CUDA allocator peak, or on CPU the rise of a forked child's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its own peak-RSS counter, starting from the shared pages it has touched
+        os.close(read)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        os.write(write, str((after - before) / 1024).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        value = float(f.read() or "nan")
+    os.waitpid(pid, 0)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from models.dde.coordinator import CoordinatorConfig, DDECoordinator, attention_groups, canvas_token_positions
     from models.dde.loading import CoordinatorLoadError, load_coordinator
@@ -53,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="UNet windows per forward")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--band-tokens", type=int, default=0,
+                   help="tokens per banded pass at the largest canvas (0: a quarter of its tokens)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,6 +143,37 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['side']:>6}² {r['windows']:>8} {r['tokens']:>8} {r['group']:>10} {r['coordinator_s']:>14.3f} "
               f"{r['unet_s']:>14.3f} {r['overhead']:>9.3f}")
+    # one pass against bands at the largest canvas: same result, bounded memory
+    side = sides[-1]
+    plan = plan_windows("dde", (side, side), cfg.patch, cfg.stride)
+    n = len(plan)
+    outs, noisy = (torch.randn((n, 4, cfg.patch, cfg.patch), generator=g).to(device) for _ in range(2))
+    labels = torch.randint(1, unet.config.num_classes, (n, 1, cfg.patch, cfg.patch), generator=g).to(device)
+    t = torch.full((n,), 500.0, device=device)
+    origins = plan.origins_tensor(device)
+    per = (cfg.patch // cfg.token) ** 2
+    band_tokens = args.band_tokens or max(per, n * per // 4)
+    results = {}
+
+    def corrected(max_tokens: int):
+        def run():
+            coord.max_tokens = max_tokens
+            with torch.inference_mode():
+                results[max_tokens] = coord.correction(outs, noisy, origins, labels, t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    banded = {"canvas": side, "tokens": n * per, "band_tokens": band_tokens}
+    coord.max_tokens = band_tokens
+    banded["bands"] = len(coord.bands(origins))
+    for label, max_tokens in (("one_pass", 0), ("banded", band_tokens)):
+        banded[f"{label}_peak_mb"] = round(_peak_mb(corrected(max_tokens), device), 1)
+        banded[f"{label}_s"] = round(_time(corrected(max_tokens), args.repeat), 4)
+    banded["max_abs_diff"] = float((results[0] - results[band_tokens]).abs().max())
+    print(f"bands at {side}²: {banded['bands']} bands of ≤ {band_tokens} tokens (of {n * per}): peak memory "
+          f"{banded['one_pass_peak_mb']:.0f} MB one pass → {banded['banded_peak_mb']:.0f} MB banded; time "
+          f"{banded['one_pass_s']:.3f} s → {banded['banded_s']:.3f} s; largest difference {banded['max_abs_diff']:.3g}")
     areas = [r["area"] for r in rows]
     e_coord = _fit(areas, [r["coordinator_s"] for r in rows])
     e_unet = _fit(areas, [r["unet_s"] for r in rows])
@@ -120,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"bench": "dde_cost", "device": str(device), "canvas": last["side"],
                       "ours": round(last["coordinator_s"], 4), "reference": round(last["unet_s"], 4),
                       "ratio": round(last["overhead"], 4), "exponent": round(e_coord, 3), "exponent_vs_tokens": round(e_tok, 3),
-                      "reference_exponent": round(e_unet, 3), "max_group": max(r["group"] for r in rows),
+                      "reference_exponent": round(e_unet, 3), "max_group": max(r["group"] for r in rows), "bands": banded,
                       "unit": "seconds per denoising step (coordinator vs the patch model's passes)"}))
     return 0
 

@@ -235,3 +235,50 @@ def test_is_a_patch_coordinator_and_untrained_dde_is_multidiffusion():
         dde = combine(plan, outs, noisy=noisy, t=t, coordinator=net)
     md = combine(plan_windows("multidiffusion", (36, 36), 16, 8), outs)
     assert torch.equal(dde, md)
+
+
+def test_a_large_canvas_is_corrected_in_bands_with_the_one_pass_result():
+    cfg = _cfg()
+    net = _randomise(DDECoordinator(cfg)).eval()
+    origins = _grid(14, 3, cfg.stride)  # 14 window rows: several bands at 3 rows' worth of tokens
+    outputs, noisy, t = _inputs(len(origins), cfg)
+    per = (cfg.patch // cfg.token) ** 2
+    with torch.no_grad():
+        net.max_tokens = 0  # one pass
+        one = net.correction(outputs, noisy, origins, None, t)
+        net.max_tokens = per * 3 * 9
+        bands = net.bands(origins)
+        banded = net.correction(outputs, noisy, origins, None, t)
+    assert len(bands) > 2
+    own = torch.cat([o for o, _ in bands])
+    assert sorted(own.tolist()) == list(range(len(origins)))  # every window corrected by exactly one band
+    halo = cfg.patch + net.reach_px
+    for o, ctx in bands:
+        assert set(o.tolist()) <= set(ctx.tolist())
+        rows = origins[ctx, 0]
+        assert int(rows.min()) > int(origins[o, 0].min()) - halo and int(rows.max()) < int(origins[o, 0].max()) + halo
+    torch.testing.assert_close(banded, one, rtol=0, atol=1e-6)
+    assert one.abs().max() > 0.1
+
+
+def test_the_band_context_is_what_the_correction_depends_on():
+    """A band's context (windows within patch + reach, reach = depth × attention square) gives its windows their
+    one-pass corrections; a context of windows within patch + stride only does not: the windows' corrections
+    depend on windows beyond their own overlaps, which is why bands need a context (a safe bound: the measured
+    dependence ends at ≈ depth × (square − token))."""
+    cfg = _cfg()
+    net = _randomise(DDECoordinator(cfg)).eval()
+    origins = _grid(12, 2, cfg.stride)
+    outputs, noisy, t = _inputs(len(origins), cfg)
+    with torch.no_grad():
+        net.max_tokens = 0
+        one = net.correction(outputs, noisy, origins, None, t)
+        target = 6  # a middle window row
+        own = torch.nonzero(origins[:, 0] == target * cfg.stride).flatten()
+        y = target * cfg.stride
+        halo = cfg.patch + net.reach_px
+        for cut, equal in ((halo, True), (cfg.patch + cfg.stride, False)):
+            ctx = torch.nonzero((origins[:, 0] > y - cut) & (origins[:, 0] < y + cut)).flatten()
+            part = net.correction(outputs[ctx], noisy[ctx], origins[ctx], None, t[ctx])
+            got = part[torch.searchsorted(ctx, own)]
+            assert torch.allclose(got, one[own], atol=1e-6) == equal, cut

@@ -25,6 +25,7 @@ c_out = σ·σ_data/√(σ² + σ_data²), Karras et al.'s preconditioning).
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups"]
+
+MAX_TOKENS = 1 << 20
 
 NoiseInput = Literal["timestep", "sigma"]
 CondKind = Literal["none", "labels", "channels"]
@@ -234,6 +237,9 @@ class DDECoordinator(nn.Module):
         for m in (self.ada_out[1], self.out):  # zero output ⇒ correction exactly 0 at init
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        # tokens per pass before a canvas is corrected in bands (not architecture: no effect on the weights);
+        # 2^20 tokens ≈ 16k² px slides at P = 64 latent px, stride 32
+        self.max_tokens: int = MAX_TOKENS
 
     # ---------------------------------------------------------------- inputs
     def _cond_channels(self, cond: Tensor, n: int) -> Tensor:
@@ -264,6 +270,45 @@ class DDECoordinator(nn.Module):
             return 250.0 * torch.log(t.float().clamp_min(1e-12))  # ¼·ln σ on the DDPM-like 0…1000 scale
         return t.float()
 
+    # ---------------------------------------------------------------- bands
+    @property
+    def reach_px(self) -> int:
+        """How far (canvas px) information travels between tokens in one forward pass: each block mixes tokens of
+        one ``attn_window`` square only, so after ``depth`` blocks a token depends on tokens < depth·attn_window
+        px away and on nothing beyond."""
+        return self.config.depth * self.config.attn_window
+
+    def bands(self, origins: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Split one canvas's windows into bands of window rows for :meth:`correction`: ``(own, context)`` index
+        tensors per band. A band's windows (``own``) get exact corrections from a pass over ``context``: every
+        window whose origin row is within patch + :attr:`reach_px` of a row of the band (a window further away
+        has no token within reach of the band's tokens, so leaving it out changes nothing the band keeps).
+        Bands are the largest whose context holds ≤ :attr:`max_tokens` tokens (at least one window row each); a
+        pure function of the origins, so a canvas always splits the same way."""
+        per = (self.config.patch // self.config.token) ** 2
+        rows = origins[:, 0].long()
+        values, counts = torch.unique(rows, sorted=True, return_counts=True)
+        values, counts = values.tolist(), counts.tolist()
+        cum = [0]
+        for c in counts:
+            cum.append(cum[-1] + c)
+
+        def windows_between(lo: int, hi: int) -> int:  # windows with lo < row < hi
+            return cum[bisect.bisect_left(values, hi)] - cum[bisect.bisect_right(values, lo)]
+
+        halo = self.config.patch + self.reach_px
+        out, i = [], 0
+        while i < len(values):
+            j = i
+            while j + 1 < len(values) and \
+                    per * windows_between(values[i] - halo, values[j + 1] + halo) <= self.max_tokens:
+                j += 1
+            own = torch.nonzero((rows >= values[i]) & (rows <= values[j])).flatten()
+            context = torch.nonzero((rows > values[i] - halo) & (rows < values[j] + halo)).flatten()
+            out.append((own, context))
+            i = j + 1
+        return out
+
     # ---------------------------------------------------------------- forward
     def correction(self, outputs: Tensor, noisy: Tensor, origins: Tensor, cond: Tensor | None, t: Tensor, *,
                    canvas: Tensor | None = None) -> Tensor:
@@ -273,7 +318,27 @@ class DDECoordinator(nn.Module):
         (y, x) of each window; ``cond``: (N, Cc, P·r, P·r) condition crops or None;
         ``t``: (N,) timestep or σ; ``canvas``: (N,) index of the canvas each window belongs to (training batches
         of several canvases; default all one canvas).
+
+        One canvas of more than :attr:`max_tokens` tokens is corrected band by band (:meth:`bands`), so the
+        memory of a pass is bounded whatever the slide's size; the result equals the one-pass result up to
+        float rounding (the bands' passes have other batch shapes).
         """
+        n = outputs.shape[0]
+        per = (self.config.patch // self.config.token) ** 2
+        if canvas is None and self.max_tokens and n * per > self.max_tokens and origins.ndim == 2 and n:
+            bands = self.bands(origins)
+            if len(bands) > 1:
+                out = torch.empty_like(outputs)
+                for own, context in bands:
+                    y = self._correction(outputs[context], noisy[context], origins[context],
+                                         None if cond is None else cond[context], t[context])
+                    keep = torch.searchsorted(context, own)      # own ⊂ context, both ascending
+                    out[own] = y[keep]
+                return out
+        return self._correction(outputs, noisy, origins, cond, t, canvas=canvas)
+
+    def _correction(self, outputs: Tensor, noisy: Tensor, origins: Tensor, cond: Tensor | None, t: Tensor, *,
+                    canvas: Tensor | None = None) -> Tensor:
         cfg = self.config
         n, c, p = outputs.shape[0], cfg.channels, cfg.patch
         if outputs.shape != (n, c, p, p) or noisy.shape != outputs.shape:

@@ -27,7 +27,8 @@ sampled at the patch (labels edge-replicated) and cropped back, since the coordi
 time in plan order, so the result does not depend on ``batch_size``; the sums (``dde``: the windows' ε̃) are
 part of :class:`SamplerState`, so a run resumes bit-identically in the middle of a step. Memory of ``dde``: the
 step keeps every window's ε̃, (P/stride)² × the latent canvas (4× at stride P/2: 4·4·4 B per latent px; a
-100 k² px slide = 12.5 k² latents needs ≈ 10 GB), since its coordinator relates all windows of a step.
+100 k² px slide = 12.5 k² latents needs ≈ 10 GB), since its coordinator relates all windows of a step; the
+coordinator's own pass is banded on large canvases (:meth:`models.dde.coordinator.DDECoordinator.bands`).
 
 In every mode a crop only runs the label passes its *owned* pixels need (others would be discarded), the
 unconditional pass is shared by the crop's labels, and the pixel-wise DDIM update runs once per step on the
