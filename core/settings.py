@@ -13,7 +13,9 @@ from core.quotas import Quota, parse_limits
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = "diffinfinite-demo"  # the small models trained on procedural tissue, shipped in weights/
 UNTRAINED_MODEL = "diffinfinite-untrained"
-DEMO_EMBEDDING_MODEL = "infinity-brush-demo"  # ∞-Brush trained on procedural tissue, shipped in weights/
+# ∞-Brush models trained on procedural tissue, shipped in weights/: the first present is the default for embeddings
+# (the Bessel-prior one meets the 2 × 2 grid goal, the white one does not: README, "Noise priors")
+DEMO_EMBEDDING_MODELS = ("infinity-brush-bessel-demo", "infinity-brush-demo")
 UNTRAINED_EMBEDDING_MODEL = "infinity-brush-untrained"
 
 
@@ -58,8 +60,9 @@ class Settings(BaseSettings):
     default_embedding_model: str = Field(
         "",
         description="Model used when a request with an `embedding`, `embedding_grid` or `subtype` conditioning "
-        "names none and the default model does not take that conditioning; default: `infinity-brush-demo` when "
-        "that folder is in the models dir, else `infinity-brush-untrained`.",
+        "names none and the default model does not take that conditioning; default: the first of "
+        "`infinity-brush-bessel-demo`, `infinity-brush-demo` whose folder is in the models dir, else "
+        "`infinity-brush-untrained`.",
     )
     queue: str = Field(
         "gpu", description="Celery queue of normal-priority jobs; `high` ones go to `<queue>.high`, `low` ones to "
@@ -221,8 +224,8 @@ class Settings(BaseSettings):
             demo = self.models_dir / DEMO_MODEL / "model_card.json"
             self.default_model = DEMO_MODEL if demo.is_file() else UNTRAINED_MODEL
         if not self.default_embedding_model:
-            demo = self.models_dir / DEMO_EMBEDDING_MODEL / "model_card.json"
-            self.default_embedding_model = DEMO_EMBEDDING_MODEL if demo.is_file() else UNTRAINED_EMBEDDING_MODEL
+            shipped = [m for m in DEMO_EMBEDDING_MODELS if (self.models_dir / m / "model_card.json").is_file()]
+            self.default_embedding_model = shipped[0] if shipped else UNTRAINED_EMBEDDING_MODEL
         return self
 
     @property

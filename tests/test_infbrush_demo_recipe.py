@@ -2,6 +2,7 @@
 of native tiles by an installed encoder, subtypes from an encoder's class prototypes, and the default model for
 embedding requests."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,4 +217,7 @@ def test_requests_without_a_model_get_the_default_model_for_their_conditioning(t
     assert resolve_model(None, cards, settings, "embedding_grid").name == "infinity-brush-untrained"
     assert resolve_model("diffinfinite-untrained", cards, settings, "embedding").name == "diffinfinite-untrained"
     shipped = Settings(models_dir=WEIGHTS, data_dir=tmp_path / "d")
-    assert shipped.default_embedding_model == "infinity-brush-demo"
+    assert shipped.default_embedding_model == "infinity-brush-bessel-demo"
+    (tmp_path / "w").mkdir()
+    shutil.copytree(WEIGHTS / "infinity-brush-demo", tmp_path / "w" / "infinity-brush-demo")
+    assert Settings(models_dir=tmp_path / "w", data_dir=tmp_path / "d").default_embedding_model == "infinity-brush-demo"
