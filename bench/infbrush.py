@@ -4,6 +4,7 @@
     python -m bench.infbrush --sizes 256,512,1024 --reference-max 1024
     python -m bench.infbrush --device cuda --config paper --sizes 4096 --steps 50 --full --chunk-pixels 4194304
                                                    # the H200 goal: a 4096² sample, 50 steps, paper model size
+    python -m bench.infbrush --noise-prior bessel --eta 1   # the default demo's sampling: Bessel noise every step
 
 Each measurement runs in a fresh subprocess (clean peak-RSS high-water mark on CPU; torch.cuda peak on GPU).
 "ours" = the chunked sampler (memory bounded by --chunk-pixels plus the H×W×3 state); "reference" = the same network
@@ -43,7 +44,13 @@ def child(args) -> dict:
     cfg = PRESETS[args.config]()
     torch.manual_seed(0)
     model = InfBrushDenoiser(cfg).to(dev).eval()
-    models = InfBrushModels(card=make_card(cfg, name=f"bench-{args.config}", trained=False), denoiser=model)
+    prior = None
+    if args.noise_prior != "white":
+        from models.infbrush.priors import NoisePrior
+
+        prior = NoisePrior(kind=args.noise_prior, length_um=8.0, gamma=0.55).validate()   # the Bessel demo's
+    models = InfBrushModels(card=make_card(cfg, name=f"bench-{args.config}", trained=False, noise_prior=prior),
+                            denoiser=model)
     pipe = InfBrushPipeline(models, dev)
     emb = np.random.RandomState(0).randn(cfg.embedding_dim)
     size = args.size
@@ -57,7 +64,7 @@ def child(args) -> dict:
         base = _rss_mb()
     out = {"size": size, "pixels": size * size, "mode": args.mode, "params": parameter_count(model)}
     if args.mode == "chunked":
-        run = pipe.run(size, size, embedding=emb, seed=0, steps=args.steps, guidance=args.guidance,
+        run = pipe.run(size, size, embedding=emb, seed=0, steps=args.steps, guidance=args.guidance, eta=args.eta,
                        chunk_pixels=args.chunk_pixels)
         t0 = time.perf_counter()
         run.init_state()
@@ -119,7 +126,8 @@ def linear_fit(xs, ys) -> tuple[float, float]:
 def measure(args, size: int, mode: str) -> dict:
     cmd = [sys.executable, "-m", "bench.infbrush", "--_child", "--size", str(size), "--mode", mode,
            "--device", args.device, "--config", args.config, "--steps", str(args.steps), "--threads", str(args.threads),
-           "--chunk-pixels", str(args.chunk_pixels), "--guidance", str(args.guidance)] + (["--full"] if args.full else [])
+           "--chunk-pixels", str(args.chunk_pixels), "--guidance", str(args.guidance), "--noise-prior", args.noise_prior,
+           "--eta", str(args.eta)] + (["--full"] if args.full else [])
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
     if res.returncode != 0:
         raise RuntimeError(f"measurement {size}² {mode} failed:\n{res.stderr[-3000:]}")
@@ -135,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="time every step of the run (the 4096² / 50-step goal)")
     p.add_argument("--chunk-pixels", type=int, default=65536)
     p.add_argument("--guidance", type=float, default=1.0, help="≠ 1 doubles the batch (classifier-free guidance)")
+    p.add_argument("--noise-prior", default="white", choices=["white", "bessel"],
+                   help="the model's noise prior (bessel: ℓ = 8 µm, γ = 0.55, the Bessel demo's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (> 0 draws the prior's noise every step)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable figures on a shared host)")
     p.add_argument("--reference-max", type=int, default=1024, help="largest side for the one-shot reference")
     p.add_argument("--goal-s", type=float, default=600.0, help="wall-time goal of a --full run")
@@ -149,7 +160,7 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     ours, ref = [], []
     print(f"∞-Brush sampling cost — config {args.config}, device {args.device}, chunk {args.chunk_pixels} px, "
-          f"guidance {args.guidance}, {args.threads} thread(s)")
+          f"guidance {args.guidance}, noise prior {args.noise_prior}, η {args.eta:g}, {args.threads} thread(s)")
     print(f"{'size':>6} {'pixels':>10} | {'ours s/step':>11} {'cpu s':>8} {'ours MB':>8} {'init s':>7} {'tiles':>6} | "
           f"{'one-shot s':>10} {'cpu s':>8} {'one-shot MB':>11} | {'cpu ratio':>9} {'mem ratio':>9}")
     for size in sizes:
@@ -167,7 +178,8 @@ def main(argv=None) -> int:
 
     px = [o["pixels"] for o in ours]
     summary = {"bench": "infbrush", "config": args.config, "device": args.device, "chunk_pixels": args.chunk_pixels,
-               "guidance": args.guidance, "threads": args.threads, "params": ours[0]["params"],
+               "guidance": args.guidance, "noise_prior": args.noise_prior, "eta": args.eta, "threads": args.threads,
+               "params": ours[0]["params"],
                "ours": [{k: o[k] for k in ("size", "pixels", "step_s", "step_cpu_s", "peak_mb", "init_s", "tiles")} for o in ours],
                "reference_oneshot": [{k: r[k] for k in ("size", "pixels", "step_s", "step_cpu_s", "peak_mb")}
                                      for r in ref]}
