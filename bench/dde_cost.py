@@ -10,9 +10,9 @@ windowed attention is built for; a global-attention coordinator would approach 2
 (windows × tokens per window, which on small canvases grows faster than the area because of the border windows). It also prints the largest
 attention group (tokens that attend to each other), which must not grow with the canvas.
 
-Bands: at the largest canvas it also runs the correction in bands of window rows (``--band-tokens``, default a
-quarter of the canvas's tokens; :meth:`models.dde.coordinator.DDECoordinator.bands`) and prints the peak memory
-the correction adds (CUDA: ``max_memory_allocated``; CPU: the peak resident size of a forked child) and the time,
+Bands: at the largest canvas it also runs the correction in bands of window rows (``--band-tokens``, default half
+the canvas's tokens; :meth:`models.dde.coordinator.DDECoordinator.bands`) and prints the peak memory
+the correction adds (CUDA: ``max_memory_allocated``; CPU: the peak resident size of a fresh spawned process) and the time,
 one pass against bands, with the largest difference between the two results (0 or float rounding).
 
 Last line: JSON with ``ours`` = coordinator seconds per step at the largest canvas, ``reference`` = the patch
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import time
@@ -46,8 +45,30 @@ def _fit(areas: list[float], secs: list[float]) -> float:
     return float(np.polyfit(np.log(areas), np.log(secs), 1)[0])
 
 
-def _peak_mb(fn, device: torch.device) -> float:
-    """Peak memory (MB) ``fn`` adds: CUDA allocator peak, or on CPU the rise of a forked child's peak RSS."""
+def _peak_child(model: str, side: int, max_tokens: int, queue) -> None:
+    """In a fresh (spawned) process: the peak resident memory one correction of a side² canvas adds, on CPU."""
+    from models.dde.loading import load_coordinator
+    from models.patching import plan_windows
+
+    torch.set_num_threads(1)
+    coord = load_coordinator(model, "cpu")
+    cfg = coord.config
+    plan = plan_windows("dde", (side, side), cfg.patch, cfg.stride)
+    n = len(plan)
+    g = torch.Generator().manual_seed(0)
+    outs, noisy = (torch.randn((n, 4, cfg.patch, cfg.patch), generator=g) for _ in range(2))
+    labels = torch.randint(1, cfg.cond_channels, (n, 1, cfg.patch, cfg.patch), generator=g)
+    t = torch.full((n,), 500.0)
+    coord.max_tokens = max_tokens
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        coord.correction(outs, noisy, plan.origins_tensor("cpu"), labels, t)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def _peak_mb(fn, device: torch.device, model: str, side: int, max_tokens: int) -> float:
+    """Peak memory (MB) a correction adds: CUDA allocator peak of ``fn``, or on CPU the rise of the peak RSS of a
+    fresh spawned process running the same correction (a forked one would inherit this process's high-water)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -55,20 +76,15 @@ def _peak_mb(fn, device: torch.device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: its own peak-RSS counter, starting from the shared pages it has touched
-        os.close(read)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        os.write(write, str((after - before) / 1024).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        value = float(f.read() or "nan")
-    os.waitpid(pid, 0)
-    return value
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(model, side, max_tokens, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return float(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="UNet windows per forward")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--band-tokens", type=int, default=0,
-                   help="tokens per banded pass at the largest canvas (0: a quarter of its tokens)")
+                   help="tokens per banded pass at the largest canvas (0: half of its tokens)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.full((n,), 500.0, device=device)
     origins = plan.origins_tensor(device)
     per = (cfg.patch // cfg.token) ** 2
-    band_tokens = args.band_tokens or max(per, n * per // 4)
+    band_tokens = args.band_tokens or max(per, n * per // 2)
     results = {}
 
     def corrected(max_tokens: int):
@@ -168,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     coord.max_tokens = band_tokens
     banded["bands"] = len(coord.bands(origins))
     for label, max_tokens in (("one_pass", 0), ("banded", band_tokens)):
-        banded[f"{label}_peak_mb"] = round(_peak_mb(corrected(max_tokens), device), 1)
+        banded[f"{label}_peak_mb"] = round(_peak_mb(corrected(max_tokens), device, args.model, side, max_tokens), 1)
         banded[f"{label}_s"] = round(_time(corrected(max_tokens), args.repeat), 4)
     banded["max_abs_diff"] = float((results[0] - results[band_tokens]).abs().max())
     print(f"bands at {side}²: {banded['bands']} bands of ≤ {band_tokens} tokens (of {n * per}): peak memory "
