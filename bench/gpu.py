@@ -315,7 +315,8 @@ class Bench:
 
         a = SimpleNamespace(device=str(self.device), config="tiny" if self.smoke else "paper",
                             steps=2 if self.smoke else 50, threads=max(1, (os.cpu_count() or 2) // 2), full=True,
-                            chunk_pixels=65536 if self.smoke else 4194304, guidance=1.0)
+                            chunk_pixels=65536 if self.smoke else 4194304, guidance=1.0, noise_prior="white",
+                            eta=0.0)
         size = 64 if self.smoke else 4096
         r = measure(a, size, "chunked")
         print(f"\n[infbrush] {a.config} ∞-Brush, {size}², {a.steps} steps: {r['total_s']:.1f} s "

@@ -16,7 +16,7 @@ def test_embedding_bench_runs_and_ends_with_one_json_line(capsys, monkeypatch):
         get_settings.cache_clear()
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert summary["bench"] == "fidelity-embedding" and summary["model"] == "infinity-brush-demo"
+    assert summary["bench"] == "fidelity-embedding" and summary["model"] == "infinity-brush-bessel-demo"  # the default
     rows = summary["ours"]["rows"]
     assert [r["condition"] for r in rows] == ["carcinoma", "tumor stroma", "necrosis"]
     assert all(0.0 <= r["share"] <= 1.0 and -1.0 <= r["cosine"] <= 1.0 for r in rows)
