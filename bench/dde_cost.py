@@ -12,7 +12,7 @@ attention group (tokens that attend to each other), which must not grow with the
 
 Bands: at the largest canvas it also runs the correction in bands of window rows (``--band-tokens``, default half
 the canvas's tokens; :meth:`models.dde.coordinator.DDECoordinator.bands`) and prints the peak memory
-the correction adds (CUDA: ``max_memory_allocated``; CPU: the peak resident size of a fresh spawned process) and the time,
+the correction adds (CUDA: ``max_memory_allocated``; CPU: the rise of the peak resident size, VmHWM reset first) and the time,
 one pass against bands, with the largest difference between the two results (0 or float rounding).
 
 Last line: JSON with ``ours`` = coordinator seconds per step at the largest canvas, ``reference`` = the patch
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -45,30 +44,17 @@ def _fit(areas: list[float], secs: list[float]) -> float:
     return float(np.polyfit(np.log(areas), np.log(secs), 1)[0])
 
 
-def _peak_child(model: str, side: int, max_tokens: int, queue) -> None:
-    """In a fresh (spawned) process: the peak resident memory one correction of a side² canvas adds, on CPU."""
-    from models.dde.loading import load_coordinator
-    from models.patching import plan_windows
-
-    torch.set_num_threads(1)
-    coord = load_coordinator(model, "cpu")
-    cfg = coord.config
-    plan = plan_windows("dde", (side, side), cfg.patch, cfg.stride)
-    n = len(plan)
-    g = torch.Generator().manual_seed(0)
-    outs, noisy = (torch.randn((n, 4, cfg.patch, cfg.patch), generator=g) for _ in range(2))
-    labels = torch.randint(1, cfg.cond_channels, (n, 1, cfg.patch, cfg.patch), generator=g)
-    t = torch.full((n,), 500.0)
-    coord.max_tokens = max_tokens
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with torch.inference_mode():
-        coord.correction(outs, noisy, plan.origins_tensor("cpu"), labels, t)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _peak_mb(fn, device: torch.device, model: str, side: int, max_tokens: int) -> float:
-    """Peak memory (MB) a correction adds: CUDA allocator peak of ``fn``, or on CPU the rise of the peak RSS of a
-    fresh spawned process running the same correction (a forked one would inherit this process's high-water)."""
+def _peak_mb(fn, device: torch.device) -> float | None:
+    """Peak memory (MB) ``fn`` adds: the CUDA allocator's peak, or on CPU the peak resident size (VmHWM, reset
+    through /proc/self/clear_refs first) above the resident size before. None where Linux's reset is missing."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -76,15 +62,14 @@ def _peak_mb(fn, device: torch.device, model: str, side: int, max_tokens: int) -
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(model, side, max_tokens, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return float(value)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        base = _status_mb("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return _status_mb("VmHWM") - base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     coord.max_tokens = band_tokens
     banded["bands"] = len(coord.bands(origins))
     for label, max_tokens in (("one_pass", 0), ("banded", band_tokens)):
-        banded[f"{label}_peak_mb"] = round(_peak_mb(corrected(max_tokens), device, args.model, side, max_tokens), 1)
+        peak = _peak_mb(corrected(max_tokens), device)
+        banded[f"{label}_peak_mb"] = None if peak is None else round(peak, 1)
         banded[f"{label}_s"] = round(_time(corrected(max_tokens), args.repeat), 4)
     banded["max_abs_diff"] = float((results[0] - results[band_tokens]).abs().max())
+    mb = {k: "n/a" if banded[k] is None else f"{banded[k]:.0f}" for k in ("one_pass_peak_mb", "banded_peak_mb")}
     print(f"bands at {side}²: {banded['bands']} bands of ≤ {band_tokens} tokens (of {n * per}): peak memory "
-          f"{banded['one_pass_peak_mb']:.0f} MB one pass → {banded['banded_peak_mb']:.0f} MB banded; time "
+          f"{mb['one_pass_peak_mb']} MB one pass → {mb['banded_peak_mb']} MB banded; time "
           f"{banded['one_pass_s']:.3f} s → {banded['banded_s']:.3f} s; largest difference {banded['max_abs_diff']:.3g}")
     areas = [r["area"] for r in rows]
     e_coord = _fit(areas, [r["coordinator_s"] for r in rows])
