@@ -448,15 +448,16 @@ class RandomPatchSampler:
 
     # -------------------------------------------------------------------------- canvas geometry
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
+        # a coordinator reads whole patch-sized windows only (its tokens and positions are laid out for them):
+        # a smaller canvas is sampled at the patch size (labels edge-replicated) and cropped back
+        whole_windows = self.mode == "dde" and self.coordinator is not None
+
         def pad(s: int, p: int) -> int:
-            if s >= p or (s % self.multiple == 0 and not whole_windows):
+            if s >= p:
                 return s
             if whole_windows:
                 return p
             return -(-s // self.multiple) * self.multiple
-        # a coordinator reads whole patch-sized windows only (its tokens and positions are laid out for them):
-        # a smaller canvas is sampled at the patch size (labels edge-replicated) and cropped back
-        whole_windows = self.mode == "dde" and self.coordinator is not None
         return pad(height, self.patch[0]), pad(width, self.patch[1])
 
     def _prepare_labels(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
