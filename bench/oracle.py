@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mixture-sigma", type=float, default=0.1, help="Gaussian window σ / patch")
     p.add_argument("--coordinator", help="a trained DDE coordinator for this oracle (loaded by models.dde)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the sampling; float64 throughout)")
     args = p.parse_args(argv)
 
     import torch
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
         ("offset tiling", "offset", {}),
     ]
     if args.coordinator:
-        coord = load_coordinator(args.coordinator)
+        coord = load_coordinator(args.coordinator, device=args.device)
         if int(coord.patch) != b:
             raise SystemExit(f"coordinator was trained with patch {coord.patch}, the oracle runs B = {b}")
         methods.append((f"dde (stride {coord.stride})", "dde", {"stride": int(coord.stride), "coordinator": coord}))
     t0 = time.perf_counter()
-    ref, rows = compare(oracle, methods, args.samples, args.seed, args.steps)
-    sanity = single_patch_check(oracle, args.samples, args.seed, args.steps)
+    ref, rows = compare(oracle, methods, args.samples, args.seed, args.steps, device=args.device)
+    sanity = single_patch_check(oracle, args.samples, args.seed, args.steps, device=args.device)
     wall = time.perf_counter() - t0
 
     cols = ["var", "var_ratio", "seam_b", "seam_b2", "seam_max", "corr_8", "corr_b", "lf_ratio"]
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "independent_seam_b": round(rows[0].metrics["seam_b"], 2),
         "multidiffusion_b4_seam_b": round(rows[2].metrics["seam_b"], 3),
         "single_patch_var_rel_err": round(sanity["var"] / sanity["var_ref"] - 1, 4),
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1), "device": args.device,
     }
     print(json.dumps(summary))
     return summary

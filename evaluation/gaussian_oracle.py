@@ -100,31 +100,41 @@ class PatchBayesDenoiser:
         self._vec64 = vec
         self.vec = torch.from_numpy(vec).to(dtype)
         self.lam_t = torch.from_numpy(self.lam).to(dtype)
-        self._cache: dict[float, Tensor] = {}
+        self._cache: dict[tuple[float, str], Tensor] = {}
+        self._basis: dict[str, tuple[Tensor, Tensor]] = {"cpu": (self.vec, self.lam_t)}
 
-    def matrix(self, sigma: float) -> Tensor:
-        """B² × B² matrix of D at σ (float64 product, cast to the denoiser's dtype)."""
-        key = float(sigma)
+    def matrix(self, sigma: float, device: torch.device | str = "cpu") -> Tensor:
+        """B² × B² matrix of D at σ (float64 product, cast to the denoiser's dtype) on ``device``."""
+        key = (float(sigma), str(device))
         m = self._cache.get(key)
         if m is None:
-            f = self.lam / (self.lam + key * key)
-            m = torch.from_numpy((self._vec64 * f) @ self._vec64.T).to(self.dtype)
+            f = self.lam / (self.lam + key[0] * key[0])
+            m = torch.from_numpy((self._vec64 * f) @ self._vec64.T).to(device=device, dtype=self.dtype)
             if len(self._cache) > 256:
                 self._cache.clear()
             self._cache[key] = m
         return m
 
+    def basis(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """The eigenvectors and eigenvalues on ``device`` (copied once per device)."""
+        key = str(device)
+        if key not in self._basis:
+            self._basis[key] = (self.vec.to(device), self.lam_t.to(device))
+        return self._basis[key]
+
     def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """Runs on ``x``'s device (the matrices are copied there once)."""
         m, b = x.shape[0], self.patch
         flat = x.reshape(m, -1).to(self.dtype)
         if flat.shape[1] != b * b:
             raise ValueError(f"windows must be (M, 1, {b}, {b}), got {tuple(x.shape)}")
         if isinstance(sigma, Tensor) and sigma.dim() > 0:
-            s2 = sigma.to(self.dtype).reshape(-1, 1) ** 2
-            coef = (flat @ self.vec) * (self.lam_t / (self.lam_t + s2))
-            out = coef @ self.vec.T
+            vec, lam = self.basis(flat.device)
+            s2 = sigma.to(flat.device, self.dtype).reshape(-1, 1) ** 2
+            coef = (flat @ vec) * (lam / (lam + s2))
+            out = coef @ vec.T
         else:
-            out = flat @ self.matrix(float(sigma))  # symmetric
+            out = flat @ self.matrix(float(sigma), flat.device)  # symmetric
         return out.reshape(x.shape)
 
 
@@ -209,7 +219,7 @@ class GaussianOracle:
         wsig = sig.repeat(nw) if sig is not None else float(sigma)
         outs = self.denoiser(flat, wsig).reshape(nw, s, self.b, self.b)
         if combiner == "dde" and coordinator is not None:
-            t_all = (sig if sig is not None else torch.full((s,), float(sigma), dtype=self.dtype))
+            t_all = (sig if sig is not None else torch.full((s,), float(sigma), dtype=self.dtype, device=x.device))
             per = []
             for i in range(s):  # one canvas at a time: a coordinator relates the windows of one canvas
                 per.append(corrected(plan, outs[:, i:i + 1], noisy=crops[:, i:i + 1],
@@ -264,7 +274,7 @@ class GaussianOracle:
                 o = outs[j]
                 j += 1
                 if isinstance(own, np.ndarray):  # first come: the window's pixels no earlier window took
-                    m = torch.from_numpy(own)
+                    m = torch.from_numpy(own).to(x.device)
                     view = out[i, :, y:y + b, xx:xx + b]
                     view.copy_(torch.where(m, o, view))
                 else:
@@ -276,9 +286,10 @@ class GaussianOracle:
     def sample(self, combiner: str, n: int, seed: int = 0, *, steps: int = 48, stride: int | None = None,
                coordinator: PatchCoordinator | None = None, mixture_sigma: float = DEFAULT_MIXTURE_SIGMA,
                canvas: int | None = None, batch: int = 64, sigma_min: float = 0.002,
-               sigma_max: float = 80.0) -> Tensor:
+               sigma_max: float = 80.0, device: torch.device | str = "cpu") -> Tensor:
         """``n`` canvases (n, 1, N, N) (or ``canvas``²) by the EDM Heun probability-flow ODE with the composite
-        denoiser of ``combiner``; deterministic in ``seed`` (independent of ``batch``)."""
+        denoiser of ``combiner``, on ``device`` (returned on the CPU); deterministic in ``seed`` (independent
+        of ``batch``; the initial noise is drawn on the CPU, so it is the same on every device)."""
         size = int(canvas or self.n)
         sig = karras_sigmas(steps, sigma_min, sigma_max)
         out = []
@@ -287,7 +298,7 @@ class GaussianOracle:
                 m = min(batch, n - a)
                 x = torch.cat([torch.randn((1, 1, size, size), dtype=self.dtype,
                                            generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + a + i))
-                               for i in range(m)]) * sig[0]
+                               for i in range(m)]).to(device) * sig[0]
 
                 def den(z: Tensor, s: float, k: int) -> Tensor:
                     return self.composite(z, s, combiner, coordinator, stride=stride, mixture_sigma=mixture_sigma,
@@ -301,7 +312,7 @@ class GaussianOracle:
                         d2 = (xn - den(xn, s1, k)) / s1
                         xn = x + (s1 - s0) * 0.5 * (d + d2)
                     x = xn
-                out.append(x)
+                out.append(x.cpu())
         return torch.cat(out)
 
 
@@ -353,23 +364,25 @@ class Row:
 
 
 def compare(oracle: GaussianOracle, methods: Iterable[tuple[str, str, dict]], samples: int, seed: int = 0,
-            steps: int = 48, reference: Tensor | None = None) -> tuple[dict[str, float], list[Row]]:
-    """Reference metrics of exact samples and one :class:`Row` per (name, combiner, sample kwargs); each row's
-    metrics gain ``var_ratio`` and ``lf_ratio`` against the reference."""
+            steps: int = 48, reference: Tensor | None = None, device: torch.device | str = "cpu"
+            ) -> tuple[dict[str, float], list[Row]]:
+    """Reference metrics of exact samples and one :class:`Row` per (name, combiner, sample kwargs), sampled on
+    ``device``; each row's metrics gain ``var_ratio`` and ``lf_ratio`` against the reference."""
     ref = field_metrics(reference if reference is not None else oracle.exact_samples(samples, seed + 7), oracle.b)
     rows = []
     for name, combiner, kw in methods:
-        m = field_metrics(oracle.sample(combiner, samples, seed, steps=steps, **kw), oracle.b)
+        m = field_metrics(oracle.sample(combiner, samples, seed, steps=steps, device=device, **kw), oracle.b)
         m["var_ratio"] = m["var"] / ref["var"]
         m["lf_ratio"] = m["lf_power"] / ref["lf_power"]
         rows.append(Row(name, m))
     return ref, rows
 
 
-def single_patch_check(oracle: GaussianOracle, samples: int, seed: int = 0, steps: int = 48) -> dict[str, float]:
+def single_patch_check(oracle: GaussianOracle, samples: int, seed: int = 0, steps: int = 48,
+                       device: torch.device | str = "cpu") -> dict[str, float]:
     """Sampling a B × B canvas with the exact patch denoiser (one window: the exact global ODE) against exact
     B × B windows: relative errors of the variance and of the correlations at d = 8 and d = B/2."""
-    got = oracle.sample("independent", samples, seed, steps=steps, canvas=oracle.b).double().numpy()
+    got = oracle.sample("independent", samples, seed, steps=steps, canvas=oracle.b, device=device).double().numpy()
     ref = oracle.exact_samples(samples, seed + 11, size=oracle.b).double().numpy()
     out = {"var": float(np.mean(got * got)), "var_ref": float(np.mean(ref * ref))}
     for d in (8, oracle.b // 2):
