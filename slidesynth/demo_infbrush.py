@@ -31,6 +31,11 @@ Steps (``work`` = ``data/demo-infbrush``):
 loss under the Bessel prior of the white demo's weights (before) and the fine-tuned ones (after) into its card;
 ``evaluate`` the same goals as the white demo's. Shipped beside the white demo (800 steps, ≈ 19 min of the CPU
 after the white demo's ≈ 56 min): the comparison is in the README, "Noise priors".
+
+``--prior bessel-scratch`` (not shipped; written under ``data/demo-infbrush``): the Bessel model trained from
+scratch for 2,200 steps, the whole recipe within the hour (``python -m slidesynth.demo_infbrush --prior
+bessel-scratch all``). Measured: class shares 1.00 / 1.00 / 0.99, but the 2 × 2 grid 3/4 (`others` drawn as
+necrosis), so the fine-tuned model stays the default.
 """
 from __future__ import annotations
 
@@ -71,7 +76,13 @@ PRIORS = {
                "model": "model-bessel", "length_um": 8.0, "gamma": 0.55, "steps": 800, "seed": 1,
                # the shipped run: ≈ 35 min of the 2-core CPU
                "note": "the run was made as --steps 200, then continued with --resume and --steps 800; the learning "
-                       "rate is constant, so that is the same run as --steps 800 at once"},
+                       "rate is constant, so that is the same run as --steps 800 at once", "init": OUT},
+    # not shipped: the Bessel model trained from scratch within the hour (2,200 steps ≈ 45 min alone, measured);
+    # it meets the class-share goal but draws the 2 × 2 grid's `others` quadrant as necrosis (3/4; ω 2 or 3:
+    # as stroma), where the fine-tuned model above gets 4/4 — see the README, "∞-Brush demos"
+    "bessel-scratch": {"out": WORK / "infinity-brush-bessel-scratch", "name": "infinity-brush-bessel-scratch",
+                       "model": "model-bessel-scratch", "kind": "bessel", "length_um": 8.0, "gamma": 0.55,
+                       "steps": 2200, "seed": 0, "init": None, "save_every": 250, "shipped": False},
 }
 
 
@@ -80,14 +91,15 @@ def commands(work: Path = WORK, python: str = "python", slidesynth: str = "slide
     w = str(work)
     if prior != "white":
         p = PRIORS[prior]
+        init = f"--init {p['init']} " if p.get("init") else ""
         return {
             "datasets": commands(work, python, slidesynth)["datasets"],
             "train": [f"{slidesynth} train infinity-brush --data {w}/mosaics --embed {ENCODER} --regions tiles "
                       "--tile-px 64 --grids 1x1,2x2 --config demo --point-layout patches --patch-px 32 --batch-size 4 "
-                      f"--lr 5e-4 --ema 0.995 --ema-every 1 --steps {p['steps']} --save-every 50 --log-every 10 "
-                      f"--seed {p['seed']} --threads 2 --name {p['name']} --no-progress --noise-prior {prior} "
-                      f"--prior-length-um {p['length_um']:g} --prior-gamma {p['gamma']:g} --init {OUT} "
-                      f"--out {w}/{p['model']}"],
+                      f"--lr 5e-4 --ema 0.995 --ema-every 1 --steps {p['steps']} --save-every {p.get('save_every', 50)} "
+                      f"--log-every 10 --seed {p['seed']} --threads 2 --name {p['name']} --no-progress "
+                      f"--noise-prior {p.get('kind', prior)} --prior-length-um {p['length_um']:g} "
+                      f"--prior-gamma {p['gamma']:g} {init}--out {w}/{p['model']}"],
         }
     return {
         "datasets": [f"{python} -m procedural dataset {w}/mosaics --n 160 --size {SIZE} --kind mosaic --seed 2 "
@@ -143,7 +155,8 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
     training.update({
         "recipe": "python -m slidesynth.demo_infbrush all" if prior == "white" else
                   f"python -m slidesynth.demo_infbrush --prior {prior} train assemble heldout evaluate "
-                  "(after the white demo's datasets step and weights)",
+                  "(after the white demo's datasets step and weights)" if PRIORS[prior].get("init") else
+                  f"python -m slidesynth.demo_infbrush --prior {prior} all",
         "commands": cmds["datasets"] + cmds["train"],
         "device": "cpu", "hardware": "2-core CPU shared with other work (no GPU)", "torch": torch.__version__,
         "training_wall_time_s": round(float(state.get("elapsed_s", 0.0)), 1),
@@ -167,7 +180,10 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
                          "and the tests: " if prior == "white" else
                          f"The ∞-Brush demo fine-tuned on CPU with the {prior} noise prior "
                          f"({card.config.get('noise_prior_description', prior)}) from the white demo's weights, on "
-                         "the same procedural H&E-like tissue: ") +
+                         "the same procedural H&E-like tissue: " if PRIORS[prior].get("init") else
+                         "A small ∞-Brush trained from scratch on CPU with the Bessel noise prior "
+                         f"({card.config.get('noise_prior_description', prior)}) on the white demo's procedural "
+                         "H&E-like tissue: ") +
                         "conditioned on slidesynth-tile-v1 embeddings of tiles (POST /embed), one vector "
                         "or a 2×2 grid; its subtypes are the encoder's class prototypes. NOT a model of real "
                         "histology. " + card.description),
@@ -355,14 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="evaluate: print only")
     p.add_argument("--size", type=int, default=SIZE, help=f"evaluate: slide side (default {SIZE})")
     p.add_argument("--prior", choices=sorted(PRIORS), default="white",
-                   help="bessel: the Bessel-prior variant (fine-tuned from the white demo; see above)")
+                   help="bessel: the Bessel-prior variant (fine-tuned from the white demo; see above); "
+                        "bessel-scratch: the same prior from scratch within the hour (not shipped)")
     args = p.parse_args(argv)
     if args.steps[0] == "commands":
         print(json.dumps(commands(args.work, prior=args.prior), indent=2))
         return 0
     if args.prior != "white":
         args.out = PRIORS[args.prior]["out"]
-    variant_steps = ["heldout"] if args.prior == "white" else ["datasets"]
+    variant_steps = ["heldout"] if args.prior == "white" else [] if not PRIORS[args.prior].get("init") else \
+        ["datasets"]
     steps = [s for s in STEPS if s not in variant_steps] if args.steps == ["all"] else args.steps
     bad = [s for s in steps if s not in STEPS]
     if bad:
@@ -382,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                                       images_file="evaluation_images.npz" if args.prior == "white" else
                                       f"evaluation_images-{args.prior}.npz"), indent=2))
         elif step == "picture":
+            name = f"demo-infbrush-{args.prior}.jpg"
             print(json.dumps(picture(args.out, PICTURE if args.prior == "white" else
-                                     PICTURE.with_name(f"demo-infbrush-{args.prior}.jpg"), args.prior)))
+                                     PICTURE.with_name(name) if PRIORS[args.prior].get("shipped", True) else
+                                     args.work / name, args.prior)))
         print(f"[demo-infbrush] {step} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

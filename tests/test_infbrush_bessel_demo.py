@@ -124,3 +124,16 @@ def test_the_default_demo_gets_every_quadrant_of_a_2x2_grid():
         scorer.add_band(np.ascontiguousarray(img[r0:r0 + 512, c0:c0 + 512]))
         shares.append({k: round(v, 2) for k, v in scorer.result().items()})
     assert res["correct"] == 4, (res, shares)
+
+
+def test_the_hour_bounded_from_scratch_variant_is_a_recipe_not_a_shipped_model():
+    """``--prior bessel-scratch``: the same data and prior from scratch (no --init), 2,200 steps, written under
+    data/ (not weights/ or docs/): measured, it misses the grid goal the shipped fine-tuned model meets."""
+    from slidesynth.demo_infbrush import PRIORS, WORK, commands
+
+    p = PRIORS["bessel-scratch"]
+    train = commands(prior="bessel-scratch")["train"][0]
+    assert "--init" not in train and "--noise-prior bessel " in train and f"--steps {p['steps']}" in train
+    assert commands(prior="bessel-scratch")["datasets"] == commands()["datasets"]
+    assert p["out"].parts[:2] == WORK.parts[:2] and p["shipped"] is False
+    assert not (REPO / "weights" / p["name"]).exists()
