@@ -98,10 +98,10 @@ class PatchBayesDenoiser:
         lam, vec = np.linalg.eigh(field.patch_covariance(self.patch))
         self.lam = np.clip(lam, 0.0, None)
         self._vec64 = vec
-        self.vec = torch.from_numpy(vec).to(dtype)
-        self.lam_t = torch.from_numpy(self.lam).to(dtype)
         self._cache: dict[tuple[float, str], Tensor] = {}
-        self._basis: dict[str, tuple[Tensor, Tensor]] = {"cpu": (self.vec, self.lam_t)}
+        # eigenvectors and eigenvalues in the denoiser's dtype, per device (the CPU copy made here)
+        self._basis: dict[str, tuple[Tensor, Tensor]] = {
+            "cpu": (torch.from_numpy(vec).to(dtype), torch.from_numpy(self.lam).to(dtype))}
 
     def matrix(self, sigma: float, device: torch.device | str = "cpu") -> Tensor:
         """B² × B² matrix of D at σ (float64 product, cast to the denoiser's dtype) on ``device``."""
@@ -119,7 +119,8 @@ class PatchBayesDenoiser:
         """The eigenvectors and eigenvalues on ``device`` (copied once per device)."""
         key = str(device)
         if key not in self._basis:
-            self._basis[key] = (self.vec.to(device), self.lam_t.to(device))
+            vec, lam = self._basis["cpu"]
+            self._basis[key] = (vec.to(device), lam.to(device))
         return self._basis[key]
 
     def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
