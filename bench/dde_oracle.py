@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from bench.oracle import print_table
     from evaluation.gaussian_oracle import GaussianOracle, compare
     from models.dde import load_coordinator
     from training.dde import DDETrainConfig, train_dde_coordinator
@@ -90,15 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     ref, rows = compare(oracle, methods, args.samples, 0, args.sampling_steps, device=args.device)
     sample_s = time.perf_counter() - t1
     cols = ["var_ratio", "seam_b", "seam_b2", "seam_max", "corr_b", "lf_ratio"]
-    head = f"{'method':<30}" + "".join(f"{c:>10}" for c in cols)
     print(f"DDE coordinator on the Gaussian-field oracle: N={args.n} B={b} stride {stride}, {args.samples} samples, "
           f"{args.sampling_steps} Heun steps, device {args.device}; training {done} steps in {train_s:.0f} s, "
           f"sampling {sample_s:.0f} s")
-    print(head)
-    print("-" * len(head))
-    for name, m in [("exact field samples", dict(ref, var_ratio=1.0, lf_ratio=1.0))] + \
-            [(r.name, r.metrics) for r in rows]:
-        print(f"{name:<30}" + "".join(f"{m[c]:>10.3f}" for c in cols))
+    print_table([("exact field samples", dict(ref, var_ratio=1.0, lf_ratio=1.0))] +
+                [(r.name, r.metrics) for r in rows], cols, width=30)
     dde, md = rows[2].metrics, rows[0].metrics
     keys = ["seam_b", "var_ratio", "lf_ratio", "corr_b"]
     summary = {

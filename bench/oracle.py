@@ -34,6 +34,15 @@ def load_coordinator(path: str, device: str = "cpu"):
     return mod.load_coordinator(path, device)
 
 
+def print_table(named_metrics, cols: list[str], width: int = 24) -> None:
+    """One row per (name, metrics dict) under a header of ``cols`` (3 decimals)."""
+    head = f"{'method':<{width}}" + "".join(f"{c:>11}" for c in cols)
+    print(head)
+    print("-" * len(head))
+    for name, m in named_metrics:
+        print(f"{name:<{width}}" + "".join(f"{m[c]:>11.3f}" for c in cols))
+
+
 def pick_best(rows) -> object:
     ok = [r for r in rows if r.metrics["seam_max"] <= SEAM_GOAL]
     if not ok:
@@ -86,14 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - t0
 
     cols = ["var", "var_ratio", "seam_b", "seam_b2", "seam_max", "corr_8", "corr_b", "lf_ratio"]
-    head = f"{'method':<24}" + "".join(f"{c:>11}" for c in cols)
     print(f"Gaussian-field oracle: N={args.n} B={b} samples={args.samples} Heun steps={args.steps} "
           f"(ℓ=16 px, var 0.25), {wall:.0f} s")
-    print(head)
-    print("-" * len(head))
     refrow = dict(ref, var_ratio=1.0, lf_ratio=1.0)
-    for name, m in [("exact field samples", refrow)] + [(r.name, r.metrics) for r in rows]:
-        print(f"{name:<24}" + "".join(f"{m[c]:>11.3f}" for c in cols))
+    print_table([("exact field samples", refrow)] + [(r.name, r.metrics) for r in rows], cols)
     print(f"single-patch sanity (B×B canvas, one window): var {sanity['var']:.3f} vs {sanity['var_ref']:.3f}, "
           f"corr@8 {sanity['corr_8']:.3f} vs {sanity['corr_8_ref']:.3f}")
     best = pick_best(rows)
