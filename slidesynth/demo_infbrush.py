@@ -151,12 +151,23 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
                load_file(str(src / WEIGHTS_FILE)).items()}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_abs / WEIGHTS_FILE))
     cmds = commands(work, prior=prior)
+    noise = card.config.get("noise_prior_description", prior)
+    if prior == "white":
+        recipe_line = "python -m slidesynth.demo_infbrush all"
+        lead = ("A small ∞-Brush trained from scratch on CPU on procedural H&E-like tissue, for the demo "
+                "and the tests: ")
+    elif PRIORS[prior].get("init"):  # fine-tuned from the white demo
+        recipe_line = (f"python -m slidesynth.demo_infbrush --prior {prior} train assemble heldout evaluate "
+                  "(after the white demo's datasets step and weights)")
+        lead = (f"The ∞-Brush demo fine-tuned on CPU with the {prior} noise prior ({noise}) from the white demo's "
+                "weights, on the same procedural H&E-like tissue: ")
+    else:
+        recipe_line = f"python -m slidesynth.demo_infbrush --prior {prior} all"
+        lead = (f"A small ∞-Brush trained from scratch on CPU with the Bessel noise prior ({noise}) on the white "
+                "demo's procedural H&E-like tissue: ")
     training = dict(card.training)
     training.update({
-        "recipe": "python -m slidesynth.demo_infbrush all" if prior == "white" else
-                  f"python -m slidesynth.demo_infbrush --prior {prior} train assemble heldout evaluate "
-                  "(after the white demo's datasets step and weights)" if PRIORS[prior].get("init") else
-                  f"python -m slidesynth.demo_infbrush --prior {prior} all",
+        "recipe": recipe_line,
         "commands": cmds["datasets"] + cmds["train"],
         "device": "cpu", "hardware": "2-core CPU shared with other work (no GPU)", "torch": torch.__version__,
         "training_wall_time_s": round(float(state.get("elapsed_s", 0.0)), 1),
@@ -176,14 +187,7 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
         "default_eta": DEFAULT_ETA,
         "training": training, "training_data": TRAINING_DATA.format(v=GENERATOR_VERSION),
         "files": {WEIGHTS_FILE: sha256_file(out_abs / WEIGHTS_FILE)},
-        "description": (("A small ∞-Brush trained from scratch on CPU on procedural H&E-like tissue, for the demo "
-                         "and the tests: " if prior == "white" else
-                         f"The ∞-Brush demo fine-tuned on CPU with the {prior} noise prior "
-                         f"({card.config.get('noise_prior_description', prior)}) from the white demo's weights, on "
-                         "the same procedural H&E-like tissue: " if PRIORS[prior].get("init") else
-                         "A small ∞-Brush trained from scratch on CPU with the Bessel noise prior "
-                         f"({card.config.get('noise_prior_description', prior)}) on the white demo's procedural "
-                         "H&E-like tissue: ") +
+        "description": (lead +
                         "conditioned on slidesynth-tile-v1 embeddings of tiles (POST /embed), one vector "
                         "or a 2×2 grid; its subtypes are the encoder's class prototypes. NOT a model of real "
                         "histology. " + card.description),
@@ -379,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.prior != "white":
         args.out = PRIORS[args.prior]["out"]
-    variant_steps = ["heldout"] if args.prior == "white" else [] if not PRIORS[args.prior].get("init") else \
-        ["datasets"]
+    if args.prior == "white":
+        variant_steps = ["heldout"]        # held-out loss under a prior: the prior variants' step
+    elif PRIORS[args.prior].get("init"):
+        variant_steps = ["datasets"]       # a fine-tune runs on the white demo's data
+    else:
+        variant_steps = []
     steps = [s for s in STEPS if s not in variant_steps] if args.steps == ["all"] else args.steps
     bad = [s for s in steps if s not in STEPS]
     if bad:
