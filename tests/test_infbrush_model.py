@@ -96,6 +96,24 @@ def test_cell_knn_is_exact_and_linear_time(H, W, N, k):
     assert torch.equal(knn_cells(p, p, k, H, W, cell=1, reach=1)[1], d2)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 7, 4096])
+def test_brute_knn_equals_the_pairwise_formula_ties_included(chunk):
+    """knn_brute forms dy² + dx² per coordinate on small blocks: the same neighbours and distances, in the same
+    order, as squaring the (Q, N, 2) difference and summing it — on dense 32² training patches (full of ties at
+    the patch edges) and on non-integer points."""
+    from models.infbrush.geometry import knn_brute
+    from training.infbrush import sample_patches
+
+    g = torch.Generator().manual_seed(3)
+    flat = sample_patches(2048, 256, 256, 32, g)
+    lattice = torch.stack([flat // 256, flat % 256], -1).float()
+    for p in (lattice, torch.rand(700, 2, generator=g) * 50):
+        dist = ((p[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+        d_ref, i_ref = dist.topk(9, dim=-1, largest=False, sorted=True)
+        i, d = knn_brute(p, p, 9, chunk)
+        assert torch.equal(d, d_ref) and torch.equal(i, i_ref)
+
+
 def brute_grid_pairs(H, W, G, K):
     side = max(H, W)
     sel = []

@@ -87,6 +87,12 @@ def test_image_folder_dataset_and_bad_input(tmp_path):
     ds = ImageFolderDataset(tmp_path, 512)
     img, emb = ds.item(1)
     assert img.shape == (3, 40, 16) and img.dtype == torch.uint8 and emb.shape == (1, 1, 512)
+    # decoded once and kept (within the budget); with no budget decoded again on every draw, same pixels
+    assert ds.item(1)[0] is img
+    small = ImageFolderDataset(tmp_path, 512, cache_mb=(3 * 20 * 30 + 1) / 2 ** 20)   # room for im0 only
+    first0, first1 = small.item(0)[0], small.item(1)[0]
+    assert small.item(0)[0] is first0 and small.item(1)[0] is not first1
+    assert torch.equal(small.item(1)[0], img)
     cfg = tiny_config(n_points=256)
     batch = make_batch([ds.item(0), ds.item(1)], cfg, CosineSchedule(), torch.Generator().manual_seed(0), "cpu")
     assert batch["u_t"].shape == (2, 256, 3) and batch["xy"].shape == (2, 256, 2)

@@ -368,6 +368,7 @@ def _run_infbrush(args: argparse.Namespace) -> int:
         embed=embed, grids=tuple((r, c) for c, r in grids),
         prototype_classes=getattr(embed, "prototype_classes", ()),
         tile_px=args.tile_px, regions=args.regions, single_tile_p=args.single_tile_p, points=args.point_layout, patch_px=args.patch_px,
+        image_cache_mb=args.image_cache_mb,
         name=args.name, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, betas=(args.beta1, args.beta2), ema=args.ema,
         ema_every=args.ema_every, grad_clip=args.grad_clip, save_every=args.save_every, log_every=args.log_every,
@@ -411,6 +412,9 @@ def add_infbrush_train_parsers(train_subparsers) -> argparse.ArgumentParser:
                    help="training pixels: uniform without replacement (the paper) or dense --patch-px squares "
                         "(the neighbourhoods dense sampling sees)")
     p.add_argument("--patch-px", type=int, default=32, help="side of the squares of --point-layout patches")
+    p.add_argument("--image-cache-mb", type=float, default=2048, metavar="MIB",
+                   help="decoded --data images kept in memory, the first drawn (default 2048 MiB: a 1024² RGB image "
+                        "takes 3 MiB); the others are decoded on every draw")
     p.add_argument("--grids", default="1x1",
                    help="COLSxROWS layouts of the conditions from --embed, one drawn per step; 1x1 = a global "
                         "vector, e.g. 1x1,2x2,4x4 for a model that follows a vector and grids")

@@ -51,9 +51,13 @@ class ImageFolderDataset:
     """Images of any size with a sidecar embedding each: ``a.png`` + ``a.npy`` ((D,) or (rows, cols, D)).
     Files named ``*_mask.*`` (the label maps of a procedural tile folder) are skipped.
 
-    embeddings=False: images only (``item`` gives None for the embedding), for conditions computed from pixels."""
+    embeddings=False: images only (``item`` gives None for the embedding), for conditions computed from pixels.
 
-    def __init__(self, folder: str | Path, embedding_dim: int, embeddings: bool = True):
+    Decoded images are kept in memory up to ``cache_mb`` MiB (the first ones drawn; the rest are decoded on every
+    draw): a training step draws a few images from a small folder thousands of times, and decoding a 1024² PNG
+    costs ≈ 30 ms. A cached image is returned as the same tensor each time, so callers must not write into it."""
+
+    def __init__(self, folder: str | Path, embedding_dim: int, embeddings: bool = True, cache_mb: float = 2048):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"training data folder not found: {self.folder}")
@@ -63,6 +67,8 @@ class ImageFolderDataset:
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {self.folder}")
         self.embeddings: list = [None] * len(self.files)
+        self._decoded: dict[int, torch.Tensor] = {}
+        self._cache_left = int(cache_mb * 2 ** 20)
         if embeddings:
             self._load_embeddings(embedding_dim)
 
@@ -87,6 +93,15 @@ class ImageFolderDataset:
         return len(self.files)
 
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self._decoded.get(i)
+        if img is None:
+            img = self._decode(i)
+            if img.numel() <= self._cache_left:
+                self._decoded[i] = img
+                self._cache_left -= img.numel()
+        return img, self.embeddings[i]
+
+    def _decode(self, i: int) -> torch.Tensor:
         p = self.files[i]
         if p.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -101,7 +116,7 @@ class ImageFolderDataset:
             arr = np.repeat(arr[..., None], 3, axis=-1)
         if arr.ndim != 3 or arr.shape[-1] < 3:
             raise ValueError(f"{p}: expected an RGB image, got shape {arr.shape}")
-        return torch.from_numpy(np.array(arr[..., :3], dtype=np.uint8, copy=True)).permute(2, 0, 1), self.embeddings[i]
+        return torch.from_numpy(np.array(arr[..., :3], dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
 class SyntheticFunctions:
@@ -433,6 +448,7 @@ class TrainOptions:
     tile_px: int = 224                 # side each region is resized to for the encoder
     regions: str = "resize"            # a region's vector: "resize" (paper) or "tiles" (mean of native tiles)
     single_tile_p: float = 0.0         # "tiles": chance that a region's vector is one random tile's instead
+    image_cache_mb: float = 2048       # decoded images of a --data folder kept in memory (ImageFolderDataset)
     points: str = "uniform"            # training pixels: "uniform" (paper) or "patches" (dense squares)
     patch_px: int = 32                 # side of those squares
     prototype_classes: tuple = ()      # subtype names = the encoder's class prototypes (not QuiltNet's prompts)
@@ -470,7 +486,8 @@ def _dataset(opts: TrainOptions):
         if encode and opts.embed is None:
             raise ValueError("grids of conditions computed from pixels need an encoder (--embed); a folder's own "
                              "grids are its (rows, cols, D) .npy files")
-        base, desc = ImageFolderDataset(opts.data, cfg.embedding_dim, embeddings=not encode), str(opts.data)
+        base = ImageFolderDataset(opts.data, cfg.embedding_dim, embeddings=not encode, cache_mb=opts.image_cache_mb)
+        desc = str(opts.data)
     elif opts.synthetic > 0:
         base = SyntheticFunctions(opts.synthetic, sizes=opts.synthetic_sizes, seed=opts.seed,
                                   embedding_dim=cfg.embedding_dim, mosaic=tuple(opts.synthetic_mosaic))
