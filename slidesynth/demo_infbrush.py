@@ -1,7 +1,7 @@
 """The recipe of ``weights/infinity-brush-demo``: a small ∞-Brush trained on procedural tissue, conditioned on the
 project's tile encoder (``slidesynth-tile-v1``) — a global vector or a 2 × 2 grid of region vectors.
 
-    python -m slidesynth.demo_infbrush all            # every step below, in order (≈ 1 h on a shared 2-core CPU)
+    python -m slidesynth.demo_infbrush all            # every step below, in order (≈ 50 min on 2 CPU cores: training 25)
     python -m slidesynth.demo_infbrush STEP [STEP …]  # datasets | train | assemble | evaluate | picture
     python -m slidesynth.demo_infbrush commands       # print the exact command lines
     python -m slidesynth.demo_infbrush --prior bessel train assemble heldout evaluate picture
@@ -29,13 +29,15 @@ Steps (``work`` = ``data/demo-infbrush``):
 γ = 0.55) from the white demo's weights (``--init``; the noise distribution changes, so every layer adapts) into
 ``data/demo-infbrush/model-bessel`` → ``weights/infinity-brush-bessel-demo``; ``heldout`` writes the held-out
 loss under the Bessel prior of the white demo's weights (before) and the fine-tuned ones (after) into its card;
-``evaluate`` the same goals as the white demo's. Shipped beside the white demo (800 steps, ≈ 19 min of the CPU
-after the white demo's ≈ 56 min): the comparison is in the README, "Noise priors".
+``evaluate`` the same goals as the white demo's. Shipped beside the white demo (800 steps, ≈ 8 min of the CPU
+after the white demo's ≈ 25 min: the whole chain, data included, ≈ 33 min): the comparison is in the README,
+"Noise priors". The shipped pair is one run of this chain on the 2-core CPU (2026-12-06); rerunning the Bessel
+step from the shipped white weights there reproduced the shipped Bessel weights bit for bit.
 
 ``--prior bessel-scratch`` (not shipped; written under ``data/demo-infbrush``): the Bessel model trained from
-scratch for 2,200 steps, the whole recipe within the hour (``python -m slidesynth.demo_infbrush --prior
-bessel-scratch all``). Measured: class shares 1.00 / 1.00 / 0.99, but the 2 × 2 grid 3/4 (`others` drawn as
-necrosis), so the fine-tuned model stays the default.
+scratch for 2,200 steps (``python -m slidesynth.demo_infbrush --prior bessel-scratch all``; ≈ 45 min before
+training got 2.6× faster, bench.infbrush_train). Measured: class shares 1.00 / 1.00 / 0.99, but the 2 × 2 grid
+3/4 (`others` drawn as necrosis), so the fine-tuned model stays the default.
 """
 from __future__ import annotations
 
@@ -74,10 +76,8 @@ PRIORS = {
     "white": {"out": OUT, "name": NAME, "model": "model"},
     "bessel": {"out": Path("weights/infinity-brush-bessel-demo"), "name": "infinity-brush-bessel-demo",
                "model": "model-bessel", "length_um": 8.0, "gamma": 0.55, "steps": 800, "seed": 1,
-               # the shipped run: ≈ 35 min of the 2-core CPU
-               "note": "the run was made as --steps 200, then continued with --resume and --steps 800; the learning "
-                       "rate is constant, so that is the same run as --steps 800 at once", "init": OUT},
-    # not shipped: the Bessel model trained from scratch within the hour (2,200 steps ≈ 45 min alone, measured);
+               "init": OUT},     # the shipped run: 471 s of the 2-core CPU
+    # not shipped: the Bessel model trained from scratch (2,200 steps, ≈ 45 min alone before bench.infbrush_train's speed-up);
     # it meets the class-share goal but draws the 2 × 2 grid's `others` quadrant as necrosis (3/4; ω 2 or 3:
     # as stroma), where the fine-tuned model above gets 4/4 — see the README, "∞-Brush demos"
     "bessel-scratch": {"out": WORK / "infinity-brush-bessel-scratch", "name": "infinity-brush-bessel-scratch",
@@ -173,7 +173,8 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
         "training_wall_time_s": round(float(state.get("elapsed_s", 0.0)), 1),
         # the run shared the 2 cores with other work part of the time: its fastest 500-step stretch × the steps
         "training_wall_time_alone_estimate_s": _alone_estimate(src / "train_log.jsonl", int(state["step"])),
-        "wall_time_s": {k: v.get("wall_time_s") for k, v in recipe.items() if isinstance(v, dict)},
+        "wall_time_s": {k: v.get("wall_time_s") for k, v in recipe.items()
+                        if isinstance(v, dict) and k in _recipe_steps(prior)},
         "weights_dtype": "float16 (trained in float32; the EMA weights)",
     })
     if PRIORS[prior].get("note"):
@@ -194,6 +195,13 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
     })
     new.save(out_abs)
     return out_abs
+
+
+def _recipe_steps(prior: str) -> tuple[str, ...]:
+    """The recipe.json steps that make a variant's model: a fine-tune includes the white demo it starts from."""
+    if prior == "white":
+        return ("datasets", "train")
+    return ("datasets", "train", f"train-{prior}") if PRIORS[prior].get("init") else ("datasets", f"train-{prior}")
 
 
 def _alone_estimate(log: Path, steps: int, span: int = 500) -> float | None:
