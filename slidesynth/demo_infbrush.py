@@ -1,7 +1,7 @@
 """The recipe of ``weights/infinity-brush-demo``: a small ∞-Brush trained on procedural tissue, conditioned on the
 project's tile encoder (``slidesynth-tile-v1``) — a global vector or a 2 × 2 grid of region vectors.
 
-    python -m slidesynth.demo_infbrush all            # every step below, in order (≈ 50 min on 2 CPU cores: training 25)
+    python -m slidesynth.demo_infbrush all            # every step below, in order (≈ 50 min on 2 CPU cores)
     python -m slidesynth.demo_infbrush STEP [STEP …]  # datasets | train | assemble | evaluate | picture
     python -m slidesynth.demo_infbrush commands       # print the exact command lines
     python -m slidesynth.demo_infbrush --prior bessel train assemble heldout evaluate picture
@@ -77,7 +77,7 @@ PRIORS = {
     "bessel": {"out": Path("weights/infinity-brush-bessel-demo"), "name": "infinity-brush-bessel-demo",
                "model": "model-bessel", "length_um": 8.0, "gamma": 0.55, "steps": 800, "seed": 1,
                "init": OUT},     # the shipped run: 471 s of the 2-core CPU
-    # not shipped: the Bessel model trained from scratch (2,200 steps, ≈ 45 min alone before bench.infbrush_train's speed-up);
+    # not shipped: the Bessel model trained from scratch (2,200 steps; ≈ 45 min alone before the training speed-up);
     # it meets the class-share goal but draws the 2 × 2 grid's `others` quadrant as necrosis (3/4; ω 2 or 3:
     # as stroma), where the fine-tuned model above gets 4/4 — see the README, "∞-Brush demos"
     "bessel-scratch": {"out": WORK / "infinity-brush-bessel-scratch", "name": "infinity-brush-bessel-scratch",
