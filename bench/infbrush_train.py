@@ -54,6 +54,7 @@ def train_run(data: Path, out: Path, args, reference: bool) -> dict:
     import models.infbrush.geometry as geometry
     from models.infbrush.config import demo_config
     from models.infbrush.priors import NoisePrior
+    from slidesynth.demo_infbrush import PRIORS
     from training.cli import _import_function
     from training.infbrush import TrainOptions, train_infbrush
 
@@ -63,7 +64,9 @@ def train_run(data: Path, out: Path, args, reference: bool) -> dict:
         geometry.knn_brute = pairwise_knn_reference
     try:
         embed = _import_function("slidesynth-tile-v1", None)
-        prior = None if args.prior == "white" else NoisePrior(kind="bessel", length_um=8.0, gamma=0.55).validate()
+        bessel = PRIORS["bessel"]      # the shipped Bessel demo's prior
+        prior = None if args.prior == "white" else \
+            NoisePrior(kind="bessel", length_um=bessel["length_um"], gamma=bessel["gamma"]).validate()
         opts = TrainOptions(
             out=out, config=demo_config(), data=data, embed=embed, grids=((1, 1), (2, 2)),
             prototype_classes=getattr(embed, "prototype_classes", ()), tile_px=64, regions="tiles",

@@ -177,8 +177,6 @@ def assemble(work: Path = WORK, out: Path = OUT, prior: str = "white") -> Path:
                         if isinstance(v, dict) and k in _recipe_steps(prior)},
         "weights_dtype": "float16 (trained in float32; the EMA weights)",
     })
-    if PRIORS[prior].get("note"):
-        training["note"] = PRIORS[prior]["note"]
     config = dict(card.config)
     config.update({"default_steps": DEFAULT_STEPS,
                    "sampler": f"DDIM, trailing timesteps; default η = {DEFAULT_ETA:g} (stochastic) for this model"})
