@@ -282,3 +282,76 @@ def test_the_band_context_is_what_the_correction_depends_on():
             part = net.correction(outputs[ctx], noisy[ctx], origins[ctx], None, t[ctx])
             got = part[torch.searchsorted(ctx, own)]
             assert torch.allclose(got, one[own], atol=1e-6) == equal, cut
+
+
+# ------------------------------------------------------------------------------------------ disagreement scale
+def test_window_deviations_are_outputs_minus_the_overlap_average():
+    from models.dde.coordinator import window_deviations
+    from models.patching import blend, plan_windows
+
+    plan = plan_windows("dde", (36, 28), 16, 8)  # clamped last windows: uneven overlap counts
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(len(plan), 2, 16, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(len(plan), 2, 16, 16, generator=g, dtype=torch.float64) * 3
+    origins = plan.origins_tensor("cpu")
+    two = torch.cat((a, b))
+    dev, scale = window_deviations(two, torch.cat((origins, origins)), torch.arange(2).repeat_interleave(len(plan)))
+    for i, x in enumerate((a, b)):
+        avg = blend(x, plan.origins, plan.weight, plan.canvas)
+        want = x - torch.stack([avg[:, y:y + 16, xx:xx + 16] for y, xx in plan.origins.tolist()])
+        got = dev[i * len(plan):(i + 1) * len(plan)]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        rms = want.pow(2).mean().sqrt()
+        assert torch.allclose(scale[i * len(plan):(i + 1) * len(plan)], rms.expand(len(plan)))  # per canvas
+    d2, s2 = window_deviations(2.5 * a, origins)  # linear in the outputs
+    torch.testing.assert_close(d2, 2.5 * dev[:len(plan)]) and torch.testing.assert_close(s2, 2.5 * scale[:len(plan)])
+    one_window = window_deviations(a[:1], origins[:1])  # no overlap: zero deviation, finite positive scale
+    assert torch.equal(one_window[0], torch.zeros_like(a[:1])) and 0 < float(one_window[1][0]) < 1e-5
+
+
+@pytest.mark.parametrize("noise_input", ["timestep", "sigma"])
+def test_disagreement_scaled_coordinator_starts_at_zero_and_corrects_in_disagreement_units(noise_input):
+    from models.dde.coordinator import window_deviations
+
+    cfg = _cfg(scale="disagreement", noise_input=noise_input)
+    origins = _grid(3, 3, 8)
+    out, noisy, t = _inputs(9, cfg)
+    t = t / 100 if noise_input == "sigma" else t
+    assert torch.equal(DDECoordinator(cfg).correction(out, noisy, origins, None, t), torch.zeros_like(out))
+    net = _randomise(DDECoordinator(cfg)).eval()
+    dev, scale = window_deviations(out, origins)
+    with torch.no_grad():
+        one = net.correction(out, noisy, origins, None, t)
+        direct = net._correction(out, noisy, origins, None, t, dev=dev, dev_scale=scale)
+        # the network sees deviation ÷ scale; its output is multiplied by the scale
+        doubled = net._correction(out, noisy, origins, None, t, dev=2 * dev, dev_scale=2 * scale)
+        other = net._correction(out, noisy, origins, None, t, dev=dev, dev_scale=0.5 * scale)
+    torch.testing.assert_close(one, direct, rtol=0, atol=0)
+    torch.testing.assert_close(doubled, 2 * one, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(other, 0.5 * one, atol=1e-3)  # the deviations are an input, not only the unit
+    assert float(scale[0]) > 0 and one.abs().max() > 1e-3
+
+
+def test_disagreement_scaled_bands_keep_the_one_pass_result():
+    # the scale is the whole canvas's: computed before the canvas is split into bands
+    cfg = _cfg(scale="disagreement")
+    net = _randomise(DDECoordinator(cfg)).eval()
+    origins = _grid(14, 3, cfg.stride)
+    outputs, noisy, t = _inputs(len(origins), cfg)
+    outputs[:20] *= 10  # one end of the canvas disagrees more: a band's own RMS would differ from the canvas's
+    with torch.no_grad():
+        net.max_tokens = 0
+        one = net.correction(outputs, noisy, origins, None, t)
+        net.max_tokens = (cfg.patch // cfg.token) ** 2 * 3 * 9
+        banded = net.correction(outputs, noisy, origins, None, t)
+    assert len(net.bands(origins)) > 2
+    torch.testing.assert_close(banded, one, rtol=1e-5, atol=1e-5)
+
+
+def test_cards_from_before_the_scale_options_load_with_the_first_architecture():
+    old = {k: v for k, v in _cfg().to_dict().items() if k != "scale"}
+    cfg = CoordinatorConfig.from_dict(old)
+    assert cfg.scale == "none"
+    assert not any(name.startswith("embed_dev") for name, _ in DDECoordinator(cfg).named_parameters())
+    with pytest.raises(ValueError, match="scale must be none or disagreement"):
+        _cfg(scale="rms").validate()

@@ -85,10 +85,13 @@ def test_cli_trains_and_reports_bad_input(tiny_model, tmp_path, capsys):
     rc = main(["train", "dde-coordinator", "--base", str(tiny_model), "--out", str(out), "--patch", "16",
                "--stride", "8", "--attn-window", "16", "--hidden", "32", "--depth", "1", "--heads", "2",
                "--steps", "2", "--slides", "2", "--holdout-slides", "1", "--slide-px", "256", "--eval-crops", "1",
-               "--threads", "1", "--quiet"])
+               "--threads", "1", "--scale", "disagreement", "--loss-weight", "disagreement",
+               "--quiet"])
     assert rc == 0
     card = json.loads((out / COORDINATOR_CARD).read_text())
     assert card["training"]["command"].startswith("slidesynth ") and "--steps 2" in card["training"]["command"]
+    assert "--scale disagreement --loss-weight disagreement" in card["training"]["command"]
+    assert card["architecture"]["scale"] == "disagreement"
     weights_sha = card["weights_sha256"]
     rc = main(["train", "dde-coordinator", "--evaluate-only", "--base", str(tiny_model), "--out", str(out),
                "--patch", "16", "--stride", "8", "--slides", "2", "--holdout-slides", "1", "--slide-px", "256",
@@ -137,3 +140,50 @@ def test_coordinator_can_close_the_gap_to_the_exact_canvas_denoiser():
         opt.step()
     with torch.no_grad():
         assert float(compose(base, net, b, windows).mean()) < 0.2 * start
+
+
+def test_disagreement_loss_weight_divides_each_canvas_by_its_disagreement_squared():
+    from models.dde.coordinator import window_deviations
+    from training.dde import _generator, _rng, build_base, compose, multiscale_mse, window_outputs
+
+    cfg = DDETrainConfig(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32,
+                         depth=2, heads=2, max_extra=2, loss_weight="disagreement")
+    base = build_base(cfg, torch.device("cpu"), None)
+    b = base.draw(_rng(0, 2), _generator(0, 2), 3, 16)
+    windows = window_outputs(base, b, 16)
+    plan, _, out, _, _ = windows
+    got = compose(base, None, b, windows)
+    comp = torch.stack([torch.zeros(1, 16, 16, dtype=out.dtype)] * 3)
+    n = len(plan)
+    for i in range(3):
+        from models.patching import blend
+        comp[i] = blend(out[i * n:(i + 1) * n], plan.origins, plan.weight, plan.canvas)
+        _, scale = window_deviations(out[i * n:(i + 1) * n], plan.origins_tensor("cpu"))
+        plain = (comp[i] - base.bayes_denoise(b)[i]).pow(2).mean()
+        torch.testing.assert_close(got[i], plain / scale[0] ** 2)
+    # the held-out evaluation keeps the paper's EDM-weighted figures whatever the training weight
+    edm = compose(base, None, b, windows, base.excess_loss)
+    lam = (b.level ** 2 + base.sigma_data ** 2) / (b.level * base.sigma_data) ** 2
+    torch.testing.assert_close(edm, lam * multiscale_mse(comp - base.bayes_denoise(b), 0))
+    with pytest.raises(ValueError, match="loss_weight must be base or disagreement"):
+        DDETrainConfig(loss_weight="sigma").validate()
+    with pytest.raises(ValueError, match="scale must be none or disagreement"):
+        DDETrainConfig(scale="rms").validate()
+
+
+def test_multiscale_mse_weighs_window_scale_errors_up_and_keeps_white_errors_level():
+    from training.dde import multiscale_mse
+
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(4, 1, 64, 64, generator=g, dtype=torch.float64)
+    const = torch.ones(4, 1, 64, 64, dtype=torch.float64)
+    assert torch.equal(multiscale_mse(white, 0), white.pow(2).flatten(1).mean(1))
+    # a constant error: f² × 1 at every level f = 1, 2, 4, 8 → 1 + 4 + 16 + 64
+    torch.testing.assert_close(multiscale_mse(const, 3), torch.full((4,), 85.0, dtype=torch.float64))
+    # white noise: about 1 per level
+    assert torch.allclose(multiscale_mse(white, 3), torch.full((4,), 4.0, dtype=torch.float64), rtol=0.1)
+    # levels beyond the canvas are skipped
+    torch.testing.assert_close(multiscale_mse(const[..., :6, :6], 5), torch.full((4,), 1 + 4 + 16.0,
+                                                                                 dtype=torch.float64))
+    with pytest.raises(ValueError, match="loss_levels must be in 0…8"):
+        DDETrainConfig(loss_levels=9).validate()

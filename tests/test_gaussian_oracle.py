@@ -120,3 +120,18 @@ def test_composite_backprops_through_a_coordinator(oracle):
         moved = oracle.composite(noisy, sig, "dde", coord, stride=B // 2)
         plain = oracle.composite(noisy, sig, "multidiffusion", stride=B // 2)
     assert not torch.allclose(moved, plain)
+
+
+def test_exact_combiner_is_the_whole_canvas_bayes_denoiser_and_a_paired_reference(oracle):
+    from evaluation.gaussian_oracle import PatchBayesDenoiser
+
+    x = torch.randn(3, 1, N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = oracle.composite(x, 0.7, "exact")
+    want = PatchBayesDenoiser(oracle.field, N)(x, 0.7)  # the cached-matrix path: same map
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # sampled from the combiners' initial noise: no seams, and averaging's variance shortfall shows against it
+    ex = field_metrics(oracle.sample("exact", S, 0, steps=STEPS), B)
+    md = field_metrics(oracle.sample("multidiffusion", S, 0, steps=STEPS, stride=B // 4), B)
+    assert ex["seam_max"] < 1.5 and md["var"] < 0.8 * ex["var"]
+    with pytest.raises(ValueError, match="square canvases"):
+        oracle.composite(x[..., :40], 0.7, "exact")

@@ -536,7 +536,8 @@ def _run_dde(args: argparse.Namespace) -> int:
         save_every=args.save_every, seed=args.seed, device=args.device, threads=args.threads, hidden=args.hidden,
         depth=args.depth, heads=args.heads, token=args.token, attn_window=args.attn_window, p_null=args.p_null,
         slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
-        p_std=args.p_std, target=args.target, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
+        p_std=args.p_std, target=args.target, loss_levels=args.loss_levels, scale=args.scale,
+        loss_weight=args.loss_weight, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
         command=_dde_command(args),
     )
     log = (lambda _m: None) if args.quiet else print
@@ -596,6 +597,16 @@ def add_dde_train_parsers(train_subparsers) -> None:
     p.add_argument("--target", choices=("clean", "bayes"), default="clean",
                    help="oracle: regress the composite on the clean canvas (the paper's loss, default) or on the exact "
                    "canvas denoiser E[X|x] (same minimiser, no irreducible noise)")
+    p.add_argument("--scale", choices=("none", "disagreement"), default="none",
+                   help="architecture: 'disagreement' gives the coordinator each window's deviation from the overlap "
+                   "average and scales its correction by their RMS over the canvas (default none: EDM c_out / plain)")
+    p.add_argument("--loss-weight", choices=("base", "disagreement"), default="base",
+                   help="'disagreement': each canvas's error ÷ its windows' disagreement² (every noise level counts "
+                   "alike; same minimiser) instead of the base's weighting (EDM λ(σ), plain ε MSE; default base)")
+    p.add_argument("--loss-levels", type=int, default=0,
+                   help="multiscale loss: add the error average-pooled over 2×2 … 2^L×2^L blocks, each level's MSE "
+                   "× its block area, so low-frequency and window-scale errors weigh as much as fine detail (same "
+                   "minimiser; default 0 = the paper's plain MSE)")
     p.add_argument("--eval-crops", type=int, default=16, help="held-out crops per canvas size for the card")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/dde-last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")
