@@ -18,6 +18,12 @@ Bases:
   ``p_null`` of canvases is trained with the null (all-unknown) condition, which classifier-free guidance asks
   for at sampling; loss ‖ε̃ − ε‖² on the composite ε̃.
 
+Loss options (all keep the minimiser, the conditional expectation): ``loss_weight="disagreement"`` divides each
+canvas's loss by the RMS² of its windows' deviations from their overlap average (instead of the oracle's λ(σ);
+every noise level counts alike), ``loss_levels`` adds the error's block averages (:func:`multiscale_mse`); with
+``scale="disagreement"`` the coordinator itself works in those units (:func:`models.dde.coordinator.
+window_deviations`).
+
 Determinism and resumption: all randomness of step k is drawn from generators keyed by (seed, k), so a run's
 result depends only on the seed and the step count; the checkpoint (``<out>/checkpoints/dde-last.pt``: network,
 EMA, optimiser, step, losses) therefore resumes bit-identically. The folder written is the format of
@@ -306,8 +312,8 @@ class OracleBase:
 
     def coordinator_config(self, cfg: DDETrainConfig) -> CoordinatorConfig:
         return CoordinatorConfig(channels=1, patch=self.patch, stride=self.stride, token=cfg.token, hidden=cfg.hidden,
-                                 depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window, cond="none", scale=cfg.scale,
-                                 noise_input="sigma", sigma_data=self.sigma_data)
+                                 depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window, cond="none",
+                                 noise_input="sigma", sigma_data=self.sigma_data, scale=cfg.scale)
 
     def draw(self, rng: np.random.Generator, gen: torch.Generator, batch: int, side: int, holdout: bool = False
              ) -> Batch:
@@ -396,7 +402,8 @@ def window_outputs(base, b: Batch, side: int):
 
 def compose(base, net: DDECoordinator | None, b: Batch, windows, loss=None) -> torch.Tensor:
     """Per-canvas loss (B,) of the composite: the base outputs plus the coordinator's correction (None = plain
-    averaging), averaged over overlaps; ``loss`` (default the base's training loss) maps (composite, b) → (B,)."""
+    averaging), averaged over overlaps; ``loss`` maps (composite, b) → (B,); by default the base's training loss,
+    divided by each canvas's disagreement scale² with ``loss_weight="disagreement"``."""
     plan, xw, out, level, condw = windows
     nw, bsz = len(plan), b.level.shape[0]
     origins = plan.origins_tensor(xw.device).repeat(bsz, 1)
