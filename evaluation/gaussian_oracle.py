@@ -219,7 +219,7 @@ class GaussianOracle:
         ``combiner``. For ``dde`` the coordinator (if given) sees each canvas's windows — outputs, noisy
         inputs, origins, ``cond`` None, t = σ — and its correction is added before the uniform average;
         gradients flow through it. ``random``/``offset`` draw their windows from (``seed``, sample index =
-        ``first_sample`` + row of ``x``, ``step``)."""
+        ``first_sample`` + row of ``x``, ``step``). ``exact`` is the whole canvas's exact denoiser (no windows)."""
         if combiner not in ORACLE_COMBINERS:
             raise ValueError(f"combiner must be one of {ORACLE_COMBINERS}, got {combiner!r}")
         s, _, hh, ww = x.shape
