@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.patching import BlendAccumulator
+
 __all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups", "window_deviations"]
 
 MAX_TOKENS = 1 << 20
@@ -141,24 +143,24 @@ def window_deviations(outputs: Tensor, origins: Tensor, canvas: Tensor | None = 
     map for all noise levels instead of one whose size spans orders of magnitude."""
     n, c, p, _ = outputs.shape
     canvas = torch.zeros(n, dtype=torch.long, device=outputs.device) if canvas is None else canvas.long()
-    oy, ox = origins[:, 0].long(), origins[:, 1].long()
-    h, w = int(oy.max()) + p, int(ox.max()) + p
-    ncan = int(canvas.max()) + 1 if n else 1
-    r = torch.arange(p, device=outputs.device)
-    pix = ((oy[:, None, None] + r[None, :, None]) * w + (ox[:, None, None] + r[None, None, :]))  # (N, P, P)
-    flat = (canvas[:, None, None] * (h * w) + pix).reshape(-1)
     dtype = torch.float64 if outputs.dtype == torch.float64 else torch.float32
-    vals = outputs.to(dtype).permute(0, 2, 3, 1).reshape(-1, c)
-    total = vals.new_zeros(ncan * h * w, c).index_add_(0, flat, vals)
-    count = vals.new_zeros(ncan * h * w).index_add_(0, flat, vals.new_ones(flat.numel()))
-    mean = (total / count.clamp_min(1)[:, None])[flat].reshape(n, p, p, c).permute(0, 3, 1, 2)
-    dev = outputs.to(dtype) - mean
-    per = dev.pow(2).flatten(1).sum(1)
-    ms = vals.new_zeros(ncan).index_add_(0, canvas, per) / vals.new_zeros(ncan).index_add_(
-        0, canvas, vals.new_full((n,), float(c * p * p)))
-    out_ms = vals.new_zeros(ncan).index_add_(0, canvas, outputs.to(dtype).pow(2).flatten(1).sum(1)) / \
-        vals.new_zeros(ncan).index_add_(0, canvas, vals.new_full((n,), float(c * p * p)))
-    scale = torch.maximum(ms.sqrt(), 1e-6 * out_ms.sqrt()).clamp_min(1e-30)[canvas]
+    outs = outputs.to(dtype)
+    dev = torch.empty_like(outs)
+    scale = outs.new_empty(n)
+    ones = outs.new_ones(p, p)
+    # window by window in a fixed order (BlendAccumulator): the same bits on every device and batching, which
+    # resumed and repeated jobs need (a scatter-add on the GPU sums in a racy order)
+    for k in torch.unique(canvas).tolist():
+        idx = torch.nonzero(canvas == k).flatten()
+        org = origins[idx].long().tolist()
+        h, w = max(y for y, _ in org) + p, max(x for _, x in org) + p
+        acc = BlendAccumulator(c, (h, w), dtype=dtype, device=outputs.device)
+        acc.add(outs[idx], org, ones)
+        mean = acc.num / acc.den.clamp_min(1)
+        d = outs[idx] - torch.stack([mean[:, y:y + p, x:x + p] for y, x in org])
+        dev[idx] = d
+        rms = d.pow(2).mean().sqrt()
+        scale[idx] = torch.maximum(rms, 1e-6 * outs[idx].pow(2).mean().sqrt()).clamp_min(1e-30)
     return dev.to(outputs.dtype), scale.to(outputs.dtype)
 
 
