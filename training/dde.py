@@ -489,7 +489,7 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
         if not cfg.resume:
             raise ValueError(f"{ckpt_path} exists: pass resume to continue or overwrite to start over")
         state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        if _OLD_DEFAULTS | state["config"] != _run_key(cfg):  # states from before loss_levels: plain MSE
+        if _OLD_DEFAULTS | state["config"] != _run_key(cfg):  # states from before the scale/loss options
             raise ValueError(f"resume: {ckpt_path} was made with another configuration: {state['config']}")
     base = build_base(cfg, device, Path(cfg.data_cache) if cfg.data_cache else out / DATA_CACHE, log)
     torch.manual_seed(cfg.seed)  # initial weights of the coordinator
