@@ -12,7 +12,9 @@ configuration gets the number of steps that spends the same (its passes per step
 sampler's cut lines (the last step's cells for `tiled`, the window edges for the window modes; ≈ 1 = no
 quilt) and on the decoder's, the gradient seam ratio on the sampler's lines (vs lines of the same phase mod 8),
 balanced accuracy of the shipped classifier against the mask (conditioning fidelity), seconds per slide.
-`dde` runs only for a model whose folder holds a trained coordinator.
+`dde` runs only for a model whose folder holds a trained coordinator, or with ``--coordinator DIR`` (a coordinator
+folder trained on this model's image UNet, e.g. a candidate before it is shipped). ``--png DIR`` writes each slide
+4× downsampled (what a viewer shows of its second level) and the procedural render of the same mask, to look at.
 
 The JSON line's "reference" is `tiled` (the service default), "ours" the best overlapping combiner by sampler
 quilt score, "ratio" ours ÷ reference.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +54,33 @@ def passes_per_step(pipe, labels, options, steps_probe: int = 25) -> float:
     return float(np.mean([sum(len(sampler.passes(c)) for c in sampler.plan(lab, options.seed, k)) for k in ks]))
 
 
+def _write_png(path, img: np.ndarray, factor: int = 4) -> None:
+    """``img`` (H, W, 3) uint8, ``factor``× area-averaged, as a PNG."""
+    from PIL import Image
+
+    h, w = img.shape[0] // factor * factor, img.shape[1] // factor * factor
+    small = img[:h, :w].astype(np.float32).reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+    Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8)).save(path)
+
+
+def _candidate_engine(folder: str):
+    """The DiffInfinite engine, its `dde` jobs using the coordinator in ``folder`` (checked against the image UNet
+    the job loaded, as a shipped one is)."""
+    from models.dde import load_coordinator
+    from models.dde.loading import read_coordinator_card
+    from models.hashing import sha256_file
+    from models.diffinfinite.engine import DiffInfiniteEngine
+
+    class CandidateEngine(DiffInfiniteEngine):
+        def coordinator(self, models, options, device):
+            if options.sampler != "dde":
+                return None
+            base = Path(models.folder) / read_coordinator_card(folder)["base"]["file"]
+            return load_coordinator(folder, device, base_sha256=sha256_file(base))
+
+    return CandidateEngine()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.combiners", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--coordinator", help="coordinator folder for `dde` (default: the model folder's dde-coordinator/)")
+    p.add_argument("--png", help="folder for 4×-downsampled PNGs of every slide and of the mask's procedural render")
     args = p.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
 
@@ -87,10 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     card = registry.card(model)
     device = torch.device(args.device)
     models = registry.load(model, device)
-    if "dde" in configs and not has_coordinator(getattr(models, "folder", None)):
+    if "dde" in configs and not (args.coordinator or has_coordinator(getattr(models, "folder", None))):
         print(f"(dde skipped: {model} has no trained coordinator in its folder)")
         configs = [c for c in configs if c != "dde"]
-    engine = DiffInfiniteEngine()
+    engine = DiffInfiniteEngine() if not args.coordinator else _candidate_engine(args.coordinator)
+    png = Path(args.png) if args.png else None
+    if png:
+        png.mkdir(parents=True, exist_ok=True)
     clf = load_classifier(None)
     chosen = masks(args.size // 4, max(0, args.masks - 1))
     guidance = card.default_guidance if card.default_guidance is not None else 3.0
@@ -111,6 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
         classes = resize_labels(mask.astype(np.uint8), args.size, args.size)  # the classifier's classes
         labels = labels_for_classes(classes, card.fidelity_classes)  # the model's labels asking for them
         budget = None
+        if png:
+            from evaluation.fidelity import map_labels
+            from procedural.tissue import render_tile
+
+            render = render_tile(map_labels(labels, card.fidelity_classes).astype(np.uint8), args.seed)
+            _write_png(png / f"{name}-procedural.png", render)
         for sampler in configs:
             o = opts(sampler)
             sopts = SamplingOptions(steps=args.steps, guidance=guidance, mode=sampler, solver=o.solver,
@@ -126,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     report=lambda *a: None, cancel=lambda: False)
             img = np.concatenate(list(slide.bands))
             secs = time.perf_counter() - t0
+            if png:
+                _write_png(png / f"{name}-{sampler}.png", img)
             q = quilt_score(img, slide.cut_lines, classes)["by_kind"]
             gy, gx = gradient_profiles(img)
             srows, scols = slide.cut_lines.get("sampler", ([], []))
