@@ -119,6 +119,27 @@ def test_oracle_run_writes_its_card_and_the_exact_denoiser_figures(tmp_path):
         DDETrainConfig(base="weights/diffinfinite-demo", target="bayes").validate()
 
 
+def test_init_warm_starts_from_a_coordinator_and_refuses_another_architecture(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32, depth=2, heads=2,
+              min_extra=1, max_extra=2, batch_size=2, eval_crops=1, threads=1, ema_after=0)
+    train_dde_coordinator(DDETrainConfig(out=tmp_path / "a", steps=6, **kw), log=lambda m: None)
+    first = load_file(tmp_path / "a" / "coordinator.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in first.items() if "out" in k)  # trained: not the zero correction
+    # lr 0: nothing moves, so the warm-started run ships exactly the weights it started from
+    cfg = DDETrainConfig(out=tmp_path / "b", steps=2, lr=0.0, init=tmp_path / "a", max_extra=4,
+                         **{k: v for k, v in kw.items() if k != "max_extra"})
+    train_dde_coordinator(cfg, log=lambda m: None)
+    second = load_file(tmp_path / "b" / "coordinator.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    init = read_coordinator_card(tmp_path / "b")["training"]["init"]
+    assert init["folder"] == str(tmp_path / "a") and init["steps"] == 6 and len(init["weights_sha256"]) == 64
+    with pytest.raises(ValueError, match="another architecture.*hidden"):
+        train_dde_coordinator(DDETrainConfig(out=tmp_path / "c", steps=1, init=tmp_path / "a",
+                                             **dict(kw, hidden=16)), log=lambda m: None)
+
+
 def test_coordinator_can_close_the_gap_to_the_exact_canvas_denoiser():
     # on a fixed batch the correction must be able to take averaging to the exact whole-canvas denoiser
     from models.dde.coordinator import DDECoordinator

@@ -537,8 +537,8 @@ def _run_dde(args: argparse.Namespace) -> int:
         depth=args.depth, heads=args.heads, token=args.token, attn_window=args.attn_window, p_null=args.p_null,
         slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
         p_std=args.p_std, target=args.target, loss_levels=args.loss_levels, scale=args.scale,
-        loss_weight=args.loss_weight, eval_crops=args.eval_crops, resume=args.resume, overwrite=args.overwrite,
-        command=_dde_command(args),
+        loss_weight=args.loss_weight, init=args.init, eval_crops=args.eval_crops, resume=args.resume,
+        overwrite=args.overwrite, command=_dde_command(args),
     )
     log = (lambda _m: None) if args.quiet else print
     try:
@@ -607,6 +607,9 @@ def add_dde_train_parsers(train_subparsers) -> None:
                    help="multiscale loss: add the error average-pooled over 2×2 … 2^L×2^L blocks, each level's MSE "
                    "× its block area, so low-frequency and window-scale errors weigh as much as fine detail (same "
                    "minimiser; default 0 = the paper's plain MSE)")
+    p.add_argument("--init", type=Path,
+                   help="warm start from this coordinator folder (same architecture, trained over the same base; "
+                   "recorded on the card), e.g. to go on training on larger canvases")
     p.add_argument("--eval-crops", type=int, default=16, help="held-out crops per canvas size for the card")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/dde-last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over even if a training state exists")

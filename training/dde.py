@@ -91,6 +91,7 @@ class DDETrainConfig:
     scale: str = "none"  # coordinator architecture: "disagreement" = in/output in units of the windows' disagreement
     loss_weight: str = "base"  # "base" (EDM λ / plain ε) or "disagreement": each canvas ÷ its disagreement scale²
     loss_levels: int = 0  # multiscale loss: also the error pooled by 2 … 2^loss_levels (0 = the paper's plain MSE)
+    init: Path | None = None  # warm start: a coordinator folder of the same architecture over the same base
     # evaluation
     eval_crops: int = 16
     data_cache: Path | None = None  # DiffInfinite latents cache (default <out>/checkpoints/dde-data.pt)
@@ -494,6 +495,10 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
     base = build_base(cfg, device, Path(cfg.data_cache) if cfg.data_cache else out / DATA_CACHE, log)
     torch.manual_seed(cfg.seed)  # initial weights of the coordinator
     net = DDECoordinator(base.coordinator_config(cfg)).to(device)
+    init_info = None
+    if cfg.init is not None and state is None:  # a resumed run has its weights in the state
+        init_info = _warm_start(net, Path(cfg.init), base, device)
+        log(f"warm start from {cfg.init}")
     ema = EMA(net, beta=cfg.ema_beta, update_every=1, update_after_step=cfg.ema_after)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, cfg.warmup)))
@@ -504,6 +509,7 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed"])
+        init_info = state.get("init")
         log(f"resumed at step {step}")
     net.train()
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
@@ -514,7 +520,7 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"config": _run_key(cfg), "net": net.state_dict(), "ema": ema.state_dict(),
                     "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "losses": losses,
-                    "elapsed": elapsed + time.perf_counter() - t0}, tmp)
+                    "elapsed": elapsed + time.perf_counter() - t0, "init": init_info}, tmp)
         tmp.replace(ckpt_path)
 
     while step < stop:
@@ -557,6 +563,8 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
         "loss": "composite ε MSE (averaged after correction) vs the true noise" if base.kind == "diffinfinite"
                 else "EDM λ(σ)-weighted composite D MSE vs the clean field",
     }
+    if cfg.init is not None:
+        training["init"] = init_info
     save_coordinator(shipped, out, base=base.identity, training=training, evaluation=evaluation)
     return DDETrainResult(out=out, steps_done=step, losses=losses, evaluation=evaluation)
 
@@ -586,7 +594,24 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
 
 
 # settings added after the first checkpoints were written, at the values those runs had
-_OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base"}
+_OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None}
+
+
+def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, Any]:
+    """Load the weights of the coordinator in ``folder`` into ``net`` (same architecture; trained over the same
+    base, checked by hash like any coordinator); returns what the card records of it."""
+    from models.dde import load_coordinator
+    from models.dde.loading import read_coordinator_card
+
+    src = load_coordinator(folder, device, base_sha256=base.identity["sha256"])
+    theirs, ours = src.config.to_dict(), net.config.to_dict()
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ValueError(f"init: the coordinator in {folder} has another architecture (differs in {', '.join(diff)})")
+    net.load_state_dict(src.state_dict())
+    card = read_coordinator_card(folder)
+    return {"folder": str(folder), "weights_sha256": card.get("weights_sha256"),
+            "steps": card.get("training", {}).get("steps_done")}
 
 
 def _run_key(cfg: DDETrainConfig) -> dict[str, Any]:
