@@ -27,6 +27,8 @@ def test_bench_dde_oracle_smoke_trains_resumes_in_chunks_and_samples(tmp_path):
     # a 4-step coordinator barely moves off averaging: the dde row is MultiDiffusion's within a few per cent
     assert abs(summary["ratio"]["var_ratio"] - 1) < 0.05
     assert summary["evaluation"]["per_canvas"], summary
+    assert [r["sigma"] for r in summary["excess_by_sigma"]] == [0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+    assert all(r["excess_averaging"] > 0 for r in summary["excess_by_sigma"])
 
 
 def test_the_exact_patch_denoiser_runs_on_its_input_s_device():

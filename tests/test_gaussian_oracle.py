@@ -102,6 +102,32 @@ class _ScaleCoordinator(torch.nn.Module):
         return self.a * (outputs - noisy)
 
 
+def test_excess_by_sigma_is_one_for_averaging_and_zero_for_the_exact_correction(oracle):
+    from evaluation.gaussian_oracle import excess_by_sigma
+    from models.patching import ZeroCoordinator
+
+    rows = excess_by_sigma(oracle, ZeroCoordinator(B, B // 2), B // 2, sigmas=(0.1, 3.0), canvases=2)
+    assert [r["sigma"] for r in rows] == [0.1, 3.0]
+    assert all(r["excess_averaging"] > 0 and r["ratio"] == 1.0 for r in rows)
+
+    class Exact:  # a correction that lands every window's output on the exact canvas denoiser's crop
+        patch, stride = B, B // 2
+
+        def correction(self, outputs, noisy, origins, cond, t, *, canvas=None):
+            out = torch.empty_like(outputs)
+            for i in range(int(canvas.max()) + 1):
+                sel = canvas == i
+                x = torch.zeros(1, 1, N, N, dtype=outputs.dtype)
+                for o, z in zip(origins[sel].tolist(), noisy[sel]):
+                    x[0, :, o[0]:o[0] + B, o[1]:o[1] + B] = z
+                ex = oracle.composite(x, t[sel][0], "exact")[0, 0]
+                out[sel] = torch.stack([ex[o[0]:o[0] + B, o[1]:o[1] + B] for o in origins[sel].tolist()])[:, None]
+            return out - outputs
+
+    rows = excess_by_sigma(oracle, Exact(), B // 2, sigmas=(0.3,), canvases=2)
+    assert rows[0]["ratio"] < 1e-20
+
+
 def test_composite_backprops_through_a_coordinator(oracle):
     clean, noisy, sig = oracle.training_pairs(3, seed=5)
     c2, n2, s2 = oracle.training_pairs(3, seed=5)
