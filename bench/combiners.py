@@ -11,7 +11,8 @@ configuration gets the number of steps that spends the same (its passes per step
 ``--equal steps``: every configuration runs ``--steps`` steps. Columns: steps, UNet passes, quilt score on the
 sampler's cut lines (the last step's cells for `tiled`, the window edges for the window modes; ≈ 1 = no
 quilt) and on the decoder's, the gradient seam ratio on the sampler's lines (vs lines of the same phase mod 8;
-the larger of the horizontal and vertical lines', each also shown, `h / v`),
+the larger of the horizontal and vertical lines', each also shown, `h / v`), the ridge score on the sampler's
+lines (:func:`evaluation.quilt.ridge_score`: a thin bright or dark line centred on a cut, which the other two miss),
 balanced accuracy of the shipped classifier against the mask (conditioning fidelity), seconds per slide.
 `dde` runs only for a model whose folder holds a trained coordinator, or with ``--coordinator DIR`` (a coordinator
 folder trained on this model's image UNet, e.g. a candidate before it is shipped). ``--png DIR`` writes each slide
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.fidelity import masks
     from core.settings import get_settings
     from evaluation.fidelity import labels_for_classes, load_classifier, score_slide
-    from evaluation.quilt import quilt_score
+    from evaluation.quilt import quilt_score, ridge_score
     from models.diffinfinite.engine import DiffInfiniteEngine, DiffInfiniteOptions, has_coordinator
     from models.diffinfinite.pipeline import DiffInfinitePipeline, SamplingOptions
     from models.engine import Runtime, SlideRequest
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model {model}, {len(chosen)} masks, {args.size}² px slides, seed {args.seed}, solver {args.solver}, "
           f"equal {args.equal} (tiled {args.steps} steps), device {device}")
     head = (f"{'sampler':<15}{'mask':<14}{'steps':>6}{'passes':>9}{'quilt smp':>10}{'quilt dec':>10}"
-            f"{'seam smp':>9}{'h / v':>13}{'bal.acc':>8}{'s':>7}")
+            f"{'seam smp':>9}{'h / v':>16}{'ridge':>7}{'bal.acc':>8}{'s':>7}")
     print(head)
     print("-" * len(head))
     rows = []
@@ -176,18 +177,20 @@ def main(argv: list[str] | None = None) -> dict:
             # horizontal lines (rows: the vertical gradient across them) and vertical lines apart
             seam_h, seam_v = line_ratio(gy, [a for a, _ in srows]), line_ratio(gx, [a for a, _ in scols])
             ratios = [r for r in (seam_h, seam_v) if r is not None]
+            ridge = ridge_score(img, [a for a, _ in srows], [a for a, _ in scols], classes)["score"]
             score = score_slide(img, classes, clf, boundaries=slide.seam_lines)
             row = {"sampler": sampler, "mask": name, "steps": steps, "passes": int(slide.notes["sampler_passes"]),
                    "quilt_sampler": q.get("sampler", {}).get("score"), "quilt_decode": q.get("decode", {}).get("score"),
                    "seam_sampler": round(max(ratios), 4) if ratios else None,
                    "seam_rows": None if seam_h is None else round(seam_h, 4),
-                   "seam_cols": None if seam_v is None else round(seam_v, 4),
+                   "seam_cols": None if seam_v is None else round(seam_v, 4), "ridge_sampler": ridge,
                    "balanced_accuracy": round(float(score["balanced_accuracy"]), 4), "seconds": round(secs, 1)}
             rows.append(row)
             f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             print(f"{sampler:<15}{name:<14}{steps:>6}{row['passes']:>9}{f(row['quilt_sampler']):>10}"
                   f"{f(row['quilt_decode']):>10}{f(row['seam_sampler']):>9}"
-                  f"{f(row['seam_rows']) + ' / ' + f(row['seam_cols']):>13}{row['balanced_accuracy']:>8.3f}"
+                  f"{f(row['seam_rows']) + ' / ' + f(row['seam_cols']):>16}{f(row['ridge_sampler']):>7}"
+                  f"{row['balanced_accuracy']:>8.3f}"
                   f"{secs:>7.1f}", flush=True)
 
     def mean(sampler: str, key: str) -> float | None:
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         return round(float(np.mean(vals)), 4) if vals else None
 
     summary_rows = {s: {k: mean(s, k) for k in ("steps", "passes", "quilt_sampler", "quilt_decode", "seam_sampler",
-                                                  "seam_rows", "seam_cols", "balanced_accuracy", "seconds")} for s in configs}
+                                                  "seam_rows", "seam_cols", "ridge_sampler", "balanced_accuracy",
+                                                  "seconds")} for s in configs}
     ref = summary_rows.get("tiled")
     cands = [s for s in configs if s in WINDOW and summary_rows[s]["quilt_sampler"] is not None]
     best = min(cands, key=lambda s: summary_rows[s]["quilt_sampler"]) if cands else None

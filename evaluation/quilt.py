@@ -288,3 +288,74 @@ def quilt_score(image: np.ndarray, cuts: Mapping[str, tuple[Sequence[Zone], Sequ
     for r in range(0, img.shape[0], 512):
         scorer.add_band(img[r:r + 512])
     return scorer.result()
+
+
+RIDGE_HALF_PX = 4
+RIDGE_FLANK_PX = 12
+
+
+def _ridge_jumps(grey: np.ndarray, lines: Sequence[int], labels: np.ndarray | None, half: int, flank: int,
+                 segment: int) -> np.ndarray:
+    """Per segment of each horizontal line ``p``: |mean of rows [p − half, p + half) − mean of the flanking rows
+    [p − half − flank, p − half) and [p + half, p + half + flank)|, segments of ``segment`` columns; with
+    ``labels``, only segments whose whole block lies in one label region."""
+    h, w = grey.shape
+    reach = half + flank
+    out = []
+    for p in lines:
+        if p - reach < 0 or p + reach > h:
+            continue
+        centre = grey[p - half:p + half].mean(0)
+        flanks = 0.5 * (grey[p - reach:p - half].mean(0) + grey[p + half:p + reach].mean(0))
+        d = centre - flanks
+        for x0 in range(0, w - segment + 1, segment):
+            if labels is not None:
+                block = labels[p - reach:p + reach, x0:x0 + segment]
+                if block.min() != block.max():
+                    continue
+            out.append(abs(float(d[x0:x0 + segment].mean())))
+    return np.asarray(out)
+
+
+def ridge_score(image: np.ndarray, rows: Sequence[int], cols: Sequence[int], labels: np.ndarray | None = None, *,
+                half_px: int = RIDGE_HALF_PX, flank_px: int = RIDGE_FLANK_PX, segment_px: int = SEGMENT_PX,
+                phase_px: int = PHASE_PX, trim: float = TRIM, floor_grey: float = FLOOR_GREY) -> dict:
+    """Thin lines along cuts: a ridge (or trough) a few px wide centred on a cut, which neither the quilt score
+    (block means on both sides of the cut agree) nor a 1-px gradient ratio (the ridge's top is flat) sees.
+
+    ``rows`` / ``cols``: cut lines (p = between pixels p − 1 and p) of horizontal / vertical cuts in ``image``
+    (H, W[, C]) uint8. Per 64-px segment of a cut, the jump is |mean grey of the ``2·half_px`` px centred on the
+    cut − mean of the ``flank_px`` px on both sides|; control lines at the same phase modulo ``phase_px``, whose
+    whole reach stays clear of every cut's reach, measure what the content alone scores. Score = trimmed mean
+    jump on cuts ÷ on controls (``floor_grey`` added to both): ≈ 1 when nothing marks the cuts.
+    ``labels`` (H, W): count only segments within one label region. Returns {"score", "cut_grey",
+    "control_grey", "segments", "controls"} (score None without cut segments)."""
+    img = np.asarray(image, dtype=np.float64)
+    grey = img.mean(axis=2) if img.ndim == 3 else img
+    reach = half_px + flank_px
+    cut_j, ctl_j = [], []
+    for axis, lines in ((0, rows), (1, cols)):
+        g = grey if axis == 0 else grey.T
+        lab = None if labels is None else (labels if axis == 0 else labels.T)
+        lines = sorted({int(p) for p in lines})
+        if not lines:
+            continue
+        phases = {p % phase_px for p in lines}
+        taken = np.zeros(g.shape[0] + 1, bool)
+        for p in lines:
+            taken[max(0, p - 2 * reach):p + 2 * reach] = True  # a control's reach must not touch a cut's
+        controls = [q for q in range(reach, g.shape[0] - reach + 1) if q % phase_px in phases and not taken[q]]
+        cut_j.append(_ridge_jumps(g, lines, lab, half_px, flank_px, segment_px))
+        ctl_j.append(_ridge_jumps(g, controls, lab, half_px, flank_px, segment_px))
+    cuts = np.concatenate(cut_j) if cut_j else np.zeros(0)
+    ctls = np.concatenate(ctl_j) if ctl_j else np.zeros(0)
+
+    def trimmed(x: np.ndarray) -> float:
+        x = np.sort(x)
+        return float(x[:max(1, int(round(len(x) * (1 - trim))))].mean())
+
+    if not len(cuts) or not len(ctls):
+        return {"score": None, "cut_grey": None, "control_grey": None, "segments": len(cuts), "controls": len(ctls)}
+    c, k = trimmed(cuts), trimmed(ctls)
+    return {"score": round((c + floor_grey) / (k + floor_grey), 4), "cut_grey": round(c, 3),
+            "control_grey": round(k, 3), "segments": int(len(cuts)), "controls": int(len(ctls))}

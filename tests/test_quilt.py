@@ -105,3 +105,33 @@ def test_pair_zones_and_bad_input():
 def test_ramp_profile_is_the_decoders():
     # the synthetic quilt blends with the decoder's own raised-cosine ramps
     assert np.allclose(rising_ramp(4), np.sin(np.pi * np.arange(4) / 8) ** 2)
+
+
+def test_ridge_score_sees_thin_lines_on_cuts_that_the_quilt_score_misses():
+    from evaluation.quilt import quilt_score, ridge_score, zones_from_lines
+
+    rng = np.random.default_rng(0)
+    clean = np.clip(180 + rng.normal(0, 6, (512, 512, 3)), 0, 255)
+    lines = [128, 256, 384]
+    ridged = clean.copy()
+    for p in lines:  # a 6-px bright line centred on each cut, both directions
+        ridged[p - 3:p + 3] += 12
+        ridged[:, p - 3:p + 3] += 12
+    ridged = np.clip(ridged, 0, 255).astype(np.uint8)
+    clean = clean.astype(np.uint8)
+    plain = ridge_score(clean, lines, lines)
+    lined = ridge_score(ridged, lines, lines)
+    assert 0.8 < plain["score"] < 1.25 and plain["segments"] == 2 * 3 * 8 and plain["controls"] > 0
+    assert lined["score"] > 4 and lined["cut_grey"] > 8
+    # the block means on both sides of each cut agree: the quilt score calls the ridged image clean
+    zones = zones_from_lines(lines)
+    assert quilt_score(ridged, {"sampler": (zones, zones)})["quilt_score"] < 1.3
+    # a step (one side brighter) is a quilt, not a ridge
+    step = clean.astype(np.float64)
+    step[256:] += 15
+    assert ridge_score(np.clip(step, 0, 255).astype(np.uint8), [256], [])["score"] < 1.3
+    # only segments inside one label region count
+    labels = np.zeros((512, 512), np.uint8)
+    labels[:, 250:] = 1
+    assert ridge_score(ridged, lines, [], labels)["segments"] == 3 * 8 - 3  # the segment over x = 250 is dropped
+    assert ridge_score(clean, [], [])["score"] is None
