@@ -65,24 +65,6 @@ def _write_png(path, img: np.ndarray, factor: int = 4) -> None:
     Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8)).save(path)
 
 
-def _candidate_engine(folder: str):
-    """The DiffInfinite engine, its `dde` jobs using the coordinator in ``folder`` (checked against the image UNet
-    the job loaded, as a shipped one is)."""
-    from models.dde import load_coordinator
-    from models.dde.loading import read_coordinator_card
-    from models.hashing import sha256_file
-    from models.diffinfinite.engine import DiffInfiniteEngine
-
-    class CandidateEngine(DiffInfiniteEngine):
-        def coordinator(self, models, options, device):
-            if options.sampler != "dde":
-                return None
-            base = Path(models.folder) / read_coordinator_card(folder)["base"]["file"]
-            return load_coordinator(folder, device, base_sha256=sha256_file(base))
-
-    return CandidateEngine()
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.combiners", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "dde" in configs and not (args.coordinator or has_coordinator(getattr(models, "folder", None))):
         print(f"(dde skipped: {model} has no trained coordinator in its folder)")
         configs = [c for c in configs if c != "dde"]
-    engine = DiffInfiniteEngine() if not args.coordinator else _candidate_engine(args.coordinator)
+    engine = DiffInfiniteEngine(coordinator_dir=args.coordinator)
     png = Path(args.png) if args.png else None
     if png:
         png.mkdir(parents=True, exist_ok=True)

@@ -209,6 +209,37 @@ def test_base_model_mismatch_names_both(tmp_path):
     load_coordinator(folder / COORDINATOR_DIR, "cpu", base_sha256=trained_against)
 
 
+def test_candidate_folder_is_checked_against_the_model_folders_base(tmp_path):
+    """A coordinator folder outside the model folder (a candidate) is hashed against the base named on its card
+    in ``base_folder``; the engine's ``coordinator_dir`` loads it that way, with the shipped path's checks."""
+    import shutil
+    from types import SimpleNamespace
+
+    from models.diffinfinite.engine import DiffInfiniteEngine, DiffInfiniteOptions
+
+    folder, net = _model_folder(tmp_path)
+    candidate = tmp_path / "candidate"
+    shutil.move(str(folder / COORDINATOR_DIR), candidate)
+    loaded = load_coordinator(candidate, "cpu", base_folder=folder)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+    models = SimpleNamespace(folder=folder, card=SimpleNamespace(name="demo"))
+    dde = DiffInfiniteOptions(sampler="dde")
+    with pytest.raises(ValueError, match="no trained DDE coordinator"):  # the model folder has none of its own
+        DiffInfiniteEngine().coordinator(models, dde, "cpu")
+    engine = DiffInfiniteEngine(coordinator_dir=candidate)
+    assert engine.coordinator(models, DiffInfiniteOptions(sampler="mixture"), "cpu") is None
+    with pytest.raises(ValueError, match="trained on 16-px windows, the sampler's are 64"):  # the patch check
+        engine.coordinator(models, dde, "cpu")
+    with pytest.raises(ValueError, match="no folder holding the base weights"):  # a built-in model: nothing to check
+        engine.coordinator(SimpleNamespace(folder=None, card=models.card), dde, "cpu")
+    (folder / "image_unet.safetensors").write_bytes(b"base weights v2")
+    with pytest.raises(BaseModelMismatch, match=sha256_file(folder / "image_unet.safetensors")):
+        load_coordinator(candidate, "cpu", base_folder=folder)
+    (folder / "image_unet.safetensors").unlink()
+    with pytest.raises(CoordinatorLoadError, match="base weight file image_unet.safetensors is missing"):
+        load_coordinator(candidate, "cpu", base_folder=folder)
+
+
 def test_tampered_weights_are_refused(tmp_path):
     folder, _ = _model_folder(tmp_path)
     w = folder / COORDINATOR_DIR / "coordinator.safetensors"

@@ -102,13 +102,16 @@ def check_state_dict(model_state: dict, file_state: dict, where: str) -> None:
         raise CoordinatorLoadError(mismatch_message(where, "the coordinator architecture of its card", mismatch))
 
 
-def load_coordinator(folder: str | Path, device="cpu", *, base_sha256: str | None = None):
+def load_coordinator(folder: str | Path, device="cpu", *, base_sha256: str | None = None,
+                     base_folder: str | Path | None = None):
     """The trained :class:`~models.dde.coordinator.DDECoordinator` of a model folder, in eval mode.
 
     ``folder``: a model folder holding ``dde-coordinator/`` (the base weight file named on the card is hashed
-    and must match the card) or a coordinator folder itself. ``base_sha256``: the hash of the base the caller
-    will combine it with (overrides hashing the file; needed for bases without a file, e.g. the Gaussian
-    oracle's configuration hash). Raises :class:`BaseModelMismatch` when the two differ.
+    and must match the card) or a coordinator folder itself. ``base_folder``: the model folder whose base
+    weight file (named on the card) a coordinator folder outside it is checked against (a candidate not yet
+    shipped). ``base_sha256``: the hash of the base the caller will combine it with (overrides hashing the
+    file; needed for bases without a file, e.g. the Gaussian oracle's configuration hash). Raises
+    :class:`BaseModelMismatch` when the two differ.
     """
     import torch
     from safetensors.torch import load_file
@@ -122,10 +125,11 @@ def load_coordinator(folder: str | Path, device="cpu", *, base_sha256: str | Non
     expected = base.get("sha256")
     actual = base_sha256
     actual_what = "the given base"
-    if actual is None and base.get("file") and cdir != folder:
-        base_path = folder / base["file"]
+    home = Path(base_folder) if base_folder is not None else (folder if cdir != folder else None)
+    if actual is None and base.get("file") and home is not None:
+        base_path = home / base["file"]
         if not base_path.is_file():
-            raise CoordinatorLoadError(f"{folder}: the coordinator's base weight file {base['file']} is missing")
+            raise CoordinatorLoadError(f"{home}: the coordinator's base weight file {base['file']} is missing")
         actual, actual_what = sha256_file(base_path), str(base_path)
     if actual is not None and actual != expected:
         raise BaseModelMismatch(

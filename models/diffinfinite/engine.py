@@ -142,6 +142,11 @@ class DiffInfiniteEngine(EngineBase):
     untrained_name: ClassVar[str | None] = "diffinfinite-untrained"
     untrained_card_file: ClassVar[Path | None] = Path(__file__).with_name("untrained_card.json")
 
+    def __init__(self, coordinator_dir: Path | str | None = None):
+        # a coordinator folder outside the model folder (a candidate measured before it is shipped);
+        # None: the model folder's own dde-coordinator/
+        self.coordinator_dir = Path(coordinator_dir) if coordinator_dir is not None else None
+
     def load(self, folder: Path | None, device: Any) -> Any:
         from models.diffinfinite.loading import load_diffinfinite, untrained_diffinfinite
 
@@ -161,18 +166,24 @@ class DiffInfiniteEngine(EngineBase):
                                          f"(e.g. multidiffusion) or train one (slidesynth train dde-coordinator)")
 
     def coordinator(self, models: Any, options: DiffInfiniteOptions, device: Any) -> Any:
-        """The trained coordinator of a ``dde`` job (``models.dde.load_coordinator``, imported here only); None
-        for other samplers. ValueError when the model has none."""
+        """The trained coordinator of a ``dde`` job (``models.dde.load_coordinator``, imported here only): the
+        model folder's, or the engine's ``coordinator_dir`` checked against the model folder's base weights;
+        None for other samplers. ValueError when the model has none."""
         if options.sampler != "dde":
             return None
         folder = getattr(models, "folder", None)
         name = getattr(getattr(models, "card", None), "name", "?")
-        if not has_coordinator(folder):
+        if self.coordinator_dir is None and not has_coordinator(folder):
             raise ValueError(f"options.sampler: model {name} has no trained DDE coordinator "
                              f"({COORDINATOR_DIR}/{COORDINATOR_CARD})")
+        if self.coordinator_dir is not None and folder is None:
+            raise ValueError(f"options.sampler: model {name} has no folder holding the base weights that the "
+                             f"coordinator {self.coordinator_dir} must be checked against")
         import importlib
 
-        coord = importlib.import_module("models.dde").load_coordinator(folder, device)
+        load = importlib.import_module("models.dde").load_coordinator
+        coord = (load(folder, device) if self.coordinator_dir is None else
+                 load(self.coordinator_dir, device, base_folder=folder))
         if int(coord.patch) != IMAGE_PATCH:
             raise ValueError(f"options.sampler: the DDE coordinator of {name} was trained on {coord.patch}-px windows, "
                              f"the sampler's are {IMAGE_PATCH}")
