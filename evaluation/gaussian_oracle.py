@@ -29,7 +29,6 @@ For a coordinator's training: :meth:`GaussianOracle.training_pairs` (exact sampl
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -164,15 +163,6 @@ class _Draw:
     owned: list
 
 
-def _takes_canvas(coordinator: PatchCoordinator) -> bool:
-    """Whether ``coordinator.correction`` accepts ``canvas=`` (windows of several canvases in one call, as
-    :class:`models.dde.DDECoordinator` does): the oracle then corrects a batch of canvases in one pass."""
-    try:
-        return "canvas" in inspect.signature(coordinator.correction).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class GaussianOracle:
     """N × N canvases of the field, a B × B exact patch denoiser, and samplers for every combiner.
 
@@ -244,7 +234,7 @@ class GaussianOracle:
         outs = self.denoiser(flat, wsig).reshape(nw, s, self.b, self.b)
         if combiner == "dde" and coordinator is not None:
             t_all = (sig if sig is not None else torch.full((s,), float(sigma), dtype=self.dtype, device=x.device))
-            if _takes_canvas(coordinator):  # all canvases in one pass, each canvas's windows apart
+            if getattr(coordinator, "batches_canvases", False):  # all canvases in one pass, each apart
                 o = outs.transpose(0, 1).reshape(s * nw, 1, self.b, self.b)
                 z = crops.transpose(0, 1).reshape(s * nw, 1, self.b, self.b)
                 origins = plan.origins_tensor(x.device).repeat(s, 1)

@@ -294,68 +294,173 @@ RIDGE_HALF_PX = 4
 RIDGE_FLANK_PX = 12
 
 
-def _ridge_jumps(grey: np.ndarray, lines: Sequence[int], labels: np.ndarray | None, half: int, flank: int,
-                 segment: int) -> np.ndarray:
-    """Per segment of each horizontal line ``p``: |mean of rows [p − half, p + half) − mean of the flanking rows
-    [p − half − flank, p − half) and [p + half, p + half + flank)|, segments of ``segment`` columns; with
-    ``labels``, only segments whose whole block lies in one label region."""
-    h, w = grey.shape
-    reach = half + flank
-    out = []
-    for p in lines:
-        if p - reach < 0 or p + reach > h:
-            continue
-        centre = grey[p - half:p + half].mean(0)
-        flanks = 0.5 * (grey[p - reach:p - half].mean(0) + grey[p + half:p + reach].mean(0))
-        d = centre - flanks
-        for x0 in range(0, w - segment + 1, segment):
-            if labels is not None:
-                block = labels[p - reach:p + reach, x0:x0 + segment]
-                if block.min() != block.max():
-                    continue
-            out.append(abs(float(d[x0:x0 + segment].mean())))
-    return np.asarray(out)
+class RidgeScorer:
+    """Streaming :func:`ridge_score`: a ridge (or trough) a few px wide centred on a cut, which neither the quilt
+    score (block means on both sides of the cut agree) nor a 1-px gradient ratio (the ridge's top is flat) sees.
+
+    ``rows`` / ``cols``: cut lines (p = between pixels p − 1 and p) of horizontal / vertical cuts in a
+    ``height`` × ``width`` slide. Per ``segment_px`` segment of a line (whole segments only), the jump is
+    |mean grey of the ``2·half_px`` px centred on the line − mean of the ``flank_px`` px on both sides|. Control
+    lines at the cuts' phases modulo ``phase_px``, whose whole reach stays clear of every cut's reach, measure
+    what the content alone scores (at most ``max_controls`` per axis, evenly thinned; None = all). Score =
+    trimmed mean jump on cuts ÷ on controls (``floor_grey`` added to both): ≈ 1 when nothing marks the cuts.
+    ``labels`` (H, W): count only segments whose whole block lies in one label region.
+
+    Feed full-width uint8 bands (H, W[, C]; grey = the channels' mean) top to bottom with :meth:`add_band`,
+    then read :meth:`result`. Memory: one number per line and segment.
+    """
+
+    def __init__(self, height: int, width: int, rows: Iterable[int], cols: Iterable[int],
+                 labels: np.ndarray | None = None, *, half_px: int = RIDGE_HALF_PX, flank_px: int = RIDGE_FLANK_PX,
+                 segment_px: int = SEGMENT_PX, phase_px: int = PHASE_PX, max_controls: int | None = MAX_CONTROLS,
+                 trim: float = TRIM, floor_grey: float = FLOOR_GREY):
+        self.height, self.width = int(height), int(width)
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"slide size must be positive, got {height} x {width}")
+        for name, v in (("half_px", half_px), ("flank_px", flank_px), ("segment_px", segment_px),
+                        ("phase_px", phase_px)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {v}")
+        if not 0 <= trim < 1:
+            raise ValueError(f"trim must be in [0, 1), got {trim}")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (self.height, self.width):
+                raise ValueError(f"labels must be ({self.height}, {self.width}), got {labels.shape}")
+        self.half, self.flank, self.segment = int(half_px), int(flank_px), int(segment_px)
+        self.trim, self.floor = float(trim), float(floor_grey)
+        reach = self.reach = self.half + self.flank
+        # per axis (0: horizontal lines at rows, 1: vertical lines at columns): lines, whether each is a cut,
+        # and per line and segment the label test; sums[axis]: (lines, segments) signed centre − flank sums
+        self._lines: list[np.ndarray] = []
+        self._is_cut: list[np.ndarray] = []
+        self._keep: list[np.ndarray] = []
+        for axis, given in ((0, rows), (1, cols)):
+            extent, along = (self.height, self.width) if axis == 0 else (self.width, self.height)
+            cuts = sorted({int(q) for q in given})
+            inside = [q for q in cuts if reach <= q <= extent - reach]
+            controls: list[int] = []
+            if cuts:
+                phases = {q % int(phase_px) for q in cuts}
+                taken = np.zeros(extent + 1, bool)
+                for q in cuts:
+                    taken[max(0, q - 2 * reach):q + 2 * reach] = True  # a control's reach must not touch a cut's
+                controls = [q for q in range(reach, extent - reach + 1) if q % int(phase_px) in phases
+                            and not taken[q]]
+                if max_controls is not None and len(controls) > max_controls:
+                    pick = np.linspace(0, len(controls) - 1, int(max_controls)).round().astype(int)
+                    controls = [controls[i] for i in pick]
+            lines = np.asarray(inside + controls, np.int64)
+            self._lines.append(lines)
+            self._is_cut.append(np.arange(lines.size) < len(inside))
+            n_seg = along // self.segment
+            keep = np.ones((lines.size, n_seg), bool)
+            if labels is not None and lines.size and n_seg:
+                lab = labels if axis == 0 else labels.T
+                for i, q in enumerate(lines):
+                    block = lab[q - reach:q + reach, :n_seg * self.segment].reshape(2 * reach, n_seg, self.segment)
+                    keep[i] = block.min(axis=(0, 2)) == block.max(axis=(0, 2))
+            self._keep.append(keep)
+        self._sums = [np.zeros((self._lines[a].size, self._keep[a].shape[1]), np.float64) for a in (0, 1)]
+        # the weight of each offset from a line in its centre − flanks difference (sums to 0)
+        self._weights = np.concatenate([np.full(self.flank, -0.5 / self.flank), np.full(2 * self.half, 0.5 / self.half),
+                                        np.full(self.flank, -0.5 / self.flank)])
+        self._rows = 0
+
+    def add_band(self, band: np.ndarray) -> None:
+        band = np.asarray(band)
+        if band.ndim not in (2, 3) or band.shape[1] != self.width:
+            raise ValueError(f"bands must be (rows, {self.width}[, channels]), got {band.shape}")
+        if band.dtype != np.uint8:
+            raise ValueError(f"bands must be uint8, got {band.dtype}")
+        self.add_grey(band.mean(axis=2, dtype=np.float64) if band.ndim == 3 else band.astype(np.float64))
+
+    def add_grey(self, grey: np.ndarray) -> None:
+        """:meth:`add_band` for a band already in grey levels (rows, width) float64."""
+        r0, r1 = self._rows, self._rows + grey.shape[0]
+        if r1 > self.height:
+            raise ValueError(f"bands exceed the slide's {self.height} rows")
+        seg = self.segment
+        # horizontal lines: each row in a line's reach adds its weight × its per-segment means
+        n_seg = self._sums[0].shape[1]
+        if self._lines[0].size and n_seg:
+            seg_means = grey[:, :n_seg * seg].reshape(grey.shape[0], n_seg, seg).mean(axis=2)
+            for i, q in enumerate(self._lines[0]):
+                lo, hi = max(q - self.reach, r0), min(q + self.reach, r1)
+                if lo < hi:
+                    w = self._weights[lo - (q - self.reach):hi - (q - self.reach)]
+                    self._sums[0][i] += w @ seg_means[lo - r0:hi - r0]
+        # vertical lines: per row, the weighted columns around each line, summed into that row's segment
+        n_seg = self._sums[1].shape[1]
+        if self._lines[1].size and n_seg:
+            rows = np.arange(r0, r1)
+            whole = rows < n_seg * seg
+            seg_of = rows[whole] // seg
+            idx = self._lines[1][:, None] + np.arange(-self.reach, self.reach)[None, :]  # (lines, 2·reach)
+            d = grey[whole][:, idx] @ self._weights  # (rows, lines)
+            np.add.at(self._sums[1].T, seg_of, d / seg)
+        self._rows = r1
+
+    def result(self) -> dict:
+        """``{"score", "cut_grey", "control_grey", "segments", "controls"}``; grey levels; score None without
+        cut or control segments."""
+        if self._rows != self.height:
+            raise ValueError(f"only {self._rows} of the slide's {self.height} rows were scored")
+        cuts, ctls = [], []
+        for axis in (0, 1):
+            jumps = np.abs(self._sums[axis])
+            cuts.append(jumps[self._is_cut[axis]][self._keep[axis][self._is_cut[axis]]])
+            ctls.append(jumps[~self._is_cut[axis]][self._keep[axis][~self._is_cut[axis]]])
+        cut, ctl = np.concatenate(cuts), np.concatenate(ctls)
+
+        def trimmed(x: np.ndarray) -> float:
+            x = np.sort(x)
+            return float(x[:max(1, int(round(len(x) * (1 - self.trim))))].mean())
+
+        if not len(cut) or not len(ctl):
+            return {"score": None, "cut_grey": None, "control_grey": None, "segments": int(len(cut)),
+                    "controls": int(len(ctl))}
+        c, k = trimmed(cut), trimmed(ctl)
+        return {"score": round((c + self.floor) / (k + self.floor), 4), "cut_grey": round(c, 3),
+                "control_grey": round(k, 3), "segments": int(len(cut)), "controls": int(len(ctl))}
+
+
+class RidgeScorers:
+    """One :class:`RidgeScorer` per kind of cut, on the centre lines of its zones (``{kind: (row_zones,
+    column_zones)}`` as :class:`QuiltScorer` takes them): the grey band is made once for all kinds."""
+
+    def __init__(self, height: int, width: int, cuts: Mapping[str, tuple[Sequence[Zone], Sequence[Zone]]],
+                 labels: np.ndarray | None = None, **kw):
+        def centres(zones: Sequence[Zone]) -> list[int]:
+            return [(int(a) + int(b)) // 2 for a, b in zones]
+
+        self.scorers = {kind: RidgeScorer(height, width, centres(rz), centres(cz), labels, **kw)
+                        for kind, (rz, cz) in cuts.items()}
+        self.width = int(width)
+
+    def add_band(self, band: np.ndarray) -> None:
+        band = np.asarray(band)
+        if band.ndim not in (2, 3) or band.shape[1] != self.width:
+            raise ValueError(f"bands must be (rows, {self.width}[, channels]), got {band.shape}")
+        if band.dtype != np.uint8:
+            raise ValueError(f"bands must be uint8, got {band.dtype}")
+        grey = band.mean(axis=2, dtype=np.float64) if band.ndim == 3 else band.astype(np.float64)
+        for scorer in self.scorers.values():
+            scorer.add_grey(grey)
+
+    def result(self) -> dict:
+        """``{"ridge_score": max over kinds (None when no kind has segments), "by_kind": {kind: RidgeScorer
+        result}}``."""
+        by_kind = {kind: s.result() for kind, s in self.scorers.items()}
+        scores = [v["score"] for v in by_kind.values() if v["score"] is not None]
+        return {"ridge_score": max(scores) if scores else None, "by_kind": by_kind}
 
 
 def ridge_score(image: np.ndarray, rows: Sequence[int], cols: Sequence[int], labels: np.ndarray | None = None, *,
-                half_px: int = RIDGE_HALF_PX, flank_px: int = RIDGE_FLANK_PX, segment_px: int = SEGMENT_PX,
-                phase_px: int = PHASE_PX, trim: float = TRIM, floor_grey: float = FLOOR_GREY) -> dict:
-    """Thin lines along cuts: a ridge (or trough) a few px wide centred on a cut, which neither the quilt score
-    (block means on both sides of the cut agree) nor a 1-px gradient ratio (the ridge's top is flat) sees.
-
-    ``rows`` / ``cols``: cut lines (p = between pixels p − 1 and p) of horizontal / vertical cuts in ``image``
-    (H, W[, C]) uint8. Per 64-px segment of a cut, the jump is |mean grey of the ``2·half_px`` px centred on the
-    cut − mean of the ``flank_px`` px on both sides|; control lines at the same phase modulo ``phase_px``, whose
-    whole reach stays clear of every cut's reach, measure what the content alone scores. Score = trimmed mean
-    jump on cuts ÷ on controls (``floor_grey`` added to both): ≈ 1 when nothing marks the cuts.
-    ``labels`` (H, W): count only segments within one label region. Returns {"score", "cut_grey",
-    "control_grey", "segments", "controls"} (score None without cut segments)."""
-    img = np.asarray(image, dtype=np.float64)
-    grey = img.mean(axis=2) if img.ndim == 3 else img
-    reach = half_px + flank_px
-    cut_j, ctl_j = [], []
-    for axis, lines in ((0, rows), (1, cols)):
-        g = grey if axis == 0 else grey.T
-        lab = None if labels is None else (labels if axis == 0 else labels.T)
-        lines = sorted({int(p) for p in lines})
-        if not lines:
-            continue
-        phases = {p % phase_px for p in lines}
-        taken = np.zeros(g.shape[0] + 1, bool)
-        for p in lines:
-            taken[max(0, p - 2 * reach):p + 2 * reach] = True  # a control's reach must not touch a cut's
-        controls = [q for q in range(reach, g.shape[0] - reach + 1) if q % phase_px in phases and not taken[q]]
-        cut_j.append(_ridge_jumps(g, lines, lab, half_px, flank_px, segment_px))
-        ctl_j.append(_ridge_jumps(g, controls, lab, half_px, flank_px, segment_px))
-    cuts = np.concatenate(cut_j) if cut_j else np.zeros(0)
-    ctls = np.concatenate(ctl_j) if ctl_j else np.zeros(0)
-
-    def trimmed(x: np.ndarray) -> float:
-        x = np.sort(x)
-        return float(x[:max(1, int(round(len(x) * (1 - trim))))].mean())
-
-    if not len(cuts) or not len(ctls):
-        return {"score": None, "cut_grey": None, "control_grey": None, "segments": len(cuts), "controls": len(ctls)}
-    c, k = trimmed(cuts), trimmed(ctls)
-    return {"score": round((c + floor_grey) / (k + floor_grey), 4), "cut_grey": round(c, 3),
-            "control_grey": round(k, 3), "segments": int(len(cuts)), "controls": int(len(ctls))}
+                max_controls: int | None = None, **kw) -> dict:
+    """:class:`RidgeScorer` over a whole image (H, W[, C]) uint8, every control line by default."""
+    img = np.asarray(image)
+    scorer = RidgeScorer(img.shape[0], img.shape[1], rows, cols, labels, max_controls=max_controls, **kw)
+    for r in range(0, img.shape[0], 512):
+        scorer.add_band(img[r:r + 512])
+    return scorer.result()

@@ -140,7 +140,9 @@ class PatchCoordinator(Protocol):
     returns a correction added to each window's output before the uniform overlap average.
 
     Attributes: ``patch`` — window side (px of the canvas the base model runs on, e.g. latent px) it was trained
-    with; ``stride`` — window spacing it was trained with.
+    with; ``stride`` — window spacing it was trained with. Optional: ``batches_canvases = True`` when
+    ``correction`` also takes ``canvas=`` (N,), the canvas index of each window, to correct the windows of
+    several canvases in one call (each canvas's windows apart).
     """
 
     patch: int

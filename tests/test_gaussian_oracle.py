@@ -112,6 +112,7 @@ def test_excess_by_sigma_is_one_for_averaging_and_zero_for_the_exact_correction(
 
     class Exact:  # a correction that lands every window's output on the exact canvas denoiser's crop
         patch, stride = B, B // 2
+        batches_canvases = True  # takes canvas=: the oracle corrects both canvases in one call
 
         def correction(self, outputs, noisy, origins, cond, t, *, canvas=None):
             out = torch.empty_like(outputs)

@@ -135,3 +135,37 @@ def test_ridge_score_sees_thin_lines_on_cuts_that_the_quilt_score_misses():
     labels[:, 250:] = 1
     assert ridge_score(ridged, lines, [], labels)["segments"] == 3 * 8 - 3  # the segment over x = 250 is dropped
     assert ridge_score(clean, [], [])["score"] is None
+
+
+def test_ridge_scorer_streams_and_scores_every_kind_of_cut():
+    from evaluation.quilt import RidgeScorer, RidgeScorers, ridge_score
+
+    rng = np.random.default_rng(3)
+    img = np.clip(150 + rng.normal(0, 8, (600, 700, 3)), 0, 255)
+    for p in (200, 400):  # bright lines on the sampler's rows only; the decode ramps' centres stay clean
+        img[p - 3:p + 3] += 12
+    img = img.astype(np.uint8)
+    whole = ridge_score(img, [200, 400], [256], max_controls=40)
+    scorer = RidgeScorer(600, 700, [200, 400], [256], max_controls=40)
+    r = 0
+    for k in (1, 77, 5, 300, 217):  # any banding gives the same sums
+        scorer.add_band(img[r:r + k])
+        r += k
+    assert scorer.result() == whole and whole["score"] > 3
+    assert ridge_score(img, [200, 400], [256])["controls"] > whole["controls"]  # max_controls thins them
+    cuts = {"sampler": ([(200, 200), (400, 400)], []), "decode": ([(88, 136)], [(300, 348)])}  # ramp centres 112, 324
+    set_ = RidgeScorers(600, 700, cuts)
+    for r in range(0, 600, 128):
+        set_.add_band(img[r:r + 128])
+    res = set_.result()
+    assert res["by_kind"]["sampler"] == ridge_score(img, [200, 400], [], max_controls=256)
+    assert res["by_kind"]["decode"] == ridge_score(img, [112], [324], max_controls=256)
+    assert res["by_kind"]["decode"]["score"] < 1.5 and res["ridge_score"] == res["by_kind"]["sampler"]["score"]
+    with pytest.raises(ValueError, match="only 0 of the slide's 600 rows"):
+        RidgeScorer(600, 700, [200], []).result()
+    with pytest.raises(ValueError, match="uint8"):
+        RidgeScorer(600, 700, [200], []).add_band(img[:10].astype(np.float32))
+    with pytest.raises(ValueError, match=r"bands must be \(rows, 700"):
+        set_.add_band(img[:10, :500])
+    with pytest.raises(ValueError, match="labels must be"):
+        RidgeScorer(600, 700, [200], [], labels=np.zeros((60, 70), np.uint8))

@@ -294,6 +294,9 @@ def test_both_decode_contexts_run_and_report_the_quilt_score(ctx):
         # a 640-px slide holds one decode-tile ramp per axis, and the tiled sampler's last cells
         assert metrics["quilt_score"] == max(metrics["quilt_score_decode"], metrics["quilt_score_sampler"])
         assert metrics["quilt_score"] > 0
+        # and the ridge score (thin lines centred on the same cuts), per kind and its largest
+        assert metrics["ridge_score"] == max(metrics["ridge_score_decode"], metrics["ridge_score_sampler"])
+        assert 0 < metrics["ridge_score"] < 5
 
 
 def test_a_latent_with_nan_fails_before_any_output_file(ctx, monkeypatch):

@@ -409,15 +409,18 @@ def compose(base, net: DDECoordinator | None, b: Batch, windows, loss=None) -> t
     nw, bsz = len(plan), b.level.shape[0]
     origins = plan.origins_tensor(xw.device).repeat(bsz, 1)
     canvas = torch.arange(bsz, device=xw.device).repeat_interleave(nw)
-    base_out = out
-    if net is not None:
-        out = out + net.correction(out, base.coordinator_input(xw), origins, condw, level, canvas=canvas)
+    weighted = loss is None and base.loss_weight == "disagreement"
+    deviations = window_deviations(out, origins, canvas) \
+        if weighted or (net is not None and net.config.scale == "disagreement") else None
+    if net is not None:  # the deviations computed once for the coordinator's unit and the loss weight
+        out = out + net.correction(out, base.coordinator_input(xw), origins, condw, level, canvas=canvas,
+                                   deviations=deviations if net.config.scale == "disagreement" else None)
     comp = torch.stack([blend(out[i * nw:(i + 1) * nw], plan.origins, plan.weight, plan.canvas) for i in range(bsz)])
     if loss is not None:
         return loss(comp, b)
     per_canvas = base.loss(comp, b)
-    if base.loss_weight == "disagreement":  # a function of the noisy canvas only: the minimiser is unchanged
-        _, scale = window_deviations(base_out, origins, canvas)
+    if weighted:  # a function of the noisy canvas only: the minimiser is unchanged
+        _, scale = deviations
         per_canvas = per_canvas / scale[::nw].to(per_canvas.dtype).pow(2)
     return per_canvas
 

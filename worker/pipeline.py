@@ -149,6 +149,25 @@ def quilt_metrics(scorer) -> dict[str, float]:
     return metrics
 
 
+def ridge_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple[list, list]]):
+    """Streaming ridge score (:class:`evaluation.quilt.RidgeScorers`): thin lines centred on the pipeline's cut
+    lines, which the quilt score's block means do not see."""
+    from evaluation.quilt import RidgeScorers
+
+    if not any(rows or cols for rows, cols in cuts.values()):
+        return None
+    return RidgeScorers(spec.height, spec.width, cuts, labels)
+
+
+def ridge_metrics(scorer) -> dict[str, float]:
+    """``ridge_score`` (the largest over the kinds of cut) and ``ridge_score_<kind>`` per kind with segments."""
+    result = scorer.result()
+    metrics = {f"ridge_score_{kind}": v["score"] for kind, v in result["by_kind"].items() if v["score"] is not None}
+    if result["ridge_score"] is not None:
+        metrics["ridge_score"] = result["ridge_score"]
+    return metrics
+
+
 def fidelity_metrics(scorer) -> dict[str, float]:
     """Agreement of the 64²-window tissue classifier with the requested mask, and seams on the 512-px grid."""
     try:
@@ -183,6 +202,7 @@ def slide_scorers(spec: JobSpec, slide: SlideBands, card, models_dir: Path | Non
     """The streaming scorers this slide can be measured with, by metric family."""
     scorers = {"fidelity": fidelity_scorer(slide.labels, spec, card.fidelity_classes, slide.seam_lines),
                "quilt": quilt_scorer(spec, slide.labels, slide.cut_lines),
+               "ridge": ridge_scorer(spec, slide.labels, slide.cut_lines),
                "class_share": class_share_scorer(slide.labels, spec),
                "embedding": embedding_scorer(spec, models_dir)}
     return {kind: scorer for kind, scorer in scorers.items() if scorer is not None}
@@ -205,7 +225,8 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
-METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "class_share": class_share_metrics,
+METRICS = {"fidelity": fidelity_metrics, "quilt": quilt_metrics, "ridge": ridge_metrics,
+           "class_share": class_share_metrics,
            "embedding": embedding_metrics}  # scorer → job metrics, by family
 
 

@@ -271,6 +271,8 @@ class DDECoordinator(nn.Module):
     """``correction(outputs, noisy, origins, cond, t) → (N, C, P, P)``: added to each window's patch output
     before averaging over overlaps. Zero at initialisation (exactly averaging)."""
 
+    batches_canvases = True  # correction(..., canvas=) takes windows of several canvases (PatchCoordinator)
+
     def __init__(self, config: CoordinatorConfig):
         super().__init__()
         config.validate()
@@ -363,13 +365,14 @@ class DDECoordinator(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def correction(self, outputs: Tensor, noisy: Tensor, origins: Tensor, cond: Tensor | None, t: Tensor, *,
-                   canvas: Tensor | None = None) -> Tensor:
+                   canvas: Tensor | None = None, deviations: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Per-window corrections (N, C, P, P).
 
         ``outputs`` / ``noisy``: (N, C, P, P) patch outputs and their noisy inputs; ``origins``: (N, 2) canvas
         (y, x) of each window; ``cond``: (N, Cc, P·r, P·r) condition crops or None;
         ``t``: (N,) timestep or σ; ``canvas``: (N,) index of the canvas each window belongs to (training batches
-        of several canvases; default all one canvas).
+        of several canvases; default all one canvas); ``deviations``: :func:`window_deviations` of these
+        outputs, origins and canvases when the caller has them already (the training loss weights by them too).
 
         One canvas of more than :attr:`max_tokens` tokens is corrected band by band (:meth:`bands`), so the
         memory of a pass is bounded whatever the slide's size; the result equals the one-pass result up to
@@ -381,7 +384,8 @@ class DDECoordinator(nn.Module):
         if self.config.scale == "disagreement" and n:  # over the whole canvas, before any band split
             if origins.ndim != 2 or origins.shape != (n, 2):
                 raise ValueError(f"origins must be (N={n}, 2) canvas (y, x), got shape {tuple(origins.shape)}")
-            dev, scale = window_deviations(outputs, origins.to(outputs.device), canvas)
+            dev, scale = deviations if deviations is not None else \
+                window_deviations(outputs, origins.to(outputs.device), canvas)
         if canvas is None and self.max_tokens and n * per > self.max_tokens and origins.ndim == 2 and n:
             bands = self.bands(origins)
             if len(bands) > 1:
