@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.patching import COMBINERS, DEFAULT_MIXTURE_SIGMA, PatchCoordinator, blend, corrected, plan_windows
+from models.patching import (COMBINERS, DEFAULT_MIXTURE_SIGMA, PatchCoordinator, blend, coordinator_blend, corrected,
+                             plan_windows)
 
 __all__ = [
     "ORACLE_COMBINERS", "MaternField", "PatchBayesDenoiser", "GaussianOracle", "karras_sigmas", "field_metrics",
@@ -224,7 +225,8 @@ class GaussianOracle:
             return self._canvas_denoisers[hh](x, per).to(x.dtype)
         if combiner in ("random", "offset"):
             return self._composite_drawn(x, sigma, combiner, step, seed, first_sample)
-        plan = plan_windows(combiner, (hh, ww), self.b, stride, mixture_sigma)
+        plan = plan_windows(combiner, (hh, ww), self.b, stride, mixture_sigma,
+                            blend=coordinator_blend(coordinator) if combiner == "dde" else "uniform")
         if plan.size != (self.b, self.b):
             raise ValueError(f"canvas {hh}×{ww} smaller than the patch {self.b}")
         nw = len(plan)
@@ -407,15 +409,17 @@ EXCESS_SIGMAS = (0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 def excess_by_sigma(oracle: GaussianOracle, coordinator: PatchCoordinator, stride: int,
                     sigmas: Iterable[float] = EXCESS_SIGMAS, canvases: int = 16, seed: int = 123
                     ) -> list[dict[str, float]]:
-    """Where in σ a coordinator falls short: per σ, the mean squared distance of the MultiDiffusion composite
+    """Where in σ a coordinator falls short: per σ, the mean squared distance of the averaged composite (the
+    coordinator's own blend uncorrected: MultiDiffusion, or Mixture of Diffusers for a ``mixture``-blend one)
     and of the corrected (``dde``) composite to the exact whole-canvas denoiser, on ``canvases`` noisy N × N
     fields (true marginals, the same for both), and their ratio (1 = no better than averaging, 0 = exact).
     Variance and low-frequency power are made at σ ≳ 0.5, seams at σ ≲ 0.5."""
+    averaging = "mixture" if coordinator_blend(coordinator) == "mixture" else "multidiffusion"
     rows = []
     for s in sigmas:
         _, noisy, sig = oracle.training_pairs(canvases, sigma=float(s), seed=seed)
         exact = oracle.composite(noisy, sig, "exact")
-        avg = float(((oracle.composite(noisy, sig, "multidiffusion", stride=stride) - exact) ** 2).mean())
+        avg = float(((oracle.composite(noisy, sig, averaging, stride=stride) - exact) ** 2).mean())
         dde = float(((oracle.composite(noisy, sig, "dde", coordinator, stride=stride) - exact) ** 2).mean())
         rows.append({"sigma": float(s), "excess_averaging": avg, "excess_dde": dde,
                      "ratio": dde / avg if avg > 0 else float("nan")})

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 COMBINERS: tuple[str, ...] = ("independent", "multidiffusion", "mixture", "dde")
+BLENDS: tuple[str, ...] = ("uniform", "mixture")  # the weights dde averages its corrected windows with
 DEFAULT_MIXTURE_SIGMA = 0.1  # Mixture of Diffusers: variance 0.01 on [0, 1] patch coordinates → σ = 0.1·patch
 
 
@@ -108,14 +109,18 @@ def window_weight(combiner: str, size: tuple[int, int], patch: int,
 
 
 def plan_windows(combiner: str, canvas: tuple[int, int], patch: int, stride: int | None = None,
-                 sigma: float = DEFAULT_MIXTURE_SIGMA) -> WindowPlan:
+                 sigma: float = DEFAULT_MIXTURE_SIGMA, *, blend: str = "uniform") -> WindowPlan:
     """The windows of ``combiner`` over a canvas (H, W) for a square ``patch``.
 
     ``stride``: spacing of overlapping windows (default patch // 2, at least 1); ignored by ``independent``
-    (stride = patch). ``sigma``: Gaussian width of ``mixture`` as a fraction of the patch.
+    (stride = patch). ``sigma``: Gaussian width of ``mixture`` as a fraction of the patch. ``blend``: the
+    weights ``dde`` averages its corrected windows with (:func:`coordinator_blend`): ``uniform`` (the paper's,
+    MultiDiffusion's) or ``mixture`` (Mixture of Diffusers' Gaussian); the other combiners have their own.
     """
     if combiner not in COMBINERS:
         raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     hh, ww = int(canvas[0]), int(canvas[1])
     if hh < 1 or ww < 1:
         raise ValueError(f"canvas must be at least 1×1, got {canvas}")
@@ -130,8 +135,15 @@ def plan_windows(combiner: str, canvas: tuple[int, int], patch: int, stride: int
     ys, xs = axis_starts(hh, patch, stride), axis_starts(ww, patch, stride)
     origins = np.array([(y, x) for y in ys for x in xs], dtype=np.int64).reshape(-1, 2)
     size = (min(patch, hh), min(patch, ww))
+    weights = "mixture" if combiner == "dde" and blend == "mixture" else combiner
     return WindowPlan(combiner, (hh, ww), int(patch), int(stride), size, origins,
-                      window_weight(combiner, size, patch, sigma))
+                      window_weight(weights, size, patch, sigma))
+
+
+def coordinator_blend(coordinator: "PatchCoordinator | None") -> str:
+    """The overlap weights a coordinator was trained to be averaged with (``config.blend``; ``uniform`` when it
+    has none, as the paper's)."""
+    return str(getattr(getattr(coordinator, "config", None), "blend", "uniform"))
 
 
 @runtime_checkable

@@ -118,6 +118,16 @@ def test_oracle_run_writes_its_card_and_the_exact_denoiser_figures(tmp_path):
     with pytest.raises(ValueError, match="target: bayes needs the oracle"):
         DDETrainConfig(base="weights/diffinfinite-demo", target="bayes").validate()
 
+    # blend = mixture: the composite averages with Gaussian weights, so its uncorrected baseline is another one
+    mix = train_dde_coordinator(DDETrainConfig(**{**cfg.__dict__, "out": tmp_path / "mix", "blend": "mixture",
+                                                  "steps": 1}), log=lambda m: None)
+    assert read_coordinator_card(tmp_path / "mix")["architecture"]["blend"] == "mixture"
+    assert card["architecture"]["blend"] == "uniform"
+    for r, m in zip(result.evaluation["per_canvas"], mix.evaluation["per_canvas"]):
+        assert m["bayes"] == r["bayes"] and m["excess_averaging"] != r["excess_averaging"]
+    with pytest.raises(ValueError, match="blend must be uniform or mixture"):
+        DDETrainConfig(base="oracle", blend="gauss").validate()
+
 
 def test_init_warm_starts_from_a_coordinator_and_refuses_another_architecture(tmp_path):
     from safetensors.torch import load_file

@@ -88,6 +88,25 @@ def test_zero_coordinator_is_multidiffusion_bit_for_bit(oracle):
     assert torch.equal(a, b)
 
 
+def test_untrained_mixture_blend_coordinator_is_mixture_of_diffusers(oracle):
+    """blend = mixture: the corrected windows are averaged with Gaussian weights, so at zero correction ``dde``
+    is Mixture of Diffusers (and excess_by_sigma measures against it)."""
+    from evaluation.gaussian_oracle import excess_by_sigma
+    from models.dde.coordinator import CoordinatorConfig, DDECoordinator
+
+    cfg = CoordinatorConfig(channels=1, patch=B, stride=B // 4, token=4, hidden=16, depth=1, heads=2,
+                            attn_window=8, noise_input="sigma", scale="disagreement", blend="mixture")
+    net = DDECoordinator(cfg).double()
+    a = oracle.sample("dde", 3, 1, steps=4, stride=B // 4, coordinator=net)
+    b = oracle.sample("mixture", 3, 1, steps=4, stride=B // 4)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not torch.allclose(b, oracle.sample("multidiffusion", 3, 1, steps=4, stride=B // 4))
+    rows = excess_by_sigma(oracle, net, B // 4, sigmas=(0.5,), canvases=2)
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="blend must be uniform or mixture"):
+        CoordinatorConfig(blend="gaussian").validate()
+
+
 class _ScaleCoordinator(torch.nn.Module):
     """A one-parameter coordinator (correction = a·(output − noisy)) to check the plumbing and gradients."""
 

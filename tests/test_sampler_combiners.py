@@ -112,6 +112,20 @@ class RecordingCoordinator:
         return self.scale * outputs
 
 
+class MixtureBlendZero(ZeroCoordinator):
+    """An untrained coordinator trained to be averaged with Mixture of Diffusers' Gaussian weights."""
+    config = type("Config", (), {"blend": "mixture"})()
+
+
+def test_zero_mixture_blend_coordinator_dde_is_mixture(image_unet):
+    lab = _labels(40, 72)
+    mix0 = _sampler(image_unet, "mixture", guidance=0.0).sample(lab, seed=5)
+    dde0 = _sampler(image_unet, "dde", guidance=0.0, coordinator=MixtureBlendZero(32, 16)).sample(lab, seed=5)
+    assert torch.equal(mix0, dde0)
+    md0 = _sampler(image_unet, "multidiffusion", guidance=0.0).sample(lab, seed=5)
+    assert not torch.equal(md0, dde0)
+
+
 def test_zero_coordinator_dde_is_multidiffusion(image_unet):
     lab = _labels(40, 72)
     md = _sampler(image_unet, "multidiffusion").sample(lab, seed=5)

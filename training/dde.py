@@ -90,6 +90,7 @@ class DDETrainConfig:
     target: str = "clean"  # oracle: "clean" (the paper's loss) or "bayes" (the exact canvas denoiser: same minimiser)
     scale: str = "none"  # coordinator architecture: "disagreement" = in/output in units of the windows' disagreement
     loss_weight: str = "base"  # "base" (EDM λ / plain ε) or "disagreement": each canvas ÷ its disagreement scale²
+    blend: str = "uniform"  # coordinator architecture: overlap weights after the correction (uniform = the paper's)
     loss_levels: int = 0  # multiscale loss: also the error pooled by 2 … 2^loss_levels (0 = the paper's plain MSE)
     init: Path | None = None  # warm start: a coordinator folder of the same architecture over the same base
     # evaluation
@@ -113,6 +114,8 @@ class DDETrainConfig:
             raise ValueError(f"loss_levels must be in 0…8, got {self.loss_levels}")
         if self.scale not in ("none", "disagreement"):
             raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
+        if self.blend not in ("uniform", "mixture"):
+            raise ValueError(f"blend must be uniform or mixture, got {self.blend!r}")
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):
@@ -202,12 +205,13 @@ class DiffInfiniteBase:
         self.train_data, self.holdout_data = self._data(cfg, cache, log)
         self.loss_levels = int(cfg.loss_levels)
         self.loss_weight = cfg.loss_weight
+        self.blend = cfg.blend  # the weights the composite averages the corrected windows with
 
     def coordinator_config(self, cfg: DDETrainConfig) -> CoordinatorConfig:
         return CoordinatorConfig(channels=self.channels, patch=self.patch, stride=self.stride, token=cfg.token,
                                  hidden=cfg.hidden, depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window,
                                  cond="labels", cond_channels=self.num_classes, noise_input="timestep",
-                                 scale=cfg.scale)
+                                 scale=cfg.scale, blend=cfg.blend)
 
     def _data(self, cfg: DDETrainConfig, cache: Path | None, log):
         from models.diffinfinite.unet import downsample_label_mask
@@ -310,11 +314,13 @@ class OracleBase:
         self.target = cfg.target
         self.loss_levels = int(cfg.loss_levels)
         self.loss_weight = cfg.loss_weight
+        self.blend = cfg.blend  # the weights the composite averages the corrected windows with
 
     def coordinator_config(self, cfg: DDETrainConfig) -> CoordinatorConfig:
         return CoordinatorConfig(channels=1, patch=self.patch, stride=self.stride, token=cfg.token, hidden=cfg.hidden,
                                  depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window, cond="none",
-                                 noise_input="sigma", sigma_data=self.sigma_data, scale=cfg.scale)
+                                 noise_input="sigma", sigma_data=self.sigma_data, scale=cfg.scale,
+                                 blend=cfg.blend)
 
     def draw(self, rng: np.random.Generator, gen: torch.Generator, batch: int, side: int, holdout: bool = False
              ) -> Batch:
@@ -390,7 +396,7 @@ def build_base(cfg: DDETrainConfig, device: torch.device, cache: Path | None, lo
 def window_outputs(base, b: Batch, side: int):
     """The frozen base on the ``dde`` plan's windows of every canvas of ``b``: (plan, noisy windows (B·n, C, P, P),
     base outputs, per-window levels, condition windows or None), canvas-major."""
-    plan = plan_windows("dde", (side, side), base.patch, base.stride)
+    plan = plan_windows("dde", (side, side), base.patch, base.stride, blend=base.blend)
     x = base.noisy(b)
     bsz = x.shape[0]
     xw = torch.cat([plan.crops(x[i]) for i in range(bsz)])
@@ -597,7 +603,7 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
 
 
 # settings added after the first checkpoints were written, at the values those runs had
-_OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None}
+_OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None, "blend": "uniform"}
 
 
 def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, Any]:

@@ -74,6 +74,9 @@ class CoordinatorConfig:
     # canvas, are an input, and the correction is scaled back by that RMS (see :func:`window_deviations`);
     # "none": the first shipped coordinators
     scale: Scale = "none"
+    # the overlap weights its corrected windows are averaged with: "uniform" (the paper's: an untrained
+    # coordinator is MultiDiffusion) or "mixture" (Gaussian, Mixture of Diffusers': it starts from that)
+    blend: str = "uniform"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -94,6 +97,8 @@ class CoordinatorConfig:
             raise ValueError(f"cond_channels must be > 0 with cond={self.cond!r}")
         if self.scale not in ("none", "disagreement"):
             raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
+        if self.blend not in ("uniform", "mixture"):
+            raise ValueError(f"blend must be uniform or mixture, got {self.blend!r}")
         if self.noise_input not in ("timestep", "sigma"):
             raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
 
