@@ -208,7 +208,8 @@ class GaussianOracle:
                   step: int = 0, seed: int = 0, first_sample: int = 0) -> Tensor:
         """Composite denoiser of canvases ``x`` (S, 1, H, W) at σ (float or (S,)): per-window exact D under
         ``combiner``. For ``dde`` the coordinator (if given) sees each canvas's windows — outputs, noisy
-        inputs, origins, ``cond`` None, t = σ — and its correction is added before the uniform average;
+        inputs, origins, ``cond`` None, t = σ — and its correction is added before the overlap average (its
+        blend's weights, :func:`models.patching.coordinator_blend`; ``mixture_sigma`` is ``mixture``'s only);
         gradients flow through it. ``random``/``offset`` draw their windows from (``seed``, sample index =
         ``first_sample`` + row of ``x``, ``step``). ``exact`` is the whole canvas's exact denoiser (no windows)."""
         if combiner not in ORACLE_COMBINERS:
@@ -225,7 +226,8 @@ class GaussianOracle:
             return self._canvas_denoisers[hh](x, per).to(x.dtype)
         if combiner in ("random", "offset"):
             return self._composite_drawn(x, sigma, combiner, step, seed, first_sample)
-        plan = plan_windows(combiner, (hh, ww), self.b, stride, mixture_sigma,
+        plan = plan_windows(combiner, (hh, ww), self.b, stride,  # a mixture-blend dde: the width it trained with
+                            mixture_sigma if combiner == "mixture" else DEFAULT_MIXTURE_SIGMA,
                             blend=coordinator_blend(coordinator) if combiner == "dde" else "uniform")
         if plan.size != (self.b, self.b):
             raise ValueError(f"canvas {hh}×{ww} smaller than the patch {self.b}")

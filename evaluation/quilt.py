@@ -302,7 +302,8 @@ class RidgeScorer:
     ``height`` × ``width`` slide. Per ``segment_px`` segment of a line (whole segments only), the jump is
     |mean grey of the ``2·half_px`` px centred on the line − mean of the ``flank_px`` px on both sides|. Control
     lines at the cuts' phases modulo ``phase_px``, whose whole reach stays clear of every cut's reach, measure
-    what the content alone scores (at most ``max_controls`` per axis, evenly thinned; None = all). Score =
+    what the content alone scores (at most ``max_controls`` per axis, evenly thinned; None = all); ``avoid``:
+    (rows, cols) of other cuts (another kind's) that controls must stay clear of too. Score =
     trimmed mean jump on cuts ÷ on controls (``floor_grey`` added to both): ≈ 1 when nothing marks the cuts.
     ``labels`` (H, W): count only segments whose whole block lies in one label region.
 
@@ -311,7 +312,8 @@ class RidgeScorer:
     """
 
     def __init__(self, height: int, width: int, rows: Iterable[int], cols: Iterable[int],
-                 labels: np.ndarray | None = None, *, half_px: int = RIDGE_HALF_PX, flank_px: int = RIDGE_FLANK_PX,
+                 labels: np.ndarray | None = None, *, avoid: tuple[Iterable[int], Iterable[int]] = ((), ()),
+                 half_px: int = RIDGE_HALF_PX, flank_px: int = RIDGE_FLANK_PX,
                  segment_px: int = SEGMENT_PX, phase_px: int = PHASE_PX, max_controls: int | None = MAX_CONTROLS,
                  trim: float = TRIM, floor_grey: float = FLOOR_GREY):
         self.height, self.width = int(height), int(width)
@@ -338,12 +340,13 @@ class RidgeScorer:
         for axis, given in ((0, rows), (1, cols)):
             extent, along = (self.height, self.width) if axis == 0 else (self.width, self.height)
             cuts = sorted({int(q) for q in given})
+            others = [int(q) for q in avoid[axis]]
             inside = [q for q in cuts if reach <= q <= extent - reach]
             controls: list[int] = []
             if cuts:
                 phases = {q % int(phase_px) for q in cuts}
                 taken = np.zeros(extent + 1, bool)
-                for q in cuts:
+                for q in cuts + others:
                     taken[max(0, q - 2 * reach):q + 2 * reach] = True  # a control's reach must not touch a cut's
                 controls = [q for q in range(reach, extent - reach + 1) if q % int(phase_px) in phases
                             and not taken[q]]
@@ -393,12 +396,14 @@ class RidgeScorer:
         # vertical lines: per row, the weighted columns around each line, summed into that row's segment
         n_seg = self._sums[1].shape[1]
         if self._lines[1].size and n_seg:
-            rows = np.arange(r0, r1)
-            whole = rows < n_seg * seg
-            seg_of = rows[whole] // seg
-            idx = self._lines[1][:, None] + np.arange(-self.reach, self.reach)[None, :]  # (lines, 2·reach)
-            d = grey[whole][:, idx] @ self._weights  # (rows, lines)
-            np.add.at(self._sums[1].T, seg_of, d / seg)
+            k = max(0, min(r1, n_seg * seg) - r0)  # rows of this band in whole segments
+            if k:
+                seg_of = np.arange(r0, r0 + k) // seg
+                first, count = np.unique(seg_of, return_counts=True)
+                starts = np.concatenate([[0], np.cumsum(count)[:-1]])
+                for i, q in enumerate(self._lines[1]):  # a view of 2·reach columns per line: no copy of the band
+                    d = grey[:k, q - self.reach:q + self.reach] @ self._weights  # (k,)
+                    self._sums[1][i, first] += np.add.reduceat(d, starts) / seg
         self._rows = r1
 
     def result(self) -> dict:
@@ -434,8 +439,11 @@ class RidgeScorers:
         def centres(zones: Sequence[Zone]) -> list[int]:
             return [(int(a) + int(b)) // 2 for a, b in zones]
 
-        self.scorers = {kind: RidgeScorer(height, width, centres(rz), centres(cz), labels, **kw)
-                        for kind, (rz, cz) in cuts.items()}
+        lines = {kind: (centres(rz), centres(cz)) for kind, (rz, cz) in cuts.items()}
+        # each kind's controls stay clear of every kind's lines, as QuiltScorer's do of every kind's zones
+        every = ([q for r, _ in lines.values() for q in r], [q for _, c in lines.values() for q in c])
+        self.scorers = {kind: RidgeScorer(height, width, r, c, labels, avoid=every, **kw)
+                        for kind, (r, c) in lines.items()}
         self.width = int(width)
 
     def add_band(self, band: np.ndarray) -> None:

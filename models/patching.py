@@ -149,7 +149,8 @@ def coordinator_blend(coordinator: "PatchCoordinator | None") -> str:
 @runtime_checkable
 class PatchCoordinator(Protocol):
     """A learned coordinator of overlapping patch outputs (DDE): it sees all windows of one denoising step and
-    returns a correction added to each window's output before the uniform overlap average.
+    returns a correction added to each window's output before the overlap average (uniform, the paper's; or
+    Gaussian for a coordinator whose ``config.blend`` is ``mixture``, :func:`coordinator_blend`).
 
     Attributes: ``patch`` — window side (px of the canvas the base model runs on, e.g. latent px) it was trained
     with; ``stride`` — window spacing it was trained with. Optional: ``batches_canvases = True`` when
@@ -166,7 +167,7 @@ class PatchCoordinator(Protocol):
         one step, given ``noisy`` (N, C, P, P) the windows' inputs, ``origins`` (N, 2) long, the canvas (y, x)
         of each window's top-left corner, ``cond`` (N, Cc, P, P) or None, the windows' conditioning (e.g. the
         label crop, one-hot or ids), and ``t`` (N,) the noise level or timestep of each window. Must return
-        zeros when untrained (the composite is then exactly the uniform average). Must not modify its inputs."""
+        zeros when untrained (the composite is then exactly the overlap average). Must not modify its inputs."""
         ...
 
 

@@ -200,9 +200,13 @@ class CoordinatorInfo(BaseModel):
     patch: int = Field(description="Window side it was trained for (latent px).")
     stride: int = Field(description="Window stride it was trained for (latent px).")
     parameters: int = Field(description="Trainable parameters.")
+    blend: Literal["uniform", "mixture"] = Field(
+        "uniform", description="Overlap weights its corrected windows are averaged with: `uniform` (the paper's; "
+                               "untrained = MultiDiffusion) or `mixture` (Gaussian; untrained = Mixture of Diffusers).")
     base_model: str = Field(description="Base model it was trained against (its weights' sha256 matches).")
     evaluation: dict[str, Any] = Field(
-        description="Held-out figures from its card: composite loss of plain averaging vs the coordinator.")
+        description="Held-out figures from its card: composite loss of averaging (with its blend, uncorrected) "
+                    "vs the coordinator.")
     card: dict[str, Any] = Field(description="The coordinator's card (architecture, base, training recipe, hashes).")
 
 

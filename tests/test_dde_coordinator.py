@@ -232,12 +232,32 @@ def test_candidate_folder_is_checked_against_the_model_folders_base(tmp_path):
         engine.coordinator(models, dde, "cpu")
     with pytest.raises(ValueError, match="no folder holding the base weights"):  # a built-in model: nothing to check
         engine.coordinator(SimpleNamespace(folder=None, card=models.card), dde, "cpu")
+    # a coordinator whose card names no base weight file (the Gaussian oracle's) cannot be checked: refused
+    card = json.loads((candidate / COORDINATOR_CARD).read_text())
+    nofile = tmp_path / "nofile"
+    shutil.copytree(candidate, nofile)
+    (nofile / COORDINATOR_CARD).write_text(json.dumps(dict(card, base=dict(card["base"], file=None))))
+    with pytest.raises(BaseModelMismatch, match="no weight file to check"):
+        load_coordinator(nofile, "cpu", base_folder=folder)
     (folder / "image_unet.safetensors").write_bytes(b"base weights v2")
     with pytest.raises(BaseModelMismatch, match=sha256_file(folder / "image_unet.safetensors")):
         load_coordinator(candidate, "cpu", base_folder=folder)
     (folder / "image_unet.safetensors").unlink()
     with pytest.raises(CoordinatorLoadError, match="base weight file image_unet.safetensors is missing"):
         load_coordinator(candidate, "cpu", base_folder=folder)
+
+
+def test_engine_refuses_a_coordinator_not_made_for_the_image_model(tmp_path):
+    """64-px windows but 2 channels and no label input: refused when the job starts, naming what differs."""
+    from types import SimpleNamespace
+
+    from models.diffinfinite.engine import DiffInfiniteEngine, DiffInfiniteOptions
+
+    folder, _ = _model_folder(tmp_path, _cfg(patch=64, stride=32))
+    models = SimpleNamespace(folder=folder, card=SimpleNamespace(name="demo"),
+                             image_unet=SimpleNamespace(config=SimpleNamespace(channels=4)))
+    with pytest.raises(ValueError, match="takes 2-channel windows conditioned on 'none'.*4-channel, on labels"):
+        DiffInfiniteEngine().coordinator(models, DiffInfiniteOptions(sampler="dde"), "cpu")
 
 
 def test_tampered_weights_are_refused(tmp_path):

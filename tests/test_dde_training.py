@@ -148,6 +148,17 @@ def test_init_warm_starts_from_a_coordinator_and_refuses_another_architecture(tm
     with pytest.raises(ValueError, match="another architecture.*hidden"):
         train_dde_coordinator(DDETrainConfig(out=tmp_path / "c", steps=1, init=tmp_path / "a",
                                              **dict(kw, hidden=16)), log=lambda m: None)
+    # the blend changes no weight: a mixture-blend run may start from the uniform one (recorded)
+    train_dde_coordinator(DDETrainConfig(out=tmp_path / "d", steps=1, lr=0.0, init=tmp_path / "a", blend="mixture",
+                                         **kw), log=lambda m: None)
+    card = read_coordinator_card(tmp_path / "d")
+    assert card["architecture"]["blend"] == "mixture" and card["training"]["init"]["blend"] == "uniform"
+    # --evaluate-only scores a coordinator with its own blend, whatever the run's config says
+    from training.dde import evaluate_trained
+
+    trained = card["evaluation"]["per_canvas"]
+    again = evaluate_trained(DDETrainConfig(out=tmp_path / "d", steps=1, **kw), log=lambda m: None)["per_canvas"]
+    assert [r["averaging"] for r in again] == [r["averaging"] for r in trained]
 
 
 def test_coordinator_can_close_the_gap_to_the_exact_canvas_denoiser():

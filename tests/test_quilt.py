@@ -158,8 +158,10 @@ def test_ridge_scorer_streams_and_scores_every_kind_of_cut():
     for r in range(0, 600, 128):
         set_.add_band(img[r:r + 128])
     res = set_.result()
-    assert res["by_kind"]["sampler"] == ridge_score(img, [200, 400], [], max_controls=256)
-    assert res["by_kind"]["decode"] == ridge_score(img, [112], [324], max_controls=256)
+    every = ([200, 400, 112], [324])  # each kind's controls stay clear of the other kind's lines too
+    assert res["by_kind"]["sampler"] == ridge_score(img, [200, 400], [], max_controls=256, avoid=every)
+    assert res["by_kind"]["decode"] == ridge_score(img, [112], [324], max_controls=256, avoid=every)
+    assert res["by_kind"]["decode"]["controls"] < ridge_score(img, [112], [324], max_controls=256)["controls"]
     assert res["by_kind"]["decode"]["score"] < 1.5 and res["ridge_score"] == res["by_kind"]["sampler"]["score"]
     with pytest.raises(ValueError, match="only 0 of the slide's 600 rows"):
         RidgeScorer(600, 700, [200], []).result()

@@ -592,6 +592,7 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
     net = load_coordinator(out, device, base_sha256=base.identity["sha256"])
     if (net.patch, net.stride) != (base.patch, base.stride):
         raise ValueError(f"patch/stride: the coordinator has {net.patch}/{net.stride}, the run {base.patch}/{base.stride}")
+    base.blend = net.config.blend  # evaluated as it was trained and is sampled, whatever --blend says
     evaluation = evaluate_composite(base, net, cfg)
     path = out / COORDINATOR_CARD
     card = json.loads(path.read_text())
@@ -613,14 +614,15 @@ def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, An
     from models.dde.loading import read_coordinator_card
 
     src = load_coordinator(folder, device, base_sha256=base.identity["sha256"])
-    theirs, ours = src.config.to_dict(), net.config.to_dict()
+    # the blend changes no weight: a mixture-blend run may start from a uniform one's correction
+    theirs, ours = ({k: v for k, v in c.to_dict().items() if k != "blend"} for c in (src.config, net.config))
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise ValueError(f"init: the coordinator in {folder} has another architecture (differs in {', '.join(diff)})")
     net.load_state_dict(src.state_dict())
     card = read_coordinator_card(folder)
     return {"folder": str(folder), "weights_sha256": card.get("weights_sha256"),
-            "steps": card.get("training", {}).get("steps_done")}
+            "steps": card.get("training", {}).get("steps_done"), "blend": src.config.blend}
 
 
 def _run_key(cfg: DDETrainConfig) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def list_models(services: Services = Depends(get_services)) -> ModelList:
 def _coordinator_info(card: dict) -> CoordinatorInfo:
     return CoordinatorInfo(patch=int(card["patch"]), stride=int(card["stride"]),
                            parameters=int(card.get("parameters", 0)), base_model=str(card["base"].get("model")),
+                           blend=str((card.get("architecture") or {}).get("blend", "uniform")),
                            evaluation=dict(card.get("evaluation") or {}), card=card)
 
 
