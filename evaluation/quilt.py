@@ -294,6 +294,16 @@ RIDGE_HALF_PX = 4
 RIDGE_FLANK_PX = 12
 
 
+def _grey_band(band: np.ndarray, width: int) -> np.ndarray:
+    """A full-width uint8 band (rows, ``width``[, channels]) as grey levels (the channels' mean), float64."""
+    band = np.asarray(band)
+    if band.ndim not in (2, 3) or band.shape[1] != width:
+        raise ValueError(f"bands must be (rows, {width}[, channels]), got {band.shape}")
+    if band.dtype != np.uint8:
+        raise ValueError(f"bands must be uint8, got {band.dtype}")
+    return band.mean(axis=2, dtype=np.float64) if band.ndim == 3 else band.astype(np.float64)
+
+
 class RidgeScorer:
     """Streaming :func:`ridge_score`: a ridge (or trough) a few px wide centred on a cut, which neither the quilt
     score (block means on both sides of the cut agree) nor a 1-px gradient ratio (the ridge's top is flat) sees.
@@ -371,12 +381,7 @@ class RidgeScorer:
         self._rows = 0
 
     def add_band(self, band: np.ndarray) -> None:
-        band = np.asarray(band)
-        if band.ndim not in (2, 3) or band.shape[1] != self.width:
-            raise ValueError(f"bands must be (rows, {self.width}[, channels]), got {band.shape}")
-        if band.dtype != np.uint8:
-            raise ValueError(f"bands must be uint8, got {band.dtype}")
-        self.add_grey(band.mean(axis=2, dtype=np.float64) if band.ndim == 3 else band.astype(np.float64))
+        self.add_grey(_grey_band(band, self.width))
 
     def add_grey(self, grey: np.ndarray) -> None:
         """:meth:`add_band` for a band already in grey levels (rows, width) float64."""
@@ -447,12 +452,7 @@ class RidgeScorers:
         self.width = int(width)
 
     def add_band(self, band: np.ndarray) -> None:
-        band = np.asarray(band)
-        if band.ndim not in (2, 3) or band.shape[1] != self.width:
-            raise ValueError(f"bands must be (rows, {self.width}[, channels]), got {band.shape}")
-        if band.dtype != np.uint8:
-            raise ValueError(f"bands must be uint8, got {band.dtype}")
-        grey = band.mean(axis=2, dtype=np.float64) if band.ndim == 3 else band.astype(np.float64)
+        grey = _grey_band(band, self.width)
         for scorer in self.scorers.values():
             scorer.add_grey(grey)
 
