@@ -187,9 +187,10 @@ class DiffInfiniteEngine(EngineBase):
         if int(coord.patch) != IMAGE_PATCH:
             raise ValueError(f"options.sampler: the DDE coordinator of {name} was trained on {coord.patch}-px windows, "
                              f"the sampler's are {IMAGE_PATCH}")
-        arch = coord.config
-        channels = int(getattr(getattr(getattr(models, "image_unet", None), "config", None), "channels", arch.channels))
-        if arch.cond != "labels" or arch.channels != channels:
+        arch = getattr(coord, "config", None)  # a DDECoordinator's architecture (other PatchCoordinators have none)
+        channels = int(getattr(getattr(getattr(models, "image_unet", None), "config", None), "channels",
+                               getattr(arch, "channels", 0)))
+        if arch is not None and (arch.cond != "labels" or arch.channels != channels):
             raise ValueError(f"options.sampler: the DDE coordinator of {name} takes {arch.channels}-channel windows "
                              f"conditioned on {arch.cond!r}; the image model's are {channels}-channel, on labels")
         return coord
