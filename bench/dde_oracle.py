@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [(r.name, r.metrics) for r in rows], cols, width=30)
     # the reference is the averaging the coordinator corrects: MultiDiffusion, or mixture for a mixture blend
     ref_row = rows[1] if args.blend == "mixture" else rows[0]
-    dde, md, exact = rows[2].metrics, ref_row.metrics, rows[3].metrics
+    dde, avg, exact = rows[2].metrics, ref_row.metrics, rows[3].metrics
     # against the exact canvas denoiser's ODE from the same initial noise: paired, so free of the field samples'
     # sampling noise (and of the Heun discretisation, which both share)
     paired = {name: {"var": round(r.metrics["var"] / exact["var"], 4),
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "dde_oracle", "device": args.device, "steps_done": done, "steps": args.steps,
         "train_s": round(train_s, 1), "sample_s": round(sample_s, 1),
         "ours": {k: round(dde[k], 4) for k in keys} | {"combiner": "dde"},
-        "reference": {k: round(md[k], 4) for k in keys} | {"combiner": ref_row.name},
-        "ratio": {k: round(dde[k] / md[k], 4) for k in keys},
+        "reference": {k: round(avg[k], 4) for k in keys} | {"combiner": ref_row.name},
+        "ratio": {k: round(dde[k] / avg[k], 4) for k in keys},
         "mixture_b4": {k: round(rows[1].metrics[k], 4) for k in keys},
         "exact": {"var": round(ref["var"], 4), "corr_b": round(ref["corr_b"], 4)},
         "paired": paired,

@@ -226,9 +226,7 @@ class GaussianOracle:
             return self._canvas_denoisers[hh](x, per).to(x.dtype)
         if combiner in ("random", "offset"):
             return self._composite_drawn(x, sigma, combiner, step, seed, first_sample)
-        plan = plan_windows(combiner, (hh, ww), self.b, stride,  # a mixture-blend dde: the width it trained with
-                            mixture_sigma if combiner == "mixture" else DEFAULT_MIXTURE_SIGMA,
-                            blend=coordinator_blend(coordinator) if combiner == "dde" else "uniform")
+        plan = plan_windows(combiner, (hh, ww), self.b, stride, mixture_sigma, blend=coordinator_blend(coordinator))
         if plan.size != (self.b, self.b):
             raise ValueError(f"canvas {hh}×{ww} smaller than the patch {self.b}")
         nw = len(plan)

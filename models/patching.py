@@ -115,7 +115,8 @@ def plan_windows(combiner: str, canvas: tuple[int, int], patch: int, stride: int
     ``stride``: spacing of overlapping windows (default patch // 2, at least 1); ignored by ``independent``
     (stride = patch). ``sigma``: Gaussian width of ``mixture`` as a fraction of the patch. ``blend``: the
     weights ``dde`` averages its corrected windows with (:func:`coordinator_blend`): ``uniform`` (the paper's,
-    MultiDiffusion's) or ``mixture`` (Mixture of Diffusers' Gaussian); the other combiners have their own.
+    MultiDiffusion's) or ``mixture`` (Mixture of Diffusers' Gaussian at :data:`DEFAULT_MIXTURE_SIGMA`, the
+    width coordinators are trained with, whatever ``sigma`` says); the other combiners ignore it.
     """
     if combiner not in COMBINERS:
         raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
@@ -135,9 +136,11 @@ def plan_windows(combiner: str, canvas: tuple[int, int], patch: int, stride: int
     ys, xs = axis_starts(hh, patch, stride), axis_starts(ww, patch, stride)
     origins = np.array([(y, x) for y in ys for x in xs], dtype=np.int64).reshape(-1, 2)
     size = (min(patch, hh), min(patch, ww))
-    weights = "mixture" if combiner == "dde" and blend == "mixture" else combiner
-    return WindowPlan(combiner, (hh, ww), int(patch), int(stride), size, origins,
-                      window_weight(weights, size, patch, sigma))
+    if combiner == "dde" and blend == "mixture":
+        weight = window_weight("mixture", size, patch, DEFAULT_MIXTURE_SIGMA)
+    else:
+        weight = window_weight(combiner, size, patch, sigma)
+    return WindowPlan(combiner, (hh, ww), int(patch), int(stride), size, origins, weight)
 
 
 def coordinator_blend(coordinator: "PatchCoordinator | None") -> str:

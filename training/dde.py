@@ -46,7 +46,7 @@ import torch
 from models.dde.coordinator import CoordinatorConfig, DDECoordinator, window_deviations
 from models.dde.loading import COORDINATOR_DIR, save_coordinator
 from models.hashing import sha256_file
-from models.patching import blend, plan_windows
+from models.patching import BLENDS, blend, plan_windows
 
 __all__ = ["DDETrainConfig", "DDETrainResult", "train_dde_coordinator", "build_base", "evaluate_composite"]
 
@@ -114,8 +114,8 @@ class DDETrainConfig:
             raise ValueError(f"loss_levels must be in 0…8, got {self.loss_levels}")
         if self.scale not in ("none", "disagreement"):
             raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
-        if self.blend not in ("uniform", "mixture"):
-            raise ValueError(f"blend must be uniform or mixture, got {self.blend!r}")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):
@@ -416,11 +416,12 @@ def compose(base, net: DDECoordinator | None, b: Batch, windows, loss=None) -> t
     origins = plan.origins_tensor(xw.device).repeat(bsz, 1)
     canvas = torch.arange(bsz, device=xw.device).repeat_interleave(nw)
     weighted = loss is None and base.loss_weight == "disagreement"
+    # computed once for both users: the coordinator's unit (scale="disagreement") and the loss weight
     deviations = window_deviations(out, origins, canvas) \
         if weighted or (net is not None and net.config.scale == "disagreement") else None
-    if net is not None:  # the deviations computed once for the coordinator's unit and the loss weight
+    if net is not None:
         out = out + net.correction(out, base.coordinator_input(xw), origins, condw, level, canvas=canvas,
-                                   deviations=deviations if net.config.scale == "disagreement" else None)
+                                   deviations=deviations)
     comp = torch.stack([blend(out[i * nw:(i + 1) * nw], plan.origins, plan.weight, plan.canvas) for i in range(bsz)])
     if loss is not None:
         return loss(comp, b)

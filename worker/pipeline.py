@@ -131,22 +131,29 @@ def embedding_metrics(scorer) -> dict[str, float]:
     return {"embedding_cosine": round(scorer.result(), 4)}
 
 
+def _has_cuts(cuts: dict[str, tuple[list, list]]) -> bool:
+    return any(rows or cols for rows, cols in cuts.values())
+
+
+def _per_kind(result: dict, name: str) -> dict[str, float]:
+    """``<name>`` (the largest over the kinds of cut) and ``<name>_<kind>`` per kind with segments, from a
+    ``{name: …, "by_kind": {kind: {"score": …}}}`` result."""
+    metrics = {f"{name}_{kind}": v["score"] for kind, v in result["by_kind"].items() if v["score"] is not None}
+    if result[name] is not None:
+        metrics[name] = result[name]
+    return metrics
+
+
 def quilt_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple[list, list]]):
     """Streaming quilt score (:mod:`evaluation.quilt`) over the pipeline's cut lines, within label regions."""
     from evaluation.quilt import QuiltScorer
 
-    if not any(rows or cols for rows, cols in cuts.values()):
-        return None
-    return QuiltScorer(spec.height, spec.width, cuts, labels)
+    return QuiltScorer(spec.height, spec.width, cuts, labels) if _has_cuts(cuts) else None
 
 
 def quilt_metrics(scorer) -> dict[str, float]:
     """``quilt_score`` (the largest over the kinds of cut) and ``quilt_score_<kind>`` per kind with segments."""
-    result = scorer.result()
-    metrics = {f"quilt_score_{kind}": v["score"] for kind, v in result["by_kind"].items() if v["score"] is not None}
-    if result["quilt_score"] is not None:
-        metrics["quilt_score"] = result["quilt_score"]
-    return metrics
+    return _per_kind(scorer.result(), "quilt_score")
 
 
 def ridge_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple[list, list]]):
@@ -154,18 +161,12 @@ def ridge_scorer(spec: JobSpec, labels: np.ndarray | None, cuts: dict[str, tuple
     lines, which the quilt score's block means do not see."""
     from evaluation.quilt import RidgeScorers
 
-    if not any(rows or cols for rows, cols in cuts.values()):
-        return None
-    return RidgeScorers(spec.height, spec.width, cuts, labels)
+    return RidgeScorers(spec.height, spec.width, cuts, labels) if _has_cuts(cuts) else None
 
 
 def ridge_metrics(scorer) -> dict[str, float]:
     """``ridge_score`` (the largest over the kinds of cut) and ``ridge_score_<kind>`` per kind with segments."""
-    result = scorer.result()
-    metrics = {f"ridge_score_{kind}": v["score"] for kind, v in result["by_kind"].items() if v["score"] is not None}
-    if result["ridge_score"] is not None:
-        metrics["ridge_score"] = result["ridge_score"]
-    return metrics
+    return _per_kind(scorer.result(), "ridge_score")
 
 
 def fidelity_metrics(scorer) -> dict[str, float]:

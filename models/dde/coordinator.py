@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.patching import BlendAccumulator
+from models.patching import BLENDS, BlendAccumulator
 
 __all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups", "window_deviations"]
 
@@ -97,8 +97,8 @@ class CoordinatorConfig:
             raise ValueError(f"cond_channels must be > 0 with cond={self.cond!r}")
         if self.scale not in ("none", "disagreement"):
             raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
-        if self.blend not in ("uniform", "mixture"):
-            raise ValueError(f"blend must be uniform or mixture, got {self.blend!r}")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
         if self.noise_input not in ("timestep", "sigma"):
             raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
 

@@ -126,10 +126,10 @@ def load_coordinator(folder: str | Path, device="cpu", *, base_sha256: str | Non
     actual = base_sha256
     actual_what = "the given base"
     home = Path(base_folder) if base_folder is not None else (folder if cdir != folder else None)
-    if actual is None and home is not None and not base.get("file"):
-        raise BaseModelMismatch(f"coordinator {cdir} was trained against base {base.get('model')!r}, which has no "
-                                f"weight file to check against {home}")
-    if actual is None and base.get("file") and home is not None:
+    if actual is None and home is not None:
+        if not base.get("file"):
+            raise BaseModelMismatch(f"coordinator {cdir} was trained against base {base.get('model')!r}, which has "
+                                    f"no weight file to check against {home}")
         base_path = home / base["file"]
         if not base_path.is_file():
             raise CoordinatorLoadError(f"{home}: the coordinator's base weight file {base['file']} is missing")

@@ -188,11 +188,13 @@ class DiffInfiniteEngine(EngineBase):
             raise ValueError(f"options.sampler: the DDE coordinator of {name} was trained on {coord.patch}-px windows, "
                              f"the sampler's are {IMAGE_PATCH}")
         arch = getattr(coord, "config", None)  # a DDECoordinator's architecture (other PatchCoordinators have none)
-        channels = int(getattr(getattr(getattr(models, "image_unet", None), "config", None), "channels",
-                               getattr(arch, "channels", 0)))
-        if arch is not None and (arch.cond != "labels" or arch.channels != channels):
-            raise ValueError(f"options.sampler: the DDE coordinator of {name} takes {arch.channels}-channel windows "
-                             f"conditioned on {arch.cond!r}; the image model's are {channels}-channel, on labels")
+        if arch is not None:
+            unet = getattr(getattr(models, "image_unet", None), "config", None)
+            channels = int(getattr(unet, "channels", arch.channels))
+            if arch.cond != "labels" or arch.channels != channels:
+                raise ValueError(f"options.sampler: the DDE coordinator of {name} takes {arch.channels}-channel "
+                                 f"windows conditioned on {arch.cond!r}; the image model's are {channels}-channel, "
+                                 f"on labels")
         return coord
 
     def stages(self, conditioning) -> tuple[Stage, ...]:

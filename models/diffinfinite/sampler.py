@@ -508,9 +508,7 @@ class RandomPatchSampler:
         key = (int(canvas[0]), int(canvas[1]))
         if key not in self._window_plans:
             self._window_plans[key] = patching.plan_windows(self.mode, key, self.patch[0], self.window_stride,
-                                                            # a mixture-blend coordinator: the width it was trained with
-                                                            self.mixture_sigma if self.mode == "mixture" else
-                                                            patching.DEFAULT_MIXTURE_SIGMA,
+                                                            self.mixture_sigma,
                                                             blend=patching.coordinator_blend(self.coordinator))
         return self._window_plans[key]
 
