@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-budget-s", type=float, default=480.0, help="stop training after this many seconds")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay", type=float, default=0.0,
+                   help="fraction of --steps at the end over which the lr falls linearly to 0 (default 0: constant)")
     p.add_argument("--min-extra", type=int, default=1, help="smallest training canvas B + k·stride (k)")
     p.add_argument("--max-extra", type=int, default=None,
                    help="largest training canvas B + k·stride (k; default: up to the sampled N)")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = DDETrainConfig(
         base="oracle", out=out, steps=args.steps, batch_size=args.batch_size, min_extra=args.min_extra,
         max_extra=max_extra, patch=b,
-        stride=stride, lr=args.lr, warmup=30, ema_beta=0.999 if args.steps >= 5000 else 0.99, ema_after=30,
+        stride=stride, lr=args.lr, lr_decay=args.lr_decay, warmup=30, ema_beta=0.999 if args.steps >= 5000 else 0.99, ema_after=30,
         save_every=args.chunk, seed=0, device=args.device, hidden=args.hidden, p_mean=-0.5, p_std=2.0,
         target="bayes", scale=args.scale, loss_weight=args.loss_weight, blend=args.blend, eval_crops=8 if not args.smoke else 1,
         resume=args.resume, overwrite=not args.resume,

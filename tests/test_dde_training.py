@@ -229,3 +229,29 @@ def test_multiscale_mse_weighs_window_scale_errors_up_and_keeps_white_errors_lev
                                                                                  dtype=torch.float64))
     with pytest.raises(ValueError, match="loss_levels must be in 0…8"):
         DDETrainConfig(loss_levels=9).validate()
+
+
+def test_lr_decay_falls_linearly_to_zero_over_the_last_steps_and_resumes_bit_identically(tmp_path):
+    from training.dde import lr_factor
+
+    cfg = DDETrainConfig(base="oracle", steps=100, warmup=10, lr_decay=0.4)
+    f = [lr_factor(cfg, k) for k in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[59] == 1.0  # warm-up, then constant until step 60
+    assert f[60] == pytest.approx(1.0) and f[80] == pytest.approx(0.5) and f[99] == pytest.approx(1 / 40)
+    assert all(a >= b for a, b in zip(f[60:], f[61:]))  # falling
+    assert [lr_factor(DDETrainConfig(base="oracle", steps=100, warmup=10), k) for k in (9, 99)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_decay must be in"):
+        DDETrainConfig(base="oracle", lr_decay=1.5).validate()
+
+    kw = dict(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32, depth=2, heads=2,
+              min_extra=1, max_extra=2, steps=6, batch_size=2, eval_crops=1, threads=1, lr=1e-2, warmup=1,
+              lr_decay=0.5)
+    full = train_dde_coordinator(DDETrainConfig(out=tmp_path / "full", **kw), log=lambda m: None)
+    train_dde_coordinator(DDETrainConfig(out=tmp_path / "part", stop_after=4, **kw), log=lambda m: None)
+    resumed = train_dde_coordinator(DDETrainConfig(out=tmp_path / "part", resume=True, **kw), log=lambda m: None)
+    assert resumed.losses == full.losses
+    sha = read_coordinator_card(tmp_path / "full")["weights_sha256"]
+    assert read_coordinator_card(tmp_path / "part")["weights_sha256"] == sha
+    const = train_dde_coordinator(DDETrainConfig(out=tmp_path / "const", **{**kw, "lr_decay": 0.0}), log=lambda m: None)
+    # steps 0–3 at the full lr, 4 and 5 lower: the first loss a lower lr moves is step 5's
+    assert const.losses[:5] == full.losses[:5] and const.losses[5] != full.losses[5]

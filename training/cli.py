@@ -532,7 +532,8 @@ def _run_dde(args: argparse.Namespace) -> int:
     cfg = DDETrainConfig(
         base=args.base, out=args.out, steps=args.steps, stop_after=args.stop_after, batch_size=args.batch_size,
         min_extra=args.min_extra, max_extra=args.max_extra, patch=args.patch, stride=args.stride, lr=args.lr,
-        warmup=args.warmup, grad_clip=args.grad_clip, ema_beta=args.ema_beta, ema_after=args.ema_after,
+        warmup=args.warmup, lr_decay=args.lr_decay, grad_clip=args.grad_clip, ema_beta=args.ema_beta,
+        ema_after=args.ema_after,
         save_every=args.save_every, seed=args.seed, device=args.device, threads=args.threads, hidden=args.hidden,
         depth=args.depth, heads=args.heads, token=args.token, attn_window=args.attn_window, p_null=args.p_null,
         slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
@@ -576,6 +577,8 @@ def add_dde_train_parsers(train_subparsers) -> None:
     p.add_argument("--stride", type=int, help="window stride (default patch/2; oracle: patch/4)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--lr-decay", type=float, default=0.0,
+                   help="fraction of --steps at the end over which the lr falls linearly to 0 (default 0: constant)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-beta", type=float, default=0.995)
     p.add_argument("--ema-after", type=int, default=50)

@@ -48,7 +48,8 @@ from models.dde.loading import COORDINATOR_DIR, save_coordinator
 from models.hashing import sha256_file
 from models.patching import BLENDS, blend, plan_windows
 
-__all__ = ["DDETrainConfig", "DDETrainResult", "train_dde_coordinator", "build_base", "evaluate_composite"]
+__all__ = ["DDETrainConfig", "DDETrainResult", "train_dde_coordinator", "build_base", "evaluate_composite",
+           "lr_factor"]
 
 CHECKPOINT = "checkpoints/dde-last.pt"
 DATA_CACHE = "checkpoints/dde-data.pt"
@@ -67,6 +68,9 @@ class DDETrainConfig:
     stride: int | None = None  # default patch/2 (DiffInfinite), patch/4 (oracle)
     lr: float = 3e-4
     warmup: int = 50
+    # the last lr_decay·steps steps lower the lr linearly to 0 (0 = constant after the warm-up): a constant lr
+    # leaves the coordinator at an SGD noise floor that only an annealed lr goes below
+    lr_decay: float = 0.0
     grad_clip: float = 1.0
     ema_beta: float = 0.995
     ema_after: int = 50
@@ -110,6 +114,8 @@ class DDETrainConfig:
             raise ValueError(f"p_null must be in [0, 1), got {self.p_null}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be ≥ 1, got {self.stop_after}")
+        if not 0.0 <= float(self.lr_decay) <= 1.0:
+            raise ValueError(f"lr_decay must be in [0, 1] (a fraction of the steps), got {self.lr_decay}")
         if not 0 <= int(self.loss_levels) <= 8:
             raise ValueError(f"loss_levels must be in 0…8, got {self.loss_levels}")
         if self.scale not in ("none", "disagreement"):
@@ -511,7 +517,7 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
         log(f"warm start from {cfg.init}")
     ema = EMA(net, beta=cfg.ema_beta, update_every=1, update_after_step=cfg.ema_after)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(cfg, k))
     step, losses, elapsed = 0, [], 0.0
     if state is not None:
         net.load_state_dict(state["net"])
@@ -605,7 +611,18 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
 
 
 # settings added after the first checkpoints were written, at the values those runs had
-_OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None, "blend": "uniform"}
+_OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None, "blend": "uniform",
+                 "lr_decay": 0.0}
+
+
+def lr_factor(cfg: DDETrainConfig, k: int) -> float:
+    """The lr of step ``k`` (0-based) as a fraction of ``cfg.lr``: a linear warm-up over ``warmup`` steps, then 1,
+    then over the last ``lr_decay``·``steps`` steps a linear fall that reaches 0 after the last step."""
+    factor = min(1.0, (k + 1) / max(1, cfg.warmup))
+    decay = int(round(cfg.lr_decay * cfg.steps))
+    if decay > 0:
+        factor *= min(1.0, max(0.0, (cfg.steps - k) / decay))
+    return factor
 
 
 def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, Any]:
