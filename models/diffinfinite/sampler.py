@@ -741,10 +741,16 @@ class RandomPatchSampler:
                 noisy = plan.crops(state.latents[0])
                 cond = plan.crops(lab_dev.long())[:, None]
                 tt = torch.full((n,), int(t), dtype=torch.long, device=outs.device)
-                parts = outs.chunk(2, dim=1) if self._coordinated_guidance else (outs,)
+                parts, conds = (outs,), (cond,)
+                if self._coordinated_guidance:
+                    parts = outs.chunk(2, dim=1)
+                    # the null ε is corrected as it was trained: with the null condition map, not the mask's labels
+                    # (given the labels, the correction pulls ε(∅) towards ε(c) and weakens the guidance)
+                    null = self.denoiser.null_label
+                    conds = (cond, cond if null is None else torch.full_like(cond, int(null)))
                 with torch.no_grad():
-                    parts = [patching.corrected(plan, part, noisy=noisy, cond=cond, t=tt, coordinator=self.coordinator)
-                             for part in parts]
+                    parts = [patching.corrected(plan, part, noisy=noisy, cond=c, t=tt, coordinator=self.coordinator)
+                             for part, c in zip(parts, conds)]
                 outs = parts[0]
             canvases = []
             for part in parts if self.coordinator is not None else (outs,):
