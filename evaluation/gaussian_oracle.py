@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from models.patching import (COMBINERS, DEFAULT_MIXTURE_SIGMA, PatchCoordinator, blend, coordinator_blend, corrected,
-                             plan_windows)
+                             grid_kwargs, plan_windows)
 
 __all__ = [
     "ORACLE_COMBINERS", "MaternField", "PatchBayesDenoiser", "GaussianOracle", "karras_sigmas", "field_metrics",
@@ -241,13 +241,14 @@ class GaussianOracle:
                 z = crops.transpose(0, 1).reshape(s * nw, 1, self.b, self.b)
                 origins = plan.origins_tensor(x.device).repeat(s, 1)
                 canvas = torch.arange(s, device=x.device).repeat_interleave(nw)
-                delta = coordinator.correction(o, z, origins, None, t_all.repeat_interleave(nw), canvas=canvas)
+                delta = coordinator.correction(o, z, origins, None, t_all.repeat_interleave(nw), canvas=canvas,
+                                               **grid_kwargs(coordinator, step))
                 outs = (o + delta.to(o.dtype)).reshape(s, nw, self.b, self.b).transpose(0, 1)
             else:
                 per = []
                 for i in range(s):  # one canvas at a time: a coordinator relates the windows of one canvas
                     per.append(corrected(plan, outs[:, i:i + 1], noisy=crops[:, i:i + 1],
-                                         t=t_all[i].expand(nw), coordinator=coordinator)[:, 0])
+                                         t=t_all[i].expand(nw), coordinator=coordinator, step=step)[:, 0])
                 outs = torch.stack(per, 1)
         return blend(outs, plan.origins, plan.weight, plan.canvas).unsqueeze(1).to(x.dtype)
 

@@ -34,7 +34,8 @@ from torch import Tensor
 
 __all__ = [
     "COMBINERS", "DEFAULT_MIXTURE_SIGMA", "WindowPlan", "PatchCoordinator", "ZeroCoordinator", "axis_starts",
-    "plan_windows", "window_weight", "blend", "BlendAccumulator", "combine", "corrected", "overlap_count",
+    "plan_windows", "window_weight", "blend", "BlendAccumulator", "combine", "corrected", "grid_kwargs",
+    "overlap_count",
 ]
 
 COMBINERS: tuple[str, ...] = ("independent", "multidiffusion", "mixture", "dde")
@@ -158,7 +159,9 @@ class PatchCoordinator(Protocol):
     Attributes: ``patch`` — window side (px of the canvas the base model runs on, e.g. latent px) it was trained
     with; ``stride`` — window spacing it was trained with. Optional: ``batches_canvases = True`` when
     ``correction`` also takes ``canvas=`` (N,), the canvas index of each window, to correct the windows of
-    several canvases in one call (each canvas's windows apart).
+    several canvases in one call (each canvas's windows apart); ``moves_grid = True`` when ``correction`` also
+    takes ``grid=``, the offset ``grid_for_step(step)`` of its attention grid at each sampling step
+    (:func:`grid_kwargs`).
     """
 
     patch: int
@@ -254,16 +257,28 @@ def combine(plan: WindowPlan, outputs: Tensor, *, noisy: Tensor | None = None, c
 
 
 def corrected(plan: WindowPlan, outputs: Tensor, *, noisy: Tensor | None = None, cond: Tensor | None = None,
-              t: Tensor | None = None, coordinator: PatchCoordinator | None = None) -> Tensor:
-    """``outputs`` plus the coordinator's correction for a ``dde`` plan with a coordinator; else ``outputs``."""
+              t: Tensor | None = None, coordinator: PatchCoordinator | None = None, step: int | None = None) -> Tensor:
+    """``outputs`` plus the coordinator's correction for a ``dde`` plan with a coordinator; else ``outputs``.
+    ``step``: the sampling step, for a coordinator whose attention grid moves per step (``moves_grid``)."""
     if plan.combiner != "dde" or coordinator is None:
         return outputs
     if noisy is None or t is None:
         raise ValueError("a dde coordinator needs the windows' inputs (noisy) and noise levels (t)")
-    delta = coordinator.correction(outputs, noisy, plan.origins_tensor(outputs.device), cond, t)
+    delta = coordinator.correction(outputs, noisy, plan.origins_tensor(outputs.device), cond, t,
+                                   **grid_kwargs(coordinator, step))
     if delta.shape != outputs.shape:
         raise ValueError(f"coordinator correction has shape {tuple(delta.shape)}, outputs {tuple(outputs.shape)}")
     return outputs + delta.to(outputs.dtype)
+
+
+def grid_kwargs(coordinator: PatchCoordinator, step: int | None) -> dict:
+    """``{"grid": offset}`` for a coordinator whose attention grid moves per sampling step (``moves_grid``;
+    ``grid_for_step(step)``), else nothing."""
+    if not getattr(coordinator, "moves_grid", False):
+        return {}
+    if step is None:
+        raise ValueError("this coordinator's attention grid moves per step: the sampling step is needed")
+    return {"grid": coordinator.grid_for_step(int(step))}
 
 
 def overlap_count(plan: WindowPlan) -> Tensor:

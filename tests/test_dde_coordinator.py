@@ -406,3 +406,39 @@ def test_cards_from_before_the_scale_options_load_with_the_first_architecture():
     assert not any(name.startswith("embed_dev") for name, _ in DDECoordinator(cfg).named_parameters())
     with pytest.raises(ValueError, match="scale must be none or disagreement"):
         _cfg(scale="rms").validate()
+
+
+def test_a_moving_attention_grid_moves_the_squares_and_nothing_else():
+    from models.dde.coordinator import step_grid_offset
+
+    fixed = _cfg()
+    assert not DDECoordinator(fixed).moves_grid
+    assert [step_grid_offset(fixed, k).tolist() for k in (0, 7)] == [[0.0, 0.0]] * 2
+    cfg = _cfg(attn_grid="moving")
+    net = _randomise(DDECoordinator(cfg)).eval()
+    assert net.moves_grid
+    side = cfg.attn_window // cfg.token
+    offsets = [tuple(net.grid_for_step(k).tolist()) for k in range(64)]
+    # deterministic, whole tokens inside the square, every row and column offset used, consecutive steps apart
+    assert offsets == [tuple(step_grid_offset(cfg, k).tolist()) for k in range(64)]
+    assert all(0 <= v < side and v == int(v) for o in offsets for v in o)
+    assert {o[0] for o in offsets} == {o[1] for o in offsets} == set(range(side))
+    assert all(a != b for a, b in zip(offsets, offsets[1:]))
+    origins = _grid(3, 3, 8)
+    out, noisy, t = _inputs(9, cfg)
+    with torch.no_grad():
+        none = net.correction(out, noisy, origins, None, t)
+        zero = net.correction(out, noisy, origins, None, t, grid=torch.zeros(2))
+        whole = net.correction(out, noisy, origins, None, t, grid=torch.tensor([side, 2.0 * side]))  # a square
+        moved = net.correction(out, noisy, origins, None, t, grid=torch.tensor([1.0, 2.0]))
+        # per canvas: two canvases in one call, each with its own offset, equal their calls apart
+        two = net.correction(torch.cat([out, out]), torch.cat([noisy, noisy]), torch.cat([origins, origins]), None,
+                             torch.cat([t, t]), canvas=torch.arange(2).repeat_interleave(9),
+                             grid=torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+    assert torch.equal(none, zero)
+    torch.testing.assert_close(whole, none, rtol=0, atol=1e-6)
+    assert (moved - none).abs().max() > 1e-3  # the squares moved: other tokens attend together
+    torch.testing.assert_close(two[:9], none, rtol=0, atol=1e-5)
+    torch.testing.assert_close(two[9:], moved, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_grid must be fixed or moving"):
+        _cfg(attn_grid="sliding").validate()

@@ -255,3 +255,28 @@ def test_lr_decay_falls_linearly_to_zero_over_the_last_steps_and_resumes_bit_ide
     const = train_dde_coordinator(DDETrainConfig(out=tmp_path / "const", **{**kw, "lr_decay": 0.0}), log=lambda m: None)
     # steps 0–3 at the full lr, 4 and 5 lower: the first loss a lower lr moves is step 5's
     assert const.losses[:5] == full.losses[:5] and const.losses[5] != full.losses[5]
+
+
+def test_a_moving_grid_coordinator_trains_resumes_and_samples_with_its_grid(tmp_path):
+    from evaluation.gaussian_oracle import GaussianOracle
+
+    kw = dict(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32, depth=2, heads=2,
+              min_extra=1, max_extra=2, steps=4, batch_size=2, eval_crops=1, threads=1, lr=1e-2, warmup=1,
+              attn_grid="moving")
+    full = train_dde_coordinator(DDETrainConfig(out=tmp_path / "full", **kw), log=lambda m: None)
+    train_dde_coordinator(DDETrainConfig(out=tmp_path / "part", stop_after=2, **kw), log=lambda m: None)
+    resumed = train_dde_coordinator(DDETrainConfig(out=tmp_path / "part", resume=True, **kw), log=lambda m: None)
+    assert resumed.losses == full.losses
+    card = read_coordinator_card(tmp_path / "full")
+    assert card["architecture"]["attn_grid"] == "moving"
+    assert read_coordinator_card(tmp_path / "part")["weights_sha256"] == card["weights_sha256"]
+    fixed = train_dde_coordinator(DDETrainConfig(out=tmp_path / "fixed", **{**kw, "attn_grid": "fixed"}),
+                                  log=lambda m: None)
+    assert fixed.losses[0] == full.losses[0] and fixed.losses[1:] != full.losses[1:]  # same draws, other squares
+    net = load_coordinator(tmp_path / "full")
+    oracle = GaussianOracle(16, 8)
+    _, noisy, sig = oracle.training_pairs(2, sigma=0.5, seed=3)
+    a0, a0b, a1 = (oracle.composite(noisy, sig, "dde", net, stride=4, step=k) for k in (0, 0, 1))
+    assert torch.equal(a0, a0b) and not torch.equal(a0, a1)  # the grid follows the sampling step
+    with pytest.raises(ValueError, match="attn_grid must be fixed or moving"):
+        DDETrainConfig(base="oracle", attn_grid="sliding").validate()

@@ -112,6 +112,29 @@ class RecordingCoordinator:
         return self.scale * outputs
 
 
+class GridRecordingCoordinator(RecordingCoordinator):
+    """A coordinator whose attention grid moves per sampling step: records the offsets it is given."""
+    moves_grid = True
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.grids = []
+
+    def grid_for_step(self, step):
+        return torch.tensor([float(step), 0.0])
+
+    def correction(self, outputs, noisy, origins, cond, t, grid=None):
+        self.grids.append(grid)
+        return super().correction(outputs, noisy, origins, cond, t)
+
+
+def test_a_moving_grid_coordinator_gets_each_steps_offset(image_unet):
+    lab = _labels(40, 72)
+    rec = GridRecordingCoordinator()
+    _sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5)  # 3 steps, guided: two calls per step
+    assert [g.tolist() for g in rec.grids] == [[k, 0.0] for k in (0, 0, 1, 1, 2, 2)]
+
+
 class MixtureBlendZero(ZeroCoordinator):
     """An untrained coordinator trained to be averaged with Mixture of Diffusers' Gaussian weights."""
     config = type("Config", (), {"blend": "mixture"})()

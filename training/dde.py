@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models.dde.coordinator import CoordinatorConfig, DDECoordinator, window_deviations
+from models.dde.coordinator import ATTN_GRIDS, CoordinatorConfig, DDECoordinator, window_deviations
 from models.dde.loading import COORDINATOR_DIR, save_coordinator
 from models.hashing import sha256_file
 from models.patching import BLENDS, blend, plan_windows
@@ -95,6 +95,7 @@ class DDETrainConfig:
     scale: str = "none"  # coordinator architecture: "disagreement" = in/output in units of the windows' disagreement
     loss_weight: str = "base"  # "base" (EDM λ / plain ε) or "disagreement": each canvas ÷ its disagreement scale²
     blend: str = "uniform"  # coordinator architecture: overlap weights after the correction (uniform = the paper's)
+    attn_grid: str = "fixed"  # coordinator architecture: "moving" = attention squares shifted at random per canvas
     loss_levels: int = 0  # multiscale loss: also the error pooled by 2 … 2^loss_levels (0 = the paper's plain MSE)
     init: Path | None = None  # warm start: a coordinator folder of the same architecture over the same base
     # evaluation
@@ -122,6 +123,8 @@ class DDETrainConfig:
             raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
         if self.blend not in BLENDS:
             raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
+        if self.attn_grid not in ATTN_GRIDS:
+            raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):
@@ -146,6 +149,7 @@ class Batch:
     noise: torch.Tensor  # (B, C, L, L) unit Gaussian
     level: torch.Tensor  # (B,) timestep (DiffInfinite) or σ (oracle), float
     cond: torch.Tensor | None  # (B, 1, L, L) latent label ids, or None
+    grid: torch.Tensor | None = None  # (B, 2) attention-grid offsets (tokens) of a moving-grid coordinator
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -217,7 +221,7 @@ class DiffInfiniteBase:
         return CoordinatorConfig(channels=self.channels, patch=self.patch, stride=self.stride, token=cfg.token,
                                  hidden=cfg.hidden, depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window,
                                  cond="labels", cond_channels=self.num_classes, noise_input="timestep",
-                                 scale=cfg.scale, blend=cfg.blend)
+                                 scale=cfg.scale, blend=cfg.blend, attn_grid=cfg.attn_grid)
 
     def _data(self, cfg: DDETrainConfig, cache: Path | None, log):
         from models.diffinfinite.unet import downsample_label_mask
@@ -326,7 +330,7 @@ class OracleBase:
         return CoordinatorConfig(channels=1, patch=self.patch, stride=self.stride, token=cfg.token, hidden=cfg.hidden,
                                  depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window, cond="none",
                                  noise_input="sigma", sigma_data=self.sigma_data, scale=cfg.scale,
-                                 blend=cfg.blend)
+                                 blend=cfg.blend, attn_grid=cfg.attn_grid)
 
     def draw(self, rng: np.random.Generator, gen: torch.Generator, batch: int, side: int, holdout: bool = False
              ) -> Batch:
@@ -427,7 +431,7 @@ def compose(base, net: DDECoordinator | None, b: Batch, windows, loss=None) -> t
         if weighted or (net is not None and net.config.scale == "disagreement") else None
     if net is not None:
         out = out + net.correction(out, base.coordinator_input(xw), origins, condw, level, canvas=canvas,
-                                   deviations=deviations)
+                                   deviations=deviations, grid=b.grid if net.moves_grid else None)
     comp = torch.stack([blend(out[i * nw:(i + 1) * nw], plan.origins, plan.weight, plan.canvas) for i in range(bsz)])
     if loss is not None:
         return loss(comp, b)
@@ -436,6 +440,14 @@ def compose(base, net: DDECoordinator | None, b: Batch, windows, loss=None) -> t
         _, scale = deviations
         per_canvas = per_canvas / scale[::nw].to(per_canvas.dtype).pow(2)
     return per_canvas
+
+
+def draw_grid(net: DDECoordinator, b: Batch, rng: np.random.Generator) -> None:
+    """A moving-grid coordinator's attention-grid offset per canvas of ``b`` (whole tokens, uniform over the
+    square), drawn after the batch so that a fixed-grid run draws exactly what it always did."""
+    if net.moves_grid:
+        side = net.config.attn_window // net.config.token
+        b.grid = torch.from_numpy(rng.integers(0, side, size=(b.level.shape[0], 2))).double()
 
 
 def composite_loss(base, net: DDECoordinator | None, b: Batch, side: int) -> torch.Tensor:
@@ -456,7 +468,9 @@ def evaluate_composite(base, net: DDECoordinator, cfg: DDETrainConfig, crops: in
         paper = getattr(base, "_weighted", None)
         to_clean = (lambda comp, b: paper(comp, b.clean, b)) if paper is not None else base.plain_loss
         for i in range(crops):
-            b = base.draw(_rng(cfg.seed, 0xE7A1, k, i), _generator(cfg.seed, 0xE7A1, k, i), 1, side, holdout=True)
+            rng = _rng(cfg.seed, 0xE7A1, k, i)
+            b = base.draw(rng, _generator(cfg.seed, 0xE7A1, k, i), 1, side, holdout=True)
+            draw_grid(net, b, rng)
             windows = window_outputs(base, b, side)
             avg.append(float(compose(base, None, b, windows, to_clean)[0]))
             coord.append(float(compose(base, net, b, windows, to_clean)[0]))
@@ -543,6 +557,7 @@ def train_dde_coordinator(cfg: DDETrainConfig, log: Callable[[str], None] = prin
         rng, gen = _rng(cfg.seed, step), _generator(cfg.seed, step)
         side = base.patch + int(rng.integers(cfg.min_extra, cfg.max_extra + 1)) * base.stride
         b = base.draw(rng, gen, cfg.batch_size, side)
+        draw_grid(net, b, rng)
         loss = composite_loss(base, net, b, side).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -612,7 +627,7 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
 
 # settings added after the first checkpoints were written, at the values those runs had
 _OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None, "blend": "uniform",
-                 "lr_decay": 0.0}
+                 "lr_decay": 0.0, "attn_grid": "fixed"}
 
 
 def lr_factor(cfg: DDETrainConfig, k: int) -> float:
@@ -632,15 +647,17 @@ def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, An
     from models.dde.loading import read_coordinator_card
 
     src = load_coordinator(folder, device, base_sha256=base.identity["sha256"])
-    # the blend changes no weight: a mixture-blend run may start from a uniform one's correction
-    theirs, ours = ({k: v for k, v in c.to_dict().items() if k != "blend"} for c in (src.config, net.config))
+    # the blend and the attention grid change no weight: e.g. a mixture-blend run may start from a uniform one's
+    theirs, ours = ({k: v for k, v in c.to_dict().items() if k not in ("blend", "attn_grid")}
+                    for c in (src.config, net.config))
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise ValueError(f"init: the coordinator in {folder} has another architecture (differs in {', '.join(diff)})")
     net.load_state_dict(src.state_dict())
     card = read_coordinator_card(folder)
     return {"folder": str(folder), "weights_sha256": card.get("weights_sha256"),
-            "steps": card.get("training", {}).get("steps_done"), "blend": src.config.blend}
+            "steps": card.get("training", {}).get("steps_done"), "blend": src.config.blend,
+            "attn_grid": src.config.attn_grid}
 
 
 def _run_key(cfg: DDETrainConfig) -> dict[str, Any]:

@@ -43,13 +43,15 @@ from torch import Tensor, nn
 
 from models.patching import BLENDS, BlendAccumulator
 
-__all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups", "window_deviations"]
+__all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups", "window_deviations",
+           "ATTN_GRIDS", "step_grid_offset"]
 
 MAX_TOKENS = 1 << 20
 
 NoiseInput = Literal["timestep", "sigma"]
 CondKind = Literal["none", "labels", "channels"]
 Scale = Literal["none", "disagreement"]
+ATTN_GRIDS = ("fixed", "moving")
 
 
 @dataclass
@@ -77,6 +79,11 @@ class CoordinatorConfig:
     # the overlap weights its corrected windows are averaged with: "uniform" (the paper's: an untrained
     # coordinator is MultiDiffusion) or "mixture" (Gaussian, Mixture of Diffusers': it starts from that)
     blend: str = "uniform"
+    # where the attention squares lie: "fixed" (anchored at canvas (0, 0): the first coordinators) or "moving"
+    # (shifted by a whole number of tokens, at random per training canvas and by a low-discrepancy sequence per
+    # sampling step): a square's border, where a token sees context on one side only, then lies at another
+    # place every step instead of leaving a seam at the same canvas line
+    attn_grid: str = "fixed"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -99,6 +106,8 @@ class CoordinatorConfig:
             raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
         if self.blend not in BLENDS:
             raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
+        if self.attn_grid not in ATTN_GRIDS:
+            raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
         if self.noise_input not in ("timestep", "sigma"):
             raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
 
@@ -117,6 +126,19 @@ class CoordinatorConfig:
 
 
 # ------------------------------------------------------------------------------------------ positions
+_R2 = (0.7548776662466927, 0.5698402909980532)  # 1/g, 1/g², g the plastic number: Roberts' R2 sequence
+
+
+def step_grid_offset(config: CoordinatorConfig, step: int) -> Tensor:
+    """(2,) float64 (y, x) offset in tokens of the attention grid at sampling step ``step``: zeros for a
+    ``fixed`` grid; for a ``moving`` one the R2 low-discrepancy sequence scaled to the square, so consecutive
+    steps put the square borders far apart and every offset comes round equally often."""
+    if config.attn_grid == "fixed":
+        return torch.zeros(2, dtype=torch.float64)
+    side = config.attn_window // config.token
+    return torch.tensor([math.floor(((0.5 + int(step) * a) % 1.0) * side) for a in _R2], dtype=torch.float64)
+
+
 def canvas_token_positions(origins: Tensor, patch: int, token: int) -> Tensor:
     """(N·T, 2) float64 canvas positions in token units of every token (origin/token + offset in the window),
     windows in order, tokens row-major in each.
@@ -278,6 +300,15 @@ class DDECoordinator(nn.Module):
 
     batches_canvases = True  # correction(..., canvas=) takes windows of several canvases (PatchCoordinator)
 
+    @property
+    def moves_grid(self) -> bool:
+        """Whether :meth:`correction` wants the attention grid's offset (``grid=``, :meth:`grid_for_step`)."""
+        return self.config.attn_grid == "moving"
+
+    def grid_for_step(self, step: int) -> Tensor:
+        """The attention grid's offset (tokens) at sampling step ``step`` (:func:`step_grid_offset`)."""
+        return step_grid_offset(self.config, step)
+
     def __init__(self, config: CoordinatorConfig):
         super().__init__()
         config.validate()
@@ -370,14 +401,17 @@ class DDECoordinator(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def correction(self, outputs: Tensor, noisy: Tensor, origins: Tensor, cond: Tensor | None, t: Tensor, *,
-                   canvas: Tensor | None = None, deviations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                   canvas: Tensor | None = None, deviations: tuple[Tensor, Tensor] | None = None,
+                   grid: Tensor | None = None) -> Tensor:
         """Per-window corrections (N, C, P, P).
 
         ``outputs`` / ``noisy``: (N, C, P, P) patch outputs and their noisy inputs; ``origins``: (N, 2) canvas
         (y, x) of each window; ``cond``: (N, Cc, P·r, P·r) condition crops or None;
         ``t``: (N,) timestep or σ; ``canvas``: (N,) index of the canvas each window belongs to (training batches
         of several canvases; default all one canvas); ``deviations``: :func:`window_deviations` of these
-        outputs, origins and canvases when the caller has them already (the training loss weights by them too).
+        outputs, origins and canvases when the caller has them already (the training loss weights by them too);
+        ``grid``: the attention grid's (y, x) offset in tokens, (2,) for all windows or (S, 2) per canvas index
+        (default none: the grid anchored at canvas (0, 0)); it moves the squares only, not the positions RoPE sees.
 
         One canvas of more than :attr:`max_tokens` tokens is corrected band by band (:meth:`bands`), so the
         memory of a pass is bounded whatever the slide's size; the result equals the one-pass result up to
@@ -399,15 +433,15 @@ class DDECoordinator(nn.Module):
                     y = self._correction(outputs[context], noisy[context], origins[context],
                                          None if cond is None else cond[context], t[context],
                                          dev=None if dev is None else dev[context],
-                                         dev_scale=None if scale is None else scale[context])
+                                         dev_scale=None if scale is None else scale[context], grid=grid)
                     keep = torch.searchsorted(context, own)      # own ⊂ context, both ascending
                     out[own] = y[keep]
                 return out
-        return self._correction(outputs, noisy, origins, cond, t, canvas=canvas, dev=dev, dev_scale=scale)
+        return self._correction(outputs, noisy, origins, cond, t, canvas=canvas, dev=dev, dev_scale=scale, grid=grid)
 
     def _correction(self, outputs: Tensor, noisy: Tensor, origins: Tensor, cond: Tensor | None, t: Tensor, *,
-                    canvas: Tensor | None = None, dev: Tensor | None = None, dev_scale: Tensor | None = None
-                    ) -> Tensor:
+                    canvas: Tensor | None = None, dev: Tensor | None = None, dev_scale: Tensor | None = None,
+                    grid: Tensor | None = None) -> Tensor:
         cfg = self.config
         n, c, p = outputs.shape[0], cfg.channels, cfg.patch
         if outputs.shape != (n, c, p, p) or noisy.shape != outputs.shape:
@@ -434,7 +468,11 @@ class DDECoordinator(nn.Module):
         canvas = torch.zeros(n, dtype=torch.long, device=outputs.device) if canvas is None else canvas.long()
         canvas_tok = canvas.to(outputs.device).repeat_interleave(per)
         wt = cfg.attn_window // cfg.token
-        groups = [attention_groups(pos, canvas_tok, wt, 0), attention_groups(pos, canvas_tok, wt, wt // 2)]
+        square_pos = pos
+        if grid is not None:
+            off = grid.to(device=pos.device, dtype=torch.float64)
+            square_pos = pos + (off if off.ndim == 1 else off[canvas_tok])
+        groups = [attention_groups(square_pos, canvas_tok, wt, 0), attention_groups(square_pos, canvas_tok, wt, wt // 2)]
         cos, sin = rope_tables(pos, cfg.hidden // cfg.heads, cfg.rope_base, dtype)
 
         emb = self.noise_mlp(timestep_embedding(self._noise_value(t), cfg.hidden).to(dtype))

@@ -749,8 +749,8 @@ class RandomPatchSampler:
                     null = self.denoiser.null_label
                     conds = (cond, cond if null is None else torch.full_like(cond, int(null)))
                 with torch.no_grad():
-                    parts = [patching.corrected(plan, part, noisy=noisy, cond=c, t=tt, coordinator=self.coordinator)
-                             for part, c in zip(parts, conds)]
+                    parts = [patching.corrected(plan, part, noisy=noisy, cond=c, t=tt, coordinator=self.coordinator,
+                                                step=state.step) for part, c in zip(parts, conds)]
                 outs = parts[0]
             canvases = []
             for part in parts if self.coordinator is not None else (outs,):
