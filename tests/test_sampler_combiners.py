@@ -171,10 +171,16 @@ def test_zero_coordinator_dde_is_multidiffusion(image_unet):
     assert origins.tolist() == plan.origins.tolist()
     assert cond.shape == (len(plan), 1, 32, 32) and cond.dtype == torch.long
     assert torch.equal(cond[1, 0], torch.from_numpy(_labels(40, 72)[0:32, 16:48]).long())
-    # the null windows are corrected as the coordinator was trained on them: with the null condition map
-    # (given the mask's labels it would pull ε(∅) towards ε(c) and weaken the guidance)
-    null_cond = rec.calls[1][3]
-    assert null_cond.shape == cond.shape and bool((null_cond == 0).all()) and bool((cond != 0).any())
+    # by default the null windows are corrected with the mask's labels too; DDE's Eq. 6 (null_condition="null")
+    # gives them the null map
+    assert torch.equal(rec.calls[1][3], cond)
+    paper = RecordingCoordinator(0.0)
+    _sampler(image_unet, "dde", coordinator=paper, null_condition="null").sample(lab, seed=5)
+    null_cond = paper.calls[1][3]
+    assert torch.equal(paper.calls[0][3], cond) and bool((cond != 0).any())
+    assert null_cond.shape == cond.shape and bool((null_cond == 0).all())
+    with pytest.raises(ValueError, match="null_condition must be"):
+        _sampler(image_unet, "dde", null_condition="empty")
     assert t.shape == (len(plan),) and len(set(t.tolist())) == 1
     moved = _sampler(image_unet, "dde", coordinator=RecordingCoordinator(0.5)).sample(lab, seed=5)
     assert not torch.allclose(moved, md)
