@@ -68,8 +68,8 @@ class DDETrainConfig:
     stride: int | None = None  # default patch/2 (DiffInfinite), patch/4 (oracle)
     lr: float = 3e-4
     warmup: int = 50
-    # the last lr_decay·steps steps lower the lr linearly to 0 (0 = constant after the warm-up): a constant lr
-    # leaves the coordinator at an SGD noise floor that only an annealed lr goes below
+    # the last lr_decay·steps steps lower the lr linearly to 0 (0 = constant after the warm-up); on the oracle
+    # it reaches the constant lr's plateau in fewer steps, not below it (README)
     lr_decay: float = 0.0
     grad_clip: float = 1.0
     ema_beta: float = 0.995
