@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="overlap weights after the correction (default uniform, the paper's; mixture: Gaussian)")
     p.add_argument("--attn-grid", choices=("fixed", "moving"), default="fixed",
                    help="attention squares anchored at the canvas origin (default) or moving per canvas / step")
+    p.add_argument("--attention", choices=("squares", "neighbourhood"), default="squares",
+                   help="tokens attend within their attention square (default) or to the cells around them")
     p.add_argument("--loss-weight", choices=("base", "disagreement"), default="disagreement",
                    help="per-canvas loss weight (default disagreement; base = EDM λ(σ))")
     p.add_argument("--n", type=int, default=64, help="sampled canvas side N (px)")
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_extra=max_extra, patch=b,
         stride=stride, lr=args.lr, lr_decay=args.lr_decay, warmup=30, ema_beta=0.999 if args.steps >= 5000 else 0.99, ema_after=30,
         save_every=args.chunk, seed=0, device=args.device, hidden=args.hidden, p_mean=-0.5, p_std=2.0,
-        target="bayes", scale=args.scale, loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid, eval_crops=8 if not args.smoke else 1,
+        target="bayes", scale=args.scale, loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid,
+        attention=args.attention, eval_crops=8 if not args.smoke else 1,
         resume=args.resume, overwrite=not args.resume,
         command="python -m bench.dde_oracle " + " ".join(argv or []),
     )
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "lf": abs(dde["lf_power"] / exact["lf_power"] - 1) <= GOALS["lf_ratio_tol"]},
         "blend": args.blend,
         "attn_grid": args.attn_grid,
+        "attention": args.attention,
         "evaluation": result.evaluation,
         "excess_by_sigma": [{k: round(v, 6 if k.startswith("excess") else 4) for k, v in r.items()}
                             for r in by_sigma],

@@ -442,3 +442,99 @@ def test_a_moving_attention_grid_moves_the_squares_and_nothing_else():
     torch.testing.assert_close(two[9:], moved, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="attn_grid must be fixed or moving"):
         _cfg(attn_grid="sliding").validate()
+
+
+# ------------------------------------------------------------------------------------------ neighbourhood attention
+@pytest.mark.parametrize("block,radius", [(1, 1), (2, 3), (3, 2)])
+def test_neighbourhood_groups_are_the_cells_around_each_block(block, radius):
+    from models.dde.coordinator import neighbourhood_groups
+
+    origins = torch.cat([_grid(5, 5, 8), torch.tensor([[30, 3]])])  # a clamped window: fractional positions
+    pos = canvas_token_positions(origins, 16, 4)
+    canvas = torch.zeros(len(pos), dtype=torch.long)
+    canvas[-16:] = 1  # the last window on a canvas of its own
+    groups = neighbourhood_groups(pos, canvas, radius, block)
+    cell = torch.floor(pos).long()
+    queries = []
+    for g in range(groups.index.shape[0]):
+        qs = groups.index[g][groups.valid[g]]
+        ks = groups.keys[g][groups.keys_valid[g]]
+        b = torch.div(cell[qs[0]], block, rounding_mode="floor")
+        assert (torch.div(cell[qs], block, rounding_mode="floor") == b).all() and (canvas[qs] == canvas[qs[0]]).all()
+        lo, hi = b * block - radius, b * block + block - 1 + radius
+        want = torch.nonzero(((cell >= lo) & (cell <= hi)).all(1) & (canvas == canvas[qs[0]])).flatten()
+        assert torch.equal(ks, want)  # exactly the same canvas's tokens around the block, ascending
+        queries += qs.tolist()
+    assert sorted(queries) == list(range(len(pos)))  # every token queries in exactly one group
+
+
+def test_neighbourhood_attention_covering_the_canvas_is_squares_covering_it():
+    squares = _randomise(DDECoordinator(_cfg(attn_window=64))).eval()
+    nbhd = DDECoordinator(_cfg(attn_window=64, attention="neighbourhood")).eval()
+    nbhd.load_state_dict(squares.state_dict())  # no weight of its own: a squares coordinator's loads
+    origins = _grid(3, 3, 8)  # a 32² canvas inside one 64-px square and inside every neighbourhood
+    out, noisy, t = _inputs(9, squares.config)
+    with torch.no_grad():
+        torch.testing.assert_close(nbhd.correction(out, noisy, origins, None, t),
+                                   squares.correction(out, noisy, origins, None, t), rtol=0, atol=1e-6)
+
+
+def _changed_cells(net: DDECoordinator, origins: torch.Tensor, cell: tuple[int, int]) -> set[tuple[int, int]]:
+    """Canvas cells (token units) whose correction changes when every window's output at ``cell`` changes."""
+    cfg = net.config
+    k = cfg.token
+    out, noisy, t = _inputs(len(origins), cfg)
+    out2 = out.clone()
+    y, x = cell[0] * k, cell[1] * k
+    for i, (oy, ox) in enumerate(origins.tolist()):
+        if oy <= y < oy + cfg.patch and ox <= x < ox + cfg.patch:
+            out2[i, :, y - oy:y - oy + k, x - ox:x - ox + k] += 5.0
+    with torch.no_grad():
+        diff = (net.correction(out2, noisy, origins, None, t) - net.correction(out, noisy, origins, None, t)).abs()
+    side = cfg.patch // k
+    per_cell = diff.amax(1).reshape(len(origins), side, k, side, k).amax((2, 4))
+    return {(oy // k + r, ox // k + c) for i, (oy, ox) in enumerate(origins.tolist())
+            for r in range(side) for c in range(side) if per_cell[i, r, c] > 0}
+
+
+def test_neighbourhood_attention_sees_all_sides_and_nothing_beyond_its_reach():
+    origins = _grid(6, 6, 8)  # 56² canvas, 14 × 14 cells
+    cell = (7, 8)  # column 8: on the border of the 32-px (8-cell) attention squares
+    squares = _randomise(DDECoordinator(_cfg(depth=1, attn_window=32))).eval()
+    seen = _changed_cells(squares, origins, cell)
+    assert (7, 7) not in seen and (7, 8) in seen  # a square coordinator: the cell next door, across the border, is blind
+    nbhd = _randomise(DDECoordinator(_cfg(depth=1, attn_window=32, attention="neighbourhood"))).eval()
+    block, radius = nbhd.neighbourhood
+    assert (block, radius) == (2, 3) and nbhd.reach_px == 20
+    seen = _changed_cells(nbhd, origins, cell)
+    cells = [(r, c) for r in range(14) for c in range(14)]
+    cheb = {rc: max(abs(rc[0] - cell[0]), abs(rc[1] - cell[1])) for rc in cells}
+    assert {rc for rc in cells if cheb[rc] <= radius} <= seen  # every side, radius cells deep
+    assert all(cheb[rc] < block + radius for rc in seen)  # and nothing beyond the block's neighbourhood
+
+
+def test_neighbourhood_bands_give_the_one_pass_result():
+    cfg = _cfg(attn_window=32, attention="neighbourhood")
+    net = _randomise(DDECoordinator(cfg)).eval()
+    origins = _grid(14, 3, cfg.stride)
+    outputs, noisy, t = _inputs(len(origins), cfg)
+    with torch.no_grad():
+        net.max_tokens = 0
+        one = net.correction(outputs, noisy, origins, None, t)
+        net.max_tokens = (cfg.patch // cfg.token) ** 2 * 3 * 12
+        assert len(net.bands(origins)) > 1
+        banded = net.correction(outputs, noisy, origins, None, t)
+    torch.testing.assert_close(banded, one, rtol=0, atol=1e-6)
+    assert one.abs().max() > 0.1
+
+
+def test_attention_choice_is_validated():
+    assert _cfg().attention == "squares"
+    with pytest.raises(ValueError, match="attention must be squares or neighbourhood"):
+        _cfg(attention="global").validate()
+    with pytest.raises(ValueError, match="attn_grid must be fixed with attention neighbourhood"):
+        _cfg(attention="neighbourhood", attn_grid="moving").validate()
+    # cards written before the field load as squares
+    data = _cfg().to_dict()
+    del data["attention"]
+    assert CoordinatorConfig.from_dict(data).attention == "squares"

@@ -280,3 +280,32 @@ def test_a_moving_grid_coordinator_trains_resumes_and_samples_with_its_grid(tmp_
     assert torch.equal(a0, a0b) and not torch.equal(a0, a1)  # the grid follows the sampling step
     with pytest.raises(ValueError, match="attn_grid must be fixed or moving"):
         DDETrainConfig(base="oracle", attn_grid="sliding").validate()
+
+
+def test_a_neighbourhood_coordinator_trains_warm_starts_from_squares_and_samples(tmp_path):
+    from evaluation.gaussian_oracle import GaussianOracle
+
+    kw = dict(base="oracle", target="bayes", patch=8, stride=4, token=2, attn_window=8, hidden=32, depth=2, heads=2,
+              min_extra=1, max_extra=3, steps=3, batch_size=2, eval_crops=1, threads=1, lr=1e-2, warmup=1)
+    squares = train_dde_coordinator(DDETrainConfig(out=tmp_path / "sq", **kw), log=lambda m: None)
+    nbhd = train_dde_coordinator(DDETrainConfig(out=tmp_path / "nb", attention="neighbourhood", **kw),
+                                 log=lambda m: None)
+    card = read_coordinator_card(tmp_path / "nb")
+    assert card["architecture"]["attention"] == "neighbourhood"
+    assert read_coordinator_card(tmp_path / "sq")["architecture"]["attention"] == "squares"
+    # the same draws and initial weights; from the second step the other attention pattern shows
+    assert nbhd.losses[0] == squares.losses[0] and nbhd.losses[1:] != squares.losses[1:]
+    # no weight of its own: a neighbourhood run may start from a squares coordinator (the card says so)
+    train_dde_coordinator(DDETrainConfig(out=tmp_path / "warm", init=tmp_path / "sq", attention="neighbourhood",
+                                         **{**kw, "steps": 1, "lr": 0.0}), log=lambda m: None)
+    assert read_coordinator_card(tmp_path / "warm")["training"]["init"]["attention"] == "squares"
+    net = load_coordinator(tmp_path / "nb")
+    oracle = GaussianOracle(16, 8)
+    _, noisy, sig = oracle.training_pairs(2, sigma=0.5, seed=3)
+    avg = oracle.composite(noisy, sig, "multidiffusion", stride=4)
+    dde = oracle.composite(noisy, sig, "dde", net, stride=4)
+    assert dde.shape == avg.shape and (dde - avg).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="attention must be squares or neighbourhood"):
+        DDETrainConfig(base="oracle", attention="global").validate()
+    with pytest.raises(ValueError, match="attn_grid must be fixed with attention neighbourhood"):
+        DDETrainConfig(base="oracle", attention="neighbourhood", attn_grid="moving").validate()

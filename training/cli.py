@@ -538,7 +538,8 @@ def _run_dde(args: argparse.Namespace) -> int:
         depth=args.depth, heads=args.heads, token=args.token, attn_window=args.attn_window, p_null=args.p_null,
         slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
         p_std=args.p_std, target=args.target, loss_levels=args.loss_levels, scale=args.scale,
-        loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid, init=args.init, eval_crops=args.eval_crops, resume=args.resume,
+        loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid,
+        attention=args.attention, init=args.init, eval_crops=args.eval_crops, resume=args.resume,
         overwrite=args.overwrite, command=_dde_command(args),
     )
     log = (lambda _m: None) if args.quiet else print
@@ -614,6 +615,9 @@ def add_dde_train_parsers(train_subparsers) -> None:
                    help="architecture: 'moving' shifts the attention squares at random per training canvas and "
                    "along a low-discrepancy sequence per sampling step, so their borders leave no fixed seam "
                    "(default fixed: anchored at the canvas origin)")
+    p.add_argument("--attention", choices=("squares", "neighbourhood"), default="squares",
+                   help="architecture: which tokens a token attends to: those of its attention square (default) or "
+                   "those whose cells lie within (attn_window/token - 1)//2 cells of its own (context on all sides)")
     p.add_argument("--loss-levels", type=int, default=0,
                    help="multiscale loss: add the error average-pooled over 2×2 … 2^L×2^L blocks, each level's MSE "
                    "× its block area, so low-frequency and window-scale errors weigh as much as fine detail (same "

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models.dde.coordinator import ATTN_GRIDS, CoordinatorConfig, DDECoordinator, window_deviations
+from models.dde.coordinator import ATTENTIONS, ATTN_GRIDS, CoordinatorConfig, DDECoordinator, window_deviations
 from models.dde.loading import COORDINATOR_DIR, save_coordinator
 from models.hashing import sha256_file
 from models.patching import BLENDS, blend, plan_windows
@@ -96,6 +96,7 @@ class DDETrainConfig:
     loss_weight: str = "base"  # "base" (EDM λ / plain ε) or "disagreement": each canvas ÷ its disagreement scale²
     blend: str = "uniform"  # coordinator architecture: overlap weights after the correction (uniform = the paper's)
     attn_grid: str = "fixed"  # coordinator architecture: "moving" = attention squares shifted at random per canvas
+    attention: str = "squares"  # coordinator architecture: "neighbourhood" = each token attends to the cells around it
     loss_levels: int = 0  # multiscale loss: also the error pooled by 2 … 2^loss_levels (0 = the paper's plain MSE)
     init: Path | None = None  # warm start: a coordinator folder of the same architecture over the same base
     # evaluation
@@ -125,6 +126,10 @@ class DDETrainConfig:
             raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
         if self.attn_grid not in ATTN_GRIDS:
             raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "neighbourhood" and self.attn_grid != "fixed":
+            raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):
@@ -221,7 +226,8 @@ class DiffInfiniteBase:
         return CoordinatorConfig(channels=self.channels, patch=self.patch, stride=self.stride, token=cfg.token,
                                  hidden=cfg.hidden, depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window,
                                  cond="labels", cond_channels=self.num_classes, noise_input="timestep",
-                                 scale=cfg.scale, blend=cfg.blend, attn_grid=cfg.attn_grid)
+                                 scale=cfg.scale, blend=cfg.blend, attn_grid=cfg.attn_grid,
+                                 attention=cfg.attention)
 
     def _data(self, cfg: DDETrainConfig, cache: Path | None, log):
         from models.diffinfinite.unet import downsample_label_mask
@@ -330,7 +336,8 @@ class OracleBase:
         return CoordinatorConfig(channels=1, patch=self.patch, stride=self.stride, token=cfg.token, hidden=cfg.hidden,
                                  depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window, cond="none",
                                  noise_input="sigma", sigma_data=self.sigma_data, scale=cfg.scale,
-                                 blend=cfg.blend, attn_grid=cfg.attn_grid)
+                                 blend=cfg.blend, attn_grid=cfg.attn_grid,
+                                 attention=cfg.attention)
 
     def draw(self, rng: np.random.Generator, gen: torch.Generator, batch: int, side: int, holdout: bool = False
              ) -> Batch:
@@ -627,7 +634,7 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
 
 # settings added after the first checkpoints were written, at the values those runs had
 _OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None, "blend": "uniform",
-                 "lr_decay": 0.0, "attn_grid": "fixed"}
+                 "lr_decay": 0.0, "attn_grid": "fixed", "attention": "squares"}
 
 
 def lr_factor(cfg: DDETrainConfig, k: int) -> float:
@@ -647,8 +654,8 @@ def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, An
     from models.dde.loading import read_coordinator_card
 
     src = load_coordinator(folder, device, base_sha256=base.identity["sha256"])
-    # the blend and the attention grid change no weight: e.g. a mixture-blend run may start from a uniform one's
-    theirs, ours = ({k: v for k, v in c.to_dict().items() if k not in ("blend", "attn_grid")}
+    # the blend and the attention pattern change no weight: e.g. a mixture-blend run may start from a uniform one's
+    theirs, ours = ({k: v for k, v in c.to_dict().items() if k not in ("blend", "attn_grid", "attention")}
                     for c in (src.config, net.config))
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -657,7 +664,7 @@ def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, An
     card = read_coordinator_card(folder)
     return {"folder": str(folder), "weights_sha256": card.get("weights_sha256"),
             "steps": card.get("training", {}).get("steps_done"), "blend": src.config.blend,
-            "attn_grid": src.config.attn_grid}
+            "attn_grid": src.config.attn_grid, "attention": src.config.attention}
 
 
 def _run_key(cfg: DDETrainConfig) -> dict[str, Any]:

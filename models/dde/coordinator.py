@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from models.patching import BLENDS, BlendAccumulator
 
 __all__ = ["CoordinatorConfig", "DDECoordinator", "canvas_token_positions", "attention_groups", "window_deviations",
-           "ATTN_GRIDS", "step_grid_offset"]
+           "ATTN_GRIDS", "ATTENTIONS", "step_grid_offset", "neighbourhood_groups"]
 
 MAX_TOKENS = 1 << 20
 
@@ -52,6 +52,7 @@ NoiseInput = Literal["timestep", "sigma"]
 CondKind = Literal["none", "labels", "channels"]
 Scale = Literal["none", "disagreement"]
 ATTN_GRIDS = ("fixed", "moving")
+ATTENTIONS = ("squares", "neighbourhood")
 
 
 @dataclass
@@ -84,6 +85,11 @@ class CoordinatorConfig:
     # sampling step): a square's border, where a token sees context on one side only, then lies at another
     # place every step instead of leaving a seam at the same canvas line
     attn_grid: str = "fixed"
+    # which tokens a token attends to: "squares" (those in its square of the grid above, every other block shifted
+    # by half a square: the first coordinators) or "neighbourhood" (those in the attn_window square centred on its
+    # block of attn_window/4: every token sees ≥ 3/8 attn_window of context on all sides, so no square border is a
+    # line where tokens see one side only; the same keys per query as squares of attn_window)
+    attention: str = "squares"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -108,6 +114,10 @@ class CoordinatorConfig:
             raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
         if self.attn_grid not in ATTN_GRIDS:
             raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "neighbourhood" and self.attn_grid != "fixed":
+            raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
         if self.noise_input not in ("timestep", "sigma"):
             raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
 
@@ -193,11 +203,25 @@ def window_deviations(outputs: Tensor, origins: Tensor, canvas: Tensor | None = 
 
 @dataclass
 class AttentionGroups:
-    """Tokens grouped by canvas square: ``index`` (G, L) token indices (padding → the extra index
-    ``num_tokens``), ``valid`` (G, L) bool."""
+    """Tokens grouped for attention: ``index`` (G, L) the queries of each group, token indices (padding → the
+    extra index ``num_tokens``), ``valid`` (G, L) bool; ``keys`` / ``keys_valid`` (G, Lk) the tokens they attend
+    to, when these are not the queries themselves (neighbourhoods; None for squares)."""
 
     index: Tensor
     valid: Tensor
+    keys: Tensor | None = None
+    keys_valid: Tensor | None = None
+
+
+def _pack(group: Tensor, groups: int, num_tokens: int, members: Tensor) -> tuple[Tensor, Tensor]:
+    """(G, L) index of ``members`` by ``group`` (in the order given within a group), padding → ``num_tokens``."""
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=group.device) - starts[group[order]]
+    index = torch.full((groups, int(counts.max())), num_tokens, dtype=torch.long, device=group.device)
+    index[group[order], rank] = members[order]
+    return index, index < num_tokens
 
 
 def attention_groups(pos: Tensor, canvas: Tensor, window_tokens: int, shift: int) -> AttentionGroups:
@@ -206,16 +230,48 @@ def attention_groups(pos: Tensor, canvas: Tensor, window_tokens: int, shift: int
     sq = torch.floor((pos + shift) / window_tokens).long()
     key = torch.stack((canvas.long(), sq[:, 0], sq[:, 1]), dim=1)
     _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    g = int(counts.numel())
-    length = int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=pos.device) - starts[inverse[order]]
     n = pos.shape[0]
-    index = torch.full((g, length), n, dtype=torch.long, device=pos.device)
-    index[inverse[order], rank] = order
-    valid = index < n
+    index, valid = _pack(inverse, int(counts.numel()), n, torch.arange(n, device=pos.device))
     return AttentionGroups(index=index, valid=valid)
+
+
+def neighbourhood_groups(pos: Tensor, canvas: Tensor, radius: int, block: int = 1) -> AttentionGroups:
+    """Neighbourhood attention by blocks: the tokens of one ``block``×``block``-cell block of the canvas (cells:
+    the floor of the positions; a cell holds the tokens of every window overlapping there) are one group of
+    queries, attending to every token of the same canvas whose cell is at most ``radius`` cells outside the block
+    along each axis. ``block=1``: each token's own neighbourhood; a larger block shares one gather of keys among
+    more queries (cheaper), every query still seeing ≥ ``radius`` cells of context on all sides. Deterministic:
+    groups in ascending (canvas, block row, block column), queries and keys in ascending token order."""
+    n = pos.shape[0]
+    cell = torch.floor(pos).long()
+    blk = torch.div(cell, block, rounding_mode="floor")
+    canvas = canvas.long()
+    key = torch.stack((canvas, blk[:, 0], blk[:, 1]), dim=1)
+    uniq, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    g = int(counts.numel())
+    tokens = torch.arange(n, device=pos.device)
+    index, valid = _pack(inverse, g, n, tokens)
+    # a key token joins every block within radius of its cell: blocks floor((cell - radius)/block) … floor((cell +
+    # radius)/block) along each axis; a mixed-radix code of (canvas, row, column) sorts as torch.unique's rows do
+    reach = -(-radius // block)
+    lo = blk.min(0).values - reach
+    span = blk.max(0).values + reach - lo + 1
+
+    def code(c: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        return (c * span[0] + (y - lo[0])) * span[1] + (x - lo[1])
+
+    ucode = code(uniq[:, 0], uniq[:, 1], uniq[:, 2])
+    d = torch.arange(-reach, reach + 1, device=pos.device)
+    dy, dx = (t.reshape(-1) for t in torch.meshgrid(d, d, indexing="ij"))
+    by, bx = blk[:, :1] + dy, blk[:, 1:] + dx  # (n, K) candidate blocks, token-major
+    # the distance in cells from the token's cell to the block [b·block, (b+1)·block − 1], per axis
+    near = ((by * block - cell[:, :1]).clamp_min(0) + (cell[:, :1] - (by * block + block - 1)).clamp_min(0) <= radius) & \
+           ((bx * block - cell[:, 1:]).clamp_min(0) + (cell[:, 1:] - (bx * block + block - 1)).clamp_min(0) <= radius)
+    want = code(canvas[:, None], by, bx).reshape(-1)
+    hit_group = torch.searchsorted(ucode, want).clamp_max(g - 1)
+    hit = (ucode[hit_group] == want) & near.reshape(-1)
+    keys, keys_valid = _pack(hit_group[hit], g, n, tokens.repeat_interleave(dy.numel())[hit])
+    return AttentionGroups(index=index, valid=valid, keys=keys, keys_valid=keys_valid)
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -262,8 +318,11 @@ class WindowAttention(nn.Module):
         q = apply_rope(q, cos[:, None], sin[:, None])
         k = apply_rope(k, cos[:, None], sin[:, None])
         pad = x.new_zeros(1, h, d // h)
-        q, k, v = (torch.cat((t, pad)) [groups.index].transpose(1, 2) for t in (q, k, v))  # (G, h, L, dh)
-        mask = groups.valid[:, None, None, :]  # keys: padding excluded
+        keys = groups.index if groups.keys is None else groups.keys
+        keys_valid = groups.valid if groups.keys_valid is None else groups.keys_valid
+        q = torch.cat((q, pad))[groups.index].transpose(1, 2)  # (G, h, L, dh)
+        k, v = (torch.cat((t, pad))[keys].transpose(1, 2) for t in (k, v))  # (G, h, Lk, dh)
+        mask = keys_valid[:, None, None, :]  # keys: padding excluded
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G, h, L, dh)
         out = out.transpose(1, 2).reshape(-1, d)
         flat = groups.index.reshape(-1)
@@ -362,10 +421,21 @@ class DDECoordinator(nn.Module):
 
     # ---------------------------------------------------------------- bands
     @property
+    def neighbourhood(self) -> tuple[int, int]:
+        """``attention="neighbourhood"``: (block, radius) in cells: queries in blocks of attn_window/4 attend to the
+        attn_window square around their block (same keys per query as squares; ≥ 3/8 attn_window of context on
+        every side)."""
+        wt = self.config.attn_window // self.config.token
+        block = max(1, wt // 4)
+        return block, (wt - block) // 2
+
+    @property
     def reach_px(self) -> int:
         """How far (canvas px) information travels between tokens in one forward pass: each block mixes tokens of
-        one ``attn_window`` square only, so after ``depth`` blocks a token depends on tokens < depth·attn_window
-        px away and on nothing beyond."""
+        one ``attn_window`` square only (or of a neighbourhood: < block + radius cells apart), so after
+        ``depth`` blocks a token depends on tokens < depth·attn_window px away and on nothing beyond."""
+        if self.config.attention == "neighbourhood":
+            return self.config.depth * sum(self.neighbourhood) * self.config.token
         return self.config.depth * self.config.attn_window
 
     def bands(self, origins: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -472,7 +542,11 @@ class DDECoordinator(nn.Module):
         if grid is not None:
             off = grid.to(device=pos.device, dtype=torch.float64)
             square_pos = pos + (off if off.ndim == 1 else off[canvas_tok])
-        groups = [attention_groups(square_pos, canvas_tok, wt, 0), attention_groups(square_pos, canvas_tok, wt, wt // 2)]
+        if cfg.attention == "neighbourhood":
+            groups = [neighbourhood_groups(pos, canvas_tok, self.neighbourhood[1], self.neighbourhood[0])] * 2
+        else:
+            groups = [attention_groups(square_pos, canvas_tok, wt, 0),
+                      attention_groups(square_pos, canvas_tok, wt, wt // 2)]
         cos, sin = rope_tables(pos, cfg.hidden // cfg.heads, cfg.rope_base, dtype)
 
         emb = self.noise_mlp(timestep_embedding(self._noise_value(t), cfg.hidden).to(dtype))
