@@ -309,3 +309,21 @@ def test_a_neighbourhood_coordinator_trains_warm_starts_from_squares_and_samples
         DDETrainConfig(base="oracle", attention="global").validate()
     with pytest.raises(ValueError, match="attn_grid must be fixed with attention neighbourhood"):
         DDETrainConfig(base="oracle", attention="neighbourhood", attn_grid="moving").validate()
+
+
+def test_the_command_line_offers_exactly_the_architecture_choices():
+    """training/cli.py spells the choices out (the CLI must not import torch to print its help): they must stay
+    the coordinator's own."""
+    import argparse
+
+    from models.dde.coordinator import ATTENTIONS, ATTN_GRIDS
+    from models.patching import BLENDS
+    from training.cli import add_dde_train_parsers
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_dde_train_parsers(sub)
+    parser = sub.choices["dde-coordinator"]
+    choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
+    assert choices["blend"] == tuple(BLENDS)
+    assert choices["attn_grid"] == tuple(ATTN_GRIDS)
+    assert choices["attention"] == tuple(ATTENTIONS)
