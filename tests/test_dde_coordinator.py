@@ -288,8 +288,10 @@ def test_is_a_patch_coordinator_and_untrained_dde_is_multidiffusion():
     assert torch.equal(dde, md)
 
 
-def test_a_large_canvas_is_corrected_in_bands_with_the_one_pass_result():
-    cfg = _cfg()
+@pytest.mark.parametrize("attention", [{}, {"attn_window": 32, "attention": "neighbourhood"}],
+                         ids=["squares", "neighbourhood"])
+def test_a_large_canvas_is_corrected_in_bands_with_the_one_pass_result(attention):
+    cfg = _cfg(**attention)
     net = _randomise(DDECoordinator(cfg)).eval()
     origins = _grid(14, 3, cfg.stride)  # 14 window rows: several bands at 3 rows' worth of tokens
     outputs, noisy, t = _inputs(len(origins), cfg)
@@ -511,21 +513,6 @@ def test_neighbourhood_attention_sees_all_sides_and_nothing_beyond_its_reach():
     cheb = {rc: max(abs(rc[0] - cell[0]), abs(rc[1] - cell[1])) for rc in cells}
     assert {rc for rc in cells if cheb[rc] <= radius} <= seen  # every side, radius cells deep
     assert all(cheb[rc] < block + radius for rc in seen)  # and nothing beyond the block's neighbourhood
-
-
-def test_neighbourhood_bands_give_the_one_pass_result():
-    cfg = _cfg(attn_window=32, attention="neighbourhood")
-    net = _randomise(DDECoordinator(cfg)).eval()
-    origins = _grid(14, 3, cfg.stride)
-    outputs, noisy, t = _inputs(len(origins), cfg)
-    with torch.no_grad():
-        net.max_tokens = 0
-        one = net.correction(outputs, noisy, origins, None, t)
-        net.max_tokens = (cfg.patch // cfg.token) ** 2 * 3 * 12
-        assert len(net.bands(origins)) > 1
-        banded = net.correction(outputs, noisy, origins, None, t)
-    torch.testing.assert_close(banded, one, rtol=0, atol=1e-6)
-    assert one.abs().max() > 0.1
 
 
 def test_attention_choice_is_validated():
