@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sampling-steps", type=int, default=48, help="Heun steps (Karras σ 80 → 0.002)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--resume", action="store_true", help="continue the training in --out")
+    p.add_argument("--seed", type=int, default=0, help="training draws (a warm-started run wants other draws)")
+    p.add_argument("--init", type=Path, help="warm start from this coordinator folder (same architecture; a new "
+                   "run of --steps steps with its own lr schedule)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks every code path")
     args = p.parse_args(argv)
     if args.smoke:
@@ -93,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
         base="oracle", out=out, steps=args.steps, batch_size=args.batch_size, min_extra=args.min_extra,
         max_extra=max_extra, patch=b,
         stride=stride, lr=args.lr, lr_decay=args.lr_decay, warmup=30, ema_beta=0.999 if args.steps >= 5000 else 0.99, ema_after=30,
-        save_every=args.chunk, seed=0, device=args.device, hidden=args.hidden, p_mean=-0.5, p_std=2.0,
+        save_every=args.chunk, seed=args.seed, device=args.device, hidden=args.hidden, p_mean=-0.5, p_std=2.0,
         target="bayes", scale=args.scale, loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid,
         attention=args.attention, eval_crops=8 if not args.smoke else 1,
-        resume=args.resume, overwrite=not args.resume,
+        init=args.init, resume=args.resume, overwrite=not args.resume,
         command="python -m bench.dde_oracle " + " ".join(argv or []),
     )
     t0 = time.perf_counter()
