@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="overlap weights after the correction (default uniform, the paper's; mixture: Gaussian)")
     p.add_argument("--attn-grid", choices=("fixed", "moving"), default="fixed",
                    help="attention squares anchored at the canvas origin (default) or moving per canvas / step")
-    p.add_argument("--attention", choices=("squares", "neighbourhood"), default="squares",
-                   help="tokens attend within their attention square (default) or to the cells around them")
+    p.add_argument("--attention", choices=("squares", "neighbourhood"), default="neighbourhood",
+                   help="tokens attend to the cells around their block (default: measured better at equal steps, "
+                   "README) or within their attention square (the first coordinators)")
     p.add_argument("--loss-weight", choices=("base", "disagreement"), default="disagreement",
                    help="per-canvas loss weight (default disagreement; base = EDM λ(σ))")
     p.add_argument("--n", type=int, default=64, help="sampled canvas side N (px)")
