@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention", choices=("squares", "neighbourhood"), default="neighbourhood",
                    help="tokens attend to the cells around their block (default: measured better at equal steps, "
                    "README) or within their attention square (the first coordinators)")
+    p.add_argument("--attn-block", type=int, default=0,
+                   help="neighbourhood query blocks in cells (default 0: attn_window/4 = 2 cells; 1: per token)")
     p.add_argument("--loss-weight", choices=("base", "disagreement"), default="disagreement",
                    help="per-canvas loss weight (default disagreement; base = EDM λ(σ))")
     p.add_argument("--n", type=int, default=64, help="sampled canvas side N (px)")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         stride=stride, lr=args.lr, lr_decay=args.lr_decay, warmup=30, ema_beta=0.999 if args.steps >= 5000 else 0.99, ema_after=30,
         save_every=args.chunk, seed=args.seed, device=args.device, hidden=args.hidden, p_mean=-0.5, p_std=2.0,
         target="bayes", scale=args.scale, loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid,
-        attention=args.attention, eval_crops=8 if not args.smoke else 1,
+        attention=args.attention, attn_block=args.attn_block, eval_crops=8 if not args.smoke else 1,
         init=args.init, resume=args.resume, overwrite=not args.resume,
         command="python -m bench.dde_oracle " + " ".join(argv or []),
     )
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "blend": args.blend,
         "attn_grid": args.attn_grid,
         "attention": args.attention,
+        "attn_block": args.attn_block,
         "evaluation": result.evaluation,
         "excess_by_sigma": [{k: round(v, 6 if k.startswith("excess") else 4) for k, v in r.items()}
                             for r in by_sigma],

@@ -515,6 +515,20 @@ def test_neighbourhood_attention_sees_all_sides_and_nothing_beyond_its_reach():
     assert all(cheb[rc] < block + radius for rc in seen)  # and nothing beyond the block's neighbourhood
 
 
+def test_attn_block_sets_the_neighbourhood_blocks():
+    auto = DDECoordinator(_cfg(attn_window=32, attention="neighbourhood"))
+    per_token = DDECoordinator(_cfg(attn_window=32, attention="neighbourhood", attn_block=1))
+    assert auto.neighbourhood == (2, 3) and per_token.neighbourhood == (1, 3)
+    assert per_token.reach_px == 2 * 4 * 4 < auto.reach_px
+    origins = _grid(6, 6, 8)
+    seen = _changed_cells(_randomise(DDECoordinator(_cfg(depth=1, attn_window=32, attention="neighbourhood",
+                                                         attn_block=1))).eval(), origins, (7, 8))
+    # every token its own neighbourhood: exactly the cells within the radius change, on every side
+    assert seen == {(r, c) for r in range(14) for c in range(14) if max(abs(r - 7), abs(c - 8)) <= 3}
+    with pytest.raises(ValueError, match="attn_block must be 0"):
+        _cfg(attn_window=32, attention="neighbourhood", attn_block=9).validate()
+
+
 def test_attention_choice_is_validated():
     assert _cfg().attention == "squares"
     with pytest.raises(ValueError, match="attention must be squares or neighbourhood"):

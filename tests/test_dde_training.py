@@ -307,6 +307,8 @@ def test_a_neighbourhood_coordinator_trains_warm_starts_from_squares_and_samples
     assert dde.shape == avg.shape and (dde - avg).abs().max() > 1e-4
     with pytest.raises(ValueError, match="attention must be squares or neighbourhood"):
         DDETrainConfig(base="oracle", attention="global").validate()
+    with pytest.raises(ValueError, match="attn_block must be 0"):
+        DDETrainConfig(base="oracle", attention="neighbourhood", attn_block=-1).validate()
     with pytest.raises(ValueError, match="attn_grid must be fixed with attention neighbourhood"):
         DDETrainConfig(base="oracle", attention="neighbourhood", attn_grid="moving").validate()
 

@@ -539,7 +539,7 @@ def _run_dde(args: argparse.Namespace) -> int:
         slides=args.slides, holdout_slides=args.holdout_slides, slide_px=args.slide_px, p_mean=args.p_mean,
         p_std=args.p_std, target=args.target, loss_levels=args.loss_levels, scale=args.scale,
         loss_weight=args.loss_weight, blend=args.blend, attn_grid=args.attn_grid,
-        attention=args.attention, init=args.init, eval_crops=args.eval_crops, resume=args.resume,
+        attention=args.attention, attn_block=args.attn_block, init=args.init, eval_crops=args.eval_crops, resume=args.resume,
         overwrite=args.overwrite, command=_dde_command(args),
     )
     log = (lambda _m: None) if args.quiet else print
@@ -617,7 +617,10 @@ def add_dde_train_parsers(train_subparsers) -> None:
                    "(default fixed: anchored at the canvas origin)")
     p.add_argument("--attention", choices=("squares", "neighbourhood"), default="squares",
                    help="architecture: which tokens a token attends to: those of its attention square (default) or "
-                   "those whose cells lie within (attn_window/token - 1)//2 cells of its own (context on all sides)")
+                   "those in the attn_window square around its block of cells (context on all sides)")
+    p.add_argument("--attn-block", type=int, default=0,
+                   help="architecture, neighbourhood attention: query blocks of this many cells a side (default 0: "
+                   "attn_window/(4·token); 1: every token its own neighbourhood)")
     p.add_argument("--loss-levels", type=int, default=0,
                    help="multiscale loss: add the error average-pooled over 2×2 … 2^L×2^L blocks, each level's MSE "
                    "× its block area, so low-frequency and window-scale errors weigh as much as fine detail (same "

@@ -97,6 +97,7 @@ class DDETrainConfig:
     blend: str = "uniform"  # coordinator architecture: overlap weights after the correction (uniform = the paper's)
     attn_grid: str = "fixed"  # coordinator architecture: "moving" = attention squares shifted at random per canvas
     attention: str = "squares"  # coordinator architecture: "neighbourhood" = each token attends to the cells around it
+    attn_block: int = 0  # coordinator architecture: neighbourhood query blocks (cells; 0 = attn_window/(4·token))
     loss_levels: int = 0  # multiscale loss: also the error pooled by 2 … 2^loss_levels (0 = the paper's plain MSE)
     init: Path | None = None  # warm start: a coordinator folder of the same architecture over the same base
     # evaluation
@@ -130,6 +131,9 @@ class DDETrainConfig:
             raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.attention == "neighbourhood" and self.attn_grid != "fixed":
             raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
+        if not 0 <= int(self.attn_block) <= self.attn_window // self.token:
+            raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {self.attn_window // self.token} "
+                             f"cells, got {self.attn_block}")
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):
@@ -227,7 +231,7 @@ class DiffInfiniteBase:
                                  hidden=cfg.hidden, depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window,
                                  cond="labels", cond_channels=self.num_classes, noise_input="timestep",
                                  scale=cfg.scale, blend=cfg.blend, attn_grid=cfg.attn_grid,
-                                 attention=cfg.attention)
+                                 attention=cfg.attention, attn_block=cfg.attn_block)
 
     def _data(self, cfg: DDETrainConfig, cache: Path | None, log):
         from models.diffinfinite.unet import downsample_label_mask
@@ -337,7 +341,7 @@ class OracleBase:
                                  depth=cfg.depth, heads=cfg.heads, attn_window=cfg.attn_window, cond="none",
                                  noise_input="sigma", sigma_data=self.sigma_data, scale=cfg.scale,
                                  blend=cfg.blend, attn_grid=cfg.attn_grid,
-                                 attention=cfg.attention)
+                                 attention=cfg.attention, attn_block=cfg.attn_block)
 
     def draw(self, rng: np.random.Generator, gen: torch.Generator, batch: int, side: int, holdout: bool = False
              ) -> Batch:
@@ -634,7 +638,8 @@ def evaluate_trained(cfg: DDETrainConfig, log: Callable[[str], None] = print) ->
 
 # settings added after the first checkpoints were written, at the values those runs had
 _OLD_DEFAULTS = {"loss_levels": 0, "scale": "none", "loss_weight": "base", "init": None, "blend": "uniform",
-                 "lr_decay": 0.0, "attn_grid": "fixed", "attention": "squares"}
+                 "lr_decay": 0.0, "attn_grid": "fixed", "attention": "squares",
+                 "attn_block": 0}
 
 
 def lr_factor(cfg: DDETrainConfig, k: int) -> float:
@@ -655,7 +660,8 @@ def _warm_start(net: DDECoordinator, folder: Path, base, device) -> dict[str, An
 
     src = load_coordinator(folder, device, base_sha256=base.identity["sha256"])
     # the blend and the attention pattern change no weight: e.g. a mixture-blend run may start from a uniform one's
-    theirs, ours = ({k: v for k, v in c.to_dict().items() if k not in ("blend", "attn_grid", "attention")}
+    weightless = ("blend", "attn_grid", "attention", "attn_block")
+    theirs, ours = ({k: v for k, v in c.to_dict().items() if k not in weightless}
                     for c in (src.config, net.config))
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))

@@ -90,6 +90,10 @@ class CoordinatorConfig:
     # block of attn_window/4: every token sees ≥ 3/8 attn_window of context on all sides, so no square border is a
     # line where tokens see one side only; the same keys per query as squares of attn_window)
     attention: str = "squares"
+    # neighbourhood queries are grouped in blocks of attn_block × attn_block cells, each block attending to the
+    # attn_window square around it; 0: attn_window/(4·token) cells (2 at the defaults). Block borders are lines
+    # where the key set jumps by a block; 1 = every token its own neighbourhood (smoothest, most gathering)
+    attn_block: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -116,6 +120,9 @@ class CoordinatorConfig:
             raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {self.attention!r}")
+        if not 0 <= int(self.attn_block) <= self.attn_window // self.token:
+            raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {self.attn_window // self.token} "
+                             f"cells, got {self.attn_block}")
         if self.attention == "neighbourhood" and self.attn_grid != "fixed":
             raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
         if self.noise_input not in ("timestep", "sigma"):
@@ -422,11 +429,11 @@ class DDECoordinator(nn.Module):
     # ---------------------------------------------------------------- bands
     @property
     def neighbourhood(self) -> tuple[int, int]:
-        """``attention="neighbourhood"``: (block, radius) in cells: queries in blocks of attn_window/4 attend to the
-        attn_window square around their block (same keys per query as squares; ≥ 3/8 attn_window of context on
-        every side)."""
+        """``attention="neighbourhood"``: (block, radius) in cells: queries in blocks of ``attn_block`` cells
+        (default attn_window/4) attend to the ≈ attn_window square around their block (as many keys per query as
+        squares; ≥ (attn_window − block)/2 of context on every side)."""
         wt = self.config.attn_window // self.config.token
-        block = max(1, wt // 4)
+        block = int(self.config.attn_block) or max(1, wt // 4)
         return block, (wt - block) // 2
 
     @property
