@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
               zip(("multidiffusion_b4", "mixture_b4", "dde"), rows[:3])}
     print("paired with the exact canvas denoiser's samples (same initial noise): " +
           ", ".join(f"{k} var {v['var']:.3f} LF {v['lf']:.3f}" for k, v in paired.items()))
+    # where the seams are: each line's jump ÷ the exact canvas denoiser's at the same line (same initial noise)
+    line_ratio = rows[2].lines / rows[3].lines
+    worst = sorted(range(len(line_ratio)), key=lambda j: -line_ratio[j])[:6]
+    print("seam by line, dde ÷ exact canvas denoiser (same noise), the largest: " +
+          ", ".join(f"line {j + 1}: {line_ratio[j]:.2f}" for j in worst))
     by_sigma = excess_by_sigma(oracle, coord, stride)
     print(f"excess over the exact canvas denoiser at N = {args.n}, dde ÷ averaging, by σ: " +
           ", ".join(f"{r['sigma']:g}: {r['ratio']:.3f}" for r in by_sigma))
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         "attention": args.attention,
         "attn_block": args.attn_block,
         "evaluation": result.evaluation,
+        "line_ratio": [round(float(v), 3) for v in line_ratio],  # line j = 1 … N−1: dde ÷ exact canvas denoiser
         "excess_by_sigma": [{k: round(v, 6 if k.startswith("excess") else 4) for k, v in r.items()}
                             for r in by_sigma],
     }

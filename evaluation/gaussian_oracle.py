@@ -41,6 +41,7 @@ from models.patching import (COMBINERS, DEFAULT_MIXTURE_SIGMA, PatchCoordinator,
 
 __all__ = [
     "ORACLE_COMBINERS", "MaternField", "PatchBayesDenoiser", "GaussianOracle", "karras_sigmas", "field_metrics",
+    "line_profile",
     "compare", "single_patch_check",
 ]
 
@@ -382,10 +383,20 @@ def field_metrics(samples: Tensor | np.ndarray, patch: int) -> dict[str, float]:
     }
 
 
+def line_profile(samples: Tensor | np.ndarray) -> np.ndarray:
+    """Mean squared jump across each interior line j = 1 … N−1 of canvases (S, 1, N, N), columns and rows pooled,
+    ÷ the median over lines: (N−1,) float64. Where a seam is, line by line (``seam_b`` pools the lines at
+    multiples of B only); divide by another method's profile from the same noise to take out the field's own."""
+    x = samples.detach().double().cpu().numpy() if isinstance(samples, Tensor) else np.asarray(samples, np.float64)
+    jumps = _line_jumps(x)
+    return jumps / float(np.median(jumps))
+
+
 @dataclass
 class Row:
     name: str
     metrics: dict[str, float]
+    lines: np.ndarray | None = None  # :func:`line_profile` of the row's samples
 
 
 def compare(oracle: GaussianOracle, methods: Iterable[tuple[str, str, dict]], samples: int, seed: int = 0,
@@ -396,10 +407,11 @@ def compare(oracle: GaussianOracle, methods: Iterable[tuple[str, str, dict]], sa
     ref = field_metrics(reference if reference is not None else oracle.exact_samples(samples, seed + 7), oracle.b)
     rows = []
     for name, combiner, kw in methods:
-        m = field_metrics(oracle.sample(combiner, samples, seed, steps=steps, device=device, **kw), oracle.b)
+        x = oracle.sample(combiner, samples, seed, steps=steps, device=device, **kw)
+        m = field_metrics(x, oracle.b)
         m["var_ratio"] = m["var"] / ref["var"]
         m["lf_ratio"] = m["lf_power"] / ref["lf_power"]
-        rows.append(Row(name, m))
+        rows.append(Row(name, m, line_profile(x)))
     return ref, rows
 
 

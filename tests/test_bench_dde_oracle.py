@@ -29,6 +29,8 @@ def test_bench_dde_oracle_smoke_trains_resumes_in_chunks_and_samples(tmp_path):
     assert summary["evaluation"]["per_canvas"], summary
     assert [r["sigma"] for r in summary["excess_by_sigma"]] == [0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
     assert all(r["excess_averaging"] > 0 for r in summary["excess_by_sigma"])
+    assert len(summary["line_ratio"]) == 24 - 1 and all(v > 0 for v in summary["line_ratio"])
+    assert "seam by line" in res.stdout
 
 
 def test_the_exact_patch_denoiser_runs_on_its_input_s_device():

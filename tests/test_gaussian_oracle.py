@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.gaussian_oracle import (GaussianOracle, MaternField, field_metrics, karras_sigmas,
+from evaluation.gaussian_oracle import (GaussianOracle, MaternField, field_metrics, karras_sigmas, line_profile,
                                         single_patch_check)
 from models.patching import ZeroCoordinator
 
@@ -181,3 +181,14 @@ def test_exact_combiner_is_the_whole_canvas_bayes_denoiser_and_a_paired_referenc
     assert ex["seam_max"] < 1.5 and md["var"] < 0.8 * ex["var"]
     with pytest.raises(ValueError, match="square canvases"):
         oracle.composite(x[..., :40], 0.7, "exact")
+
+
+def test_line_profile_finds_a_seam_line_by_line():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 24, 24)).cumsum(-1).cumsum(-2) * 0.1  # smooth-ish field
+    flat = line_profile(x)
+    x[..., :, 10:] += 3.0  # a step between columns 9 and 10: line 10
+    seamed = line_profile(x)
+    assert flat.shape == seamed.shape == (23,)
+    assert int(np.argmax(seamed)) == 9 and seamed[9] > 5 * flat[9]
+    assert np.median(seamed) == pytest.approx(1.0)
