@@ -300,6 +300,9 @@ def test_a_large_canvas_is_corrected_in_bands_with_the_one_pass_result(attention
         net.max_tokens = 0  # one pass
         one = net.correction(outputs, noisy, origins, None, t)
         net.max_tokens = per * 3 * 9
+        if cfg.attention == "neighbourhood":  # each token gathered (2 + 2·3)² / 2² = 16 times as a key
+            assert net.band_tokens == net.max_tokens // 16
+            net.max_tokens *= 16
         bands = net.bands(origins)
         banded = net.correction(outputs, noisy, origins, None, t)
     assert len(bands) > 2

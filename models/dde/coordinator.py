@@ -437,6 +437,16 @@ class DDECoordinator(nn.Module):
         return block, (wt - block) // 2
 
     @property
+    def band_tokens(self) -> int:
+        """Tokens per band pass: :attr:`max_tokens`, divided for neighbourhoods by how many times each token is
+        gathered as a key ((block + 2·radius)² / block², 16 at the defaults), so a pass's attention inputs stay
+        within what a squares pass of :attr:`max_tokens` tokens holds."""
+        if self.config.attention != "neighbourhood" or not self.max_tokens:
+            return self.max_tokens
+        block, radius = self.neighbourhood
+        return max(1, self.max_tokens * block * block // (block + 2 * radius) ** 2)
+
+    @property
     def reach_px(self) -> int:
         """How far (canvas px) information travels between tokens in one forward pass: each block mixes tokens of
         one ``attn_window`` square only (or of a neighbourhood: < block + radius cells apart), so after
@@ -450,7 +460,7 @@ class DDECoordinator(nn.Module):
         tensors per band. A band's windows (``own``) get exact corrections from a pass over ``context``: every
         window whose origin row is within patch + :attr:`reach_px` of a row of the band (a window further away
         has no token within reach of the band's tokens, so leaving it out changes nothing the band keeps).
-        Bands are the largest whose context holds ≤ :attr:`max_tokens` tokens (at least one window row each); a
+        Bands are the largest whose context holds ≤ :attr:`band_tokens` tokens (at least one window row each); a
         pure function of the origins, so a canvas always splits the same way."""
         per = (self.config.patch // self.config.token) ** 2
         rows = origins[:, 0].long()
@@ -468,7 +478,7 @@ class DDECoordinator(nn.Module):
         while i < len(values):
             j = i
             while j + 1 < len(values) and \
-                    per * windows_between(values[i] - halo, values[j + 1] + halo) <= self.max_tokens:
+                    per * windows_between(values[i] - halo, values[j + 1] + halo) <= self.band_tokens:
                 j += 1
             own = torch.nonzero((rows >= values[i]) & (rows <= values[j])).flatten()
             context = torch.nonzero((rows > values[i] - halo) & (rows < values[j] + halo)).flatten()
@@ -490,7 +500,7 @@ class DDECoordinator(nn.Module):
         ``grid``: the attention grid's (y, x) offset in tokens, (2,) for all windows or (S, 2) per canvas index
         (default none: the grid anchored at canvas (0, 0)); it moves the squares only, not the positions RoPE sees.
 
-        One canvas of more than :attr:`max_tokens` tokens is corrected band by band (:meth:`bands`), so the
+        One canvas of more than :attr:`band_tokens` tokens is corrected band by band (:meth:`bands`), so the
         memory of a pass is bounded whatever the slide's size; the result equals the one-pass result up to
         float rounding (the bands' passes have other batch shapes).
         """
@@ -502,7 +512,7 @@ class DDECoordinator(nn.Module):
                 raise ValueError(f"origins must be (N={n}, 2) canvas (y, x), got shape {tuple(origins.shape)}")
             dev, scale = deviations if deviations is not None else \
                 window_deviations(outputs, origins.to(outputs.device), canvas)
-        if canvas is None and self.max_tokens and n * per > self.max_tokens and origins.ndim == 2 and n:
+        if canvas is None and self.max_tokens and n * per > self.band_tokens and origins.ndim == 2 and n:
             bands = self.bands(origins)
             if len(bands) > 1:
                 out = torch.empty_like(outputs)
