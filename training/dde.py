@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models.dde.coordinator import ATTENTIONS, ATTN_GRIDS, CoordinatorConfig, DDECoordinator, window_deviations
+from models.dde.coordinator import ATTN_GRIDS, CoordinatorConfig, DDECoordinator, check_attention, window_deviations
 from models.dde.loading import COORDINATOR_DIR, save_coordinator
 from models.hashing import sha256_file
 from models.patching import BLENDS, blend, plan_windows
@@ -127,13 +127,7 @@ class DDETrainConfig:
             raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
         if self.attn_grid not in ATTN_GRIDS:
             raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {self.attention!r}")
-        if self.attention == "neighbourhood" and self.attn_grid != "fixed":
-            raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
-        if not 0 <= int(self.attn_block) <= self.attn_window // self.token:
-            raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {self.attn_window // self.token} "
-                             f"cells, got {self.attn_block}")
+        check_attention(self.attention, self.attn_grid, self.attn_block, self.attn_window, self.token)
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):

@@ -118,13 +118,7 @@ class CoordinatorConfig:
             raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
         if self.attn_grid not in ATTN_GRIDS:
             raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {self.attention!r}")
-        if not 0 <= int(self.attn_block) <= self.attn_window // self.token:
-            raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {self.attn_window // self.token} "
-                             f"cells, got {self.attn_block}")
-        if self.attention == "neighbourhood" and self.attn_grid != "fixed":
-            raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
+        check_attention(self.attention, self.attn_grid, self.attn_block, self.attn_window, self.token)
         if self.noise_input not in ("timestep", "sigma"):
             raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
 
@@ -140,6 +134,18 @@ class CoordinatorConfig:
         cfg = cls(**data)
         cfg.validate()
         return cfg
+
+
+def check_attention(attention: str, attn_grid: str, attn_block: int, attn_window: int, token: int) -> None:
+    """Raise ``ValueError`` naming the first inconsistent attention field (the coordinator's and the training
+    run's settings alike)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {attention!r}")
+    if not 0 <= int(attn_block) <= attn_window // token:
+        raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {attn_window // token} cells, "
+                         f"got {attn_block}")
+    if attention == "neighbourhood" and attn_grid != "fixed":
+        raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
 
 
 # ------------------------------------------------------------------------------------------ positions
@@ -270,11 +276,11 @@ def neighbourhood_groups(pos: Tensor, canvas: Tensor, radius: int, block: int = 
     ucode = code(uniq[:, 0], uniq[:, 1], uniq[:, 2])
     d = torch.arange(-reach, reach + 1, device=pos.device)
     dy, dx = (t.reshape(-1) for t in torch.meshgrid(d, d, indexing="ij"))
-    by, bx = blk[:, :1] + dy, blk[:, 1:] + dx  # (n, K) candidate blocks, token-major
+    cand = blk[:, None, :] + torch.stack((dy, dx), dim=1)  # (n, K, 2) candidate blocks, token-major
     # the distance in cells from the token's cell to the block [b·block, (b+1)·block − 1], per axis
-    near = ((by * block - cell[:, :1]).clamp_min(0) + (cell[:, :1] - (by * block + block - 1)).clamp_min(0) <= radius) & \
-           ((bx * block - cell[:, 1:]).clamp_min(0) + (cell[:, 1:] - (bx * block + block - 1)).clamp_min(0) <= radius)
-    want = code(canvas[:, None], by, bx).reshape(-1)
+    first, here = cand * block, cell[:, None, :]
+    near = ((first - here).clamp_min(0) + (here - (first + block - 1)).clamp_min(0) <= radius).all(-1)
+    want = code(canvas[:, None], cand[..., 0], cand[..., 1]).reshape(-1)
     hit_group = torch.searchsorted(ucode, want).clamp_max(g - 1)
     hit = (ucode[hit_group] == want) & near.reshape(-1)
     keys, keys_valid = _pack(hit_group[hit], g, n, tokens.repeat_interleave(dy.numel())[hit])
@@ -560,7 +566,8 @@ class DDECoordinator(nn.Module):
             off = grid.to(device=pos.device, dtype=torch.float64)
             square_pos = pos + (off if off.ndim == 1 else off[canvas_tok])
         if cfg.attention == "neighbourhood":
-            groups = [neighbourhood_groups(pos, canvas_tok, self.neighbourhood[1], self.neighbourhood[0])] * 2
+            block, radius = self.neighbourhood
+            groups = [neighbourhood_groups(pos, canvas_tok, radius, block)] * 2
         else:
             groups = [attention_groups(square_pos, canvas_tok, wt, 0),
                       attention_groups(square_pos, canvas_tok, wt, wt // 2)]
