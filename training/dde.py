@@ -43,10 +43,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models.dde.coordinator import ATTN_GRIDS, CoordinatorConfig, DDECoordinator, check_attention, window_deviations
+from models.dde.coordinator import CoordinatorConfig, DDECoordinator, check_choices, window_deviations
 from models.dde.loading import COORDINATOR_DIR, save_coordinator
 from models.hashing import sha256_file
-from models.patching import BLENDS, blend, plan_windows
+from models.patching import blend, plan_windows
 
 __all__ = ["DDETrainConfig", "DDETrainResult", "train_dde_coordinator", "build_base", "evaluate_composite",
            "lr_factor"]
@@ -121,13 +121,7 @@ class DDETrainConfig:
             raise ValueError(f"lr_decay must be in [0, 1] (a fraction of the steps), got {self.lr_decay}")
         if not 0 <= int(self.loss_levels) <= 8:
             raise ValueError(f"loss_levels must be in 0…8, got {self.loss_levels}")
-        if self.scale not in ("none", "disagreement"):
-            raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
-        if self.blend not in BLENDS:
-            raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
-        if self.attn_grid not in ATTN_GRIDS:
-            raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
-        check_attention(self.attention, self.attn_grid, self.attn_block, self.attn_window, self.token)
+        check_choices(self)
         if self.loss_weight not in ("base", "disagreement"):
             raise ValueError(f"loss_weight must be base or disagreement, got {self.loss_weight!r}")
         if self.target not in ("clean", "bayes"):

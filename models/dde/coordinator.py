@@ -117,13 +117,7 @@ class CoordinatorConfig:
             raise ValueError(f"cond must be none, labels or channels, got {self.cond!r}")
         if self.cond != "none" and self.cond_channels <= 0:
             raise ValueError(f"cond_channels must be > 0 with cond={self.cond!r}")
-        if self.scale not in ("none", "disagreement"):
-            raise ValueError(f"scale must be none or disagreement, got {self.scale!r}")
-        if self.blend not in BLENDS:
-            raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {self.blend!r}")
-        if self.attn_grid not in ATTN_GRIDS:
-            raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {self.attn_grid!r}")
-        check_attention(self.attention, self.attn_grid, self.attn_block, self.attn_window, self.token)
+        check_choices(self)
         if self.noise_input not in ("timestep", "sigma"):
             raise ValueError(f"noise_input must be timestep or sigma, got {self.noise_input!r}")
 
@@ -141,9 +135,19 @@ class CoordinatorConfig:
         return cfg
 
 
-def check_attention(attention: str, attn_grid: str, attn_block: int, attn_window: int, token: int) -> None:
-    """Raise ``ValueError`` naming the first inconsistent attention field (the coordinator's and the training
-    run's settings alike)."""
+def check_choices(settings: Any) -> None:
+    """Raise ``ValueError`` naming the first inconsistent choice among ``settings``' scale, blend, attn_grid,
+    attention and attn_block (with its attn_window and token): a :class:`CoordinatorConfig` or a training run's
+    settings, which carry the same fields."""
+    scale, blend, attn_grid = settings.scale, settings.blend, settings.attn_grid
+    attention, attn_block, attn_window, token = (settings.attention, settings.attn_block, settings.attn_window,
+                                                 settings.token)
+    if scale not in ("none", "disagreement"):
+        raise ValueError(f"scale must be none or disagreement, got {scale!r}")
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {blend!r}")
+    if attn_grid not in ATTN_GRIDS:
+        raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {attn_grid!r}")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {attention!r}")
     if not 0 <= int(attn_block) <= attn_window // token:
