@@ -304,6 +304,12 @@ def _grey_band(band: np.ndarray, width: int) -> np.ndarray:
     return band.mean(axis=2, dtype=np.float64) if band.ndim == 3 else band.astype(np.float64)
 
 
+def _row_segment_means(grey: np.ndarray, segment: int) -> np.ndarray:
+    """Per row, the means of the band's whole ``segment``-px segments of columns: (rows, width // segment)."""
+    n = grey.shape[1] // segment
+    return grey[:, :n * segment].reshape(grey.shape[0], n, segment).mean(axis=2)
+
+
 class RidgeScorer:
     """Streaming :func:`ridge_score`: a ridge (or trough) a few px wide centred on a cut, which neither the quilt
     score (block means on both sides of the cut agree) nor a 1-px gradient ratio (the ridge's top is flat) sees.
@@ -383,8 +389,9 @@ class RidgeScorer:
     def add_band(self, band: np.ndarray) -> None:
         self.add_grey(_grey_band(band, self.width))
 
-    def add_grey(self, grey: np.ndarray) -> None:
-        """:meth:`add_band` for a band already in grey levels (rows, width) float64."""
+    def add_grey(self, grey: np.ndarray, seg_means: np.ndarray | None = None) -> None:
+        """:meth:`add_band` for a band already in grey levels (rows, width) float64; ``seg_means``: its
+        :func:`_row_segment_means` when the caller has them (several scorers of one band)."""
         r0, r1 = self._rows, self._rows + grey.shape[0]
         if r1 > self.height:
             raise ValueError(f"bands exceed the slide's {self.height} rows")
@@ -392,7 +399,7 @@ class RidgeScorer:
         # horizontal lines: each row in a line's reach adds its weight × its per-segment means
         n_seg = self._sums[0].shape[1]
         if self._lines[0].size and n_seg:
-            seg_means = grey[:, :n_seg * seg].reshape(grey.shape[0], n_seg, seg).mean(axis=2)
+            seg_means = _row_segment_means(grey, seg) if seg_means is None else seg_means
             for i, q in enumerate(self._lines[0]):
                 lo, hi = max(q - self.reach, r0), min(q + self.reach, r1)
                 if lo < hi:
@@ -453,8 +460,12 @@ class RidgeScorers:
 
     def add_band(self, band: np.ndarray) -> None:
         grey = _grey_band(band, self.width)
+        # the band's per-segment row means, once for every kind (the scorers share the segment length)
+        means: dict[int, np.ndarray] = {}
         for scorer in self.scorers.values():
-            scorer.add_grey(grey)
+            if scorer.segment not in means:
+                means[scorer.segment] = _row_segment_means(grey, scorer.segment)
+            scorer.add_grey(grey, means[scorer.segment])
 
     def result(self) -> dict:
         """``{"ridge_score": max over kinds (None when no kind has segments), "by_kind": {kind: RidgeScorer
