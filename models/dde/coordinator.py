@@ -50,7 +50,8 @@ MAX_TOKENS = 1 << 20
 # a neighbourhood pass over canvases of at most this many tokens each, laid out alike, attends densely with a mask
 # instead of gathering every block's keys: the same attention (each query's key set is unchanged) in about as
 # many multiply-adds (T² against T·(keys per query) ≈ T·800), without the gathered keys' copies and their
-# gradients (measured: half a training step on the oracle's 48² canvases)
+# gradients. Measured (CPU, forward + backward, hidden 64): 0.34 against 0.50 s at T = 1,024 (2 × 2-cell blocks),
+# 0.28 against 1.17 s (per-token blocks); about even at T ≈ 2,000 (2 × 2) to 3,000 (per token)
 DENSE_MAX_TOKENS = 2048
 
 NoiseInput = Literal["timestep", "sigma"]
