@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention", choices=("squares", "neighbourhood"), default="neighbourhood",
                    help="tokens attend to the cells around their block (default: measured better at equal steps, "
                    "README) or within their attention square (the first coordinators)")
-    p.add_argument("--attn-block", type=int, default=0,
-                   help="neighbourhood query blocks in cells (default 0: attn_window/4 = 2 cells; 1: per token)")
+    p.add_argument("--attn-block", type=int, default=1,
+                   help="neighbourhood query blocks in cells (default 1: every token its own neighbourhood, no block "
+                   "borders: measured the lower seam at equal cost on the oracle's canvases, README; 0: "
+                   "attn_window/(4·token) = 2 cells)")
     p.add_argument("--loss-weight", choices=("base", "disagreement"), default="disagreement",
                    help="per-canvas loss weight (default disagreement; base = EDM λ(σ))")
     p.add_argument("--n", type=int, default=64, help="sampled canvas side N (px)")
