@@ -318,7 +318,7 @@ def test_the_command_line_offers_exactly_the_architecture_choices():
     the coordinator's own."""
     import argparse
 
-    from models.dde.coordinator import ATTENTIONS, ATTN_GRIDS
+    from models.dde.coordinator import ATTENTIONS, ATTN_GRIDS, SCALES
     from models.patching import BLENDS
     from training.cli import add_dde_train_parsers
 
@@ -329,3 +329,4 @@ def test_the_command_line_offers_exactly_the_architecture_choices():
     assert choices["blend"] == tuple(BLENDS)
     assert choices["attn_grid"] == tuple(ATTN_GRIDS)
     assert choices["attention"] == tuple(ATTENTIONS)
+    assert choices["scale"] == tuple(SCALES)

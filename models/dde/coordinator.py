@@ -59,6 +59,7 @@ CondKind = Literal["none", "labels", "channels"]
 Scale = Literal["none", "disagreement"]
 ATTN_GRIDS = ("fixed", "moving")
 ATTENTIONS = ("squares", "neighbourhood")
+SCALES = ("none", "disagreement")
 
 
 @dataclass
@@ -140,17 +141,12 @@ def check_choices(settings: Any) -> None:
     """Raise ``ValueError`` naming the first inconsistent choice among ``settings``' scale, blend, attn_grid,
     attention and attn_block (with its attn_window and token): a :class:`CoordinatorConfig` or a training run's
     settings, which carry the same fields."""
-    scale, blend, attn_grid = settings.scale, settings.blend, settings.attn_grid
-    attention, attn_block, attn_window, token = (settings.attention, settings.attn_block, settings.attn_window,
-                                                 settings.token)
-    if scale not in ("none", "disagreement"):
-        raise ValueError(f"scale must be none or disagreement, got {scale!r}")
-    if blend not in BLENDS:
-        raise ValueError(f"blend must be {' or '.join(BLENDS)}, got {blend!r}")
-    if attn_grid not in ATTN_GRIDS:
-        raise ValueError(f"attn_grid must be {' or '.join(ATTN_GRIDS)}, got {attn_grid!r}")
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be {' or '.join(ATTENTIONS)}, got {attention!r}")
+    for name, allowed in (("scale", SCALES), ("blend", BLENDS), ("attn_grid", ATTN_GRIDS), ("attention", ATTENTIONS)):
+        value = getattr(settings, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
+    attention, attn_grid, attn_block, attn_window, token = (settings.attention, settings.attn_grid,
+                                                            settings.attn_block, settings.attn_window, settings.token)
     if not 0 <= int(attn_block) <= attn_window // token:
         raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {attn_window // token} cells, "
                          f"got {attn_block}")
