@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ CondKind = Literal["none", "labels", "channels"]
 Scale = Literal["none", "disagreement"]
 ATTN_GRIDS = ("fixed", "moving")
 ATTENTIONS = ("squares", "neighbourhood")
-SCALES = ("none", "disagreement")
+SCALES = get_args(Scale)
 
 
 @dataclass
@@ -145,12 +145,10 @@ def check_choices(settings: Any) -> None:
         value = getattr(settings, name)
         if value not in allowed:
             raise ValueError(f"{name} must be {' or '.join(allowed)}, got {value!r}")
-    attention, attn_grid, attn_block, attn_window, token = (settings.attention, settings.attn_grid,
-                                                            settings.attn_block, settings.attn_window, settings.token)
-    if not 0 <= int(attn_block) <= attn_window // token:
-        raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {attn_window // token} cells, "
-                         f"got {attn_block}")
-    if attention == "neighbourhood" and attn_grid != "fixed":
+    cells = settings.attn_window // settings.token
+    if not 0 <= int(settings.attn_block) <= cells:
+        raise ValueError(f"attn_block must be 0 (auto) … attn_window/token = {cells} cells, got {settings.attn_block}")
+    if settings.attention == "neighbourhood" and settings.attn_grid != "fixed":
         raise ValueError("attn_grid must be fixed with attention neighbourhood (a neighbourhood has no grid to move)")
 
 
@@ -254,6 +252,13 @@ def attention_groups(pos: Tensor, canvas: Tensor, window_tokens: int, shift: int
     return AttentionGroups(index=index, valid=valid)
 
 
+def _within_radius(first: Tensor, cell: Tensor, block: int, radius: int) -> Tensor:
+    """Whether ``cell`` (..., 2) lies within ``radius`` cells of the block of cells [first, first + block − 1]
+    (..., 2) along both axes: the neighbourhood relation, for the gathered and the dense path alike."""
+    gap = (first - cell).clamp_min(0) + (cell - (first + block - 1)).clamp_min(0)
+    return (gap <= radius).all(-1)
+
+
 def neighbourhood_groups(pos: Tensor, canvas: Tensor, radius: int, block: int = 1) -> AttentionGroups:
     """Neighbourhood attention by blocks: the tokens of one ``block``×``block``-cell block of the canvas (cells:
     the floor of the positions; a cell holds the tokens of every window overlapping there) are one group of
@@ -283,9 +288,7 @@ def neighbourhood_groups(pos: Tensor, canvas: Tensor, radius: int, block: int = 
     d = torch.arange(-reach, reach + 1, device=pos.device)
     dy, dx = (t.reshape(-1) for t in torch.meshgrid(d, d, indexing="ij"))
     cand = blk[:, None, :] + torch.stack((dy, dx), dim=1)  # (n, K, 2) candidate blocks, token-major
-    # the distance in cells from the token's cell to the block [b·block, (b+1)·block − 1], per axis
-    first, here = cand * block, cell[:, None, :]
-    near = ((first - here).clamp_min(0) + (here - (first + block - 1)).clamp_min(0) <= radius).all(-1)
+    near = _within_radius(cand * block, cell[:, None, :], block, radius)
     want = code(canvas[:, None], cand[..., 0], cand[..., 1]).reshape(-1)
     hit_group = torch.searchsorted(ucode, want).clamp_max(g - 1)
     hit = (ucode[hit_group] == want) & near.reshape(-1)
@@ -308,9 +311,8 @@ def dense_neighbourhood(pos: Tensor, canvases: int, radius: int, block: int = 1)
     positions; every canvas alike)."""
     cell = torch.floor(pos).long()
     first = torch.div(cell, block, rounding_mode="floor") * block  # (T, 2) the first cell of each query's block
-    gap = (first[:, None, :] - cell[None, :, :]).clamp_min(0) + \
-        (cell[None, :, :] - (first[:, None, :] + block - 1)).clamp_min(0)
-    return DenseNeighbourhood(mask=(gap <= radius).all(-1), canvases=int(canvases))
+    return DenseNeighbourhood(mask=_within_radius(first[:, None, :], cell[None, :, :], block, radius),
+                              canvases=int(canvases))
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
