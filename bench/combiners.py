@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--solver", default="dpmpp-2m-sde")
     p.add_argument("--model", help="model name (default: SLIDESYNTH_DEFAULT_MODEL)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance ω of every configuration (default: the model card's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--coordinator", help="coordinator folder for `dde` (default: the model folder's dde-coordinator/)")
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         png.mkdir(parents=True, exist_ok=True)
     clf = load_classifier(None)
     chosen = masks(args.size // 4, max(0, args.masks - 1))
-    guidance = card.default_guidance if card.default_guidance is not None else 3.0
+    guidance = args.guidance if args.guidance is not None else (
+        card.default_guidance if card.default_guidance is not None else 3.0)
     probe = DiffInfinitePipeline(models, device=device)
 
     def opts(sampler: str) -> DiffInfiniteOptions:
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         return DiffInfiniteOptions(sampler=sampler, solver=args.solver, sampler_stride=stride).resolved()
 
     print(f"model {model}, {len(chosen)} masks, {args.size}² px slides, seed {args.seed}, solver {args.solver}, "
-          f"equal {args.equal} (tiled {args.steps} steps), device {device}")
+          f"equal {args.equal} (tiled {args.steps} steps), guidance {guidance}, device {device}")
     head = (f"{'sampler':<15}{'mask':<14}{'steps':>6}{'passes':>9}{'quilt smp':>10}{'quilt dec':>10}"
             f"{'seam smp':>9}{'h / v':>16}{'ridge':>7}{'bal.acc':>8}{'s':>7}")
     print(head)
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = {k: round(ours[k] / ref[k], 4) for k in ("quilt_sampler", "seam_sampler", "balanced_accuracy", "passes")
                  if ours.get(k) is not None and ref.get(k)}
     summary = {"bench": "combiners", "model": model, "size": args.size, "masks": len(chosen), "equal": args.equal,
-               "budget_steps_tiled": args.steps, "rows": summary_rows, "ours": ours,
+               "budget_steps_tiled": args.steps, "guidance": guidance, "rows": summary_rows, "ours": ours,
                "reference": dict(ref, sampler="tiled") if ref else None, "ratio": ratio}
     print(json.dumps(summary))
     return summary
