@@ -262,13 +262,19 @@ def corrected(plan: WindowPlan, outputs: Tensor, *, noisy: Tensor | None = None,
     ``step``: the sampling step, for a coordinator whose attention grid moves per step (``moves_grid``)."""
     if plan.combiner != "dde" or coordinator is None:
         return outputs
+    return outputs + correction(plan, outputs, noisy=noisy, cond=cond, t=t, coordinator=coordinator, step=step)
+
+
+def correction(plan: WindowPlan, outputs: Tensor, *, noisy: Tensor | None, cond: Tensor | None, t: Tensor | None,
+               coordinator: PatchCoordinator, step: int | None = None) -> Tensor:
+    """The coordinator's correction of the windows' ``outputs`` (their shape and dtype), for :func:`corrected`."""
     if noisy is None or t is None:
         raise ValueError("a dde coordinator needs the windows' inputs (noisy) and noise levels (t)")
     delta = coordinator.correction(outputs, noisy, plan.origins_tensor(outputs.device), cond, t,
                                    **grid_kwargs(coordinator, step))
     if delta.shape != outputs.shape:
         raise ValueError(f"coordinator correction has shape {tuple(delta.shape)}, outputs {tuple(outputs.shape)}")
-    return outputs + delta.to(outputs.dtype)
+    return delta.to(outputs.dtype)
 
 
 def grid_kwargs(coordinator: PatchCoordinator, step: int | None) -> dict:

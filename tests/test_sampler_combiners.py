@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.diffinfinite.guidance import ImageDenoiser
+from models.diffinfinite.scheduler import DDIMScheduler
 from models.diffinfinite.sampler import STATE_VERSION, WINDOW_MODES, RandomPatchSampler, SamplerState
 from models.diffinfinite.unet import ImageUNet, ImageUNetConfig
 from models.patching import ZeroCoordinator, plan_windows
@@ -179,11 +180,43 @@ def test_zero_coordinator_dde_is_multidiffusion(image_unet):
     null_cond = paper.calls[1][3]
     assert torch.equal(paper.calls[0][3], cond) and bool((cond != 0).any())
     assert null_cond.shape == cond.shape and bool((null_cond == 0).all())
-    with pytest.raises(ValueError, match="null_condition must be"):
+    with pytest.raises(ValueError, match="null_condition must be one of"):
         _sampler(image_unet, "dde", null_condition="empty")
     assert t.shape == (len(plan),) and len(set(t.tolist())) == 1
     moved = _sampler(image_unet, "dde", coordinator=RecordingCoordinator(0.5)).sample(lab, seed=5)
     assert not torch.allclose(moved, md)
+
+
+def test_shared_null_condition_adds_the_conditional_correction_to_the_guided_windows(image_unet):
+    """``null_condition="shared"``: one coordinator pass per step over the conditional windows (with the labels);
+    its correction δ is added to the guided windows, so the canvas is avg((1+ω)ε(c) − ωε(∅)) + avg(δ)."""
+    lab = _labels(40, 72)
+    md = _sampler(image_unet, "multidiffusion").sample(lab, seed=5)
+    rec = RecordingCoordinator(0.0)
+    zero = _sampler(image_unet, "dde", coordinator=rec, null_condition="shared").sample(lab, seed=5)
+    torch.testing.assert_close(zero, md, rtol=0, atol=1e-5)
+    assert len(rec.calls) == 3  # one per step
+    eq6 = RecordingCoordinator(0.0)
+    _sampler(image_unet, "dde", coordinator=eq6).sample(lab, seed=5)
+    assert torch.equal(rec.outputs[0], eq6.outputs[0])  # the conditional windows
+    assert torch.equal(rec.calls[0][3], eq6.calls[0][3])  # with the mask's labels
+    # one DDIM step to x̂0 (unclipped) is affine in ε̃: x̂0(ε̃ + avg(δ)) − x̂0(ε̃) = x̂0(ε(c) + δ) − x̂0(ε(c)) at
+    # ω = 0, so with δ = s·ε(c) the shared canvas moves from MultiDiffusion's guided one by s × the unguided move
+    # (from t = 999, x̂0 = (x − √(1−ᾱ)·ε̃)/√ᾱ reaches ≈ 1e5: float32 rounding, hence the relative tolerance)
+    def one_step(guidance=2.0, **kw):
+        return _sampler(image_unet, steps=1, guidance=guidance, scheduler=DDIMScheduler(clip_sample=False),
+                        **kw).sample(lab, seed=5)
+
+    guided, plain = one_step(mode="multidiffusion"), one_step(0.0, mode="multidiffusion")
+    unguided_move = one_step(0.0, mode="dde", coordinator=RecordingCoordinator(1.0)) - plain
+    assert unguided_move.abs().max() > 0.01
+    for scale in (0.5, -1.0):
+        shared = one_step(mode="dde", coordinator=RecordingCoordinator(scale), null_condition="shared")
+        torch.testing.assert_close(shared - guided, scale * unguided_move, rtol=0,
+                                   atol=1e-6 * float(guided.abs().max()))
+    # the paper's Eq. 6 with the same coordinator moves it otherwise: the guidance multiplies the correction
+    eq6_move = one_step(mode="dde", coordinator=RecordingCoordinator(0.5)) - guided
+    assert (eq6_move - 0.5 * unguided_move).abs().max() > 1e-2 * unguided_move.abs().max()
 
 
 class WindowCornerNet(torch.nn.Module):

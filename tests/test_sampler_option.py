@@ -11,8 +11,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from models.diffinfinite.engine import (COORDINATOR_CARD, COORDINATOR_DIR, DiffInfiniteEngine, DiffInfiniteOptions,
-                                        has_coordinator, model_folder)
+from models.diffinfinite.engine import (COORDINATOR_CARD, COORDINATOR_DIR, DEFAULT_DDE_GUIDANCE, DiffInfiniteEngine,
+                                        DiffInfiniteOptions, has_coordinator, model_folder)
 from models.engine import OptionError, Runtime, SlideRequest
 from models.patching import ZeroCoordinator
 from tests.conftest import REPO, make_mask, png_bytes
@@ -35,6 +35,18 @@ def test_sampler_stride_only_for_overlapping_samplers():
         assert exc.value.field == "sampler_stride"
     with pytest.raises(ValueError):
         DiffInfiniteOptions(sampler="multidiffusion", sampler_stride=65)
+
+
+def test_dde_guidance_only_for_dde_and_resolved_to_the_default():
+    assert DiffInfiniteOptions(sampler="dde").resolved().dde_guidance == DEFAULT_DDE_GUIDANCE
+    assert DiffInfiniteOptions(sampler="dde", dde_guidance="null").resolved().dde_guidance == "null"
+    assert DiffInfiniteOptions(sampler="mixture").resolved().dde_guidance is None
+    for sampler in ("tiled", "random", "mixture"):
+        with pytest.raises(OptionError) as exc:
+            DiffInfiniteOptions(sampler=sampler, dde_guidance="shared").resolved()
+        assert exc.value.field == "dde_guidance"
+    with pytest.raises(ValueError):
+        DiffInfiniteOptions(sampler="dde", dde_guidance="both")
 
 
 def _model_with(models_dir, name: str, coordinator: bool):
@@ -79,9 +91,21 @@ def test_dde_without_a_coordinator_is_a_422_naming_the_field_and_the_model(embed
         assert ok.status_code == 202, ok.text
         spec = app.state.services.store.get(ok.json()["id"]).spec
         assert spec.options["sampler"] == "dde" and spec.options["solver"] == "dpmpp-2m-sde"
+        bad = client.post("/generate", json={**body, "model": "demo-with-dde",
+                                             "options": {"sampler": "mixture", "dde_guidance": "shared"}})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "options", "dde_guidance"]
+        assert "dde" in bad.text
         md = client.post("/generate", json={**body, "options": {"sampler": "multidiffusion", "sampler_stride": 16}})
         assert md.status_code == 202, md.text
         assert app.state.services.store.get(md.json()["id"]).spec.options["sampler_stride"] == 16
+
+
+class CountingZeroCoordinator(ZeroCoordinator):
+    passes = 0
+
+    def correction(self, outputs, noisy, origins, cond, t):
+        CountingZeroCoordinator.passes += 1
+        return super().correction(outputs, noisy, origins, cond, t)
 
 
 @pytest.fixture
@@ -92,7 +116,7 @@ def fake_dde(monkeypatch):
 
     def load_coordinator(folder, device):
         calls.append((folder, device))
-        return ZeroCoordinator(64, 16)
+        return CountingZeroCoordinator(64, 16)
 
     mod.load_coordinator = load_coordinator
     monkeypatch.setitem(sys.modules, "models.dde", mod)
@@ -125,6 +149,13 @@ def test_engine_runs_window_samplers_and_dde_through_the_hook(tmp_path, fake_dde
     assert np.abs(dde.astype(np.int16) - md.astype(np.int16)).max() <= 1
     assert slide.notes["sampler_passes"] == md_slide.notes["sampler_passes"] > 0
     assert "sampler" in slide.cut_lines
+    # the job's dde_guidance reaches the sampler: Eq. 6 corrects the conditional and the null windows (two
+    # coordinator passes a step, 2 steps), `shared` the conditional ones only
+    for how, passes in (("labels", 4), ("null", 4), ("shared", 2)):
+        CountingZeroCoordinator.passes = 0
+        out, _ = _generate(models, {"sampler": "dde", "dde_guidance": how}, lab)
+        assert CountingZeroCoordinator.passes == passes, how
+        assert np.abs(out.astype(np.int16) - md.astype(np.int16)).max() <= 1
     md32, md32_slide = _generate(models, {"sampler": "multidiffusion"}, lab)  # default stride 32: other windows
     assert not np.array_equal(md32, md) and md32_slide.notes["sampler_passes"] < md_slide.notes["sampler_passes"]
 

@@ -22,6 +22,7 @@ IMAGE_PATCH = 64  # latent px: the image model's sampler window
 WINDOW_SAMPLERS = ("independent", "multidiffusion", "mixture", "dde")  # = models.patching.COMBINERS (no torch here)
 COORDINATOR_DIR = "dde-coordinator"  # a model folder's trained DDE coordinator (written by `slidesynth train dde-coordinator`)
 COORDINATOR_CARD = "coordinator_card.json"
+DEFAULT_DDE_GUIDANCE = "labels"  # how a dde job's coordinator meets guidance when the job names none
 
 
 def has_coordinator(folder: Path | None) -> bool:
@@ -69,6 +70,13 @@ class DiffInfiniteOptions(EngineOptions):
         description="Window spacing in latent px of `multidiffusion`, `mixture` and `dde` (default 32, half the "
         "64-px patch; `dde`: the stride its coordinator was trained with). Smaller = more overlap, more network "
         "passes (≈ (64/stride)² per latent px).")
+    dde_guidance: Literal["labels", "null", "shared"] | None = Field(
+        None,
+        description="`dde` under classifier-free guidance (guidance ≠ 0), how the coordinator meets it: `null` — "
+        "DDE's Eq. 6, (1+ω)·C([ε(c)], [c]) − ω·C([ε(∅)], [∅]), the conditional and the null windows corrected "
+        "apart (two coordinator passes a step); `labels` — Eq. 6 with the mask's labels for the null windows too; "
+        "`shared` — one pass over the conditional windows, its correction added to the guided windows, so the "
+        "guidance term ω·(ε(c) − ε(∅)) stays as the patch model made it. Default `labels`.")
     solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] | None = Field(
         None,
         description="`ddim`: the paper's DDIM (η from the request; default 250 steps, or the card's); `dpmpp-2m`: "
@@ -103,6 +111,8 @@ class DiffInfiniteOptions(EngineOptions):
         if self.sampler_stride is not None and self.sampler not in ("multidiffusion", "mixture", "dde"):
             raise OptionError("sampler_stride", f"applies to the multidiffusion, mixture and dde samplers, not "
                                                 f"{self.sampler!r}")
+        if self.dde_guidance is not None and self.sampler != "dde":
+            raise OptionError("dde_guidance", f"applies to the dde sampler only, not {self.sampler!r}")
         tile = self.decode_tile if self.decode_tile is not None else DECODE_TILE
         overlap = self.decode_overlap
         if self.decoder == "tukey":
@@ -119,7 +129,9 @@ class DiffInfiniteOptions(EngineOptions):
                 raise OptionError("decode_overlap", f"must be decode_tile/2 = {tile // 2} for {self.decoder} "
                                                     f"({why}), got {overlap}")
             overlap = tile // 2
-        return self.model_copy(update={"solver": solver, "decode_tile": tile, "decode_overlap": overlap})
+        dde_guidance = self.dde_guidance or (DEFAULT_DDE_GUIDANCE if self.sampler == "dde" else None)
+        return self.model_copy(update={"solver": solver, "decode_tile": tile, "decode_overlap": overlap,
+                                       "dde_guidance": dde_guidance})
 
 
 def slide_decoder(decode_fn, scale: int = 8, options: DiffInfiniteOptions | None = None):
@@ -259,7 +271,8 @@ class DiffInfiniteEngine(EngineBase):
             stride = int(coordinator.stride)  # the windows it was trained on
         opts = SamplingOptions(steps=request.steps, guidance=request.guidance, eta=request.eta, mode=options.sampler,
                                solver=options.solver, seed=request.seed, batch_size=runtime.batch_size,
-                               precision=precision, window_stride=stride)
+                               precision=precision, window_stride=stride,
+                               dde_guidance=options.dde_guidance or DEFAULT_DDE_GUIDANCE)
         # A slide of any size: sample the latent grid that covers it (sides rounded up to the VAE's factor) and
         # crop the decoded bands; a mask is extended by edge replication over the few extra rows and columns.
         f = models.codec.scale_factor

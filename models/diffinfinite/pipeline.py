@@ -24,7 +24,7 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 from .guidance import ImageDenoiser, MaskDenoiser
 from .mask_cleaning import clean_mask, resize_labels_nearest, upsample_labels
-from .sampler import MODES, TILE_EDGES, WINDOW_MODES, RandomPatchSampler, SamplerState
+from .sampler import MODES, NULL_CONDITIONS, TILE_EDGES, WINDOW_MODES, RandomPatchSampler, SamplerState
 from .solvers import SOLVERS
 from .unet import downsample_label_mask
 
@@ -61,6 +61,8 @@ class SamplingOptions:
     "full" in full patches (one shape). See :func:`.sampler.plan_tiled`.
     ``solver``: "ddim" (the paper's) or the multistep "dpmpp-2m" / "dpmpp-2m-sde" (:mod:`.solvers`), for
     both stages; ``steps`` counts its steps (one network evaluation per pass and step either way).
+    ``dde_guidance`` ("dde" under guidance): how the coordinator meets classifier-free guidance — the sampler's
+    ``null_condition`` (:class:`.sampler.RandomPatchSampler`).
     """
 
     steps: int = 250
@@ -86,6 +88,7 @@ class SamplingOptions:
     solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] = "ddim"
     window_stride: int | None = None
     mixture_sigma: float = 0.1
+    dde_guidance: Literal["labels", "null", "shared"] = "labels"
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,6 +106,8 @@ class SamplingOptions:
                 problems.append(f"{name} must be one of {allowed}, got {v!r}")
         if self.window_stride is not None and not 1 <= int(self.window_stride) <= int(self.image_patch):
             problems.append(f"window_stride must be in 1…image_patch ({self.image_patch}), got {self.window_stride}")
+        if self.dde_guidance not in NULL_CONDITIONS:
+            problems.append(f"dde_guidance must be one of {NULL_CONDITIONS}, got {self.dde_guidance!r}")
         if not (math.isfinite(float(self.mixture_sigma)) and float(self.mixture_sigma) > 0):
             problems.append(f"mixture_sigma must be a finite number > 0, got {self.mixture_sigma}")
         for name in ("batch_size", "mask_batch_size", "image_patch", "mask_patch", "mask_pool", "decode_batch_size"):
@@ -244,6 +249,7 @@ class DiffInfinitePipeline:
             final_tile_steps=options.final_tile_steps, tile_edges=options.tile_edges, solver=options.solver,
             window_stride=options.window_stride if options.mode in WINDOW_MODES else None,
             mixture_sigma=options.mixture_sigma, coordinator=self.coordinator if options.mode == "dde" else None,
+            null_condition=options.dde_guidance,
         )
 
     def mask_sampler(self, options: SamplingOptions) -> RandomPatchSampler:

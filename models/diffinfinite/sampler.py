@@ -45,7 +45,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ __all__ = [
 Mode = Literal["random", "tiled", "independent", "multidiffusion", "mixture", "dde"]
 WINDOW_MODES: tuple[str, ...] = patching.COMBINERS  # overlapping windows, blended in ε space
 MODES: tuple[str, ...] = ("random", "tiled") + WINDOW_MODES
+NullCondition = Literal["labels", "null", "shared"]  # dde under guidance: what the null windows are corrected with
+NULL_CONDITIONS: tuple[str, ...] = get_args(NullCondition)
 NOISE_BLOCK = 128  # canvas block (latent px) of the counter-keyed noise generators
 STATE_VERSION = 2  # 2: + the window modes' partial sums (``weight``, ``windows``); version-1 states still load
 READABLE_STATE_VERSIONS = (1, 2)
@@ -370,7 +372,9 @@ class RandomPatchSampler:
     (``mixture``: Gaussian σ as a fraction of the patch), ``coordinator`` (``dde``: a
     :class:`~models.patching.PatchCoordinator`; None = zero correction), ``null_condition`` (``dde`` under
     guidance: the condition map the coordinator corrects the null windows with, the mask's ``labels`` (default) or
-    the ``null`` map as DDE's Eq. 6 writes it), ``steps`` (DDIM steps, 250 in the paper), ``eta``, ``guidance``
+    the ``null`` map as DDE's Eq. 6 writes it; or ``shared``: one coordinator pass over the conditional windows,
+    whose correction is added to the guided windows, so the guidance term ω·(ε(c) − ε(∅)) is left as the patch
+    model made it), ``steps`` (DDIM steps, 250 in the paper), ``eta``, ``guidance``
     (ω), ``batch_size`` (UNet passes per forward call), ``multiple`` (the UNet's spatial divisor: a canvas side
     smaller than the patch is padded up to a multiple of it and cropped back), ``official_early_stop`` (stop
     one pair early like the official code, output x_3 instead of x̂0: bug #3, for comparison only), ``stream``
@@ -385,7 +389,7 @@ class RandomPatchSampler:
                  tile_edges: TileEdges = "fit", solver: Solver = "ddim", window_stride: int | None = None,
                  mixture_sigma: float = patching.DEFAULT_MIXTURE_SIGMA,
                  coordinator: patching.PatchCoordinator | None = None,
-                 null_condition: Literal["labels", "null"] = "labels"):
+                 null_condition: NullCondition = "labels"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
@@ -402,8 +406,8 @@ class RandomPatchSampler:
                 raise ValueError(f"a coordinator is used by the dde sampler only, not {mode!r}")
         self.window_stride = None if window_stride is None else int(window_stride)
         self.mixture_sigma = float(mixture_sigma)
-        if null_condition not in ("labels", "null"):
-            raise ValueError(f"null_condition must be 'labels' or 'null', got {null_condition!r}")
+        if null_condition not in NULL_CONDITIONS:
+            raise ValueError(f"null_condition must be one of {NULL_CONDITIONS}, got {null_condition!r}")
         self.coordinator = coordinator
         self.null_condition = null_condition
         self._window_plans: dict[tuple[int, int], patching.WindowPlan] = {}
@@ -449,7 +453,8 @@ class RandomPatchSampler:
     def _coordinated_guidance(self) -> bool:
         """``dde`` with a coordinator and ω ≠ 0 guides as DDE's Eq. 6: (1+ω)·C([ε(c)]) − ω·C([ε(∅)]) — the
         coordinator corrects the conditional and the null predictions apart (what it was trained on), and the
-        guidance is applied to the two blended canvases. Each window then keeps both (2·C channels)."""
+        guidance is applied to the two blended canvases. Each window then keeps both (2·C channels); with
+        ``null_condition="shared"`` the conditional and the guided ε̃ instead."""
         return self.mode == "dde" and self.coordinator is not None and self.guidance != 0
 
     # -------------------------------------------------------------------------- canvas geometry
@@ -708,8 +713,10 @@ class RandomPatchSampler:
         if self.mode in WINDOW_MODES:  # overlapping windows: ε̃ into the running weighted sums (dde: kept per window)
             ys, xs = crop.window
             if self._coordinated_guidance:  # DDE Eq. 6: the coordinator sees the conditional and the null ε apart
+                other = (combine(lab_dev[ys, xs], preds, self.guidance, null_label) if self.null_condition == "shared"
+                         else preds[NULL])
                 state.windows[index] = torch.cat([combine(lab_dev[ys, xs], preds, 0.0, null_label).float(),
-                                                  preds[NULL].float()])
+                                                  other.float()])
                 state.times[ys, xs] = k + 1
                 return
             comb = combine(lab_dev[ys, xs], preds, self.guidance, null_label).float()
@@ -748,7 +755,14 @@ class RandomPatchSampler:
                 cond = plan.crops(lab_dev.long())[:, None]
                 tt = torch.full((n,), int(t), dtype=torch.long, device=outs.device)
                 parts, conds = (outs,), (cond,)
-                if self._coordinated_guidance:
+                if self._coordinated_guidance and self.null_condition == "shared":
+                    # the conditional windows' correction, added to the guided windows
+                    plain, guided = outs.chunk(2, dim=1)
+                    with torch.no_grad():
+                        delta = patching.correction(plan, plain, noisy=noisy, cond=cond, t=tt,
+                                                    coordinator=self.coordinator, step=state.step)
+                    parts, conds = (guided + delta,), ()
+                elif self._coordinated_guidance:
                     parts = outs.chunk(2, dim=1)
                     # the paper's Eq. 6 gives C the null map [∅] with the null windows ("null"); by default the
                     # mask's labels, so the two corrections agree and the guidance does not amplify their difference
@@ -758,9 +772,11 @@ class RandomPatchSampler:
                     null_cond = cond if self.null_condition == "labels" or null is None \
                         else torch.full_like(cond, int(null))
                     conds = (cond, null_cond)
-                with torch.no_grad():
-                    parts = [patching.corrected(plan, part, noisy=noisy, cond=c, t=tt, coordinator=self.coordinator,
-                                                step=state.step) for part, c in zip(parts, conds)]
+                if conds:
+                    with torch.no_grad():
+                        parts = [patching.corrected(plan, part, noisy=noisy, cond=c, t=tt,
+                                                    coordinator=self.coordinator, step=state.step)
+                                 for part, c in zip(parts, conds)]
                 outs = parts[0]
             canvases = []
             for part in parts if self.coordinator is not None else (outs,):
