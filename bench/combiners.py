@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--solver", default="dpmpp-2m-sde")
     p.add_argument("--model", help="model name (default: SLIDESYNTH_DEFAULT_MODEL)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dde-guidance", default=None,
+                   help="comma-separated dde_guidance values (labels, null, shared): one dde row each, named "
+                   "dde:<value> (default: one dde row with the engine's default)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance ω of every configuration (default: the model card's)")
     p.add_argument("--device", default="cpu")
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--png", help="folder for 4×-downsampled PNGs of every slide and of the mask's procedural render")
     args = p.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if args.dde_guidance and "dde" in configs:  # one dde row per way of meeting guidance
+        at = configs.index("dde")
+        configs[at:at + 1] = [f"dde:{v.strip()}" for v in args.dde_guidance.split(",") if v.strip()]
 
     import torch
 
@@ -105,9 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     card = registry.card(model)
     device = torch.device(args.device)
     models = registry.load(model, device)
-    if "dde" in configs and not (args.coordinator or has_coordinator(getattr(models, "folder", None))):
+    if any(c.startswith("dde") for c in configs) and not (
+            args.coordinator or has_coordinator(getattr(models, "folder", None))):
         print(f"(dde skipped: {model} has no trained coordinator in its folder)")
-        configs = [c for c in configs if c != "dde"]
+        configs = [c for c in configs if not c.startswith("dde")]
     engine = DiffInfiniteEngine(coordinator_dir=args.coordinator)
     png = Path(args.png) if args.png else None
     if png:
@@ -118,9 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
         card.default_guidance if card.default_guidance is not None else 3.0)
     probe = DiffInfinitePipeline(models, device=device)
 
-    def opts(sampler: str) -> DiffInfiniteOptions:
+    def opts(config: str) -> DiffInfiniteOptions:
+        sampler, _, how = config.partition(":")  # dde:<dde_guidance>
         stride = args.stride if sampler in ("multidiffusion", "mixture", "dde") else None
-        return DiffInfiniteOptions(sampler=sampler, solver=args.solver, sampler_stride=stride).resolved()
+        return DiffInfiniteOptions(sampler=sampler, solver=args.solver, sampler_stride=stride,
+                                   dde_guidance=how or None).resolved()
 
     print(f"model {model}, {len(chosen)} masks, {args.size}² px slides, seed {args.seed}, solver {args.solver}, "
           f"equal {args.equal} (tiled {args.steps} steps), guidance {guidance}, device {device}")
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             _write_png(png / f"{name}-procedural.png", render)
         for sampler in configs:
             o = opts(sampler)
-            sopts = SamplingOptions(steps=args.steps, guidance=guidance, mode=sampler, solver=o.solver,
+            sopts = SamplingOptions(steps=args.steps, guidance=guidance, mode=o.sampler, solver=o.solver,
                                     seed=args.seed, window_stride=o.sampler_stride)
             pps = passes_per_step(probe, labels, sopts)
             if budget is None:
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             img = np.concatenate(list(slide.bands))
             secs = time.perf_counter() - t0
             if png:
-                _write_png(png / f"{name}-{sampler}.png", img)
+                _write_png(png / f"{name}-{sampler.replace(':', '-')}.png", img)
             q = quilt_score(img, slide.cut_lines, classes)["by_kind"]
             gy, gx = gradient_profiles(img)
             srows, scols = slide.cut_lines.get("sampler", ([], []))
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                   "seam_rows", "seam_cols", "ridge_sampler", "balanced_accuracy",
                                                   "seconds")} for s in configs}
     ref = summary_rows.get("tiled")
-    cands = [s for s in configs if s in WINDOW and summary_rows[s]["quilt_sampler"] is not None]
+    cands = [s for s in configs if s.partition(":")[0] in WINDOW and summary_rows[s]["quilt_sampler"] is not None]
     best = min(cands, key=lambda s: summary_rows[s]["quilt_sampler"]) if cands else None
     ours = dict(summary_rows[best], sampler=best) if best else None
     ratio = None

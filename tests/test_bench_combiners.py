@@ -20,11 +20,14 @@ def test_candidate_coordinator_and_pngs(tmp_path, capsys):
     shutil.copytree(SHIPPED, candidate)  # a coordinator folder outside the model folder
     out = tmp_path / "png"
     summary = main(["--size", "256", "--masks", "1", "--configs", "multidiffusion,dde", "--steps", "1",
-                    "--equal", "steps", "--coordinator", str(candidate), "--png", str(out)])
-    assert set(summary["rows"]) == {"multidiffusion", "dde"}
+                    "--equal", "steps", "--coordinator", str(candidate), "--png", str(out),
+                    "--dde-guidance", "labels,shared", "--guidance", "2"])
+    assert list(summary["rows"]) == ["multidiffusion", "dde:labels", "dde:shared"] and summary["guidance"] == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["demo-dde.png", "demo-multidiffusion.png", "demo-procedural.png"]
+    assert names == ["demo-dde-labels.png", "demo-dde-shared.png", "demo-multidiffusion.png", "demo-procedural.png"]
+    two = [np.asarray(Image.open(out / f"demo-dde-{how}.png"), dtype=np.int16) for how in ("labels", "shared")]
+    assert np.abs(two[0] - two[1]).max() > 0  # the way the coordinator meets guidance reached the sampler
     for n in names:
         img = np.asarray(Image.open(out / n))
         assert img.shape == (64, 64, 3) and img.std() > 1  # 4× down, not blank
