@@ -132,7 +132,10 @@ class GridRecordingCoordinator(RecordingCoordinator):
 def test_a_moving_grid_coordinator_gets_each_steps_offset(image_unet):
     lab = _labels(40, 72)
     rec = GridRecordingCoordinator()
-    _sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5)  # 3 steps, guided: two calls per step
+    _sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5)  # 3 steps, guided, shared: one call a step
+    assert [g.tolist() for g in rec.grids] == [[k, 0.0] for k in (0, 1, 2)]
+    rec = GridRecordingCoordinator()
+    _sampler(image_unet, "dde", coordinator=rec, null_condition="null").sample(lab, seed=5)  # Eq. 6: two a step
     assert [g.tolist() for g in rec.grids] == [[k, 0.0] for k in (0, 0, 1, 1, 2, 2)]
 
 
@@ -160,10 +163,11 @@ def test_zero_coordinator_dde_is_multidiffusion(image_unet):
                        .sample(lab, seed=5))
     # guided (ω = 2): DDE's Eq. 6 — the conditional and the null predictions are corrected apart and blended,
     # then guided: (1+ω)·avg(ε(c)) − ω·avg(ε(∅)) equals MultiDiffusion's avg((1+ω)·ε(c) − ω·ε(∅)) up to rounding
-    zero = _sampler(image_unet, "dde", coordinator=ZeroCoordinator(32, 16)).sample(lab, seed=5)
+    zero = _sampler(image_unet, "dde", coordinator=ZeroCoordinator(32, 16), null_condition="labels").sample(lab, seed=5)
     torch.testing.assert_close(zero, md, rtol=0, atol=1e-5)
     rec = RecordingCoordinator(0.0)
-    torch.testing.assert_close(_sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5), md, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_sampler(image_unet, "dde", coordinator=rec, null_condition="labels").sample(lab, seed=5),
+                               md, rtol=0, atol=1e-5)
     assert len(rec.calls) == 6  # two per step: the conditional windows, then the null windows
     assert not torch.equal(rec.outputs[0], rec.outputs[1])
     out_shape, noisy_shape, origins, cond, t = rec.calls[0]
@@ -172,7 +176,7 @@ def test_zero_coordinator_dde_is_multidiffusion(image_unet):
     assert origins.tolist() == plan.origins.tolist()
     assert cond.shape == (len(plan), 1, 32, 32) and cond.dtype == torch.long
     assert torch.equal(cond[1, 0], torch.from_numpy(_labels(40, 72)[0:32, 16:48]).long())
-    # by default the null windows are corrected with the mask's labels too; DDE's Eq. 6 (null_condition="null")
+    # "labels": the null windows are corrected with the mask's labels too; DDE's Eq. 6 (null_condition="null")
     # gives them the null map
     assert torch.equal(rec.calls[1][3], cond)
     paper = RecordingCoordinator(0.0)
@@ -193,11 +197,11 @@ def test_shared_null_condition_adds_the_conditional_correction_to_the_guided_win
     lab = _labels(40, 72)
     md = _sampler(image_unet, "multidiffusion").sample(lab, seed=5)
     rec = RecordingCoordinator(0.0)
-    zero = _sampler(image_unet, "dde", coordinator=rec, null_condition="shared").sample(lab, seed=5)
+    zero = _sampler(image_unet, "dde", coordinator=rec).sample(lab, seed=5)  # shared: the default
     torch.testing.assert_close(zero, md, rtol=0, atol=1e-5)
     assert len(rec.calls) == 3  # one per step
     eq6 = RecordingCoordinator(0.0)
-    _sampler(image_unet, "dde", coordinator=eq6).sample(lab, seed=5)
+    _sampler(image_unet, "dde", coordinator=eq6, null_condition="labels").sample(lab, seed=5)
     assert torch.equal(rec.outputs[0], eq6.outputs[0])  # the conditional windows
     assert torch.equal(rec.calls[0][3], eq6.calls[0][3])  # with the mask's labels
     # one DDIM step to x̂0 (unclipped) is affine in ε̃: x̂0(ε̃ + avg(δ)) − x̂0(ε̃) = x̂0(ε(c) + δ) − x̂0(ε(c)) at
@@ -215,7 +219,7 @@ def test_shared_null_condition_adds_the_conditional_correction_to_the_guided_win
         torch.testing.assert_close(shared - guided, scale * unguided_move, rtol=0,
                                    atol=1e-6 * float(guided.abs().max()))
     # the paper's Eq. 6 with the same coordinator moves it otherwise: the guidance multiplies the correction
-    eq6_move = one_step(mode="dde", coordinator=RecordingCoordinator(0.5)) - guided
+    eq6_move = one_step(mode="dde", coordinator=RecordingCoordinator(0.5), null_condition="labels") - guided
     assert (eq6_move - 0.5 * unguided_move).abs().max() > 1e-2 * unguided_move.abs().max()
 
 

@@ -88,7 +88,7 @@ class SamplingOptions:
     solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] = "ddim"
     window_stride: int | None = None
     mixture_sigma: float = 0.1
-    dde_guidance: Literal["labels", "null", "shared"] = "labels"
+    dde_guidance: Literal["labels", "null", "shared"] = "shared"
 
     def __post_init__(self) -> None:
         problems = []
