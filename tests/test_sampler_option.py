@@ -47,6 +47,13 @@ def test_dde_guidance_only_for_dde_and_resolved_to_the_default():
         assert exc.value.field == "dde_guidance"
     with pytest.raises(ValueError):
         DiffInfiniteOptions(sampler="dde", dde_guidance="both")
+    # the option's choices (written out: the API process must not import the torch sampler) are the sampler's
+    from typing import get_args
+
+    from models.diffinfinite.sampler import NULL_CONDITIONS
+
+    annotation = DiffInfiniteOptions.model_fields["dde_guidance"].annotation
+    assert set(get_args(get_args(annotation)[0])) == set(NULL_CONDITIONS) and DEFAULT_DDE_GUIDANCE in NULL_CONDITIONS
 
 
 def _model_with(models_dir, name: str, coordinator: bool):

@@ -24,7 +24,8 @@ from models.runtime import CancelFn, ProgressFn, check_cancel
 
 from .guidance import ImageDenoiser, MaskDenoiser
 from .mask_cleaning import clean_mask, resize_labels_nearest, upsample_labels
-from .sampler import MODES, NULL_CONDITIONS, TILE_EDGES, WINDOW_MODES, RandomPatchSampler, SamplerState
+from .sampler import (MODES, NULL_CONDITIONS, TILE_EDGES, WINDOW_MODES, NullCondition, RandomPatchSampler,
+                      SamplerState)
 from .solvers import SOLVERS
 from .unet import downsample_label_mask
 
@@ -88,7 +89,7 @@ class SamplingOptions:
     solver: Literal["ddim", "dpmpp-2m", "dpmpp-2m-sde"] = "ddim"
     window_stride: int | None = None
     mixture_sigma: float = 0.1
-    dde_guidance: Literal["labels", "null", "shared"] = "shared"
+    dde_guidance: NullCondition = "shared"
 
     def __post_init__(self) -> None:
         problems = []

@@ -753,30 +753,30 @@ class RandomPatchSampler:
                 noisy = plan.crops(state.latents[0])
                 cond = plan.crops(lab_dev.long())[:, None]
                 tt = torch.full((n,), int(t), dtype=torch.long, device=outs.device)
-                parts, conds = (outs,), (cond,)
                 if self._coordinated_guidance and self.null_condition == "shared":
                     # the conditional windows' correction, added to the guided windows
                     plain, guided = outs.chunk(2, dim=1)
                     with torch.no_grad():
                         delta = patching.correction(plan, plain, noisy=noisy, cond=cond, t=tt,
                                                     coordinator=self.coordinator, step=state.step)
-                    parts, conds = (guided + delta,), ()
-                elif self._coordinated_guidance:
-                    parts = outs.chunk(2, dim=1)
-                    # the paper's Eq. 6 gives C the null map [∅] with the null windows ("null"), or ("labels") the
-                    # mask's labels, so the two corrections agree and the guidance does not amplify their difference
-                    # (measured: the shipped demo coordinator, trained on 10 % null canvases, keeps balanced accuracy
-                    # 0.785 at 2048² with the labels, as shared's 0.784, and falls to 0.599 with [∅], README)
-                    null = self.denoiser.null_label
-                    null_cond = cond if self.null_condition == "labels" or null is None \
-                        else torch.full_like(cond, int(null))
-                    conds = (cond, null_cond)
-                if conds:
+                    parts = [guided + delta]
+                else:
+                    parts, conds = (outs,), (cond,)
+                    if self._coordinated_guidance:
+                        parts = outs.chunk(2, dim=1)
+                        # the paper's Eq. 6 gives C the null map [∅] with the null windows ("null"), or ("labels")
+                        # the mask's labels, so the two corrections agree and the guidance does not amplify their
+                        # difference (measured: the shipped demo coordinator, trained on 10 % null canvases, keeps
+                        # balanced accuracy 0.785 at 2048² with the labels, as shared's 0.784, and falls to 0.599
+                        # with [∅], README)
+                        null = self.denoiser.null_label
+                        null_cond = cond if self.null_condition == "labels" or null is None \
+                            else torch.full_like(cond, int(null))
+                        conds = (cond, null_cond)
                     with torch.no_grad():
                         parts = [patching.corrected(plan, part, noisy=noisy, cond=c, t=tt,
                                                     coordinator=self.coordinator, step=state.step)
                                  for part, c in zip(parts, conds)]
-                outs = parts[0]
             canvases = []
             for part in parts if self.coordinator is not None else (outs,):
                 acc = patching.BlendAccumulator(part.shape[1], plan.canvas, device=part.device)
